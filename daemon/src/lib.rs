@@ -1,0 +1,13 @@
+//! Ferry: a block replication daemon. See ARCHITECTURE.md for the map of this crate.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod demo;
+pub mod index;
+pub mod journal;
+pub mod metrics;
+pub mod nbd;
+pub mod nbd_client;
+pub mod storage;
+pub mod volume;

@@ -1,0 +1,207 @@
+//! Buffers that can be handed to O_DIRECT I/O.
+//!
+//! O_DIRECT needs the memory address and the length of every I/O to be aligned to the
+//! device's logical block size. `Vec<u8>` gives no alignment guarantee, so this module
+//! allocates with an explicit `Layout`. A write payload is read from the client's socket
+//! straight into an `AlignedBuf`, frozen into a `SharedBuf`, and the same memory then serves
+//! the journal write (as one iovec), the in-memory index (reads of unapplied data) and the
+//! background apply, without another copy.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ops::{Deref, DerefMut, Range};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// Alignment of every buffer: the largest logical block size Ferry expects (4 KiB devices).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Rounds `len` up to a multiple of [`DIRECT_ALIGN`].
+pub const fn align_up(len: usize) -> usize {
+    len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
+}
+
+/// An owned, zero-initialised, [`DIRECT_ALIGN`]-aligned byte buffer.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    capacity: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out &[u8].
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A buffer of `len` zero bytes; the allocation is rounded up to [`DIRECT_ALIGN`].
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        let capacity = align_up(len.max(1));
+        let layout = Layout::from_size_align(capacity, DIRECT_ALIGN).expect("buffer size overflows isize");
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
+        AlignedBuf { ptr, len, capacity }
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub fn copy_from(data: &[u8]) -> AlignedBuf {
+        let mut buf = AlignedBuf::zeroed(data.len());
+        buf.copy_from_slice(data);
+        buf
+    }
+
+    /// Bytes in use.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes allocated: `len` rounded up to [`DIRECT_ALIGN`].
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Changes the length within the allocation; new bytes are zero (the tail past `len` is
+    /// kept zeroed by `set_len` shrinking it).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity, "set_len past the allocation");
+        if len < self.len {
+            // Keep the invariant that bytes past `len` are zero, so growing again and
+            // padding a record to the block size never exposes stale data.
+            // SAFETY: [len, self.len) lies inside the allocation.
+            unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(len), 0, self.len - len) };
+        }
+        self.len = len;
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Makes the buffer shareable between the journal, the index and the applier.
+    pub fn freeze(self) -> SharedBuf {
+        let len = self.len;
+        SharedBuf { buf: Arc::new(self), start: 0, len }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.capacity, DIRECT_ALIGN).expect("layout was valid at allocation");
+        // SAFETY: ptr was allocated in `zeroed` with this same layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for `capacity >= len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for `capacity >= len` initialised bytes and we hold &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlignedBuf").field("len", &self.len).finish()
+    }
+}
+
+/// A cheap-to-clone view into a frozen [`AlignedBuf`].
+#[derive(Clone)]
+pub struct SharedBuf {
+    buf: Arc<AlignedBuf>,
+    start: usize,
+    len: usize,
+}
+
+impl SharedBuf {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A sub-view; `range` is relative to this view.
+    pub fn slice(&self, range: Range<usize>) -> SharedBuf {
+        assert!(range.start <= range.end, "slice start after end");
+        assert!(range.end <= self.len, "slice past the end of the view");
+        SharedBuf { buf: Arc::clone(&self.buf), start: self.start + range.start, len: range.end - range.start }
+    }
+
+    /// The whole allocation behind this view, padded to [`DIRECT_ALIGN`] with zeros, when the
+    /// view starts at the allocation's beginning. The journal writes this padded form.
+    pub fn padded(&self) -> &[u8] {
+        assert_eq!(self.start, 0, "padded() needs a view from the start of its buffer");
+        // SAFETY: the allocation holds `capacity` initialised bytes (zeroed at allocation).
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr(), align_up(self.len).min(self.buf.capacity())) }
+    }
+}
+
+impl From<AlignedBuf> for SharedBuf {
+    fn from(buf: AlignedBuf) -> SharedBuf {
+        buf.freeze()
+    }
+}
+
+impl Deref for SharedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.buf.len()][self.start..self.start + self.len]
+    }
+}
+
+impl fmt::Debug for SharedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedBuf").field("start", &self.start).field("len", &self.len).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_and_zeroed() {
+        let buf = AlignedBuf::zeroed(5000);
+        assert_eq!(buf.as_ptr() as usize % DIRECT_ALIGN, 0);
+        assert_eq!(buf.capacity(), 8192);
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn shared_slices_and_padding() {
+        let mut buf = AlignedBuf::zeroed(10);
+        buf.copy_from_slice(b"0123456789");
+        let shared = buf.freeze();
+        assert_eq!(&*shared.slice(2..5), b"234");
+        assert_eq!(&*shared.slice(2..5).slice(1..2), b"3");
+        assert_eq!(shared.padded().len(), 4096);
+        assert!(shared.padded()[10..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn shrinking_zeroes_the_tail() {
+        let mut buf = AlignedBuf::copy_from(&[7u8; 100]);
+        buf.set_len(10);
+        buf.set_len(100);
+        assert!(buf[10..].iter().all(|&b| b == 0));
+    }
+}

@@ -1,0 +1,2 @@
+mod buf;
+pub use buf::{align_up, AlignedBuf, SharedBuf, DIRECT_ALIGN};

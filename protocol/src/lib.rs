@@ -1,0 +1,2 @@
+pub mod nbd;
+pub mod journal;
