@@ -1,1 +1,881 @@
+//! The control socket of SPEC §5: server, client and the status types.
+//!
+//! Only this module knows the wire format: one JSON object per line each way, a request
+//! `{"op": ..., ...}` and a reply `{"ok": true, "result": ...}` or
+//! `{"ok": false, "error": {"code": ..., "message": ...}}`. Error codes are stable kebab-case
+//! strings; scripts match on them, so they never change once shipped.
 
+use std::fmt::Write as _;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Semaphore};
+
+/// Longest request line accepted; a status request is a few dozen bytes.
+pub const REQUEST_LENGTH_MAX: usize = 64 * 1024;
+/// Longest reply the client accepts: status of many volumes with many replicas fits easily.
+const REPLY_LENGTH_MAX: usize = 16 << 20;
+/// Concurrent control connections; more wait in the kernel's accept queue.
+const CONNECTIONS_MAX: usize = 32;
+/// A connection idle this long is closed so forgotten clients do not hold slots forever.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bounds writing a reply to a client that stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the client waits for the daemon's reply before giving up.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// `sun_path` holds 107 bytes plus the terminating NUL.
+const UNIX_SOCKET_PATH_LENGTH_MAX: usize = 107;
+
+/// Errors of the control socket, on both sides. Each maps to one stable code ([`code`]).
+///
+/// [`code`]: ControlError::code
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The request names a volume this node does not have.
+    #[error("unknown volume `{volume}`; `ferry status` lists this node's volumes")]
+    UnknownVolume { volume: String },
+    /// The request's op is not one this daemon knows.
+    #[error(
+        "unknown op `{op}`; this daemon knows: status (is the ferry binary newer than the daemon?)"
+    )]
+    UnknownOp { op: String },
+    /// The request is not a JSON object with a string "op", or a field has the wrong type.
+    #[error("bad request: {reason}")]
+    BadRequest { reason: String },
+    /// The request line is longer than [`REQUEST_LENGTH_MAX`].
+    #[error("request line longer than {REQUEST_LENGTH_MAX} bytes; send one JSON object per line")]
+    RequestTooLarge,
+    /// The daemon failed while handling a valid request.
+    #[error("internal error: {message}; see the daemon's log")]
+    Internal { message: String },
+    /// An error reply whose code has no variant of its own (client side), or an op-specific
+    /// refusal like `peer-is-primary` (server side).
+    #[error("{message}")]
+    Remote { code: String, message: String },
+    /// Another daemon answers on the control socket path.
+    #[error("another ferry daemon is running on {}; stop it first or give this one another control_socket", path.display())]
+    SocketInUse { path: PathBuf },
+    /// Something that is not a socket sits at the control socket path.
+    #[error("{} exists and is not a socket; remove it or choose another control_socket", path.display())]
+    NotASocket { path: PathBuf },
+    /// Creating the socket failed.
+    #[error("cannot create the control socket {}: {source}; check that its directory exists and is writable", path.display())]
+    Bind { path: PathBuf, source: io::Error },
+    /// The client could not reach the daemon.
+    #[error("cannot connect to {}: {source}; is `ferry run` running? Use --socket or FERRY_SOCKET if it listens elsewhere", path.display())]
+    Connect { path: PathBuf, source: io::Error },
+    /// Reading or writing the socket failed mid-exchange.
+    #[error("control socket I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// The daemon's reply is not what SPEC §5 says.
+    #[error("the daemon sent a reply that is not understood ({reason}); are the ferry binary and daemon the same version?")]
+    BadReply { reason: String },
+    /// The daemon did not answer in time.
+    #[error("the daemon did not answer within {}s; check its log", CLIENT_TIMEOUT.as_secs())]
+    Timeout,
+}
+
+impl ControlError {
+    /// The stable kebab-case code sent on the wire.
+    pub fn code(&self) -> &str {
+        match self {
+            ControlError::UnknownVolume { .. } => "unknown-volume",
+            ControlError::UnknownOp { .. } => "unknown-op",
+            ControlError::BadRequest { .. } => "bad-request",
+            ControlError::RequestTooLarge => "request-too-large",
+            ControlError::Remote { code, .. } => code,
+            ControlError::Internal { .. }
+            | ControlError::SocketInUse { .. }
+            | ControlError::NotASocket { .. }
+            | ControlError::Bind { .. }
+            | ControlError::Connect { .. }
+            | ControlError::Io(_)
+            | ControlError::BadReply { .. }
+            | ControlError::Timeout => "internal",
+        }
+    }
+}
+
+/// What the daemon answers to control requests. Implementations take a snapshot of their
+/// state; they are called on the runtime's threads and must not block for long.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Status of one volume, or of all when `volume` is None. An unknown volume is
+    /// [`ControlError::UnknownVolume`].
+    fn status(&self, volume: Option<&str>) -> Result<StatusResult, ControlError>;
+}
+
+/// The `result` of `status` (SPEC §5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResult {
+    pub node: String,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    /// "primary" or "secondary".
+    pub role: String,
+    pub size_bytes: u64,
+    pub journal: JournalStatus,
+    pub generation: u64,
+    pub replicas: Vec<ReplicaStatus>,
+    pub recovery: RecoveryStatus,
+    /// The backing device path.
+    pub device: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalStatus {
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub head_lsn: u64,
+    pub applied_lsn: u64,
+    pub unapplied_bytes: u64,
+    /// Writes that waited for journal space since start.
+    pub full_waits: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub peer: String,
+    /// "metro" or "regional".
+    pub mode: String,
+    /// One of the states of SPEC §5 ("connecting", "in-sync", ...).
+    pub state: String,
+    pub acked_lsn: u64,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    pub resync_remaining_bytes: u64,
+    /// Bytes sent by the last completed resync.
+    pub resynced_bytes: u64,
+    /// Why the replica is not in sync, or None.
+    pub last_error: Option<String>,
+}
+
+/// What the last start's journal replay did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryStatus {
+    pub records_replayed: u64,
+    pub bytes_replayed: u64,
+    pub torn_tail_bytes: u64,
+    /// Why replay stopped before the end of the written journal (a torn or corrupt record).
+    pub stopped_reason: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server.
+
+/// Creates the control socket at `path` with mode 0600. A stale socket (nothing answers on it)
+/// is replaced; a live one is refused. Must be called inside a tokio runtime.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    let bind_error = |source| ControlError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            if !meta.file_type().is_socket() {
+                return Err(ControlError::NotASocket {
+                    path: path.to_path_buf(),
+                });
+            }
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(ControlError::SocketInUse {
+                        path: path.to_path_buf(),
+                    })
+                }
+                // Nobody listens: left behind by a daemon that did not exit cleanly.
+                Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(error) => return Err(bind_error(error)),
+            }
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(bind_error(error)),
+    }
+    let listener = bind_private(path).map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
+    UnixListener::from_std(listener).map_err(bind_error)
+}
+
+/// Binds so that the socket is never reachable with looser permissions than 0600: it is
+/// created inside a fresh 0700 directory, chmodded, then renamed into place (which also
+/// replaces a stale socket atomically).
+fn bind_private(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let staging = tempfile::Builder::new().prefix(".f").tempdir_in(parent)?;
+    let staged = staging.path().join("s");
+    if staged.as_os_str().len() > UNIX_SOCKET_PATH_LENGTH_MAX {
+        // The staging path does not fit in sun_path; bind in place. The window until chmod
+        // is still closed by the default umask, which denies connect (write) to others.
+        let _ = std::fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        return Ok(listener);
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&staged)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&staged, path)?;
+    Ok(listener)
+}
+
+/// Serves control requests until `shutdown` becomes true (or its sender is dropped).
+pub async fn serve(
+    listener: UnixListener,
+    handler: Arc<dyn ControlHandler>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // The semaphore is never closed; stop rather than spin if it ever is.
+                Err(_) => return,
+            },
+            _ = stop_requested(&mut shutdown) => return,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Typically EMFILE; back off instead of spinning on the error.
+                    tracing::warn!(%error, "control socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop_requested(&mut shutdown) => return,
+        };
+        let handler = Arc::clone(&handler);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_connection(stream, handler.as_ref(), shutdown).await;
+        });
+    }
+}
+
+/// Resolves once shutdown is requested, or once nobody can request it any more.
+async fn stop_requested(shutdown: &mut watch::Receiver<bool>) {
+    // The returned guard is not Send; dropping it here keeps the caller's future Send.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+enum LineRead {
+    Line,
+    TooLong,
+    Eof,
+}
+
+/// Reads one line (without its newline) of at most `max` bytes into `line`.
+async fn read_line_capped<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<LineRead> {
+    line.clear();
+    // `max + 1` bytes: room for the newline of a line of exactly `max` bytes.
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    let read = reader.take(limit).read_until(b'\n', line).await?;
+    if read == 0 {
+        return Ok(LineRead::Eof);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        return Ok(LineRead::Line);
+    }
+    // No newline: either the cap was hit, or the peer closed after an unterminated last line.
+    Ok(if line.len() > max {
+        LineRead::TooLong
+    } else {
+        LineRead::Line
+    })
+}
+
+async fn serve_connection(
+    stream: UnixStream,
+    handler: &dyn ControlHandler,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (read_half, mut write_half) = stream.into_split();
+    let mut reader = BufReader::new(read_half);
+    let mut line = Vec::new();
+    loop {
+        let read = tokio::select! {
+            read = tokio::time::timeout(
+                IDLE_TIMEOUT,
+                read_line_capped(&mut reader, &mut line, REQUEST_LENGTH_MAX),
+            ) => read,
+            _ = stop_requested(&mut shutdown) => return,
+        };
+        let (reply, keep_open) = match read {
+            Err(_) | Ok(Err(_)) | Ok(Ok(LineRead::Eof)) => return,
+            // The rest of the oversized line is still unread, so the stream cannot be
+            // resynchronized: answer and close.
+            Ok(Ok(LineRead::TooLong)) => (error_reply(&ControlError::RequestTooLarge), false),
+            Ok(Ok(LineRead::Line)) => {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                (handle_line(&line, handler), true)
+            }
+        };
+        let mut bytes = reply.to_string().into_bytes();
+        bytes.push(b'\n');
+        match tokio::time::timeout(WRITE_TIMEOUT, write_half.write_all(&bytes)).await {
+            Ok(Ok(())) if keep_open => {}
+            _ => return,
+        }
+    }
+}
+
+fn handle_line(line: &[u8], handler: &dyn ControlHandler) -> Value {
+    match dispatch(line, handler) {
+        Ok(result) => json!({ "ok": true, "result": result }),
+        Err(error) => {
+            if matches!(error, ControlError::Internal { .. }) {
+                tracing::error!(%error, "control request failed");
+            }
+            error_reply(&error)
+        }
+    }
+}
+
+fn error_reply(error: &ControlError) -> Value {
+    json!({ "ok": false, "error": { "code": error.code(), "message": error.to_string() } })
+}
+
+fn dispatch(line: &[u8], handler: &dyn ControlHandler) -> Result<Value, ControlError> {
+    let request: Value =
+        serde_json::from_slice(line).map_err(|error| ControlError::BadRequest {
+            reason: format!(
+                "not JSON ({error}); send one object per line like {{\"op\":\"status\"}}"
+            ),
+        })?;
+    let Value::Object(fields) = request else {
+        return Err(ControlError::BadRequest {
+            reason: "a request is a JSON object like {\"op\":\"status\"}".to_string(),
+        });
+    };
+    let Some(op) = fields.get("op").and_then(Value::as_str) else {
+        return Err(ControlError::BadRequest {
+            reason: "the request has no string \"op\"; send e.g. {\"op\":\"status\"}".to_string(),
+        });
+    };
+    match op {
+        "status" => {
+            let volume = match fields.get("volume") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(volume)) => Some(volume.as_str()),
+                Some(_) => {
+                    return Err(ControlError::BadRequest {
+                        reason: "\"volume\" must be a string".to_string(),
+                    })
+                }
+            };
+            let status = handler.status(volume)?;
+            serde_json::to_value(status).map_err(|error| ControlError::Internal {
+                message: format!("encoding status: {error}"),
+            })
+        }
+        other => Err(ControlError::UnknownOp {
+            op: other.to_string(),
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client.
+
+/// Sends one request to the daemon at `socket` and returns the `result` of its reply; an error
+/// reply becomes the matching [`ControlError`].
+pub async fn request(socket: &Path, req: Value) -> Result<Value, ControlError> {
+    tokio::time::timeout(CLIENT_TIMEOUT, exchange(socket, &req))
+        .await
+        .map_err(|_| ControlError::Timeout)?
+}
+
+async fn exchange(socket: &Path, req: &Value) -> Result<Value, ControlError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| ControlError::Connect {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+    let (read_half, mut write_half) = stream.into_split();
+    let mut bytes = req.to_string().into_bytes();
+    bytes.push(b'\n');
+    write_half.write_all(&bytes).await?;
+    let mut reader = BufReader::new(read_half);
+    let mut line = Vec::new();
+    match read_line_capped(&mut reader, &mut line, REPLY_LENGTH_MAX).await? {
+        LineRead::Line => {}
+        LineRead::TooLong => {
+            return Err(ControlError::BadReply {
+                reason: format!("longer than {REPLY_LENGTH_MAX} bytes"),
+            })
+        }
+        LineRead::Eof => {
+            return Err(ControlError::BadReply {
+                reason: "the connection closed without a reply".to_string(),
+            })
+        }
+    }
+    let reply: Value = serde_json::from_slice(&line).map_err(|error| ControlError::BadReply {
+        reason: format!("not JSON: {error}"),
+    })?;
+    match reply.get("ok").and_then(Value::as_bool) {
+        Some(true) => reply
+            .get("result")
+            .cloned()
+            .ok_or_else(|| ControlError::BadReply {
+                reason: "\"ok\": true without \"result\"".to_string(),
+            }),
+        Some(false) => Err(remote_error(req, &reply)),
+        None => Err(ControlError::BadReply {
+            reason: "no boolean \"ok\"".to_string(),
+        }),
+    }
+}
+
+fn remote_error(req: &Value, reply: &Value) -> ControlError {
+    let error = reply.get("error");
+    let field = |name: &str| {
+        error
+            .and_then(|e| e.get(name))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (code, message) = (field("code"), field("message"));
+    let request_field = |name: &str| req.get(name).and_then(Value::as_str).map(str::to_string);
+    match code.as_str() {
+        "unknown-volume" => ControlError::UnknownVolume {
+            volume: request_field("volume").unwrap_or(message),
+        },
+        "unknown-op" => ControlError::UnknownOp {
+            op: request_field("op").unwrap_or(message),
+        },
+        "bad-request" => ControlError::BadRequest { reason: message },
+        "request-too-large" => ControlError::RequestTooLarge,
+        "" => ControlError::BadReply {
+            reason: "an error reply without a code".to_string(),
+        },
+        _ => ControlError::Remote { code, message },
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Human output.
+
+/// "10.0 GiB", "512 B": binary units, like the config.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    // f64 loses precision above 2^53 bytes, irrelevant for one decimal place.
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// Renders rows as left-aligned columns separated by two spaces.
+fn render_table(rows: &[Vec<String>], out: &mut String) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|column| {
+            rows.iter()
+                .filter_map(|row| row.get(column))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in rows {
+        let mut line = String::new();
+        for (column, cell) in row.iter().enumerate() {
+            if column + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ", width = widths[column]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+}
+
+/// The table `ferry status` prints for people.
+pub fn render_status(s: &StatusResult) -> String {
+    let mut out = format!("node {}\n", s.node);
+    if s.volumes.is_empty() {
+        out.push_str("no volumes\n");
+        return out;
+    }
+    let mut rows = vec![[
+        "VOLUME",
+        "ROLE",
+        "SIZE",
+        "JOURNAL",
+        "HEAD LSN",
+        "APPLIED LSN",
+        "GEN",
+        "DEVICE",
+    ]
+    .map(str::to_string)
+    .to_vec()];
+    for volume in &s.volumes {
+        let journal = &volume.journal;
+        let use_percent = if journal.capacity_bytes == 0 {
+            "-".to_string()
+        } else {
+            // Precision loss is irrelevant for a one-decimal percentage.
+            let percent = journal.used_bytes as f64 * 100.0 / journal.capacity_bytes as f64;
+            format!("{percent:.1}%")
+        };
+        rows.push(vec![
+            volume.name.clone(),
+            volume.role.clone(),
+            human_bytes(volume.size_bytes),
+            format!("{use_percent} of {}", human_bytes(journal.capacity_bytes)),
+            journal.head_lsn.to_string(),
+            journal.applied_lsn.to_string(),
+            volume.generation.to_string(),
+            volume.device.clone(),
+        ]);
+    }
+    render_table(&rows, &mut out);
+    for volume in &s.volumes {
+        let recovery = &volume.recovery;
+        let journal = &volume.journal;
+        let _ = write!(
+            out,
+            "\n{}: recovery replayed {} records ({}), torn tail {}",
+            volume.name,
+            recovery.records_replayed,
+            human_bytes(recovery.bytes_replayed),
+            human_bytes(recovery.torn_tail_bytes),
+        );
+        if let Some(reason) = &recovery.stopped_reason {
+            let _ = write!(out, ", stopped: {reason}");
+        }
+        let _ = writeln!(
+            out,
+            "\n{}: journal {} unapplied, {} writes waited for space",
+            volume.name,
+            human_bytes(journal.unapplied_bytes),
+            journal.full_waits
+        );
+        if volume.replicas.is_empty() {
+            let _ = writeln!(out, "{}: no replicas", volume.name);
+            continue;
+        }
+        let mut replica_rows = vec![[
+            "  PEER",
+            "MODE",
+            "STATE",
+            "ACKED LSN",
+            "LAG",
+            "RESYNC LEFT",
+            "LAST ERROR",
+        ]
+        .map(str::to_string)
+        .to_vec()];
+        for replica in &volume.replicas {
+            replica_rows.push(vec![
+                format!("  {}", replica.peer),
+                replica.mode.clone(),
+                replica.state.clone(),
+                replica.acked_lsn.to_string(),
+                format!(
+                    "{} / {:.3} s",
+                    human_bytes(replica.lag_bytes),
+                    replica.lag_seconds
+                ),
+                human_bytes(replica.resync_remaining_bytes),
+                replica
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "-".to_string()),
+            ]);
+        }
+        render_table(&replica_rows, &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    struct FixedStatus(StatusResult);
+
+    impl ControlHandler for FixedStatus {
+        fn status(&self, volume: Option<&str>) -> Result<StatusResult, ControlError> {
+            let mut status = self.0.clone();
+            if let Some(name) = volume {
+                status.volumes.retain(|v| v.name == name);
+                if status.volumes.is_empty() {
+                    return Err(ControlError::UnknownVolume {
+                        volume: name.to_string(),
+                    });
+                }
+            }
+            Ok(status)
+        }
+    }
+
+    fn volume(name: &str) -> VolumeStatus {
+        VolumeStatus {
+            name: name.to_string(),
+            role: "primary".to_string(),
+            size_bytes: 10 << 30,
+            journal: JournalStatus {
+                used_bytes: 256 << 20,
+                capacity_bytes: 1 << 30,
+                head_lsn: 1234,
+                applied_lsn: 1200,
+                unapplied_bytes: 4096,
+                full_waits: 2,
+            },
+            generation: 3,
+            replicas: Vec::new(),
+            recovery: RecoveryStatus {
+                records_replayed: 12,
+                bytes_replayed: 48 << 10,
+                torn_tail_bytes: 512,
+                stopped_reason: Some("checksum mismatch at lsn 1235".to_string()),
+            },
+            device: format!("/dev/vg0/{name}"),
+        }
+    }
+
+    fn sample() -> StatusResult {
+        StatusResult {
+            node: "site-a".to_string(),
+            volumes: vec![volume("pg-data"), volume("logs")],
+        }
+    }
+
+    struct Server {
+        _dir: tempfile::TempDir,
+        socket: PathBuf,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn start() -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("ferry.sock");
+        let listener = bind(&socket).expect("bind");
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, Arc::new(FixedStatus(sample())), stopped));
+        Server {
+            _dir: dir,
+            socket,
+            stop,
+            task,
+        }
+    }
+
+    impl Server {
+        async fn stop(self) {
+            self.stop.send(true).expect("server alive");
+            tokio::time::timeout(Duration::from_secs(5), self.task)
+                .await
+                .expect("server stops")
+                .expect("server task ok");
+        }
+    }
+
+    /// Sends raw lines on one connection and returns one parsed reply per line.
+    async fn raw_exchange(socket: &Path, lines: &[&[u8]]) -> Vec<Value> {
+        let stream = UnixStream::connect(socket).await.expect("connect");
+        let (read_half, mut write_half) = stream.into_split();
+        let mut reader = BufReader::new(read_half);
+        let mut replies = Vec::new();
+        for line in lines {
+            write_half.write_all(line).await.expect("write");
+            write_half.write_all(b"\n").await.expect("write");
+            let mut reply = String::new();
+            reader.read_line(&mut reply).await.expect("read");
+            replies.push(serde_json::from_str(&reply).expect("reply is JSON"));
+        }
+        replies
+    }
+
+    #[tokio::test]
+    async fn status_over_a_real_socket() {
+        let server = start().await;
+        let result = request(&server.socket, json!({"op": "status"}))
+            .await
+            .expect("status");
+        let status: StatusResult = serde_json::from_value(result.clone()).expect("typed");
+        assert_eq!(status, sample());
+        // The SPEC §5 field names are on the wire.
+        assert_eq!(result["volumes"][0]["journal"]["head_lsn"], 1234);
+        assert_eq!(result["volumes"][0]["size_bytes"], 10u64 << 30);
+
+        let one = request(&server.socket, json!({"op": "status", "volume": "logs"}))
+            .await
+            .expect("status of one volume");
+        assert_eq!(one["volumes"].as_array().map(Vec::len), Some(1));
+
+        let error = request(&server.socket, json!({"op": "status", "volume": "nope"}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ControlError::UnknownVolume { volume } if volume == "nope"),
+            "{error:?}"
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn errors_keep_the_connection_open() {
+        let server = start().await;
+        let replies = raw_exchange(
+            &server.socket,
+            &[
+                b"{\"op\":\"frobnicate\"}",
+                b"{not json",
+                b"[1,2]",
+                b"{\"op\":\"status\",\"volume\":7}",
+                b"{\"op\":\"status\",\"volume\":\"nope\"}",
+                b"{\"op\":\"status\"}",
+            ],
+        )
+        .await;
+        let codes: Vec<&str> = replies
+            .iter()
+            .map(|r| r["error"]["code"].as_str().unwrap_or("ok"))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                "unknown-op",
+                "bad-request",
+                "bad-request",
+                "bad-request",
+                "unknown-volume",
+                "ok"
+            ]
+        );
+        for reply in &replies[..5] {
+            assert_eq!(reply["ok"], false);
+            assert!(reply["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()));
+        }
+        assert_eq!(replies[5]["ok"], true);
+        assert_eq!(replies[5]["result"]["node"], "site-a");
+
+        let error = request(&server.socket, json!({"op": "frobnicate"}))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), "unknown-op");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn oversized_request_is_refused() {
+        let server = start().await;
+        let huge = vec![b'x'; REQUEST_LENGTH_MAX + 1];
+        let replies = raw_exchange(&server.socket, &[&huge]).await;
+        assert_eq!(replies[0]["error"]["code"], "request-too-large");
+        // The server is still there for the next client.
+        request(&server.socket, json!({"op": "status"}))
+            .await
+            .expect("status after oversize");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn socket_is_private_and_stale_sockets_are_replaced() {
+        let server = start().await;
+        let mode = std::fs::metadata(&server.socket)
+            .expect("socket exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A live daemon is not displaced.
+        let error = bind(&server.socket).unwrap_err();
+        assert!(matches!(error, ControlError::SocketInUse { .. }), "{error}");
+        // Stop serving and drop the listener: the socket file stays behind, stale.
+        let Server {
+            _dir: dir,
+            socket,
+            stop,
+            task,
+        } = server;
+        stop.send(true).expect("alive");
+        task.await.expect("stopped");
+        assert!(socket.exists());
+        drop(bind(&socket).expect("stale socket is replaced"));
+        // Something that is not a socket is never removed.
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, b"data").expect("write");
+        assert!(matches!(
+            bind(&file).unwrap_err(),
+            ControlError::NotASocket { .. }
+        ));
+        assert_eq!(std::fs::read(&file).expect("still there"), b"data");
+    }
+
+    #[tokio::test]
+    async fn client_reports_a_missing_daemon() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let error = request(&dir.path().join("none.sock"), json!({"op": "status"}))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ControlError::Connect { .. }), "{error}");
+        assert!(error.to_string().contains("is `ferry run` running?"));
+    }
+
+    #[test]
+    fn render_shows_the_essentials() {
+        let mut status = sample();
+        status.volumes[0].replicas.push(ReplicaStatus {
+            peer: "site-b".to_string(),
+            mode: "metro".to_string(),
+            state: "in-sync".to_string(),
+            acked_lsn: 1234,
+            lag_bytes: 0,
+            lag_seconds: 0.0,
+            resync_remaining_bytes: 0,
+            resynced_bytes: 0,
+            last_error: None,
+        });
+        let text = render_status(&status);
+        for wanted in [
+            "node site-a",
+            "VOLUME",
+            "pg-data  primary  10.0 GiB  25.0% of 1.0 GiB  1234",
+            "pg-data: recovery replayed 12 records (48.0 KiB), torn tail 512 B, stopped: checksum mismatch at lsn 1235",
+            "  site-b  metro  in-sync  1234",
+            "logs: no replicas",
+        ] {
+            assert!(text.contains(wanted), "missing {wanted:?} in:\n{text}");
+        }
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+}

@@ -1,1 +1,203 @@
+//! `ferry run`: opens every configured volume, binds every listener the config names (and
+//! nothing else), serves until SIGTERM or SIGINT, then shuts down cleanly: stop accepting,
+//! drain in-flight I/O, apply and sync every journal, remove the sockets.
 
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::config::{Config, ListenAddr, Role};
+use crate::control::{self, ControlError, ControlHandler, JournalStatus, RecoveryStatus, StatusResult, VolumeStatus};
+use crate::metrics::{self, Metrics};
+use crate::nbd::{self, Export, ExportLookup, Listener};
+use crate::volume::{Volume, VolumeError};
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("cannot start the runtime: {0}")]
+    Runtime(io::Error),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: io::Error },
+    #[error("control socket: {0}")]
+    Control(#[from] ControlError),
+    #[error("metrics endpoint: {0}")]
+    Metrics(#[from] metrics::MetricsError),
+    #[error("this build of ferry serves standalone volumes only: remove [[peers]] and [[volumes.replicas]] from the config (replication is not available yet)")]
+    ReplicationUnavailable,
+    #[error("cannot install the signal handler: {0}")]
+    Signal(io::Error),
+}
+
+/// Runs the daemon in the foreground until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    if !config.peers.is_empty() || config.volumes.iter().any(|v| !v.replicas.is_empty()) {
+        return Err(DaemonError::ReplicationUnavailable);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("ferry").build().map_err(DaemonError::Runtime)?;
+    runtime.block_on(async {
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(DaemonError::Signal)?;
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        let stop = async move {
+            tokio::select! {
+                _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+        };
+        serve(config, stop).await
+    })
+}
+
+/// The node's volumes, as NBD exports and as the subject of control requests.
+pub struct Node {
+    name: String,
+    volumes: Vec<Arc<Volume>>,
+}
+
+impl ExportLookup for Node {
+    fn export(&self, name: &str) -> Option<Arc<dyn Export>> {
+        self.volumes.iter().find(|v| v.name() == name).map(|v| v.clone() as Arc<dyn Export>)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.volumes.iter().map(|v| v.name().to_string()).collect()
+    }
+}
+
+impl ControlHandler for Node {
+    fn status(&self, volume: Option<&str>) -> Result<StatusResult, ControlError> {
+        let selected: Vec<&Arc<Volume>> = match volume {
+            None => self.volumes.iter().collect(),
+            Some(name) => match self.volumes.iter().find(|v| v.name() == name) {
+                Some(v) => vec![v],
+                None => return Err(ControlError::UnknownVolume { volume: name.to_string() }),
+            },
+        };
+        Ok(StatusResult { node: self.name.clone(), volumes: selected.into_iter().map(|v| volume_status(v)).collect() })
+    }
+}
+
+fn volume_status(volume: &Volume) -> VolumeStatus {
+    let journal = volume.journal_stats();
+    let recovery = volume.recovery();
+    VolumeStatus {
+        name: volume.name().to_string(),
+        role: match volume.role() {
+            Role::Primary => "primary".into(),
+            Role::Secondary => "secondary".into(),
+        },
+        size_bytes: volume.size_bytes(),
+        journal: JournalStatus {
+            used_bytes: journal.used_bytes,
+            capacity_bytes: journal.capacity_bytes,
+            head_lsn: journal.head_lsn,
+            applied_lsn: journal.applied_lsn,
+            unapplied_bytes: journal.unapplied_bytes,
+            full_waits: journal.full_waits,
+        },
+        generation: volume.generation(),
+        replicas: Vec::new(),
+        recovery: RecoveryStatus {
+            records_replayed: recovery.records_replayed,
+            bytes_replayed: recovery.bytes_replayed,
+            torn_tail_bytes: recovery.torn_tail_bytes,
+            stopped_reason: recovery.stopped_reason.clone(),
+        },
+        device: volume.device_label().to_string(),
+
+    }
+}
+
+/// Opens the volumes, binds the listeners and serves until `stop` resolves.
+pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) -> Result<(), DaemonError> {
+    let metrics = Metrics::new();
+    let mut volumes = Vec::with_capacity(config.volumes.len());
+    for volume in &config.volumes {
+        let opened = Volume::open(volume, &config.node.data_dir, metrics.volume(&volume.name)).await?;
+        tracing::info!(volume = %volume.name, size_bytes = opened.size_bytes(), role = ?opened.role(), "volume ready");
+        volumes.push(Arc::new(opened));
+    }
+    let node = Arc::new(Node { name: config.node.name.clone(), volumes });
+
+    // Bind everything before serving anything, so a bad address fails the start cleanly.
+    let control_listener = control::bind(&config.node.control_socket)?;
+    let mut nbd_listeners = Vec::new();
+    let mut unix_paths: Vec<PathBuf> = vec![config.node.control_socket.clone()];
+    for addr in &config.nbd.listen {
+        nbd_listeners.push(bind_nbd(addr).await?);
+        if let ListenAddr::Unix(path) = addr {
+            unix_paths.push(path.clone());
+        }
+    }
+    let metrics_listener = match config.node.metrics_listen {
+        Some(addr) => Some(metrics::bind_http(addr).await?),
+        None => None,
+    };
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let control_task = tokio::spawn(control::serve(control_listener, node.clone(), shutdown_rx.clone()));
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve_http(l, metrics.clone(), shutdown_rx.clone())));
+    let mut nbd_task = tokio::spawn(nbd::serve(nbd_listeners, node.clone(), shutdown_rx.clone()));
+    tracing::info!(node = %config.node.name, volumes = node.volumes.len(), "serving");
+
+    tokio::select! {
+        _ = stop => {}
+        result = &mut nbd_task => {
+            // The NBD server only returns early on a fatal listener error.
+            tracing::error!(?result, "NBD server stopped unexpectedly");
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    // In-flight requests finish (bounded inside the server) before the journals close.
+    if !nbd_task.is_finished() {
+        if tokio::time::timeout(Duration::from_secs(30), &mut nbd_task).await.is_err() {
+            tracing::warn!("NBD connections did not drain within 30 s; closing anyway");
+            nbd_task.abort();
+        }
+    }
+    for volume in &node.volumes {
+        volume.close().await;
+        tracing::info!(volume = %volume.name(), "journal applied and synced");
+    }
+    let _ = control_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    for path in unix_paths {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn bind_nbd(addr: &ListenAddr) -> Result<Listener, DaemonError> {
+    let listen_error = |source| DaemonError::Listen { addr: format!("{addr:?}"), source };
+    match addr {
+        ListenAddr::Tcp(socket_addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(socket_addr).await.map_err(listen_error)?)),
+        ListenAddr::Unix(path) => {
+            remove_stale_socket(path).map_err(listen_error)?;
+            Ok(Listener::Unix(tokio::net::UnixListener::bind(path).map_err(listen_error)?))
+        }
+    }
+}
+
+/// Removes a socket file left by a daemon that died, but never one a live daemon answers on.
+fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is serving on this socket"));
+            }
+            std::fs::remove_file(path)
+        }
+        Ok(_) => Err(io::Error::new(io::ErrorKind::AlreadyExists, "path exists and is not a socket")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}

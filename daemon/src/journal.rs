@@ -1,1 +1,908 @@
+//! A volume's write-ahead journal: group commit, recovery, background apply, space reclaim.
+//!
+//! Three actors share one journal:
+//!
+//! - **Clients** (NBD request tasks) call [`Journal::append`] and [`Journal::flush`].
+//! - **The writer task** owns the ring. It assigns LSNs, inserts each record into the
+//!   [`Index`] (in LSN order, so the newest write always wins), gathers everything queued while
+//!   earlier batches are in flight into the next batch (group commit), and writes each batch
+//!   with one vectored I/O. Batches complete to clients strictly in ring order, because
+//!   recovery keeps only a prefix of the ring: acknowledging batch N+1 before N is on disk could
+//!   lose an acknowledged write if N were then torn.
+//! - **The applier task** copies completed records to the backing device, makes the device
+//!   durable, drops the records from the index, persists the new tail in the superblock and only
+//!   then hands the space back to the writer.
+//!
+//! Durability: a batch written with O_DIRECT has reached the device but may sit in its volatile
+//! cache. FLUSH waits for an fdatasync that started after every write it covers completed. A
+//! FUA record is durable only together with everything before it (recovery stops at the first
+//! missing batch), so a FUA batch is written with RWF_DSYNC when everything before it is already
+//! durable, and otherwise acknowledged only after an fdatasync that covers it.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ferry_protocol::journal::{
+    padded, BatchHeader, FormatError, RecordDescriptor, RecordKind, Superblock, BLOCK_BYTES, MAX_RECORDS_PER_BATCH,
+    MAX_RECORD_BYTES, RING_START_BYTES,
+};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::index::{Content, Found, Index};
+use crate::metrics::VolumeMetrics;
+use crate::storage::{AlignedBuf, SharedBuf, Storage};
+
+/// Payload bytes one batch carries at most; bigger requests span several batches.
+const MAX_BATCH_PAYLOAD_BYTES: u64 = 4 << 20;
+/// Batches written concurrently. More overlap buys little on one device and delays acks.
+const MAX_INFLIGHT_BATCHES: usize = 4;
+/// Records queued in the writer beyond the request channel.
+const MAX_PENDING_RECORDS: usize = 1024;
+/// Device writes the applier keeps in flight at once.
+const MAX_APPLY_WAVE: usize = 64;
+/// Batches the applier takes per round before making the device durable.
+const MAX_APPLY_BATCHES: usize = 256;
+/// Smallest journal that can hold two of the largest batches plus a wrap.
+pub const MIN_JOURNAL_BYTES: u64 = 16 << 20;
+
+#[derive(Debug, Clone, Error)]
+pub enum JournalError {
+    #[error("journal I/O failed at {what}: {message}")]
+    Io { what: &'static str, message: String },
+    #[error("journal {path} is unusable: {reason}")]
+    Corrupt { path: String, reason: String },
+    #[error("journal has failed earlier ({0}); the volume stops serving writes until restart")]
+    Failed(String),
+    #[error("journal is closing")]
+    Closed,
+    #[error("journal of {file_bytes} bytes is too small: at least {MIN_JOURNAL_BYTES} bytes")]
+    TooSmall { file_bytes: u64 },
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> JournalError {
+    move |e| JournalError::Io { what, message: e.to_string() }
+}
+
+/// One change to the volume.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Write { offset_bytes: u64, data: SharedBuf },
+    /// Zeros over the range; `punch` allows deallocating it.
+    Zero { offset_bytes: u64, len_bytes: u32, punch: bool },
+}
+
+impl Op {
+    fn payload_bytes(&self) -> u64 {
+        match self {
+            Op::Write { data, .. } => padded(data.len() as u64),
+            Op::Zero { .. } => 0,
+        }
+    }
+
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Op::Write { offset_bytes, data } => (*offset_bytes, data.len() as u64),
+            Op::Zero { offset_bytes, len_bytes, .. } => (*offset_bytes, *len_bytes as u64),
+        }
+    }
+}
+
+/// What recovery found when the journal was opened.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    pub records_replayed: u64,
+    pub bytes_replayed: u64,
+    /// Bytes of a batch whose header was intact but whose payload was not (a torn write).
+    pub torn_tail_bytes: u64,
+    /// Why the scan stopped, when it was not the clean end of the journal.
+    pub stopped_reason: Option<String>,
+    /// Checksum mismatches seen (a torn tail counts one).
+    pub checksum_errors: u64,
+}
+
+/// A point-in-time view for `status` and `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct JournalStats {
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub head_lsn: u64,
+    pub applied_lsn: u64,
+    pub unapplied_bytes: u64,
+    pub full_waits: u64,
+}
+
+struct Shared {
+    index: Mutex<Index>,
+    metrics: VolumeMetrics,
+    capacity_bytes: u64,
+    used_bytes: AtomicU64,
+    head_lsn: AtomicU64,
+    applied_lsn: AtomicU64,
+    full_waits: AtomicU64,
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn fail(&self, error: &JournalError) {
+        let mut failure = self.failure.lock().expect("failure lock");
+        if failure.is_none() {
+            tracing::error!(%error, "journal failed; refusing further writes until restart");
+            *failure = Some(error.to_string());
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), JournalError> {
+        if self.failed.load(Ordering::SeqCst) {
+            let reason = self.failure.lock().expect("failure lock").clone().unwrap_or_default();
+            return Err(JournalError::Failed(reason));
+        }
+        Ok(())
+    }
+}
+
+enum Request {
+    Append { op: Op, fua: bool, done: oneshot::Sender<Result<(), JournalError>>, queued_at: Instant },
+    Flush { done: oneshot::Sender<Result<(), JournalError>> },
+    Close { done: oneshot::Sender<()> },
+}
+
+/// Handle to a volume's journal; cheap to share.
+pub struct Journal {
+    requests: mpsc::Sender<Request>,
+    shared: Arc<Shared>,
+}
+
+impl Journal {
+    /// Writes a fresh, empty journal onto `storage`: zeros over the whole ring (so later O_DIRECT
+    /// writes overwrite allocated blocks and need no metadata update) and then the superblock.
+    pub async fn format(storage: &dyn Storage, volume_bytes: u64) -> Result<Superblock, JournalError> {
+        let file_bytes = storage.len_bytes();
+        if file_bytes < MIN_JOURNAL_BYTES {
+            return Err(JournalError::TooSmall { file_bytes });
+        }
+        let chunk = AlignedBuf::zeroed(1 << 20).freeze();
+        let mut at = RING_START_BYTES;
+        while at < file_bytes {
+            let len = (file_bytes - at).min(chunk.len() as u64) as usize;
+            storage.write_at(at, vec![chunk.slice(0..len)], false).await.map_err(io_err("zero-filling the journal"))?;
+            at += len as u64;
+        }
+        let superblock = Superblock {
+            sequence: 1,
+            journal_id: rand::random(),
+            file_bytes,
+            volume_bytes,
+            tail_offset: 0,
+            tail_lsn: 1,
+            generation: 1,
+        };
+        storage.sync().await.map_err(io_err("syncing the zero-filled journal"))?;
+        write_superblock(storage, &superblock).await?;
+        Ok(superblock)
+    }
+
+    /// Opens a formatted journal: replays every intact record onto `device`, makes the device
+    /// durable, and starts the writer and applier tasks on the current tokio runtime.
+    pub async fn open(
+        journal: Arc<dyn Storage>,
+        device: Arc<dyn Storage>,
+        metrics: VolumeMetrics,
+        name: &str,
+    ) -> Result<(Journal, RecoveryReport, Superblock), JournalError> {
+        let (superblock, report, head, next_lsn) = recover(&*journal, &*device, name).await?;
+        let capacity_bytes = superblock.ring_bytes();
+        let shared = Arc::new(Shared {
+            index: Mutex::new(Index::new()),
+            metrics,
+            capacity_bytes,
+            used_bytes: AtomicU64::new(0),
+            head_lsn: AtomicU64::new(next_lsn - 1),
+            applied_lsn: AtomicU64::new(next_lsn - 1),
+            full_waits: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        });
+        shared.metrics.journal_capacity_bytes.set(capacity_bytes as i64);
+        shared.metrics.journal_head_lsn.set((next_lsn - 1) as i64);
+        shared.metrics.journal_applied_lsn.set((next_lsn - 1) as i64);
+        shared.metrics.journal_used_bytes.set(0);
+        for _ in 0..report.checksum_errors {
+            shared.metrics.checksum_error("journal");
+        }
+        let (requests, request_rx) = mpsc::channel(1024);
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (apply_tx, apply_rx) = mpsc::unbounded_channel();
+        let applier = Applier { journal: journal.clone(), device, shared: shared.clone(), superblock, events: events_tx.clone() };
+        tokio::spawn(applier.run(apply_rx));
+        let writer = Writer {
+            storage: journal,
+            shared: shared.clone(),
+            journal_id: superblock.journal_id,
+            ring_bytes: capacity_bytes,
+            head,
+            next_lsn,
+            used_bytes: 0,
+            pending: VecDeque::new(),
+            inflight: VecDeque::new(),
+            next_batch_id: 0,
+            written_lsn: next_lsn - 1,
+            completed_lsn: next_lsn - 1,
+            durable_lsn: next_lsn - 1,
+            sync_running: false,
+            flush_waiters: Vec::new(),
+            events_tx,
+            apply_tx: Some(apply_tx),
+            full_since: None,
+        };
+        tokio::spawn(writer.run(request_rx, events_rx));
+        Ok((Journal { requests, shared }, report, superblock))
+    }
+
+    /// Journals one client request. Completes once every record is written to the journal
+    /// (and durable, with `fua`). Writes over [`MAX_RECORD_BYTES`] become several records.
+    pub async fn append(&self, op: Op, fua: bool) -> Result<(), JournalError> {
+        self.shared.check()?;
+        let mut waits = Vec::new();
+        let queued_at = Instant::now();
+        for part in split(op) {
+            let (done, wait) = oneshot::channel();
+            self.requests.send(Request::Append { op: part, fua, done, queued_at }).await.map_err(|_| JournalError::Closed)?;
+            waits.push(wait);
+        }
+        for wait in waits {
+            wait.await.map_err(|_| JournalError::Closed)??;
+        }
+        Ok(())
+    }
+
+    /// Completes when every write completed before this call is durable.
+    pub async fn flush(&self) -> Result<(), JournalError> {
+        self.shared.check()?;
+        let (done, wait) = oneshot::channel();
+        self.requests.send(Request::Flush { done }).await.map_err(|_| JournalError::Closed)?;
+        wait.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Unapplied pieces of the range, and gaps to read from the device.
+    pub fn lookup(&self, offset_bytes: u64, len_bytes: u64) -> Vec<Found> {
+        self.shared.index.lock().expect("index lock").lookup(offset_bytes, len_bytes)
+    }
+
+    pub fn stats(&self) -> JournalStats {
+        JournalStats {
+            used_bytes: self.shared.used_bytes.load(Ordering::Relaxed),
+            capacity_bytes: self.shared.capacity_bytes,
+            head_lsn: self.shared.head_lsn.load(Ordering::Relaxed),
+            applied_lsn: self.shared.applied_lsn.load(Ordering::Relaxed),
+            unapplied_bytes: self.shared.index.lock().expect("index lock").data_bytes(),
+            full_waits: self.shared.full_waits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The reason the journal stopped accepting writes, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().expect("failure lock").clone()
+    }
+
+    /// Finishes queued writes, makes them durable, applies everything to the device and
+    /// persists an empty ring, so that the next start has nothing to replay.
+    pub async fn close(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.requests.send(Request::Close { done }).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+/// Cuts a write into records of at most [`MAX_RECORD_BYTES`]. Every cut is block-aligned, so
+/// each part can still be written with O_DIRECT from its original buffer.
+fn split(op: Op) -> Vec<Op> {
+    match op {
+        Op::Write { offset_bytes, data } if data.len() > MAX_RECORD_BYTES => (0..data.len())
+            .step_by(MAX_RECORD_BYTES)
+            .map(|at| Op::Write {
+                offset_bytes: offset_bytes + at as u64,
+                data: data.slice(at..(at + MAX_RECORD_BYTES).min(data.len())),
+            })
+            .collect(),
+        other => vec![other],
+    }
+}
+
+async fn write_superblock(storage: &dyn Storage, superblock: &Superblock) -> Result<(), JournalError> {
+    let block = AlignedBuf::copy_from(&superblock.encode()).freeze();
+    storage.write_at(superblock.slot() * BLOCK_BYTES as u64, vec![block], true).await.map_err(io_err("writing the superblock"))
+}
+
+async fn read_block(storage: &dyn Storage, offset: u64, len: usize) -> Result<AlignedBuf, JournalError> {
+    let (result, buf) = storage.read_at(offset, AlignedBuf::zeroed(len)).await;
+    result.map_err(io_err("reading the journal"))?;
+    Ok(buf)
+}
+
+/// Scans the ring from the superblock's tail, replays every intact batch onto the device in
+/// order, stops at the first batch that is not the expected one, and leaves an empty ring
+/// starting where the scan stopped. Returns (superblock, report, head, next LSN).
+async fn recover(journal: &dyn Storage, device: &dyn Storage, name: &str) -> Result<(Superblock, RecoveryReport, u64, u64), JournalError> {
+    let corrupt = |reason: String| JournalError::Corrupt { path: name.to_string(), reason };
+    let slots = read_block(journal, 0, 2 * BLOCK_BYTES).await?;
+    let superblock = [Superblock::decode(&slots[..BLOCK_BYTES]), Superblock::decode(&slots[BLOCK_BYTES..])]
+        .into_iter()
+        .filter_map(Result::ok)
+        .max_by_key(|sb| sb.sequence)
+        .ok_or_else(|| corrupt("neither superblock slot is valid".into()))?;
+    if superblock.file_bytes != journal.len_bytes() {
+        return Err(corrupt(format!("superblock says {} bytes, file has {}", superblock.file_bytes, journal.len_bytes())));
+    }
+    let ring_bytes = superblock.ring_bytes();
+    let mut report = RecoveryReport::default();
+    let mut pos = superblock.tail_offset;
+    let mut lsn = superblock.tail_lsn;
+    let mut scanned_bytes = 0u64;
+    while scanned_bytes < ring_bytes {
+        let header_block = read_block(journal, RING_START_BYTES + pos, BLOCK_BYTES).await?;
+        let header = match BatchHeader::decode(&header_block, superblock.journal_id, lsn) {
+            Ok(header) => header,
+            Err(FormatError::BadMagic | FormatError::UnexpectedLsn { .. } | FormatError::ForeignJournal { .. }) => break,
+            Err(error) => {
+                report.stopped_reason = Some(format!("batch header at ring offset {pos}: {error}"));
+                if error == FormatError::ChecksumMismatch {
+                    report.checksum_errors += 1;
+                }
+                break;
+            }
+        };
+        let batch_bytes = header.batch_bytes();
+        let records = match header {
+            BatchHeader::Wrap { .. } => {
+                scanned_bytes += ring_bytes - pos;
+                pos = 0;
+                continue;
+            }
+            BatchHeader::Records { records, .. } => records,
+        };
+        if pos + batch_bytes > ring_bytes {
+            report.stopped_reason = Some(format!("batch at ring offset {pos} runs past the end of the ring"));
+            break;
+        }
+        let payload = read_block(journal, RING_START_BYTES + pos + BLOCK_BYTES as u64, (batch_bytes - BLOCK_BYTES as u64) as usize).await?;
+        let payload = payload.freeze();
+        let mut at = 0usize;
+        let mut parts = Vec::with_capacity(records.len());
+        let mut torn = None;
+        for record in &records {
+            let data = if record.kind.has_payload() { payload.slice(at..at + record.len_bytes as usize) } else { payload.slice(0..0) };
+            if let Err(error) = record.verify(&data) {
+                torn = Some(format!("record LSN {} at ring offset {pos}: {error}", record.lsn));
+                break;
+            }
+            at += record.payload_area_bytes() as usize;
+            parts.push((*record, data));
+        }
+        if let Some(reason) = torn {
+            // The batch never completed, so none of its records was acknowledged: drop it all.
+            report.torn_tail_bytes = batch_bytes;
+            report.checksum_errors += 1;
+            report.stopped_reason = Some(format!("torn batch dropped: {reason}"));
+            break;
+        }
+        for (record, data) in parts {
+            replay(device, &record, data).await?;
+            report.records_replayed += 1;
+            report.bytes_replayed += record.len_bytes as u64;
+        }
+        lsn += records.len() as u64;
+        scanned_bytes += batch_bytes;
+        pos += batch_bytes;
+        if pos == ring_bytes {
+            pos = 0;
+        }
+    }
+    device.sync().await.map_err(io_err("syncing the device after replay"))?;
+    // Destroy the block where the scan stopped: a torn batch there keeps a valid header, and a
+    // later batch torn at the same place must not make its old payload look whole again.
+    let zero = AlignedBuf::zeroed(BLOCK_BYTES).freeze();
+    journal.write_at(RING_START_BYTES + pos, vec![zero], true).await.map_err(io_err("clearing the end of the journal"))?;
+    let recovered = Superblock { sequence: superblock.sequence + 1, tail_offset: pos, tail_lsn: lsn, ..superblock };
+    write_superblock(journal, &recovered).await?;
+    if report.records_replayed > 0 || report.stopped_reason.is_some() {
+        tracing::info!(
+            volume = name,
+            records = report.records_replayed,
+            bytes = report.bytes_replayed,
+            torn_tail_bytes = report.torn_tail_bytes,
+            stopped = report.stopped_reason.as_deref().unwrap_or("clean end"),
+            "journal recovered"
+        );
+    }
+    Ok((recovered, report, pos, lsn))
+}
+
+async fn replay(device: &dyn Storage, record: &RecordDescriptor, data: SharedBuf) -> Result<(), JournalError> {
+    match record.kind {
+        RecordKind::Write => device.write_at(record.offset_bytes, vec![data], false).await,
+        RecordKind::Zero => device.zero_range(record.offset_bytes, record.len_bytes as u64, false).await,
+        RecordKind::Punch => device.zero_range(record.offset_bytes, record.len_bytes as u64, true).await,
+    }
+    .map_err(io_err("replaying the journal onto the device"))
+}
+
+/// A record on its way to the device.
+#[derive(Clone)]
+struct ApplyRecord {
+    lsn: u64,
+    op: Op,
+}
+
+/// A completed batch, handed to the applier in ring order.
+struct CompletedBatch {
+    records: Vec<ApplyRecord>,
+    last_lsn: u64,
+    /// Ring position just after this batch: the new tail once it is applied.
+    end_pos: u64,
+    /// Ring bytes it occupies, including space skipped by a wrap before it.
+    ring_bytes: u64,
+}
+
+struct Inflight {
+    id: u64,
+    first_lsn: u64,
+    last_lsn: u64,
+    end_pos: u64,
+    ring_bytes: u64,
+    records: Vec<ApplyRecord>,
+    waiters: Vec<(oneshot::Sender<Result<(), JournalError>>, Instant)>,
+    fua: bool,
+    dsync: bool,
+    written: bool,
+}
+
+enum Event {
+    BatchWritten { id: u64, result: std::io::Result<()> },
+    Synced { covers_lsn: u64, result: std::io::Result<()> },
+    Released { ring_bytes: u64 },
+    ApplyFailed(JournalError),
+    /// The applier has applied everything it was given and stopped.
+    ApplierDone,
+}
+
+struct Writer {
+    storage: Arc<dyn Storage>,
+    shared: Arc<Shared>,
+    journal_id: u64,
+    ring_bytes: u64,
+    head: u64,
+    next_lsn: u64,
+    used_bytes: u64,
+    pending: VecDeque<(Op, bool, oneshot::Sender<Result<(), JournalError>>, Instant)>,
+    inflight: VecDeque<Inflight>,
+    next_batch_id: u64,
+    /// Every batch up to here is written to the journal (not necessarily durable).
+    written_lsn: u64,
+    /// Every record up to here is acknowledged to its client.
+    completed_lsn: u64,
+    /// Every record up to here is durable.
+    durable_lsn: u64,
+    sync_running: bool,
+    /// Flushes waiting for `durable_lsn` to reach their target.
+    flush_waiters: Vec<(u64, oneshot::Sender<Result<(), JournalError>>)>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    apply_tx: Option<mpsc::UnboundedSender<CompletedBatch>>,
+    /// When the writer started waiting for space, for the full-wait metric.
+    full_since: Option<Instant>,
+}
+
+impl Writer {
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>, mut events: mpsc::UnboundedReceiver<Event>) {
+        let mut closing: Option<oneshot::Sender<()>> = None;
+        let mut open = true;
+        loop {
+            tokio::select! {
+                biased;
+                Some(event) = events.recv() => self.handle_event(event),
+                request = requests.recv(), if open && closing.is_none() && self.pending.len() < MAX_PENDING_RECORDS => match request {
+                    Some(request) => {
+                        self.handle_request(request, &mut closing);
+                        // Take whatever else is queued right now into the same batch.
+                        while self.pending.len() < MAX_PENDING_RECORDS && closing.is_none() {
+                            match requests.try_recv() {
+                                Ok(request) => self.handle_request(request, &mut closing),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => open = false,
+                },
+                else => break,
+            }
+            if self.shared.failed.load(Ordering::SeqCst) {
+                self.fail_everything();
+            }
+            self.submit_batches();
+            if (closing.is_some() || !open) && self.pending.is_empty() && self.inflight.is_empty() && self.flush_waiters.is_empty() && !self.sync_running {
+                if self.durable_lsn < self.written_lsn && !self.shared.failed.load(Ordering::SeqCst) {
+                    self.start_sync();
+                    continue;
+                }
+                break;
+            }
+        }
+        // Closing: let the applier drain everything, then report.
+        if let Some(apply_tx) = self.apply_tx.take() {
+            drop(apply_tx);
+            while let Some(event) = events.recv().await {
+                match event {
+                    Event::ApplierDone => break,
+                    Event::Released { .. } | Event::ApplyFailed(_) => self.handle_event(event),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(done) = closing {
+            let _ = done.send(());
+        }
+    }
+
+    fn handle_request(&mut self, request: Request, closing: &mut Option<oneshot::Sender<()>>) {
+        match request {
+            Request::Append { op, fua, done, queued_at } => {
+                if let Err(error) = self.shared.check() {
+                    let _ = done.send(Err(error));
+                    return;
+                }
+                self.pending.push_back((op, fua, done, queued_at));
+            }
+            Request::Flush { done } => {
+                // A flush covers writes completed before it arrived: those are at or below
+                // completed_lsn. Writes still in flight are not covered.
+                let target = self.completed_lsn;
+                if target <= self.durable_lsn {
+                    let _ = done.send(Ok(()));
+                } else {
+                    self.flush_waiters.push((target, done));
+                    if !self.sync_running {
+                        self.start_sync();
+                    }
+                }
+            }
+            Request::Close { done } => *closing = Some(done),
+        }
+    }
+
+    fn handle_event(&mut self, event: Event) {
+        match event {
+            Event::BatchWritten { id, result } => {
+                if let Err(error) = result {
+                    self.shared.fail(&JournalError::Io { what: "writing a batch", message: error.to_string() });
+                    self.fail_everything();
+                    return;
+                }
+                if let Some(batch) = self.inflight.iter_mut().find(|b| b.id == id) {
+                    batch.written = true;
+                }
+                self.complete_in_order();
+            }
+            Event::Synced { covers_lsn, result } => {
+                self.sync_running = false;
+                if let Err(error) = result {
+                    // A failed fdatasync may have dropped dirty data: never retry and pretend.
+                    self.shared.fail(&JournalError::Io { what: "fdatasync of the journal", message: error.to_string() });
+                    self.fail_everything();
+                    return;
+                }
+                self.durable_lsn = self.durable_lsn.max(covers_lsn);
+                let durable = self.durable_lsn;
+                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flush_waiters).into_iter().partition(|(t, _)| *t <= durable);
+                self.flush_waiters = waiting;
+                for (_, done) in ready {
+                    let _ = done.send(Ok(()));
+                }
+                self.complete_in_order();
+                if !self.flush_waiters.is_empty() && !self.sync_running {
+                    self.start_sync();
+                }
+            }
+            Event::Released { ring_bytes } => {
+                assert!(ring_bytes <= self.used_bytes, "released more journal space than was used");
+                self.used_bytes -= ring_bytes;
+                self.shared.used_bytes.store(self.used_bytes, Ordering::Relaxed);
+                self.shared.metrics.journal_used_bytes.set(self.used_bytes as i64);
+            }
+            Event::ApplyFailed(error) => {
+                self.shared.fail(&error);
+                self.fail_everything();
+            }
+            Event::ApplierDone => {}
+        }
+    }
+
+    /// Acknowledges written batches from the front of the queue, in ring order.
+    fn complete_in_order(&mut self) {
+        for batch in self.inflight.iter() {
+            if batch.last_lsn <= self.written_lsn {
+                continue;
+            }
+            if !batch.written {
+                break;
+            }
+            assert_eq!(batch.first_lsn, self.written_lsn + 1, "batches are written in LSN order");
+            self.written_lsn = batch.last_lsn;
+        }
+        while let Some(front) = self.inflight.front() {
+            if !front.written {
+                return;
+            }
+            assert_eq!(front.first_lsn, self.completed_lsn + 1, "batches complete in LSN order");
+            if front.dsync && self.durable_lsn + 1 == front.first_lsn {
+                // Written with RWF_DSYNC after everything before it was durable.
+                self.durable_lsn = front.last_lsn;
+            }
+            if front.fua && self.durable_lsn < front.last_lsn {
+                // Durable only once an fdatasync covers it and everything before it.
+                if !self.sync_running {
+                    self.start_sync();
+                }
+                return;
+            }
+            let batch = self.inflight.pop_front().expect("front exists");
+            self.completed_lsn = batch.last_lsn;
+            let now = Instant::now();
+            for (done, queued_at) in batch.waiters {
+                self.shared.metrics.write_latency_journal.observe(now.duration_since(queued_at).as_secs_f64());
+                let _ = done.send(Ok(()));
+            }
+            if let Some(apply_tx) = &self.apply_tx {
+                let _ = apply_tx.send(CompletedBatch { records: batch.records, last_lsn: batch.last_lsn, end_pos: batch.end_pos, ring_bytes: batch.ring_bytes });
+            }
+        }
+    }
+
+    fn start_sync(&mut self) {
+        assert!(!self.sync_running, "one fdatasync at a time");
+        self.sync_running = true;
+        // Everything written so far is on the device; the sync makes it durable.
+        let covers_lsn = self.written_lsn;
+        let storage = self.storage.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = storage.sync().await;
+            let _ = events.send(Event::Synced { covers_lsn, result });
+        });
+    }
+
+    fn fail_everything(&mut self) {
+        let error = match self.shared.check() {
+            Err(error) => error,
+            Ok(()) => return,
+        };
+        for (_, _, done, _) in self.pending.drain(..) {
+            let _ = done.send(Err(error.clone()));
+        }
+        for batch in self.inflight.drain(..) {
+            for (done, _) in batch.waiters {
+                let _ = done.send(Err(error.clone()));
+            }
+        }
+        for (_, done) in self.flush_waiters.drain(..) {
+            let _ = done.send(Err(error.clone()));
+        }
+    }
+
+    /// Forms batches from pending records while there is space and room in flight.
+    fn submit_batches(&mut self) {
+        while !self.pending.is_empty() && self.inflight.len() < MAX_INFLIGHT_BATCHES {
+            let mut count = 0;
+            let mut payload_bytes = 0;
+            for (op, _, _, _) in self.pending.iter() {
+                if count == MAX_RECORDS_PER_BATCH || (count > 0 && payload_bytes + op.payload_bytes() > MAX_BATCH_PAYLOAD_BYTES) {
+                    break;
+                }
+                count += 1;
+                payload_bytes += op.payload_bytes();
+            }
+            let batch_bytes = BLOCK_BYTES as u64 + payload_bytes;
+            let (start, skipped_bytes) = if self.head + batch_bytes > self.ring_bytes { (0, self.ring_bytes - self.head) } else { (self.head, 0) };
+            if self.used_bytes + skipped_bytes + batch_bytes > self.ring_bytes {
+                // Journal full: wait for the applier to release space. Writes wait; they never
+                // fail and memory does not grow, since pending and the channel are bounded.
+                if self.full_since.is_none() {
+                    self.full_since = Some(Instant::now());
+                    self.shared.full_waits.fetch_add(count as u64, Ordering::Relaxed);
+                    self.shared.metrics.journal_full_waits_total.inc_by(count as u64);
+                    tracing::warn!(used_bytes = self.used_bytes, capacity_bytes = self.ring_bytes, "journal full: writes wait for apply");
+                }
+                return;
+            }
+            if let Some(since) = self.full_since.take() {
+                self.shared.metrics.journal_full_wait_seconds_total.inc_by(since.elapsed().as_secs_f64());
+            }
+            self.submit_one(count, start, skipped_bytes, batch_bytes);
+        }
+    }
+
+    fn submit_one(&mut self, count: usize, start: u64, skipped_bytes: u64, batch_bytes: u64) {
+        let first_lsn = self.next_lsn;
+        let mut descriptors = Vec::with_capacity(count);
+        let mut records = Vec::with_capacity(count);
+        let mut waiters = Vec::with_capacity(count);
+        let mut iovecs = Vec::with_capacity(count + 1);
+        iovecs.push(SharedBuf::from(AlignedBuf::zeroed(0))); // placeholder for the header
+        let mut fua = false;
+        {
+            let mut index = self.shared.index.lock().expect("index lock");
+            for (i, (op, record_fua, done, queued_at)) in self.pending.drain(..count).enumerate() {
+                let lsn = first_lsn + i as u64;
+                fua |= record_fua;
+                let descriptor = match &op {
+                    Op::Write { offset_bytes, data } => {
+                        index.insert(*offset_bytes, data.len() as u64, lsn, Content::Data(data.clone()));
+                        iovecs.push(data.padded_view());
+                        RecordDescriptor::new(lsn, RecordKind::Write, record_fua, *offset_bytes, data.len() as u32, data)
+                    }
+                    Op::Zero { offset_bytes, len_bytes, punch } => {
+                        index.insert(*offset_bytes, *len_bytes as u64, lsn, Content::Zero);
+                        let kind = if *punch { RecordKind::Punch } else { RecordKind::Zero };
+                        RecordDescriptor::new(lsn, kind, record_fua, *offset_bytes, *len_bytes, &[])
+                    }
+                };
+                descriptors.push(descriptor);
+                records.push(ApplyRecord { lsn, op });
+                waiters.push((done, queued_at));
+            }
+        }
+        let header = BatchHeader::Records { journal_id: self.journal_id, first_lsn, records: descriptors };
+        debug_assert_eq!(header.batch_bytes(), batch_bytes);
+        iovecs[0] = AlignedBuf::copy_from(&header.encode()).freeze();
+        let last_lsn = first_lsn + count as u64 - 1;
+        self.next_lsn = last_lsn + 1;
+        self.shared.head_lsn.store(last_lsn, Ordering::Relaxed);
+        self.shared.metrics.journal_head_lsn.set(last_lsn as i64);
+
+        // RWF_DSYNC makes this batch durable by itself; that is enough for its FUA records only
+        // if everything before it is durable already.
+        let dsync = fua && self.inflight.is_empty() && self.durable_lsn == self.completed_lsn;
+        let wrap_at = (skipped_bytes > 0).then_some(self.head);
+        let end_pos = if start + batch_bytes == self.ring_bytes { 0 } else { start + batch_bytes };
+        let ring_bytes = skipped_bytes + batch_bytes;
+        self.used_bytes += ring_bytes;
+        self.shared.used_bytes.store(self.used_bytes, Ordering::Relaxed);
+        self.shared.metrics.journal_used_bytes.set(self.used_bytes as i64);
+        self.head = end_pos;
+        let id = self.next_batch_id;
+        self.next_batch_id += 1;
+        self.inflight.push_back(Inflight { id, first_lsn, last_lsn, end_pos, ring_bytes, records, waiters, fua, dsync, written: false });
+
+        let storage = self.storage.clone();
+        let events = self.events_tx.clone();
+        let journal_id = self.journal_id;
+        tokio::spawn(async move {
+            let wrap = async {
+                match wrap_at {
+                    // The rest of the ring is skipped; the marker tells recovery to continue at 0.
+                    Some(at) => {
+                        let marker = BatchHeader::Wrap { journal_id, next_lsn: first_lsn }.encode();
+                        storage.write_at(RING_START_BYTES + at, vec![AlignedBuf::copy_from(&marker).freeze()], dsync).await
+                    }
+                    None => Ok(()),
+                }
+            };
+            let batch = storage.write_at(RING_START_BYTES + start, iovecs, dsync);
+            let (wrap_result, batch_result) = tokio::join!(wrap, batch);
+            let _ = events.send(Event::BatchWritten { id, result: wrap_result.and(batch_result) });
+        });
+    }
+}
+
+struct Applier {
+    journal: Arc<dyn Storage>,
+    device: Arc<dyn Storage>,
+    shared: Arc<Shared>,
+    superblock: Superblock,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Applier {
+    async fn run(mut self, mut batches: mpsc::UnboundedReceiver<CompletedBatch>) {
+        while let Some(first) = batches.recv().await {
+            let mut round = vec![first];
+            while round.len() < MAX_APPLY_BATCHES {
+                match batches.try_recv() {
+                    Ok(batch) => round.push(batch),
+                    Err(_) => break,
+                }
+            }
+            if let Err(error) = self.apply_round(&round).await {
+                self.shared.fail(&error);
+                let _ = self.events.send(Event::ApplyFailed(error));
+                break;
+            }
+        }
+        let _ = self.events.send(Event::ApplierDone);
+    }
+
+    async fn apply_round(&mut self, round: &[CompletedBatch]) -> Result<(), JournalError> {
+        let records: Vec<&ApplyRecord> = round.iter().flat_map(|b| b.records.iter()).collect();
+        // Device writes go out in waves of non-overlapping records; a record that overlaps one
+        // in the current wave waits for the next, so the device sees them in LSN order.
+        let mut wave: Vec<&ApplyRecord> = Vec::new();
+        for record in &records {
+            let (offset, len) = record.op.range();
+            let overlaps = wave.iter().any(|w| {
+                let (o, l) = w.op.range();
+                offset < o + l && o < offset + len
+            });
+            if overlaps || wave.len() == MAX_APPLY_WAVE {
+                self.apply_wave(&wave).await?;
+                wave.clear();
+            }
+            wave.push(record);
+        }
+        self.apply_wave(&wave).await?;
+        self.device.sync().await.map_err(io_err("fdatasync of the device"))?;
+        {
+            let mut index = self.shared.index.lock().expect("index lock");
+            for record in &records {
+                let (offset, len) = record.op.range();
+                index.remove_applied(offset, len, record.lsn);
+            }
+            self.shared.metrics.journal_unapplied_bytes.set(index.data_bytes() as i64);
+        }
+        let last = round.last().expect("a round has a batch");
+        self.superblock = Superblock { sequence: self.superblock.sequence + 1, tail_offset: last.end_pos, tail_lsn: last.last_lsn + 1, ..self.superblock };
+        // The records are durable on the device; only now may their journal space be reused.
+        write_superblock(&*self.journal, &self.superblock).await?;
+        self.shared.applied_lsn.store(last.last_lsn, Ordering::Relaxed);
+        self.shared.metrics.journal_applied_lsn.set(last.last_lsn as i64);
+        let ring_bytes = round.iter().map(|b| b.ring_bytes).sum();
+        let _ = self.events.send(Event::Released { ring_bytes });
+        Ok(())
+    }
+
+    async fn apply_wave(&self, wave: &[&ApplyRecord]) -> Result<(), JournalError> {
+        let writes = wave.iter().map(|record| {
+            let device = &self.device;
+            async move {
+                match &record.op {
+                    Op::Write { offset_bytes, data } => device.write_at(*offset_bytes, vec![data.clone()], false).await,
+                    Op::Zero { offset_bytes, len_bytes, punch } => device.zero_range(*offset_bytes, *len_bytes as u64, *punch).await,
+                }
+            }
+        });
+        for result in join_all(writes).await {
+            result.map_err(io_err("applying the journal to the device"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Polls every future to completion concurrently. Small enough not to need the futures crate.
+async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, out) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(future) = slot {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => {
+                        *out = Some(value);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().map(|o| o.expect("every future completed")).collect()
+}

@@ -11,3 +11,6 @@ pub mod nbd;
 pub mod nbd_client;
 pub mod storage;
 pub mod volume;
+
+#[cfg(test)]
+mod crash_tests;

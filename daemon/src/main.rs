@@ -1,1 +1,153 @@
-fn main() {}
+//! `ferry`: the daemon and its command-line client (SPEC §3).
+//!
+//! Exit codes: 0 success; 1 the operation was refused or failed; 2 usage or configuration
+//! error (clap exits 2 on usage errors by itself).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ferry::config::{Config, DEFAULT_CONTROL_SOCKET};
+use ferry::control::{self, StatusResult};
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Block replication daemon: journaled volumes over NBD"
+)]
+struct Cli {
+    /// Control socket of the daemon, for the client commands.
+    #[arg(long, global = true, env = "FERRY_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground; SIGTERM/SIGINT shut it down cleanly.
+    Run {
+        /// The TOML config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// A self-contained metro + regional scenario on this machine.
+    Demo,
+    /// Roles, replica states, lag and journal use.
+    Status {
+        /// Only this volume.
+        volume: Option<String>,
+        /// Print the JSON result instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config; print every error with its line and column.
+    Check {
+        /// The TOML config file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Demo => match ferry::demo::run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => fail(&format!("demo failed: {error}")),
+        },
+        Command::Status { volume, json } => status(&cli.socket, volume, json),
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(EXIT_USAGE)
+            }
+        },
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour codes only help a terminal; in a journal or log file they are noise.
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("ferry: {message}");
+    ExitCode::from(EXIT_FAILED)
+}
+
+fn run(config_path: &Path) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match ferry::daemon::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error.to_string()),
+    }
+}
+
+fn status(socket: &Path, volume: Option<String>, json: bool) -> ExitCode {
+    let mut request = serde_json::json!({ "op": "status" });
+    if let Some(volume) = &volume {
+        request["volume"] = serde_json::Value::String(volume.clone());
+    }
+    // A client command needs no thread pool; a current-thread runtime starts fastest.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
+    };
+    let result = match runtime.block_on(control::request(socket, request)) {
+        Ok(result) => result,
+        Err(error) => return fail(&error.to_string()),
+    };
+    if json {
+        match serde_json::to_string_pretty(&result) {
+            Ok(text) => println!("{text}"),
+            Err(error) => return fail(&format!("cannot print the result: {error}")),
+        }
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_value::<StatusResult>(result) {
+        Ok(status) => {
+            print!("{}", control::render_status(&status));
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&format!(
+            "the daemon's status is not understood ({error}); are the ferry binary and daemon the same version? `--json` prints it raw"
+        )),
+    }
+}

@@ -143,15 +143,20 @@ impl SharedBuf {
     pub fn slice(&self, range: Range<usize>) -> SharedBuf {
         assert!(range.start <= range.end, "slice start after end");
         assert!(range.end <= self.len, "slice past the end of the view");
+        // Views stay within the allocation: start + len <= capacity holds for every view.
         SharedBuf { buf: Arc::clone(&self.buf), start: self.start + range.start, len: range.end - range.start }
     }
 
-    /// The whole allocation behind this view, padded to [`DIRECT_ALIGN`] with zeros, when the
-    /// view starts at the allocation's beginning. The journal writes this padded form.
-    pub fn padded(&self) -> &[u8] {
-        assert_eq!(self.start, 0, "padded() needs a view from the start of its buffer");
-        // SAFETY: the allocation holds `capacity` initialised bytes (zeroed at allocation).
-        unsafe { std::slice::from_raw_parts(self.buf.as_ptr(), align_up(self.len).min(self.buf.capacity())) }
+    /// This view extended with the zero bytes that follow it up to the next [`DIRECT_ALIGN`]
+    /// boundary, for writing with O_DIRECT. The view must start at an aligned position (a
+    /// payload, or a slice of one at a multiple of the block size); bytes past the buffer's
+    /// length are zero by construction, and past the view's end inside the buffer they belong to
+    /// the same payload, so the padding never carries foreign data.
+    pub fn padded_view(&self) -> SharedBuf {
+        assert_eq!(self.start % DIRECT_ALIGN, 0, "padded_view needs an aligned start");
+        let len = align_up(self.len);
+        assert!(self.start + len <= self.buf.capacity(), "padding past the allocation");
+        SharedBuf { buf: Arc::clone(&self.buf), start: self.start, len }
     }
 }
 
@@ -164,7 +169,9 @@ impl From<AlignedBuf> for SharedBuf {
 impl Deref for SharedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf[..self.buf.len()][self.start..self.start + self.len]
+        // SAFETY: every constructor keeps start + len within the allocation's `capacity`
+        // initialised (zeroed at allocation) bytes, and the allocation is immutable once frozen.
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr().add(self.start), self.len) }
     }
 }
 
@@ -193,8 +200,8 @@ mod tests {
         let shared = buf.freeze();
         assert_eq!(&*shared.slice(2..5), b"234");
         assert_eq!(&*shared.slice(2..5).slice(1..2), b"3");
-        assert_eq!(shared.padded().len(), 4096);
-        assert!(shared.padded()[10..].iter().all(|&b| b == 0));
+        assert_eq!(shared.padded_view().len(), 4096);
+        assert!(shared.padded_view()[10..].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -1,0 +1,391 @@
+//! Crash tests of the whole local write path (volume, journal, index, applier, recovery) on
+//! simulated disks that fail, tear and lose power (`storage::FaultDisk`).
+//!
+//! Eight client tasks each own a region of the volume and issue seeded random writes, zeroes,
+//! trims, flushes and read-backs. At a random operation a fault hits; the volume is then
+//! reopened on the surviving disk contents ("reboot") and every block is checked against a
+//! model of what the clients saw complete:
+//!
+//! - after a process crash, every completed write is there (or a later completed one);
+//! - after a power loss, every write made durable by FUA or a later FLUSH is there;
+//! - in both cases every block holds the contents of exactly one write to it (or its initial
+//!   zeros) that the rules above allow — never a mix, never anything else.
+//!
+//! Each round prints its seed; `FERRY_SEED=N` replays one round, `FERRY_LONG=1` runs many.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::config::Role;
+use crate::journal::Journal;
+use crate::metrics::Metrics;
+use crate::storage::{AlignedBuf, FaultDisk, IoFuture, SharedBuf, Storage};
+use crate::volume::Volume;
+
+const BLOCK: usize = 4096;
+const TASKS: u64 = 8;
+const BLOCKS_PER_TASK: u64 = 32;
+const VOLUME_BYTES: u64 = TASKS * BLOCKS_PER_TASK * BLOCK as u64;
+const JOURNAL_BYTES: u64 = crate::journal::MIN_JOURNAL_BYTES;
+const ZERO: u64 = 0;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    /// kill -9: the OS keeps its page cache.
+    ProcessCrash,
+    /// The machine loses power: unsynced sectors are lost, each independently.
+    PowerLoss,
+    /// A journal write is torn, then the power goes.
+    TornWriteThenPowerLoss,
+    /// A journal write fails with EIO; the volume must fail, then the process dies.
+    FailedWriteThenCrash,
+    /// A device write (apply) fails with EIO, then the process dies.
+    FailedApplyThenCrash,
+}
+
+/// One write of one block as the client saw it. `value` 0 means zeros.
+#[derive(Clone, Debug)]
+struct Event {
+    value: u64,
+    issued: u64,
+    completed: Option<u64>,
+    fua: bool,
+}
+
+#[derive(Default)]
+struct Model {
+    clock: u64,
+    blocks: Vec<Vec<Event>>,
+    /// (issued, completed) of every FLUSH that completed.
+    flushes: Vec<(u64, u64)>,
+}
+
+impl Model {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    fn durable(&self, e: &Event) -> bool {
+        match e.completed {
+            None => false,
+            Some(done) => e.fua || self.flushes.iter().any(|&(issued, _)| issued > done),
+        }
+    }
+
+    /// Values block `b` may hold after the fault.
+    fn allowed(&self, b: usize, power_loss: bool) -> Vec<u64> {
+        let kept = |e: &Event| if power_loss { self.durable(e) } else { e.completed.is_some() };
+        let events = &self.blocks[b];
+        let mut allowed = Vec::new();
+        if !events.iter().any(kept) {
+            allowed.push(ZERO);
+        }
+        for e in events {
+            // A write is superseded by a kept write issued after it completed.
+            let superseded = e.completed.is_some_and(|done| events.iter().any(|later| kept(later) && later.issued > done));
+            if !superseded {
+                allowed.push(e.value);
+            }
+        }
+        allowed
+    }
+}
+
+/// Contents of block `b` written by write `value`: self-describing so a read names its writer.
+fn pattern(value: u64, b: u64) -> Vec<u8> {
+    let mut data = vec![0u8; BLOCK];
+    let mut x = value.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ b;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    data[..8].copy_from_slice(&value.to_le_bytes());
+    data[8..16].copy_from_slice(&b.to_le_bytes());
+    data
+}
+
+/// Which write a block's contents came from; `None` when they match no write at all.
+fn identify(data: &[u8], b: u64) -> Option<u64> {
+    if data.iter().all(|&x| x == 0) {
+        return Some(ZERO);
+    }
+    let value = u64::from_le_bytes(data[..8].try_into().ok()?);
+    (value != ZERO && pattern(value, b) == data).then_some(value)
+}
+
+struct Disks {
+    device: FaultDisk,
+    journal: FaultDisk,
+}
+
+/// Gives the simulated disks latency, so that batches overlap, FUA batches queue behind plain
+/// ones, and the applier lags behind the journal: without it every I/O completes at once and
+/// recovery would never find anything to replay.
+struct Slow {
+    inner: Arc<dyn Storage>,
+    rng: Mutex<StdRng>,
+    write_us_max: u64,
+    sync_us_max: u64,
+}
+
+impl Slow {
+    fn wrap(inner: Arc<dyn Storage>, seed: u64, write_us_max: u64, sync_us_max: u64) -> Arc<dyn Storage> {
+        Arc::new(Slow { inner, rng: Mutex::new(StdRng::seed_from_u64(seed)), write_us_max, sync_us_max })
+    }
+
+    fn delay(&self, max_us: u64) -> tokio::time::Sleep {
+        let us = self.rng.lock().expect("rng").gen_range(0..=max_us);
+        tokio::time::sleep(Duration::from_micros(us))
+    }
+}
+
+impl Storage for Slow {
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn write_at(&self, offset: u64, bufs: Vec<SharedBuf>, dsync: bool) -> IoFuture<'_, std::io::Result<()>> {
+        let delay = self.delay(self.write_us_max);
+        Box::pin(async move {
+            delay.await;
+            self.inner.write_at(offset, bufs, dsync).await
+        })
+    }
+    fn read_at(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, (std::io::Result<()>, AlignedBuf)> {
+        self.inner.read_at(offset, buf)
+    }
+    fn sync(&self) -> IoFuture<'_, std::io::Result<()>> {
+        let delay = self.delay(self.sync_us_max);
+        Box::pin(async move {
+            delay.await;
+            self.inner.sync().await
+        })
+    }
+    fn zero_range(&self, offset: u64, len: u64, punch: bool) -> IoFuture<'_, std::io::Result<()>> {
+        let delay = self.delay(self.write_us_max);
+        Box::pin(async move {
+            delay.await;
+            self.inner.zero_range(offset, len, punch).await
+        })
+    }
+}
+
+async fn open(disks: &Disks, seed: u64) -> Volume {
+    let metrics = Metrics::new().volume("crash");
+    let device = Slow::wrap(disks.device.storage(), seed ^ 2, 3000, 5000);
+    let journal = Slow::wrap(disks.journal.storage(), seed ^ 3, 300, 800);
+    Volume::open_on("crash", device, journal, Role::Primary, metrics, "fault-disk".into())
+        .await
+        .expect("the volume reopens after the fault")
+}
+
+async fn round(seed: u64, fault: Fault) {
+    println!("crash round: fault {fault:?} seed {seed} (replay: FERRY_SEED={seed})");
+    let disks = Disks { device: FaultDisk::new(VOLUME_BYTES), journal: FaultDisk::new(JOURNAL_BYTES) };
+    Journal::format(&*disks.journal.storage(), VOLUME_BYTES).await.expect("format");
+    disks.journal.storage().sync().await.expect("sync");
+    let volume = Arc::new(open(&disks, seed).await);
+    let model = Rc::new(RefCell::new(Model { blocks: vec![Vec::new(); (TASKS * BLOCKS_PER_TASK) as usize], ..Model::default() }));
+    let mut rng = StdRng::seed_from_u64(seed);
+    let fault_at_op: u64 = rng.gen_range(50..2500);
+    let ops = Rc::new(RefCell::new(0u64));
+    let next_value = Rc::new(RefCell::new(1u64));
+
+    let local = tokio::task::LocalSet::new();
+    for task in 0..TASKS {
+        let (volume, model, ops, next_value) = (volume.clone(), model.clone(), ops.clone(), next_value.clone());
+        let disks = Disks { device: disks.device.clone(), journal: disks.journal.clone() };
+        let mut rng = StdRng::seed_from_u64(seed ^ (task + 1).wrapping_mul(0x5851_f42d_4c95_7f2d));
+        local.spawn_local(async move {
+            let first = task * BLOCKS_PER_TASK;
+            loop {
+                let op = {
+                    let mut n = ops.borrow_mut();
+                    *n += 1;
+                    *n
+                };
+                if op == fault_at_op {
+                    inject(fault, &disks, seed);
+                }
+                if op > fault_at_op + 200 {
+                    return;
+                }
+                let choice = rng.gen_range(0..100);
+                let b = first + rng.gen_range(0..BLOCKS_PER_TASK);
+                let count = rng.gen_range(1..=4).min(first + BLOCKS_PER_TASK - b);
+                let offset = b * BLOCK as u64;
+                if choice < 70 || choice >= 85 && choice < 90 {
+                    // Write (or zero, for 85..90) `count` blocks.
+                    let zero = choice >= 85;
+                    let fua = rng.gen_ratio(1, 6);
+                    let (values, issued) = {
+                        let mut m = model.borrow_mut();
+                        let issued = m.tick();
+                        let values: Vec<u64> = (0..count)
+                            .map(|_| {
+                                if zero {
+                                    ZERO
+                                } else {
+                                    let mut v = next_value.borrow_mut();
+                                    *v += 1;
+                                    *v
+                                }
+                            })
+                            .collect();
+                        for (i, &value) in values.iter().enumerate() {
+                            m.blocks[(b + i as u64) as usize].push(Event { value, issued, completed: None, fua });
+                        }
+                        (values, issued)
+                    };
+                    let result = if zero {
+                        if rng.gen_bool(0.5) {
+                            volume.write_zeroes(offset, (count as usize * BLOCK) as u32, fua, rng.gen_bool(0.5)).await
+                        } else {
+                            volume.trim(offset, (count as usize * BLOCK) as u32, fua).await
+                        }
+                    } else {
+                        let mut buf = AlignedBuf::zeroed(count as usize * BLOCK);
+                        for (i, &value) in values.iter().enumerate() {
+                            buf[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(&pattern(value, b + i as u64));
+                        }
+                        volume.write(offset, buf.freeze(), fua).await
+                    };
+                    if result.is_err() {
+                        return; // the volume failed or the disk "died": these writes stay in flight
+                    }
+                    let mut m = model.borrow_mut();
+                    let done = m.tick();
+                    for i in 0..count {
+                        let events = &mut m.blocks[(b + i) as usize];
+                        let e = events.iter_mut().rev().find(|e| e.issued == issued).expect("event recorded");
+                        e.completed = Some(done);
+                    }
+                } else if choice < 85 {
+                    let issued = model.borrow_mut().tick();
+                    if volume.flush().await.is_err() {
+                        return;
+                    }
+                    let mut m = model.borrow_mut();
+                    let done = m.tick();
+                    m.flushes.push((issued, done));
+                } else {
+                    // Read back: this task owns the block, so the newest completed write is exact.
+                    let Ok(data) = volume.read(offset, BLOCK as u32).await else { return };
+                    let expected = model.borrow().blocks[b as usize].iter().rev().find(|e| e.completed.is_some()).map_or(ZERO, |e| e.value);
+                    if op < fault_at_op {
+                        assert_eq!(identify(&data, b), Some(expected), "seed {seed}: block {b} read back wrong data before the fault");
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+    local.await;
+    if *ops.borrow() < fault_at_op {
+        inject(fault, &disks, seed);
+    }
+    finish(fault, &disks.device, &disks.journal, seed);
+    drop(volume);
+
+    // Reboot on whatever the disks kept.
+    let power_loss = matches!(fault, Fault::PowerLoss | Fault::TornWriteThenPowerLoss);
+    let volume = open(&disks, seed).await;
+    let report = volume.recovery();
+    println!("  fault at op {fault_at_op}; reboot replayed {} records, torn tail {} bytes, stopped: {:?}", report.records_replayed, report.torn_tail_bytes, report.stopped_reason);
+    let model = model.borrow();
+    for b in 0..TASKS * BLOCKS_PER_TASK {
+        let data = volume.read(b * BLOCK as u64, BLOCK as u32).await.expect("read after reboot");
+        let found = identify(&data, b);
+        let allowed = model.allowed(b as usize, power_loss);
+        assert!(
+            found.is_some_and(|v| allowed.contains(&v)),
+            "seed {seed}, fault {fault:?}: block {b} holds {found:?}, allowed {allowed:?}; history {:?}",
+            model.blocks[b as usize]
+        );
+    }
+    // The reopened volume serves writes again.
+    volume.write(0, AlignedBuf::copy_from(&pattern(u64::MAX, 0)).freeze(), true).await.expect("write after reboot");
+    volume.close().await;
+}
+
+fn inject(fault: Fault, disks: &Disks, seed: u64) {
+    match fault {
+        Fault::ProcessCrash => {
+            disks.journal.crash_process();
+            disks.device.crash_process();
+        }
+        Fault::PowerLoss => {
+            disks.journal.power_loss(seed);
+            disks.device.power_loss(seed ^ 1);
+        }
+        Fault::TornWriteThenPowerLoss => {
+            // Tear the next journal write; the power goes when the tear happens.
+            disks.journal.set_tear_write(1, (seed % 8) * 512 + 512);
+        }
+        Fault::FailedWriteThenCrash => disks.journal.set_fail_write(1),
+        Fault::FailedApplyThenCrash => disks.device.set_fail_write(1),
+    }
+}
+
+/// After a deferred fault (a tear or an EIO) the workload stops; finish the scenario it names.
+fn finish(fault: Fault, disks_device: &FaultDisk, disks_journal: &FaultDisk, seed: u64) {
+    match fault {
+        Fault::TornWriteThenPowerLoss => {
+            disks_journal.power_loss(seed);
+            disks_device.power_loss(seed ^ 1);
+        }
+        Fault::FailedWriteThenCrash | Fault::FailedApplyThenCrash => {
+            disks_journal.crash_process();
+            disks_device.crash_process();
+        }
+        Fault::ProcessCrash | Fault::PowerLoss => {}
+    }
+}
+
+fn seeds(default_rounds: u64) -> Vec<u64> {
+    if let Some(seed) = std::env::var("FERRY_SEED").ok().and_then(|s| s.parse().ok()) {
+        return vec![seed];
+    }
+    let rounds = if std::env::var_os("FERRY_LONG").is_some() { default_rounds * 10 } else { default_rounds };
+    let base: u64 = rand::random();
+    (0..rounds).map(|i| base.wrapping_add(i)).collect()
+}
+
+fn run(fault: Fault) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    for seed in seeds(12) {
+        runtime.block_on(round(seed, fault));
+    }
+}
+
+#[test]
+fn process_crash_keeps_every_completed_write() {
+    run(Fault::ProcessCrash);
+}
+
+#[test]
+fn power_loss_keeps_every_flushed_or_fua_write() {
+    run(Fault::PowerLoss);
+}
+
+#[test]
+fn torn_journal_write_is_dropped_whole() {
+    run(Fault::TornWriteThenPowerLoss);
+}
+
+#[test]
+fn failed_journal_write_fails_the_volume_and_loses_nothing_completed() {
+    run(Fault::FailedWriteThenCrash);
+}
+
+#[test]
+fn failed_apply_fails_the_volume_and_loses_nothing_completed() {
+    run(Fault::FailedApplyThenCrash);
+}

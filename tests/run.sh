@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every Ferry test: unit, property, crash and interop tests against real NBD clients.
+# The interop tests drive third-party tools (shared/TOOLS.md); when some are missing this script
+# installs them (as root, with apt-get) or names exactly what to install, and stops.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages="fio libnbd-bin python3-libnbd nbdkit qemu-utils iproute2 iptables fuse3 e2fsprogs"
+needed=(nbdinfo nbdcopy nbdfuse nbdsh qemu-io qemu-img qemu-nbd fio mkfs.ext4 e2fsck fusermount3 losetup)
+missing=()
+for tool in "${needed[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then
+    missing+=("python3-libnbd")
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing the tools the interop tests need (missing: ${missing[*]})"
+        apt-get update -qq
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
+    else
+        echo "missing tools: ${missing[*]}" >&2
+        echo "install them with: sudo apt-get install -y $packages" >&2
+        exit 1
+    fi
+fi
+# FUSE needs its device; loop mounts need loop devices (both present on the project's machines).
+[ -e /dev/fuse ] || { echo "/dev/fuse is missing: the ext4-through-nbdfuse test cannot run" >&2; exit 1; }
+
+exec cargo test --release --workspace "$@"
