@@ -130,6 +130,8 @@ pub struct VolumeStatus {
     pub recovery: RecoveryStatus,
     /// The backing device path.
     pub device: String,
+    /// Why the volume stopped serving writes (a failed journal or device I/O), or None.
+    pub failure: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -583,6 +585,9 @@ pub fn render_status(s: &StatusResult) -> String {
             human_bytes(journal.unapplied_bytes),
             journal.full_waits
         );
+        if let Some(failure) = &volume.failure {
+            let _ = writeln!(out, "{}: FAILED, serving no writes until restart: {failure}", volume.name);
+        }
         if volume.replicas.is_empty() {
             let _ = writeln!(out, "{}: no replicas", volume.name);
             continue;
@@ -665,6 +670,7 @@ mod tests {
                 stopped_reason: Some("checksum mismatch at lsn 1235".to_string()),
             },
             device: format!("/dev/vg0/{name}"),
+            failure: None,
         }
     }
 

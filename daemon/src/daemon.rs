@@ -32,6 +32,8 @@ pub enum DaemonError {
     ReplicationUnavailable,
     #[error("cannot install the signal handler: {0}")]
     Signal(io::Error),
+    #[error("data directory {path} is in use by another ferry daemon (or cannot be locked: {source})")]
+    DataDirLocked { path: PathBuf, source: io::Error },
 }
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
@@ -109,12 +111,17 @@ fn volume_status(volume: &Volume) -> VolumeStatus {
             stopped_reason: recovery.stopped_reason.clone(),
         },
         device: volume.device_label().to_string(),
+        failure: volume.failure(),
 
     }
 }
 
 /// Opens the volumes, binds the listeners and serves until `stop` resolves.
 pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) -> Result<(), DaemonError> {
+    // One daemon per data directory: a second one must fail before it touches any journal.
+    let _lock = lock_data_dir(&config.node.data_dir)?;
+    // The control socket is bound first for the same reason: a live daemon answers on it.
+    let control_listener = control::bind(&config.node.control_socket)?;
     let metrics = Metrics::new();
     let mut volumes = Vec::with_capacity(config.volumes.len());
     for volume in &config.volumes {
@@ -125,7 +132,6 @@ pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) 
     let node = Arc::new(Node { name: config.node.name.clone(), volumes });
 
     // Bind everything before serving anything, so a bad address fails the start cleanly.
-    let control_listener = control::bind(&config.node.control_socket)?;
     let mut nbd_listeners = Vec::new();
     let mut unix_paths: Vec<PathBuf> = vec![config.node.control_socket.clone()];
     for addr in &config.nbd.listen {
@@ -200,4 +206,18 @@ fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Takes an exclusive `flock` on `DATA_DIR/ferry.lock` for the daemon's lifetime (the kernel
+/// drops it when the process dies, even by SIGKILL, so there is no stale lock to clean up).
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, DaemonError> {
+    use std::os::fd::AsRawFd;
+    let path = data_dir.join("ferry.lock");
+    let locked = |source| DaemonError::DataDirLocked { path: path.clone(), source };
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(locked)?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(locked(io::Error::last_os_error()));
+    }
+    Ok(file)
 }
