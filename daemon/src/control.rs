@@ -586,7 +586,11 @@ pub fn render_status(s: &StatusResult) -> String {
             journal.full_waits
         );
         if let Some(failure) = &volume.failure {
-            let _ = writeln!(out, "{}: FAILED, serving no writes until restart: {failure}", volume.name);
+            let _ = writeln!(
+                out,
+                "{}: FAILED, serving no writes until restart: {failure}",
+                volume.name
+            );
         }
         if volume.replicas.is_empty() {
             let _ = writeln!(out, "{}: no replicas", volume.name);

@@ -80,7 +80,13 @@ impl Model {
 
     /// Values block `b` may hold after the fault.
     fn allowed(&self, b: usize, power_loss: bool) -> Vec<u64> {
-        let kept = |e: &Event| if power_loss { self.durable(e) } else { e.completed.is_some() };
+        let kept = |e: &Event| {
+            if power_loss {
+                self.durable(e)
+            } else {
+                e.completed.is_some()
+            }
+        };
         let events = &self.blocks[b];
         let mut allowed = Vec::new();
         if !events.iter().any(kept) {
@@ -88,7 +94,11 @@ impl Model {
         }
         for e in events {
             // A write is superseded by a kept write issued after it completed.
-            let superseded = e.completed.is_some_and(|done| events.iter().any(|later| kept(later) && later.issued > done));
+            let superseded = e.completed.is_some_and(|done| {
+                events
+                    .iter()
+                    .any(|later| kept(later) && later.issued > done)
+            });
             if !superseded {
                 allowed.push(e.value);
             }
@@ -137,8 +147,18 @@ struct Slow {
 }
 
 impl Slow {
-    fn wrap(inner: Arc<dyn Storage>, seed: u64, write_us_max: u64, sync_us_max: u64) -> Arc<dyn Storage> {
-        Arc::new(Slow { inner, rng: Mutex::new(StdRng::seed_from_u64(seed)), write_us_max, sync_us_max })
+    fn wrap(
+        inner: Arc<dyn Storage>,
+        seed: u64,
+        write_us_max: u64,
+        sync_us_max: u64,
+    ) -> Arc<dyn Storage> {
+        Arc::new(Slow {
+            inner,
+            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            write_us_max,
+            sync_us_max,
+        })
     }
 
     fn delay(&self, max_us: u64) -> tokio::time::Sleep {
@@ -151,14 +171,23 @@ impl Storage for Slow {
     fn len_bytes(&self) -> u64 {
         self.inner.len_bytes()
     }
-    fn write_at(&self, offset: u64, bufs: Vec<SharedBuf>, dsync: bool) -> IoFuture<'_, std::io::Result<()>> {
+    fn write_at(
+        &self,
+        offset: u64,
+        bufs: Vec<SharedBuf>,
+        dsync: bool,
+    ) -> IoFuture<'_, std::io::Result<()>> {
         let delay = self.delay(self.write_us_max);
         Box::pin(async move {
             delay.await;
             self.inner.write_at(offset, bufs, dsync).await
         })
     }
-    fn read_at(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, (std::io::Result<()>, AlignedBuf)> {
+    fn read_at(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> IoFuture<'_, (std::io::Result<()>, AlignedBuf)> {
         self.inner.read_at(offset, buf)
     }
     fn sync(&self) -> IoFuture<'_, std::io::Result<()>> {
@@ -181,18 +210,33 @@ async fn open(disks: &Disks, seed: u64) -> Volume {
     let metrics = Metrics::new().volume("crash");
     let device = Slow::wrap(disks.device.storage(), seed ^ 2, 3000, 5000);
     let journal = Slow::wrap(disks.journal.storage(), seed ^ 3, 300, 800);
-    Volume::open_on("crash", device, journal, Role::Primary, metrics, "fault-disk".into())
-        .await
-        .expect("the volume reopens after the fault")
+    Volume::open_on(
+        "crash",
+        device,
+        journal,
+        Role::Primary,
+        metrics,
+        "fault-disk".into(),
+    )
+    .await
+    .expect("the volume reopens after the fault")
 }
 
 async fn round(seed: u64, fault: Fault) {
     println!("crash round: fault {fault:?} seed {seed} (replay: FERRY_SEED={seed})");
-    let disks = Disks { device: FaultDisk::new(VOLUME_BYTES), journal: FaultDisk::new(JOURNAL_BYTES) };
-    Journal::format(&*disks.journal.storage(), VOLUME_BYTES).await.expect("format");
+    let disks = Disks {
+        device: FaultDisk::new(VOLUME_BYTES),
+        journal: FaultDisk::new(JOURNAL_BYTES),
+    };
+    Journal::format(&*disks.journal.storage(), VOLUME_BYTES)
+        .await
+        .expect("format");
     disks.journal.storage().sync().await.expect("sync");
     let volume = Arc::new(open(&disks, seed).await);
-    let model = Rc::new(RefCell::new(Model { blocks: vec![Vec::new(); (TASKS * BLOCKS_PER_TASK) as usize], ..Model::default() }));
+    let model = Rc::new(RefCell::new(Model {
+        blocks: vec![Vec::new(); (TASKS * BLOCKS_PER_TASK) as usize],
+        ..Model::default()
+    }));
     let mut rng = StdRng::seed_from_u64(seed);
     let fault_at_op: u64 = rng.gen_range(50..2500);
     let ops = Rc::new(RefCell::new(0u64));
@@ -200,8 +244,16 @@ async fn round(seed: u64, fault: Fault) {
 
     let local = tokio::task::LocalSet::new();
     for task in 0..TASKS {
-        let (volume, model, ops, next_value) = (volume.clone(), model.clone(), ops.clone(), next_value.clone());
-        let disks = Disks { device: disks.device.clone(), journal: disks.journal.clone() };
+        let (volume, model, ops, next_value) = (
+            volume.clone(),
+            model.clone(),
+            ops.clone(),
+            next_value.clone(),
+        );
+        let disks = Disks {
+            device: disks.device.clone(),
+            journal: disks.journal.clone(),
+        };
         let mut rng = StdRng::seed_from_u64(seed ^ (task + 1).wrapping_mul(0x5851_f42d_4c95_7f2d));
         local.spawn_local(async move {
             let first = task * BLOCKS_PER_TASK;
@@ -221,7 +273,7 @@ async fn round(seed: u64, fault: Fault) {
                 let b = first + rng.gen_range(0..BLOCKS_PER_TASK);
                 let count = rng.gen_range(1..=4).min(first + BLOCKS_PER_TASK - b);
                 let offset = b * BLOCK as u64;
-                if choice < 70 || choice >= 85 && choice < 90 {
+                if choice < 70 || (85..90).contains(&choice) {
                     // Write (or zero, for 85..90) `count` blocks.
                     let zero = choice >= 85;
                     let fua = rng.gen_ratio(1, 6);
@@ -240,20 +292,35 @@ async fn round(seed: u64, fault: Fault) {
                             })
                             .collect();
                         for (i, &value) in values.iter().enumerate() {
-                            m.blocks[(b + i as u64) as usize].push(Event { value, issued, completed: None, fua });
+                            m.blocks[(b + i as u64) as usize].push(Event {
+                                value,
+                                issued,
+                                completed: None,
+                                fua,
+                            });
                         }
                         (values, issued)
                     };
                     let result = if zero {
                         if rng.gen_bool(0.5) {
-                            volume.write_zeroes(offset, (count as usize * BLOCK) as u32, fua, rng.gen_bool(0.5)).await
+                            volume
+                                .write_zeroes(
+                                    offset,
+                                    (count as usize * BLOCK) as u32,
+                                    fua,
+                                    rng.gen_bool(0.5),
+                                )
+                                .await
                         } else {
-                            volume.trim(offset, (count as usize * BLOCK) as u32, fua).await
+                            volume
+                                .trim(offset, (count as usize * BLOCK) as u32, fua)
+                                .await
                         }
                     } else {
                         let mut buf = AlignedBuf::zeroed(count as usize * BLOCK);
                         for (i, &value) in values.iter().enumerate() {
-                            buf[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(&pattern(value, b + i as u64));
+                            buf[i * BLOCK..(i + 1) * BLOCK]
+                                .copy_from_slice(&pattern(value, b + i as u64));
                         }
                         volume.write(offset, buf.freeze(), fua).await
                     };
@@ -264,7 +331,11 @@ async fn round(seed: u64, fault: Fault) {
                     let done = m.tick();
                     for i in 0..count {
                         let events = &mut m.blocks[(b + i) as usize];
-                        let e = events.iter_mut().rev().find(|e| e.issued == issued).expect("event recorded");
+                        let e = events
+                            .iter_mut()
+                            .rev()
+                            .find(|e| e.issued == issued)
+                            .expect("event recorded");
                         e.completed = Some(done);
                     }
                 } else if choice < 85 {
@@ -277,10 +348,20 @@ async fn round(seed: u64, fault: Fault) {
                     m.flushes.push((issued, done));
                 } else {
                     // Read back: this task owns the block, so the newest completed write is exact.
-                    let Ok(data) = volume.read(offset, BLOCK as u32).await else { return };
-                    let expected = model.borrow().blocks[b as usize].iter().rev().find(|e| e.completed.is_some()).map_or(ZERO, |e| e.value);
+                    let Ok(data) = volume.read(offset, BLOCK as u32).await else {
+                        return;
+                    };
+                    let expected = model.borrow().blocks[b as usize]
+                        .iter()
+                        .rev()
+                        .find(|e| e.completed.is_some())
+                        .map_or(ZERO, |e| e.value);
                     if op < fault_at_op {
-                        assert_eq!(identify(&data, b), Some(expected), "seed {seed}: block {b} read back wrong data before the fault");
+                        assert_eq!(
+                            identify(&data, b),
+                            Some(expected),
+                            "seed {seed}: block {b} read back wrong data before the fault"
+                        );
                     }
                 }
                 tokio::task::yield_now().await;
@@ -299,9 +380,12 @@ async fn round(seed: u64, fault: Fault) {
     let volume = open(&disks, seed).await;
     let report = volume.recovery();
     println!("  fault at op {fault_at_op}; reboot replayed {} records, torn tail {} bytes, stopped: {:?}", report.records_replayed, report.torn_tail_bytes, report.stopped_reason);
-    let model = model.borrow();
+    let model = model.take();
     for b in 0..TASKS * BLOCKS_PER_TASK {
-        let data = volume.read(b * BLOCK as u64, BLOCK as u32).await.expect("read after reboot");
+        let data = volume
+            .read(b * BLOCK as u64, BLOCK as u32)
+            .await
+            .expect("read after reboot");
         let found = identify(&data, b);
         let allowed = model.allowed(b as usize, power_loss);
         assert!(
@@ -311,7 +395,14 @@ async fn round(seed: u64, fault: Fault) {
         );
     }
     // The reopened volume serves writes again.
-    volume.write(0, AlignedBuf::copy_from(&pattern(u64::MAX, 0)).freeze(), true).await.expect("write after reboot");
+    volume
+        .write(
+            0,
+            AlignedBuf::copy_from(&pattern(u64::MAX, 0)).freeze(),
+            true,
+        )
+        .await
+        .expect("write after reboot");
     volume.close().await;
 }
 
@@ -350,16 +441,26 @@ fn finish(fault: Fault, disks_device: &FaultDisk, disks_journal: &FaultDisk, see
 }
 
 fn seeds(default_rounds: u64) -> Vec<u64> {
-    if let Some(seed) = std::env::var("FERRY_SEED").ok().and_then(|s| s.parse().ok()) {
+    if let Some(seed) = std::env::var("FERRY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         return vec![seed];
     }
-    let rounds = if std::env::var_os("FERRY_LONG").is_some() { default_rounds * 10 } else { default_rounds };
+    let rounds = if std::env::var_os("FERRY_LONG").is_some() {
+        default_rounds * 10
+    } else {
+        default_rounds
+    };
     let base: u64 = rand::random();
     (0..rounds).map(|i| base.wrapping_add(i)).collect()
 }
 
 fn run(fault: Fault) {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     for seed in seeds(12) {
         runtime.block_on(round(seed, fault));
     }

@@ -11,7 +11,9 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::config::{Config, ListenAddr, Role};
-use crate::control::{self, ControlError, ControlHandler, JournalStatus, RecoveryStatus, StatusResult, VolumeStatus};
+use crate::control::{
+    self, ControlError, ControlHandler, JournalStatus, RecoveryStatus, StatusResult, VolumeStatus,
+};
 use crate::metrics::{self, Metrics};
 use crate::nbd::{self, Export, ExportLookup, Listener};
 use crate::volume::{Volume, VolumeError};
@@ -32,7 +34,9 @@ pub enum DaemonError {
     ReplicationUnavailable,
     #[error("cannot install the signal handler: {0}")]
     Signal(io::Error),
-    #[error("data directory {path} is in use by another ferry daemon (or cannot be locked: {source})")]
+    #[error(
+        "data directory {path} is in use by another ferry daemon (or cannot be locked: {source})"
+    )]
     DataDirLocked { path: PathBuf, source: io::Error },
 }
 
@@ -41,10 +45,16 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     if !config.peers.is_empty() || config.volumes.iter().any(|v| !v.replicas.is_empty()) {
         return Err(DaemonError::ReplicationUnavailable);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("ferry").build().map_err(DaemonError::Runtime)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("ferry")
+        .build()
+        .map_err(DaemonError::Runtime)?;
     runtime.block_on(async {
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(DaemonError::Signal)?;
-        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(DaemonError::Signal)?;
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(DaemonError::Signal)?;
         let stop = async move {
             tokio::select! {
                 _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -63,7 +73,10 @@ pub struct Node {
 
 impl ExportLookup for Node {
     fn export(&self, name: &str) -> Option<Arc<dyn Export>> {
-        self.volumes.iter().find(|v| v.name() == name).map(|v| v.clone() as Arc<dyn Export>)
+        self.volumes
+            .iter()
+            .find(|v| v.name() == name)
+            .map(|v| v.clone() as Arc<dyn Export>)
     }
 
     fn names(&self) -> Vec<String> {
@@ -77,10 +90,17 @@ impl ControlHandler for Node {
             None => self.volumes.iter().collect(),
             Some(name) => match self.volumes.iter().find(|v| v.name() == name) {
                 Some(v) => vec![v],
-                None => return Err(ControlError::UnknownVolume { volume: name.to_string() }),
+                None => {
+                    return Err(ControlError::UnknownVolume {
+                        volume: name.to_string(),
+                    })
+                }
             },
         };
-        Ok(StatusResult { node: self.name.clone(), volumes: selected.into_iter().map(|v| volume_status(v)).collect() })
+        Ok(StatusResult {
+            node: self.name.clone(),
+            volumes: selected.into_iter().map(|v| volume_status(v)).collect(),
+        })
     }
 }
 
@@ -112,12 +132,14 @@ fn volume_status(volume: &Volume) -> VolumeStatus {
         },
         device: volume.device_label().to_string(),
         failure: volume.failure(),
-
     }
 }
 
 /// Opens the volumes, binds the listeners and serves until `stop` resolves.
-pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) -> Result<(), DaemonError> {
+pub async fn serve(
+    config: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
     // One daemon per data directory: a second one must fail before it touches any journal.
     let _lock = lock_data_dir(&config.node.data_dir)?;
     // The control socket is bound first for the same reason: a live daemon answers on it.
@@ -125,11 +147,15 @@ pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) 
     let metrics = Metrics::new();
     let mut volumes = Vec::with_capacity(config.volumes.len());
     for volume in &config.volumes {
-        let opened = Volume::open(volume, &config.node.data_dir, metrics.volume(&volume.name)).await?;
+        let opened =
+            Volume::open(volume, &config.node.data_dir, metrics.volume(&volume.name)).await?;
         tracing::info!(volume = %volume.name, size_bytes = opened.size_bytes(), role = ?opened.role(), "volume ready");
         volumes.push(Arc::new(opened));
     }
-    let node = Arc::new(Node { name: config.node.name.clone(), volumes });
+    let node = Arc::new(Node {
+        name: config.node.name.clone(),
+        volumes,
+    });
 
     // Bind everything before serving anything, so a bad address fails the start cleanly.
     let mut nbd_listeners = Vec::new();
@@ -146,8 +172,13 @@ pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) 
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let control_task = tokio::spawn(control::serve(control_listener, node.clone(), shutdown_rx.clone()));
-    let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve_http(l, metrics.clone(), shutdown_rx.clone())));
+    let control_task = tokio::spawn(control::serve(
+        control_listener,
+        node.clone(),
+        shutdown_rx.clone(),
+    ));
+    let metrics_task = metrics_listener
+        .map(|l| tokio::spawn(metrics::serve_http(l, metrics.clone(), shutdown_rx.clone())));
     let mut nbd_task = tokio::spawn(nbd::serve(nbd_listeners, node.clone(), shutdown_rx.clone()));
     tracing::info!(node = %config.node.name, volumes = node.volumes.len(), "serving");
 
@@ -160,11 +191,13 @@ pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) 
     }
     let _ = shutdown_tx.send(true);
     // In-flight requests finish (bounded inside the server) before the journals close.
-    if !nbd_task.is_finished() {
-        if tokio::time::timeout(Duration::from_secs(30), &mut nbd_task).await.is_err() {
-            tracing::warn!("NBD connections did not drain within 30 s; closing anyway");
-            nbd_task.abort();
-        }
+    if !nbd_task.is_finished()
+        && tokio::time::timeout(Duration::from_secs(30), &mut nbd_task)
+            .await
+            .is_err()
+    {
+        tracing::warn!("NBD connections did not drain within 30 s; closing anyway");
+        nbd_task.abort();
     }
     for volume in &node.volumes {
         volume.close().await;
@@ -182,12 +215,21 @@ pub async fn serve(config: Config, stop: impl std::future::Future<Output = ()>) 
 }
 
 async fn bind_nbd(addr: &ListenAddr) -> Result<Listener, DaemonError> {
-    let listen_error = |source| DaemonError::Listen { addr: format!("{addr:?}"), source };
+    let listen_error = |source| DaemonError::Listen {
+        addr: format!("{addr:?}"),
+        source,
+    };
     match addr {
-        ListenAddr::Tcp(socket_addr) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(socket_addr).await.map_err(listen_error)?)),
+        ListenAddr::Tcp(socket_addr) => Ok(Listener::Tcp(
+            tokio::net::TcpListener::bind(socket_addr)
+                .await
+                .map_err(listen_error)?,
+        )),
         ListenAddr::Unix(path) => {
             remove_stale_socket(path).map_err(listen_error)?;
-            Ok(Listener::Unix(tokio::net::UnixListener::bind(path).map_err(listen_error)?))
+            Ok(Listener::Unix(
+                tokio::net::UnixListener::bind(path).map_err(listen_error)?,
+            ))
         }
     }
 }
@@ -198,11 +240,17 @@ fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is serving on this socket"));
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is serving on this socket",
+                ));
             }
             std::fs::remove_file(path)
         }
-        Ok(_) => Err(io::Error::new(io::ErrorKind::AlreadyExists, "path exists and is not a socket")),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "path exists and is not a socket",
+        )),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
@@ -213,8 +261,16 @@ fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
 fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, DaemonError> {
     use std::os::fd::AsRawFd;
     let path = data_dir.join("ferry.lock");
-    let locked = |source| DaemonError::DataDirLocked { path: path.clone(), source };
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(locked)?;
+    let locked = |source| DaemonError::DataDirLocked {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(locked)?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(locked(io::Error::last_os_error()));

@@ -15,22 +15,22 @@ use crate::storage::SharedBuf;
 pub enum Content {
     /// Bytes of a write payload (exactly the piece's length).
     Data(SharedBuf),
-    /// Zeros (WRITE_ZEROES or TRIM).
-    Zero,
+    /// Zeros (WRITE_ZEROES or TRIM); `punch` when the blocks may be deallocated.
+    Zero { punch: bool },
 }
 
 impl Content {
     fn slice(&self, start: u64, end: u64) -> Content {
         match self {
             Content::Data(buf) => Content::Data(buf.slice(start as usize..end as usize)),
-            Content::Zero => Content::Zero,
+            Content::Zero { punch } => Content::Zero { punch: *punch },
         }
     }
 
     fn data_bytes(&self) -> u64 {
         match self {
             Content::Data(buf) => buf.len() as u64,
-            Content::Zero => 0,
+            Content::Zero { .. } => 0,
         }
     }
 }
@@ -76,7 +76,11 @@ impl Index {
             return;
         }
         if let Content::Data(buf) = &content {
-            assert_eq!(buf.len() as u64, len, "data length differs from the range length");
+            assert_eq!(
+                buf.len() as u64,
+                len,
+                "data length differs from the range length"
+            );
         }
         let end = offset + len;
         self.cut(offset, end);
@@ -88,12 +92,19 @@ impl Index {
     /// record is durable on the device.
     pub fn remove_applied(&mut self, offset: u64, len: u64, lsn: u64) {
         let end = offset + len;
-        let starts: Vec<u64> = self.overlapping(offset, end).filter(|(_, p)| p.lsn == lsn).map(|(s, _)| s).collect();
+        let starts: Vec<u64> = self
+            .overlapping(offset, end)
+            .filter(|(_, p)| p.lsn == lsn)
+            .map(|(s, _)| s)
+            .collect();
         for start in starts {
             let piece = self.pieces.remove(&start).expect("piece listed above");
             self.data_bytes -= piece.content.data_bytes();
             // A record's pieces lie within its own range, so nothing outside it is touched.
-            assert!(start >= offset && piece.end <= end, "a record's piece escapes its range");
+            assert!(
+                start >= offset && piece.end <= end,
+                "a record's piece escapes its range"
+            );
         }
     }
 
@@ -109,20 +120,43 @@ impl Index {
             let lo = start.max(offset);
             let hi = piece.end.min(end);
             if lo > at {
-                found.push(Found { offset: at, len: lo - at, content: None });
+                found.push(Found {
+                    offset: at,
+                    len: lo - at,
+                    content: None,
+                });
             }
-            found.push(Found { offset: lo, len: hi - lo, content: Some(piece.content.slice(lo - start, hi - start)) });
+            found.push(Found {
+                offset: lo,
+                len: hi - lo,
+                content: Some(piece.content.slice(lo - start, hi - start)),
+            });
             at = hi;
         }
         if at < end {
-            found.push(Found { offset: at, len: end - at, content: None });
+            found.push(Found {
+                offset: at,
+                len: end - at,
+                content: None,
+            });
         }
         found
     }
 
+    /// Every piece, in volume order: (offset, length, content).
+    pub fn pieces(&self) -> impl Iterator<Item = (u64, u64, &Content)> {
+        self.pieces
+            .iter()
+            .map(|(start, piece)| (*start, piece.end - start, &piece.content))
+    }
+
     /// Pieces overlapping `offset..end`, from the highest start down.
     fn overlapping(&self, offset: u64, end: u64) -> impl Iterator<Item = (u64, &Piece)> {
-        self.pieces.range(..end).rev().take_while(move |(_, p)| p.end > offset).map(|(s, p)| (*s, p))
+        self.pieces
+            .range(..end)
+            .rev()
+            .take_while(move |(_, p)| p.end > offset)
+            .map(|(s, p)| (*s, p))
     }
 
     /// Removes `offset..end` from every piece, keeping the parts outside it.
@@ -132,12 +166,20 @@ impl Index {
             let piece = self.pieces.remove(&start).expect("piece listed above");
             self.data_bytes -= piece.content.data_bytes();
             if start < offset {
-                let left = Piece { end: offset, lsn: piece.lsn, content: piece.content.slice(0, offset - start) };
+                let left = Piece {
+                    end: offset,
+                    lsn: piece.lsn,
+                    content: piece.content.slice(0, offset - start),
+                };
                 self.data_bytes += left.content.data_bytes();
                 self.pieces.insert(start, left);
             }
             if piece.end > end {
-                let right = Piece { end: piece.end, lsn: piece.lsn, content: piece.content.slice(end - start, piece.end - start) };
+                let right = Piece {
+                    end: piece.end,
+                    lsn: piece.lsn,
+                    content: piece.content.slice(end - start, piece.end - start),
+                };
                 self.data_bytes += right.content.data_bytes();
                 self.pieces.insert(end, right);
             }
@@ -158,8 +200,10 @@ mod tests {
         let mut out = Vec::new();
         for f in index.lookup(0, VOLUME) {
             match f.content {
-                None => out.extend_from_slice(&device[f.offset as usize..(f.offset + f.len) as usize]),
-                Some(Content::Zero) => out.extend(std::iter::repeat_n(0, f.len as usize)),
+                None => {
+                    out.extend_from_slice(&device[f.offset as usize..(f.offset + f.len) as usize])
+                }
+                Some(Content::Zero { .. }) => out.extend(std::iter::repeat_n(0, f.len as usize)),
                 Some(Content::Data(b)) => out.extend_from_slice(&b),
             }
         }
@@ -175,8 +219,15 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (0..VOLUME, 1..16u64, 1..255u8).prop_map(|(o, l, f)| Op::Write { offset: o, len: l.min(VOLUME - o), fill: f }),
-            (0..VOLUME, 1..16u64).prop_map(|(o, l)| Op::Zero { offset: o, len: l.min(VOLUME - o) }),
+            (0..VOLUME, 1..16u64, 1..255u8).prop_map(|(o, l, f)| Op::Write {
+                offset: o,
+                len: l.min(VOLUME - o),
+                fill: f
+            }),
+            (0..VOLUME, 1..16u64).prop_map(|(o, l)| Op::Zero {
+                offset: o,
+                len: l.min(VOLUME - o)
+            }),
             Just(Op::ApplyOldest),
         ]
     }
@@ -202,7 +253,7 @@ mod tests {
                     }
                     Op::Zero { offset, len } => {
                         lsn += 1;
-                        index.insert(offset, len, lsn, Content::Zero);
+                        index.insert(offset, len, lsn, Content::Zero { punch: true });
                         model[offset as usize..(offset + len) as usize].fill(0);
                         unapplied.push_back((lsn, offset, len, 0));
                     }

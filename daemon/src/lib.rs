@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod nbd_client;
 pub mod storage;
+pub mod tls;
 pub mod volume;
 
 #[cfg(test)]

@@ -23,6 +23,9 @@ use tokio::task::JoinSet;
 
 use crate::storage::{AlignedBuf, SharedBuf};
 
+/// Bytes the request reader buffers per connection.
+const READ_BUFFER_BYTES: usize = 128 * 1024;
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why an export could not carry out a request. Converted to an NBD errno once, at the edge.
@@ -225,13 +228,40 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
     }
 }
 
+/// A stream that splits into halves owned by separate tasks without a lock between them
+/// (`tokio::io::split` takes a mutex on every read and write, which showed up as futex
+/// contention between the request reader and the reply writer under load).
+pub trait IntoHalves: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> (Self::Read, Self::Write);
+}
+
+impl IntoHalves for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl IntoHalves for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        // Replies are small and latency-bound: never let Nagle hold one back.
+        let _ = self.set_nodelay(true);
+        self.into_split()
+    }
+}
+
 async fn run_connection<S>(
     mut stream: S,
     peer: String,
     exports: Arc<dyn ExportLookup>,
     shutdown: watch::Receiver<bool>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: IntoHalves,
 {
     let connection = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
     tracing::info!(connection, %peer, "nbd connection opened");
@@ -525,9 +555,12 @@ async fn transmission<S>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<End, NbdError>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: IntoHalves,
 {
-    let (mut reader, writer) = tokio::io::split(stream);
+    let (reader, writer) = stream.into_halves();
+    // Buffered: under a deep queue one read(2) brings in many requests. Payloads as large as
+    // the buffer bypass it and land straight in their aligned buffers.
+    let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT_REQUESTS as usize);
     let writer_task = tokio::spawn(write_replies(writer, reply_rx));
     let request_slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS as usize));

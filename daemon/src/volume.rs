@@ -24,13 +24,29 @@ use crate::storage::{self, AlignedBuf, OpenOptions, SharedBuf, Storage};
 #[derive(Debug, Error)]
 pub enum VolumeError {
     #[error("volume {volume}: {what} {path}: {source}")]
-    Io { volume: String, what: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        volume: String,
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("volume {volume}: {source}")]
-    Journal { volume: String, source: JournalError },
+    Journal {
+        volume: String,
+        source: JournalError,
+    },
     #[error("volume {volume}: metadata {path} is unreadable: {reason}; restore it or move it away to start from the config's initial_role")]
-    Meta { volume: String, path: PathBuf, reason: String },
+    Meta {
+        volume: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("volume {volume}: device {path} has {size_bytes} bytes, not a multiple of 512")]
-    BadSize { volume: String, path: PathBuf, size_bytes: u64 },
+    BadSize {
+        volume: String,
+        path: PathBuf,
+        size_bytes: u64,
+    },
 }
 
 /// What survives restarts besides the journal: the role the operator last gave the volume.
@@ -54,15 +70,30 @@ pub struct Volume {
 impl Volume {
     /// Opens (creating on first start) the device, the journal and the metadata of a
     /// configured volume, and replays the journal.
-    pub async fn open(config: &VolumeConfig, data_dir: &Path, metrics: VolumeMetrics) -> Result<Volume, VolumeError> {
+    pub async fn open(
+        config: &VolumeConfig,
+        data_dir: &Path,
+        metrics: VolumeMetrics,
+    ) -> Result<Volume, VolumeError> {
         let name = config.name.clone();
         let io_error = |what: &'static str, path: &Path| {
             let volume = name.clone();
             let path = path.to_path_buf();
-            move |source| VolumeError::Io { volume, what, path, source }
+            move |source| VolumeError::Io {
+                volume,
+                what,
+                path,
+                source,
+            }
         };
-        let device = storage::open(&config.device, &OpenOptions { direct: false, create_len_bytes: config.size_bytes })
-            .map_err(io_error("cannot open device", &config.device))?;
+        let device = storage::open(
+            &config.device,
+            &OpenOptions {
+                direct: false,
+                create_len_bytes: config.size_bytes,
+            },
+        )
+        .map_err(io_error("cannot open device", &config.device))?;
         if let Some(size) = config.size_bytes {
             if size != device.len_bytes() {
                 tracing::warn!(volume = %name, configured = size, actual = device.len_bytes(), "device size differs from config; using the device's size");
@@ -73,14 +104,40 @@ impl Volume {
             create_journal(&journal_path, config.journal_size_bytes, device.len_bytes())
                 .await
                 .map_err(|e| match e {
-                    CreateError::Io(source) => VolumeError::Io { volume: name.clone(), what: "cannot create journal", path: journal_path.clone(), source },
-                    CreateError::Journal(source) => VolumeError::Journal { volume: name.clone(), source },
+                    CreateError::Io(source) => VolumeError::Io {
+                        volume: name.clone(),
+                        what: "cannot create journal",
+                        path: journal_path.clone(),
+                        source,
+                    },
+                    CreateError::Journal(source) => VolumeError::Journal {
+                        volume: name.clone(),
+                        source,
+                    },
                 })?;
         }
-        let journal = storage::open(&journal_path, &OpenOptions { direct: true, create_len_bytes: None })
-            .map_err(io_error("cannot open journal", &journal_path))?;
-        let role = load_or_create_meta(&data_dir.join(format!("{name}.meta")), config.initial_role, &name)?;
-        Volume::open_on(&name, device, journal, role, metrics, config.device.display().to_string()).await
+        let journal = storage::open(
+            &journal_path,
+            &OpenOptions {
+                direct: true,
+                create_len_bytes: None,
+            },
+        )
+        .map_err(io_error("cannot open journal", &journal_path))?;
+        let role = load_or_create_meta(
+            &data_dir.join(format!("{name}.meta")),
+            config.initial_role,
+            &name,
+        )?;
+        Volume::open_on(
+            &name,
+            device,
+            journal,
+            role,
+            metrics,
+            config.device.display().to_string(),
+        )
+        .await
     }
 
     /// Opens a volume on storage the caller provides (tests use in-memory and faulty disks).
@@ -96,13 +153,28 @@ impl Volume {
         // NBD's minimum block size is 512: a tail smaller than that could never be addressed.
         let size_bytes = device.len_bytes() / 512 * 512;
         if size_bytes == 0 {
-            return Err(VolumeError::BadSize { volume: name.into(), path: device_label.into(), size_bytes: device.len_bytes() });
+            return Err(VolumeError::BadSize {
+                volume: name.into(),
+                path: device_label.into(),
+                size_bytes: device.len_bytes(),
+            });
         }
         let (journal, recovery, superblock) =
-            Journal::open(journal, device.clone(), metrics.clone(), name).await.map_err(|source| VolumeError::Journal { volume: name.into(), source })?;
-        metrics.recovery_replayed_records.set(recovery.records_replayed as i64);
-        metrics.recovery_replayed_bytes.set(recovery.bytes_replayed as i64);
-        metrics.recovery_torn_tail_bytes.set(recovery.torn_tail_bytes as i64);
+            Journal::open(journal, device.clone(), metrics.clone(), name)
+                .await
+                .map_err(|source| VolumeError::Journal {
+                    volume: name.into(),
+                    source,
+                })?;
+        metrics
+            .recovery_replayed_records
+            .set(recovery.records_replayed as i64);
+        metrics
+            .recovery_replayed_bytes
+            .set(recovery.bytes_replayed as i64);
+        metrics
+            .recovery_torn_tail_bytes
+            .set(recovery.torn_tail_bytes as i64);
         let primary = role == Role::Primary;
         metrics.set_role(if primary { "primary" } else { "secondary" });
         Ok(Volume {
@@ -158,7 +230,10 @@ impl Volume {
         let result = if let [only] = pieces.as_slice() {
             match &only.content {
                 // The common case: nothing unapplied here, hand the device's buffer over as is.
-                None => self.read_device(offset, len as usize).await.map(|buf| Bytes::from_owner(OwnedBuf(buf))),
+                None => self
+                    .read_device(offset, len as usize)
+                    .await
+                    .map(|buf| Bytes::from_owner(OwnedBuf(buf))),
                 Some(content) => Ok(content_bytes(content, len as usize)),
             }
         } else {
@@ -173,13 +248,15 @@ impl Volume {
                             break;
                         }
                     },
-                    Some(Content::Zero) => out.resize(out.len() + piece.len as usize, 0),
+                    Some(Content::Zero { .. }) => out.resize(out.len() + piece.len as usize, 0),
                     Some(Content::Data(data)) => out.extend_from_slice(&data),
                 }
             }
             result.map(|()| out.freeze())
         };
-        self.metrics.read_latency.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .read_latency
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 
@@ -197,28 +274,65 @@ impl Volume {
             return Err(ExportError::ReadOnly);
         }
         let started = Instant::now();
-        let result = self.journal.append(op, fua).await.map_err(journal_to_export);
-        self.metrics.write_latency_total.observe(started.elapsed().as_secs_f64());
+        let result = self
+            .journal
+            .append(op, fua)
+            .await
+            .map_err(journal_to_export);
+        self.metrics
+            .write_latency_total
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 
     pub async fn write(&self, offset: u64, data: SharedBuf, fua: bool) -> Result<(), ExportError> {
-        self.append(Op::Write { offset_bytes: offset, data }, fua).await
+        self.append(
+            Op::Write {
+                offset_bytes: offset,
+                data,
+            },
+            fua,
+        )
+        .await
     }
 
-    pub async fn write_zeroes(&self, offset: u64, len: u32, fua: bool, no_hole: bool) -> Result<(), ExportError> {
-        self.append(Op::Zero { offset_bytes: offset, len_bytes: len, punch: !no_hole }, fua).await
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        no_hole: bool,
+    ) -> Result<(), ExportError> {
+        self.append(
+            Op::Zero {
+                offset_bytes: offset,
+                len_bytes: len,
+                punch: !no_hole,
+            },
+            fua,
+        )
+        .await
     }
 
     pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), ExportError> {
         // TRIM reads back as zeros (SPEC §2), so copies stay byte-identical.
-        self.append(Op::Zero { offset_bytes: offset, len_bytes: len, punch: true }, fua).await
+        self.append(
+            Op::Zero {
+                offset_bytes: offset,
+                len_bytes: len,
+                punch: true,
+            },
+            fua,
+        )
+        .await
     }
 
     pub async fn flush(&self) -> Result<(), ExportError> {
         let started = Instant::now();
         let result = self.journal.flush().await.map_err(journal_to_export);
-        self.metrics.flush_latency.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .flush_latency
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 
@@ -237,7 +351,7 @@ fn journal_to_export(error: JournalError) -> ExportError {
 
 fn content_bytes(content: &Content, len: usize) -> Bytes {
     match content {
-        Content::Zero => Bytes::from(vec![0u8; len]),
+        Content::Zero { .. } => Bytes::from(vec![0u8; len]),
         Content::Data(data) => Bytes::from_owner(SharedOwner(data.clone())),
     }
 }
@@ -270,11 +384,22 @@ impl Export for Volume {
         Box::pin(Volume::read(self, offset, len))
     }
 
-    fn write(&self, offset: u64, data: SharedBuf, fua: bool) -> BoxFuture<'_, Result<(), ExportError>> {
+    fn write(
+        &self,
+        offset: u64,
+        data: SharedBuf,
+        fua: bool,
+    ) -> BoxFuture<'_, Result<(), ExportError>> {
         Box::pin(Volume::write(self, offset, data, fua))
     }
 
-    fn write_zeroes(&self, offset: u64, len: u32, fua: bool, no_hole: bool) -> BoxFuture<'_, Result<(), ExportError>> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        no_hole: bool,
+    ) -> BoxFuture<'_, Result<(), ExportError>> {
         Box::pin(Volume::write_zeroes(self, offset, len, fua, no_hole))
     }
 
@@ -301,26 +426,47 @@ enum CreateError {
 
 /// Formats a new journal under a temporary name and renames it into place, so that a crash
 /// during creation never leaves a half-formatted file that would look like a corrupt journal.
-async fn create_journal(path: &Path, file_bytes: u64, volume_bytes: u64) -> Result<(), CreateError> {
+async fn create_journal(
+    path: &Path,
+    file_bytes: u64,
+    volume_bytes: u64,
+) -> Result<(), CreateError> {
     let tmp = path.with_extension("journal.tmp");
     let _ = std::fs::remove_file(&tmp);
-    let storage = storage::open(&tmp, &OpenOptions { direct: true, create_len_bytes: Some(file_bytes) }).map_err(CreateError::Io)?;
-    Journal::format(&*storage, volume_bytes).await.map_err(CreateError::Journal)?;
+    let storage = storage::open(
+        &tmp,
+        &OpenOptions {
+            direct: true,
+            create_len_bytes: Some(file_bytes),
+        },
+    )
+    .map_err(CreateError::Io)?;
+    Journal::format(&*storage, volume_bytes)
+        .await
+        .map_err(CreateError::Journal)?;
     drop(storage);
     std::fs::rename(&tmp, path).map_err(CreateError::Io)?;
     sync_dir(path).map_err(CreateError::Io)
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::File::open(dir)?.sync_all()
 }
 
 fn load_or_create_meta(path: &Path, initial_role: Role, volume: &str) -> Result<Role, VolumeError> {
-    let meta_error = |reason: String| VolumeError::Meta { volume: volume.into(), path: path.to_path_buf(), reason };
+    let meta_error = |reason: String| VolumeError::Meta {
+        volume: volume.into(),
+        path: path.to_path_buf(),
+        reason,
+    };
     match std::fs::read(path) {
         Ok(bytes) => {
-            let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| meta_error(e.to_string()))?;
+            let meta: Meta =
+                serde_json::from_slice(&bytes).map_err(|e| meta_error(e.to_string()))?;
             match meta.role.as_str() {
                 "primary" => Ok(Role::Primary),
                 "secondary" => Ok(Role::Secondary),
@@ -328,8 +474,13 @@ fn load_or_create_meta(path: &Path, initial_role: Role, volume: &str) -> Result<
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let role = if initial_role == Role::Primary { "primary" } else { "secondary" };
-            let meta = serde_json::to_vec_pretty(&Meta { role: role.into() }).expect("meta serializes");
+            let role = if initial_role == Role::Primary {
+                "primary"
+            } else {
+                "secondary"
+            };
+            let meta =
+                serde_json::to_vec_pretty(&Meta { role: role.into() }).expect("meta serializes");
             let tmp = path.with_extension("meta.tmp");
             let write = || -> io::Result<()> {
                 use std::io::Write;

@@ -147,10 +147,10 @@ impl Superblock {
         if block_bytes as usize != BLOCK_BYTES {
             return Err(FormatError::Invalid("block size"));
         }
-        if sb.file_bytes <= RING_START_BYTES || sb.file_bytes % BLOCK_BYTES as u64 != 0 {
+        if sb.file_bytes <= RING_START_BYTES || !sb.file_bytes.is_multiple_of(BLOCK_BYTES as u64) {
             return Err(FormatError::Invalid("file size"));
         }
-        if sb.tail_offset >= sb.ring_bytes() || sb.tail_offset % BLOCK_BYTES as u64 != 0 {
+        if sb.tail_offset >= sb.ring_bytes() || !sb.tail_offset.is_multiple_of(BLOCK_BYTES as u64) {
             return Err(FormatError::Invalid("tail offset"));
         }
         Ok(sb)
@@ -207,9 +207,26 @@ pub struct RecordDescriptor {
 
 impl RecordDescriptor {
     /// Builds a descriptor and computes its checksum over `payload` (empty unless a write).
-    pub fn new(lsn: u64, kind: RecordKind, fua: bool, offset_bytes: u64, len_bytes: u32, payload: &[u8]) -> Self {
-        assert!(!kind.has_payload() || payload.len() == len_bytes as usize, "payload length differs from the record length");
-        let mut d = RecordDescriptor { lsn, kind, fua, offset_bytes, len_bytes, crc: 0 };
+    pub fn new(
+        lsn: u64,
+        kind: RecordKind,
+        fua: bool,
+        offset_bytes: u64,
+        len_bytes: u32,
+        payload: &[u8],
+    ) -> Self {
+        assert!(
+            !kind.has_payload() || payload.len() == len_bytes as usize,
+            "payload length differs from the record length"
+        );
+        let mut d = RecordDescriptor {
+            lsn,
+            kind,
+            fua,
+            offset_bytes,
+            len_bytes,
+            crc: 0,
+        };
         d.crc = d.compute_crc(payload);
         d
     }
@@ -243,7 +260,14 @@ impl RecordDescriptor {
         if kind.has_payload() && len_bytes as usize > MAX_RECORD_BYTES {
             return Err(FormatError::Invalid("record length"));
         }
-        Ok(RecordDescriptor { lsn, kind, fua, offset_bytes, len_bytes, crc })
+        Ok(RecordDescriptor {
+            lsn,
+            kind,
+            fua,
+            offset_bytes,
+            len_bytes,
+            crc,
+        })
     }
 
     fn compute_crc(&self, payload: &[u8]) -> u32 {
@@ -280,7 +304,11 @@ impl RecordDescriptor {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchHeader {
     /// Records, with their payloads in the blocks after the header.
-    Records { journal_id: u64, first_lsn: u64, records: Vec<RecordDescriptor> },
+    Records {
+        journal_id: u64,
+        first_lsn: u64,
+        records: Vec<RecordDescriptor>,
+    },
     /// The rest of the ring is unused; the next batch is at ring offset 0 and starts at `next_lsn`.
     Wrap { journal_id: u64, next_lsn: u64 },
 }
@@ -292,7 +320,13 @@ impl BatchHeader {
     /// Total bytes of the batch in the ring: header block plus padded payloads.
     pub fn batch_bytes(&self) -> u64 {
         match self {
-            BatchHeader::Records { records, .. } => BLOCK_BYTES as u64 + records.iter().map(RecordDescriptor::payload_area_bytes).sum::<u64>(),
+            BatchHeader::Records { records, .. } => {
+                BLOCK_BYTES as u64
+                    + records
+                        .iter()
+                        .map(RecordDescriptor::payload_area_bytes)
+                        .sum::<u64>()
+            }
             BatchHeader::Wrap { .. } => BLOCK_BYTES as u64,
         }
     }
@@ -300,7 +334,9 @@ impl BatchHeader {
     /// The LSN the batch after this one must start with.
     pub fn next_lsn(&self) -> u64 {
         match self {
-            BatchHeader::Records { first_lsn, records, .. } => first_lsn + records.len() as u64,
+            BatchHeader::Records {
+                first_lsn, records, ..
+            } => first_lsn + records.len() as u64,
             BatchHeader::Wrap { next_lsn, .. } => *next_lsn,
         }
     }
@@ -309,12 +345,26 @@ impl BatchHeader {
     pub fn encode(&self) -> [u8; BLOCK_BYTES] {
         let mut block = [0u8; BLOCK_BYTES];
         let (kind, journal_id, lsn, records): (u16, u64, u64, &[RecordDescriptor]) = match self {
-            BatchHeader::Records { journal_id, first_lsn, records } => (KIND_RECORDS, *journal_id, *first_lsn, records),
-            BatchHeader::Wrap { journal_id, next_lsn } => (KIND_WRAP, *journal_id, *next_lsn, &[]),
+            BatchHeader::Records {
+                journal_id,
+                first_lsn,
+                records,
+            } => (KIND_RECORDS, *journal_id, *first_lsn, records),
+            BatchHeader::Wrap {
+                journal_id,
+                next_lsn,
+            } => (KIND_WRAP, *journal_id, *next_lsn, &[]),
         };
-        assert!(records.len() <= MAX_RECORDS_PER_BATCH, "too many records for one batch");
+        assert!(
+            records.len() <= MAX_RECORDS_PER_BATCH,
+            "too many records for one batch"
+        );
         for (i, record) in records.iter().enumerate() {
-            assert_eq!(record.lsn, lsn + i as u64, "record LSNs in a batch must be consecutive");
+            assert_eq!(
+                record.lsn,
+                lsn + i as u64,
+                "record LSNs in a batch must be consecutive"
+            );
             record.encode_into(&mut block[BATCH_FIXED_BYTES + i * DESCRIPTOR_BYTES..]);
         }
         let payload_blocks = (self.batch_bytes() / BLOCK_BYTES as u64 - 1) as u32;
@@ -335,7 +385,11 @@ impl BatchHeader {
     }
 
     /// Decodes a header block and checks that it is the batch the scan expects next.
-    pub fn decode(block: &[u8], journal_id: u64, expected_lsn: u64) -> Result<BatchHeader, FormatError> {
+    pub fn decode(
+        block: &[u8],
+        journal_id: u64,
+        expected_lsn: u64,
+    ) -> Result<BatchHeader, FormatError> {
         need(block, BLOCK_BYTES)?;
         let mut r = Reader::new(block);
         if r.u32() != BATCH_MAGIC {
@@ -358,13 +412,22 @@ impl BatchHeader {
             return Err(FormatError::ChecksumMismatch);
         }
         if found_id != journal_id {
-            return Err(FormatError::ForeignJournal { expected: journal_id, found: found_id });
+            return Err(FormatError::ForeignJournal {
+                expected: journal_id,
+                found: found_id,
+            });
         }
         if lsn != expected_lsn {
-            return Err(FormatError::UnexpectedLsn { expected: expected_lsn, found: lsn });
+            return Err(FormatError::UnexpectedLsn {
+                expected: expected_lsn,
+                found: lsn,
+            });
         }
         let header = match kind {
-            KIND_WRAP if count == 0 => BatchHeader::Wrap { journal_id, next_lsn: lsn },
+            KIND_WRAP if count == 0 => BatchHeader::Wrap {
+                journal_id,
+                next_lsn: lsn,
+            },
             KIND_RECORDS if (1..=MAX_RECORDS_PER_BATCH).contains(&count) => {
                 let mut records = Vec::with_capacity(count);
                 for i in 0..count {
@@ -375,7 +438,11 @@ impl BatchHeader {
                     }
                     records.push(record);
                 }
-                BatchHeader::Records { journal_id, first_lsn: lsn, records }
+                BatchHeader::Records {
+                    journal_id,
+                    first_lsn: lsn,
+                    records,
+                }
             }
             _ => return Err(FormatError::Invalid("batch kind or record count")),
         };
@@ -393,7 +460,10 @@ pub fn padded(len_bytes: u64) -> u64 {
 
 fn need(bytes: &[u8], needed: usize) -> Result<(), FormatError> {
     if bytes.len() < needed {
-        return Err(FormatError::Truncated { needed, have: bytes.len() });
+        return Err(FormatError::Truncated {
+            needed,
+            have: bytes.len(),
+        });
     }
     Ok(())
 }
@@ -437,7 +507,9 @@ impl<'a> Reader<'a> {
         Reader { bytes, pos: 0 }
     }
     fn take<const N: usize>(&mut self) -> [u8; N] {
-        let out: [u8; N] = self.bytes[self.pos..self.pos + N].try_into().expect("length checked by caller");
+        let out: [u8; N] = self.bytes[self.pos..self.pos + N]
+            .try_into()
+            .expect("length checked by caller");
         self.pos += N;
         out
     }
@@ -461,7 +533,15 @@ mod tests {
     use proptest::prelude::*;
 
     fn superblock() -> Superblock {
-        Superblock { sequence: 7, journal_id: 0xfeed, file_bytes: 1 << 24, volume_bytes: 1 << 30, tail_offset: 8192, tail_lsn: 42, generation: 3 }
+        Superblock {
+            sequence: 7,
+            journal_id: 0xfeed,
+            file_bytes: 1 << 24,
+            volume_bytes: 1 << 30,
+            tail_offset: 8192,
+            tail_lsn: 42,
+            generation: 3,
+        }
     }
 
     fn hex(bytes: &[u8]) -> String {
@@ -472,9 +552,17 @@ mod tests {
     fn superblock_bytes_are_exact() {
         let block = superblock().encode();
         let expected = concat!(
-            "4645525259534231", "0100", "0000", "00100000", // magic, version, reserved, block size
-            "0700000000000000", "edfe000000000000", "0000000100000000", "0000004000000000",
-            "0020000000000000", "2a00000000000000", "0300000000000000",
+            "4645525259534231",
+            "0100",
+            "0000",
+            "00100000", // magic, version, reserved, block size
+            "0700000000000000",
+            "edfe000000000000",
+            "0000000100000000",
+            "0000004000000000",
+            "0020000000000000",
+            "2a00000000000000",
+            "0300000000000000",
         );
         assert_eq!(hex(&block[..72]), expected);
         assert_eq!(&block[72..76], &crc32fast::hash(&block[..72]).to_le_bytes());
@@ -486,39 +574,103 @@ mod tests {
     fn superblock_rejects_corruption() {
         let mut block = superblock().encode();
         block[20] ^= 1;
-        assert_eq!(Superblock::decode(&block), Err(FormatError::ChecksumMismatch));
-        assert_eq!(Superblock::decode(&[0u8; BLOCK_BYTES]), Err(FormatError::BadMagic));
-        assert!(matches!(Superblock::decode(&[0u8; 10]), Err(FormatError::Truncated { .. })));
+        assert_eq!(
+            Superblock::decode(&block),
+            Err(FormatError::ChecksumMismatch)
+        );
+        assert_eq!(
+            Superblock::decode(&[0u8; BLOCK_BYTES]),
+            Err(FormatError::BadMagic)
+        );
+        assert!(matches!(
+            Superblock::decode(&[0u8; 10]),
+            Err(FormatError::Truncated { .. })
+        ));
     }
 
     #[test]
     fn batch_header_bytes_are_exact() {
         let payload = [0xabu8; 10];
         let record = RecordDescriptor::new(5, RecordKind::Write, true, 4096, 10, &payload);
-        let header = BatchHeader::Records { journal_id: 1, first_lsn: 5, records: vec![record] };
+        let header = BatchHeader::Records {
+            journal_id: 1,
+            first_lsn: 5,
+            records: vec![record],
+        };
         let block = header.encode();
-        let fixed = concat!("314a4246", "0100", "0100", "0100000000000000", "0500000000000000", "01000000", "01000000");
+        let fixed = concat!(
+            "314a4246",
+            "0100",
+            "0100",
+            "0100000000000000",
+            "0500000000000000",
+            "01000000",
+            "01000000"
+        );
         assert_eq!(hex(&block[..32]), fixed);
-        let descriptor = concat!("0500000000000000", "01", "01", "0000", "0a000000", "0010000000000000");
+        let descriptor = concat!(
+            "0500000000000000",
+            "01",
+            "01",
+            "0000",
+            "0a000000",
+            "0010000000000000"
+        );
         assert_eq!(hex(&block[40..64]), descriptor);
         assert_eq!(header.batch_bytes(), 8192);
         assert_eq!(BatchHeader::decode(&block, 1, 5), Ok(header));
         record.verify(&payload).unwrap();
-        assert_eq!(record.verify(&[0xac; 10]), Err(FormatError::ChecksumMismatch));
+        assert_eq!(
+            record.verify(&[0xac; 10]),
+            Err(FormatError::ChecksumMismatch)
+        );
     }
 
     #[test]
     fn batch_header_checks_identity_and_sequence() {
-        let block = BatchHeader::Wrap { journal_id: 9, next_lsn: 100 }.encode();
-        assert_eq!(BatchHeader::decode(&block, 9, 100), Ok(BatchHeader::Wrap { journal_id: 9, next_lsn: 100 }));
-        assert_eq!(BatchHeader::decode(&block, 8, 100), Err(FormatError::ForeignJournal { expected: 8, found: 9 }));
-        assert_eq!(BatchHeader::decode(&block, 9, 101), Err(FormatError::UnexpectedLsn { expected: 101, found: 100 }));
-        assert_eq!(BatchHeader::decode(&[0u8; BLOCK_BYTES], 9, 100), Err(FormatError::BadMagic));
+        let block = BatchHeader::Wrap {
+            journal_id: 9,
+            next_lsn: 100,
+        }
+        .encode();
+        assert_eq!(
+            BatchHeader::decode(&block, 9, 100),
+            Ok(BatchHeader::Wrap {
+                journal_id: 9,
+                next_lsn: 100
+            })
+        );
+        assert_eq!(
+            BatchHeader::decode(&block, 8, 100),
+            Err(FormatError::ForeignJournal {
+                expected: 8,
+                found: 9
+            })
+        );
+        assert_eq!(
+            BatchHeader::decode(&block, 9, 101),
+            Err(FormatError::UnexpectedLsn {
+                expected: 101,
+                found: 100
+            })
+        );
+        assert_eq!(
+            BatchHeader::decode(&[0u8; BLOCK_BYTES], 9, 100),
+            Err(FormatError::BadMagic)
+        );
     }
 
     fn arb_record() -> impl Strategy<Value = (RecordKind, bool, u64, Vec<u8>, u32)> {
-        (0u8..3, any::<bool>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..3000), any::<u32>())
-            .prop_map(|(k, fua, off, data, zlen)| (RecordKind::from_u8(k + 1).unwrap(), fua, off, data, zlen))
+        (
+            0u8..3,
+            any::<bool>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..3000),
+            any::<u32>(),
+        )
+            .prop_map(|(k, fua, off, data, zlen)| {
+                (RecordKind::from_u8(k + 1).unwrap(), fua, off, data, zlen)
+            })
     }
 
     proptest! {

@@ -1,2 +1,2 @@
-pub mod nbd;
 pub mod journal;
+pub mod nbd;

@@ -70,7 +70,7 @@ fn writer_loop(
     round: u64,
     shared: Arc<Shared>,
 ) {
-    let connection = if writer % 2 == 0 {
+    let connection = if writer.is_multiple_of(2) {
         NbdConn::connect_unix(&daemon_socket, "vol0")
     } else {
         NbdConn::connect_tcp(&tcp_addr, "vol0")

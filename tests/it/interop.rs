@@ -277,6 +277,7 @@ fn fio_nbd_randwrite_then_verify() {
                     "--verify=crc32c",
                     "--do_verify=1",
                     "--verify_fatal=1",
+                    "--verify_state_save=0",
                     "--output-format=json",
                     &output_arg,
                 ],

@@ -17,4 +17,5 @@ mod harness;
 mod interop;
 #[allow(dead_code)] // the protocol constants are listed whole, used or not
 mod nbd_wire;
+mod relay;
 mod wire;

@@ -13,15 +13,22 @@ use std::ops::{Deref, DerefMut, Range};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-/// Alignment of every buffer: the largest logical block size Ferry expects (4 KiB devices).
+/// Lengths of O_DIRECT I/O are padded to this: the largest logical block size Ferry expects
+/// (4 KiB devices).
 pub const DIRECT_ALIGN: usize = 4096;
+
+/// Alignment of the memory itself. O_DIRECT needs the buffer address aligned to the device's
+/// DMA alignment (`stx_dio_mem_align`), 512 bytes or less on the devices Ferry runs on; asking
+/// the allocator for 4096 would make glibc spend a whole extra page on every 4 KiB payload.
+pub const MEMORY_ALIGN: usize = 512;
 
 /// Rounds `len` up to a multiple of [`DIRECT_ALIGN`].
 pub const fn align_up(len: usize) -> usize {
     len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
 }
 
-/// An owned, zero-initialised, [`DIRECT_ALIGN`]-aligned byte buffer.
+/// An owned, zero-initialised, [`MEMORY_ALIGN`]-aligned byte buffer whose allocation is a
+/// multiple of [`DIRECT_ALIGN`].
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -37,10 +44,13 @@ impl AlignedBuf {
     /// A buffer of `len` zero bytes; the allocation is rounded up to [`DIRECT_ALIGN`].
     pub fn zeroed(len: usize) -> AlignedBuf {
         let capacity = align_up(len.max(1));
-        let layout = Layout::from_size_align(capacity, DIRECT_ALIGN).expect("buffer size overflows isize");
+        let layout =
+            Layout::from_size_align(capacity, MEMORY_ALIGN).expect("buffer size overflows isize");
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
         AlignedBuf { ptr, len, capacity }
     }
 
@@ -89,13 +99,18 @@ impl AlignedBuf {
     /// Makes the buffer shareable between the journal, the index and the applier.
     pub fn freeze(self) -> SharedBuf {
         let len = self.len;
-        SharedBuf { buf: Arc::new(self), start: 0, len }
+        SharedBuf {
+            buf: Arc::new(self),
+            start: 0,
+            len,
+        }
     }
 }
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.capacity, DIRECT_ALIGN).expect("layout was valid at allocation");
+        let layout = Layout::from_size_align(self.capacity, MEMORY_ALIGN)
+            .expect("layout was valid at allocation");
         // SAFETY: ptr was allocated in `zeroed` with this same layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
     }
@@ -118,7 +133,9 @@ impl DerefMut for AlignedBuf {
 
 impl fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AlignedBuf").field("len", &self.len).finish()
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -144,7 +161,11 @@ impl SharedBuf {
         assert!(range.start <= range.end, "slice start after end");
         assert!(range.end <= self.len, "slice past the end of the view");
         // Views stay within the allocation: start + len <= capacity holds for every view.
-        SharedBuf { buf: Arc::clone(&self.buf), start: self.start + range.start, len: range.end - range.start }
+        SharedBuf {
+            buf: Arc::clone(&self.buf),
+            start: self.start + range.start,
+            len: range.end - range.start,
+        }
     }
 
     /// This view extended with the zero bytes that follow it up to the next [`DIRECT_ALIGN`]
@@ -153,10 +174,21 @@ impl SharedBuf {
     /// length are zero by construction, and past the view's end inside the buffer they belong to
     /// the same payload, so the padding never carries foreign data.
     pub fn padded_view(&self) -> SharedBuf {
-        assert_eq!(self.start % DIRECT_ALIGN, 0, "padded_view needs an aligned start");
+        assert_eq!(
+            self.start % DIRECT_ALIGN,
+            0,
+            "padded_view needs an aligned start"
+        );
         let len = align_up(self.len);
-        assert!(self.start + len <= self.buf.capacity(), "padding past the allocation");
-        SharedBuf { buf: Arc::clone(&self.buf), start: self.start, len }
+        assert!(
+            self.start + len <= self.buf.capacity(),
+            "padding past the allocation"
+        );
+        SharedBuf {
+            buf: Arc::clone(&self.buf),
+            start: self.start,
+            len,
+        }
     }
 }
 
@@ -177,7 +209,10 @@ impl Deref for SharedBuf {
 
 impl fmt::Debug for SharedBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SharedBuf").field("start", &self.start).field("len", &self.len).finish()
+        f.debug_struct("SharedBuf")
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -188,7 +223,7 @@ mod tests {
     #[test]
     fn aligned_and_zeroed() {
         let buf = AlignedBuf::zeroed(5000);
-        assert_eq!(buf.as_ptr() as usize % DIRECT_ALIGN, 0);
+        assert_eq!(buf.as_ptr() as usize % MEMORY_ALIGN, 0);
         assert_eq!(buf.capacity(), 8192);
         assert!(buf.iter().all(|&b| b == 0));
     }

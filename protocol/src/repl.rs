@@ -1,0 +1,702 @@
+//! The replication wire format: framed messages between two peers of a volume, with no I/O.
+//!
+//! Every frame is a fixed 16-byte header followed by the payload:
+//!
+//! ```text
+//! magic u16 (0xFE11) | version u8 (1) | type u8 | flags u16 (0) | reserved u16 (0)
+//! length u32 (payload bytes) | crc u32 (CRC-32 over the header with crc = 0, then the payload)
+//! ```
+//!
+//! All integers are little-endian; strings are a u16 byte length then UTF-8, capped. The
+//! length is checked against [`MAX_PAYLOAD_BYTES`] before waiting for the payload, so a peer
+//! (or a flipped bit) cannot make a reader buffer gigabytes. [`decode`] splits whole frames off
+//! a `BytesMut` and hands out payload data as `Bytes` slices of it, without copying.
+//!
+//! QUIC streams are reliable and ordered, so a frame that fails to decode means a broken peer
+//! or corruption under TLS: the connection must be closed, never resynchronised by skipping.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use thiserror::Error;
+
+use crate::generation::{Decision, GenerationEntry, GenerationInfo, Role, MAX_HISTORY_ENTRIES};
+use crate::journal::RecordKind;
+
+/// First two bytes of every frame.
+pub const MAGIC: u16 = 0xFE11;
+/// The frame format and message set this build speaks.
+pub const VERSION: u8 = 1;
+/// Bytes of the fixed frame header.
+pub const HEADER_BYTES: usize = 16;
+/// Largest data block a `Write` or `ResyncData` carries.
+pub const MAX_DATA_BYTES: usize = 8 << 20;
+/// Largest payload: one data block plus room for the fields around it.
+pub const MAX_PAYLOAD_BYTES: usize = MAX_DATA_BYTES + 4096;
+/// Longest string (node, volume, reason) a message carries.
+pub const MAX_STRING_BYTES: usize = 1024;
+/// Most ranges in one `DirtyRanges` frame (16 bytes each: 1 MiB).
+pub const MAX_DIRTY_RANGES_PER_FRAME: usize = 65536;
+
+/// Why bytes are not a valid frame, or a message cannot be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FrameError {
+    /// The frame does not start with [`MAGIC`]: not a Ferry peer, or a corrupted stream.
+    #[error("bad frame magic {found:#06x}")]
+    BadMagic { found: u16 },
+    /// The peer speaks a frame version this build does not.
+    #[error("unsupported frame version {found}")]
+    UnsupportedVersion { found: u8 },
+    /// The declared payload is larger than [`MAX_PAYLOAD_BYTES`].
+    #[error("frame payload of {length_bytes} bytes exceeds {MAX_PAYLOAD_BYTES}")]
+    FrameTooLarge { length_bytes: u64 },
+    /// The CRC does not match: corruption on the wire (counted as `where="wire"`).
+    #[error("frame checksum mismatch: computed {computed:#010x}, frame says {stored:#010x}")]
+    ChecksumMismatch { computed: u32, stored: u32 },
+    /// The type byte names no message.
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    /// Flags or reserved bits are set that version 1 does not define.
+    #[error("reserved header bits set: flags {flags:#06x}, reserved {reserved:#06x}")]
+    ReservedBits { flags: u16, reserved: u16 },
+    /// The payload ends before the message does.
+    #[error("payload truncated in {message}")]
+    Truncated { message: &'static str },
+    /// The payload continues after the message ends.
+    #[error("{extra_bytes} trailing bytes after {message}")]
+    TrailingBytes { message: &'static str, extra_bytes: usize },
+    /// A string is longer than [`MAX_STRING_BYTES`].
+    #[error("string of {len_bytes} bytes exceeds {MAX_STRING_BYTES}")]
+    StringTooLong { len_bytes: usize },
+    /// A string is not UTF-8.
+    #[error("string is not UTF-8")]
+    BadUtf8,
+    /// A list is longer than its cap.
+    #[error("list of {count} entries exceeds {max}")]
+    TooManyEntries { count: usize, max: usize },
+    /// A data block is larger than [`MAX_DATA_BYTES`], or its length disagrees with the record.
+    #[error("data of {len_bytes} bytes is too large or does not match the record")]
+    BadDataLength { len_bytes: u64 },
+    /// A field holds a value no encoder produces.
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+}
+
+impl FrameError {
+    /// Whether the error looks like corruption of a frame rather than a peer speaking another
+    /// protocol (what `ferry_checksum_errors_total{where="wire"}` counts).
+    pub fn is_checksum_error(&self) -> bool {
+        matches!(self, FrameError::ChecksumMismatch { .. })
+    }
+}
+
+/// Why a peer refuses a hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefuseCode {
+    /// The protocol version is not one this node speaks.
+    VersionMismatch,
+    /// This node has no volume of that name configured with the sender as a peer.
+    UnknownVolume,
+    /// The volume sizes differ.
+    SizeMismatch,
+    /// The hello's generation history is malformed.
+    BadGeneration,
+    /// The hello came from another node than the one this session expects.
+    WrongNode,
+}
+
+impl RefuseCode {
+    /// The stable kebab-case name (control-socket error codes and `last_error`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseCode::VersionMismatch => "version-mismatch",
+            RefuseCode::UnknownVolume => "unknown-volume",
+            RefuseCode::SizeMismatch => "size-mismatch",
+            RefuseCode::BadGeneration => "bad-generation",
+            RefuseCode::WrongNode => "wrong-node",
+        }
+    }
+}
+
+/// Whether a resync copies the whole volume or only what changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResyncKind {
+    /// Initial sync of a never-synced copy: every block.
+    Full,
+    /// Only the ranges that changed since the common point (both sides' dirty maps merged).
+    Delta,
+}
+
+/// What each side says about itself when a volume's stream opens. Both sides send one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The replication protocol version (the session's, not the frame's).
+    pub protocol_version: u16,
+    /// The sender's node name (must match its certificate; checked by the transport).
+    pub node: String,
+    /// The volume this stream replicates.
+    pub volume: String,
+    /// The volume's size; both copies must agree.
+    pub size_bytes: u64,
+    /// The sender's role for the volume.
+    pub role: Role,
+    /// The sender's lineage: volume id, generation history and journal head LSN.
+    pub generation: GenerationInfo,
+    /// The newest LSN durable on the sender.
+    pub durable_lsn: u64,
+    /// The newest LSN applied to the sender's backing device.
+    pub applied_lsn: u64,
+}
+
+/// A journal record shipped to a secondary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteRecord {
+    /// Its LSN; a stream carries consecutive LSNs.
+    pub lsn: u64,
+    /// Write, Zero or Punch, as in the journal.
+    pub kind: RecordKind,
+    /// The client asked for durability on completion.
+    pub fua: bool,
+    /// Where on the volume.
+    pub offset_bytes: u64,
+    /// How many bytes (for Zero and Punch, the range length; no data travels).
+    pub len_bytes: u32,
+    /// The payload, only for `Write` (length `len_bytes`), empty otherwise.
+    pub data: Bytes,
+}
+
+/// A changed range of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DirtyRange {
+    /// Start of the range.
+    pub offset_bytes: u64,
+    /// Length of the range.
+    pub len_bytes: u64,
+}
+
+/// One replication message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Opens the handshake (both sides send one).
+    Hello(Hello),
+    /// Answers a hello: the sender's [`Decision`] from its own point of view.
+    Welcome { decision: Decision },
+    /// Refuses a hello; the connection closes.
+    Refuse { code: RefuseCode, reason: String },
+    /// A journal record (primary to secondary).
+    Write(WriteRecord),
+    /// Cumulative: records up to `journal_lsn` are in the sender's journal, up to
+    /// `durable_lsn` durable.
+    Ack { journal_lsn: u64, durable_lsn: u64 },
+    /// Asks for durability up to `upto_lsn`; answered by an `Ack`.
+    Flush { upto_lsn: u64 },
+    /// Liveness and RTT probe; the receiver echoes it.
+    Heartbeat { sent_at_us: u64, seq: u64 },
+    /// The echo of a heartbeat.
+    HeartbeatReply { sent_at_us: u64, seq: u64 },
+    /// A resync starts; the receiver's head becomes `target_lsn` at `ResyncEnd`.
+    ResyncBegin { kind: ResyncKind, total_bytes: u64, target_lsn: u64 },
+    /// Resync contents of a range.
+    ResyncData { offset_bytes: u64, data: Bytes },
+    /// A range that reads as zeros, sent as a range rather than data.
+    ResyncZero { offset_bytes: u64, len_bytes: u64 },
+    /// Cumulative resync data bytes received (the sender's window).
+    ResyncAck { received_bytes: u64 },
+    /// The resync is complete: the receiver now holds the volume as of `lsn`.
+    ResyncEnd { lsn: u64 },
+    /// Part of the sender's dirty map since the common point; `last` ends the list.
+    DirtyRanges { ranges: Vec<DirtyRange>, last: bool },
+    /// The sender changed role; a new primary also names the generation it started.
+    RoleChange { role: Role, generation: Option<GenerationEntry> },
+    /// The sender closes the stream on purpose.
+    Goodbye { reason: String },
+}
+
+const TYPE_HELLO: u8 = 1;
+const TYPE_WELCOME: u8 = 2;
+const TYPE_REFUSE: u8 = 3;
+const TYPE_WRITE: u8 = 4;
+const TYPE_ACK: u8 = 5;
+const TYPE_FLUSH: u8 = 6;
+const TYPE_HEARTBEAT: u8 = 7;
+const TYPE_HEARTBEAT_REPLY: u8 = 8;
+const TYPE_RESYNC_BEGIN: u8 = 9;
+const TYPE_RESYNC_DATA: u8 = 10;
+const TYPE_RESYNC_ZERO: u8 = 11;
+const TYPE_RESYNC_ACK: u8 = 12;
+const TYPE_RESYNC_END: u8 = 13;
+const TYPE_DIRTY_RANGES: u8 = 14;
+const TYPE_ROLE_CHANGE: u8 = 15;
+const TYPE_GOODBYE: u8 = 16;
+
+impl Message {
+    fn type_byte(&self) -> u8 {
+        match self {
+            Message::Hello(_) => TYPE_HELLO,
+            Message::Welcome { .. } => TYPE_WELCOME,
+            Message::Refuse { .. } => TYPE_REFUSE,
+            Message::Write(_) => TYPE_WRITE,
+            Message::Ack { .. } => TYPE_ACK,
+            Message::Flush { .. } => TYPE_FLUSH,
+            Message::Heartbeat { .. } => TYPE_HEARTBEAT,
+            Message::HeartbeatReply { .. } => TYPE_HEARTBEAT_REPLY,
+            Message::ResyncBegin { .. } => TYPE_RESYNC_BEGIN,
+            Message::ResyncData { .. } => TYPE_RESYNC_DATA,
+            Message::ResyncZero { .. } => TYPE_RESYNC_ZERO,
+            Message::ResyncAck { .. } => TYPE_RESYNC_ACK,
+            Message::ResyncEnd { .. } => TYPE_RESYNC_END,
+            Message::DirtyRanges { .. } => TYPE_DIRTY_RANGES,
+            Message::RoleChange { .. } => TYPE_ROLE_CHANGE,
+            Message::Goodbye { .. } => TYPE_GOODBYE,
+        }
+    }
+
+    /// A name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        type_name(self.type_byte())
+    }
+}
+
+fn type_name(type_byte: u8) -> &'static str {
+    match type_byte {
+        TYPE_HELLO => "hello",
+        TYPE_WELCOME => "welcome",
+        TYPE_REFUSE => "refuse",
+        TYPE_WRITE => "write",
+        TYPE_ACK => "ack",
+        TYPE_FLUSH => "flush",
+        TYPE_HEARTBEAT => "heartbeat",
+        TYPE_HEARTBEAT_REPLY => "heartbeat-reply",
+        TYPE_RESYNC_BEGIN => "resync-begin",
+        TYPE_RESYNC_DATA => "resync-data",
+        TYPE_RESYNC_ZERO => "resync-zero",
+        TYPE_RESYNC_ACK => "resync-ack",
+        TYPE_RESYNC_END => "resync-end",
+        TYPE_DIRTY_RANGES => "dirty-ranges",
+        TYPE_ROLE_CHANGE => "role-change",
+        TYPE_GOODBYE => "goodbye",
+        _ => "unknown",
+    }
+}
+
+/// Appends one frame to `out`. Fails, writing nothing, if a field exceeds its cap.
+pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), FrameError> {
+    let start = out.len();
+    out.put_u16_le(MAGIC);
+    out.put_u8(VERSION);
+    out.put_u8(message.type_byte());
+    out.put_u16_le(0); // flags
+    out.put_u16_le(0); // reserved
+    out.put_u32_le(0); // length, filled below
+    out.put_u32_le(0); // crc, filled below
+    if let Err(error) = encode_payload(message, out) {
+        out.truncate(start);
+        return Err(error);
+    }
+    let payload_bytes = out.len() - start - HEADER_BYTES;
+    if payload_bytes > MAX_PAYLOAD_BYTES {
+        out.truncate(start);
+        return Err(FrameError::FrameTooLarge { length_bytes: payload_bytes as u64 });
+    }
+    // Cannot truncate: checked against MAX_PAYLOAD_BYTES (< 4 GiB) just above.
+    let length = payload_bytes as u32;
+    out[start + 8..start + 12].copy_from_slice(&length.to_le_bytes());
+    let crc = crc32fast::hash(&out[start..]);
+    out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+fn put_string(out: &mut BytesMut, value: &str) -> Result<(), FrameError> {
+    if value.len() > MAX_STRING_BYTES {
+        return Err(FrameError::StringTooLong { len_bytes: value.len() });
+    }
+    // Cannot truncate: MAX_STRING_BYTES < 65536.
+    out.put_u16_le(value.len() as u16);
+    out.put_slice(value.as_bytes());
+    Ok(())
+}
+
+fn put_data(out: &mut BytesMut, data: &[u8]) -> Result<(), FrameError> {
+    if data.len() > MAX_DATA_BYTES {
+        return Err(FrameError::BadDataLength { len_bytes: data.len() as u64 });
+    }
+    out.put_u32_le(data.len() as u32);
+    out.put_slice(data);
+    Ok(())
+}
+
+fn role_byte(role: Role) -> u8 {
+    match role {
+        Role::Primary => 1,
+        Role::Secondary => 2,
+    }
+}
+
+fn kind_byte(kind: RecordKind) -> u8 {
+    match kind {
+        RecordKind::Write => 1,
+        RecordKind::Zero => 2,
+        RecordKind::Punch => 3,
+    }
+}
+
+fn put_entry(out: &mut BytesMut, entry: &GenerationEntry) -> Result<(), FrameError> {
+    out.put_u64_le(entry.generation);
+    out.put_u64_le(entry.start_lsn);
+    put_string(out, &entry.promoted_by)
+}
+
+fn put_decision(out: &mut BytesMut, decision: Decision) {
+    let (tag, generation, lsn) = match decision {
+        Decision::Same => (1, 0, 0),
+        Decision::LocalAhead { common_generation, common_lsn } => (2, common_generation, common_lsn),
+        Decision::RemoteAhead { common_generation, common_lsn } => (3, common_generation, common_lsn),
+        Decision::SplitBrain { common_generation, common_lsn } => (4, common_generation, common_lsn),
+        Decision::Unrelated => (5, 0, 0),
+        Decision::LocalEmpty => (6, 0, 0),
+        Decision::RemoteEmpty => (7, 0, 0),
+        Decision::BothPrimary => (8, 0, 0),
+    };
+    out.put_u8(tag);
+    out.put_u64_le(generation);
+    out.put_u64_le(lsn);
+}
+
+fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameError> {
+    match message {
+        Message::Hello(hello) => {
+            out.put_u16_le(hello.protocol_version);
+            put_string(out, &hello.node)?;
+            put_string(out, &hello.volume)?;
+            out.put_u64_le(hello.size_bytes);
+            out.put_u8(role_byte(hello.role));
+            let info = &hello.generation;
+            out.put_u64_le(info.volume_id);
+            out.put_u64_le(info.head_lsn);
+            out.put_u64_le(hello.durable_lsn);
+            out.put_u64_le(hello.applied_lsn);
+            if info.history.len() > MAX_HISTORY_ENTRIES {
+                return Err(FrameError::TooManyEntries { count: info.history.len(), max: MAX_HISTORY_ENTRIES });
+            }
+            out.put_u16_le(info.history.len() as u16);
+            for entry in &info.history {
+                put_entry(out, entry)?;
+            }
+        }
+        Message::Welcome { decision } => put_decision(out, *decision),
+        Message::Refuse { code, reason } => {
+            out.put_u8(match code {
+                RefuseCode::VersionMismatch => 1,
+                RefuseCode::UnknownVolume => 2,
+                RefuseCode::SizeMismatch => 3,
+                RefuseCode::BadGeneration => 4,
+                RefuseCode::WrongNode => 5,
+            });
+            put_string(out, reason)?;
+        }
+        Message::Write(record) => {
+            let data_ok = if record.kind.has_payload() { record.data.len() == record.len_bytes as usize } else { record.data.is_empty() };
+            if !data_ok || record.data.len() > MAX_DATA_BYTES {
+                return Err(FrameError::BadDataLength { len_bytes: record.data.len() as u64 });
+            }
+            out.put_u64_le(record.lsn);
+            out.put_u8(kind_byte(record.kind));
+            out.put_u8(u8::from(record.fua));
+            out.put_u64_le(record.offset_bytes);
+            out.put_u32_le(record.len_bytes);
+            out.put_slice(&record.data);
+        }
+        Message::Ack { journal_lsn, durable_lsn } => {
+            out.put_u64_le(*journal_lsn);
+            out.put_u64_le(*durable_lsn);
+        }
+        Message::Flush { upto_lsn } => out.put_u64_le(*upto_lsn),
+        Message::Heartbeat { sent_at_us, seq } | Message::HeartbeatReply { sent_at_us, seq } => {
+            out.put_u64_le(*sent_at_us);
+            out.put_u64_le(*seq);
+        }
+        Message::ResyncBegin { kind, total_bytes, target_lsn } => {
+            out.put_u8(match kind {
+                ResyncKind::Full => 1,
+                ResyncKind::Delta => 2,
+            });
+            out.put_u64_le(*total_bytes);
+            out.put_u64_le(*target_lsn);
+        }
+        Message::ResyncData { offset_bytes, data } => {
+            out.put_u64_le(*offset_bytes);
+            put_data(out, data)?;
+        }
+        Message::ResyncZero { offset_bytes, len_bytes } => {
+            out.put_u64_le(*offset_bytes);
+            out.put_u64_le(*len_bytes);
+        }
+        Message::ResyncAck { received_bytes } => out.put_u64_le(*received_bytes),
+        Message::ResyncEnd { lsn } => out.put_u64_le(*lsn),
+        Message::DirtyRanges { ranges, last } => {
+            if ranges.len() > MAX_DIRTY_RANGES_PER_FRAME {
+                return Err(FrameError::TooManyEntries { count: ranges.len(), max: MAX_DIRTY_RANGES_PER_FRAME });
+            }
+            out.put_u8(u8::from(*last));
+            out.put_u32_le(ranges.len() as u32);
+            for range in ranges {
+                out.put_u64_le(range.offset_bytes);
+                out.put_u64_le(range.len_bytes);
+            }
+        }
+        Message::RoleChange { role, generation } => {
+            out.put_u8(role_byte(*role));
+            match generation {
+                None => out.put_u8(0),
+                Some(entry) => {
+                    out.put_u8(1);
+                    put_entry(out, entry)?;
+                }
+            }
+        }
+        Message::Goodbye { reason } => put_string(out, reason)?,
+    }
+    Ok(())
+}
+
+/// Decodes the frame at the front of `buf` and removes it.
+///
+/// `Ok(None)`: not a whole frame yet, nothing consumed. `Ok(Some(_))`: exactly one frame was
+/// split off. `Err(_)`: the stream is unusable and the connection must be closed; the buffer's
+/// contents are then unspecified. Header errors (magic, version, length) are reported as soon
+/// as the header is in, before the payload arrives.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
+    let Some(header) = buf.get(..HEADER_BYTES) else {
+        return Ok(None);
+    };
+    let mut h = header;
+    let magic = h.get_u16_le();
+    let version = h.get_u8();
+    let type_byte = h.get_u8();
+    let flags = h.get_u16_le();
+    let reserved = h.get_u16_le();
+    let length_bytes = h.get_u32_le();
+    let stored = h.get_u32_le();
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic { found: magic });
+    }
+    if version != VERSION {
+        return Err(FrameError::UnsupportedVersion { found: version });
+    }
+    let length = length_bytes as usize;
+    if length > MAX_PAYLOAD_BYTES {
+        return Err(FrameError::FrameTooLarge { length_bytes: u64::from(length_bytes) });
+    }
+    // Cannot overflow: length <= MAX_PAYLOAD_BYTES.
+    let frame_bytes = HEADER_BYTES + length;
+    if buf.len() < frame_bytes {
+        return Ok(None);
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&buf[..12]);
+    hasher.update(&[0u8; 4]);
+    hasher.update(&buf[HEADER_BYTES..frame_bytes]);
+    let computed = hasher.finalize();
+    if computed != stored {
+        return Err(FrameError::ChecksumMismatch { computed, stored });
+    }
+    if flags != 0 || reserved != 0 {
+        return Err(FrameError::ReservedBits { flags, reserved });
+    }
+    let frame = buf.split_to(frame_bytes).freeze();
+    let payload = frame.slice(HEADER_BYTES..);
+    decode_payload(type_byte, payload).map(Some)
+}
+
+/// A bounds-checked reader over a payload; every read fails instead of panicking.
+struct Reader {
+    payload: Bytes,
+    message: &'static str,
+}
+
+impl Reader {
+    fn truncated(&self) -> FrameError {
+        FrameError::Truncated { message: self.message }
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        if self.payload.remaining() < 1 {
+            return Err(self.truncated());
+        }
+        Ok(self.payload.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        if self.payload.remaining() < 2 {
+            return Err(self.truncated());
+        }
+        Ok(self.payload.get_u16_le())
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        if self.payload.remaining() < 4 {
+            return Err(self.truncated());
+        }
+        Ok(self.payload.get_u32_le())
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        if self.payload.remaining() < 8 {
+            return Err(self.truncated());
+        }
+        Ok(self.payload.get_u64_le())
+    }
+    fn bool(&mut self) -> Result<bool, FrameError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(FrameError::Invalid("boolean")),
+        }
+    }
+    /// Zero-copy: a slice of the frame.
+    fn bytes(&mut self, len: usize) -> Result<Bytes, FrameError> {
+        if self.payload.remaining() < len {
+            return Err(self.truncated());
+        }
+        Ok(self.payload.split_to(len))
+    }
+    fn string(&mut self) -> Result<String, FrameError> {
+        let len = usize::from(self.u16()?);
+        if len > MAX_STRING_BYTES {
+            return Err(FrameError::StringTooLong { len_bytes: len });
+        }
+        let raw = self.bytes(len)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| FrameError::BadUtf8)
+    }
+    fn data(&mut self) -> Result<Bytes, FrameError> {
+        let len = self.u32()?;
+        if len as usize > MAX_DATA_BYTES {
+            return Err(FrameError::BadDataLength { len_bytes: u64::from(len) });
+        }
+        self.bytes(len as usize)
+    }
+    fn role(&mut self) -> Result<Role, FrameError> {
+        match self.u8()? {
+            1 => Ok(Role::Primary),
+            2 => Ok(Role::Secondary),
+            _ => Err(FrameError::Invalid("role")),
+        }
+    }
+    fn entry(&mut self) -> Result<GenerationEntry, FrameError> {
+        Ok(GenerationEntry { generation: self.u64()?, start_lsn: self.u64()?, promoted_by: self.string()? })
+    }
+    fn finish(self) -> Result<(), FrameError> {
+        if self.payload.has_remaining() {
+            return Err(FrameError::TrailingBytes { message: self.message, extra_bytes: self.payload.remaining() });
+        }
+        Ok(())
+    }
+}
+
+fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> {
+    let mut r = Reader { payload, message: type_name(type_byte) };
+    let message = match type_byte {
+        TYPE_HELLO => {
+            let protocol_version = r.u16()?;
+            let node = r.string()?;
+            let volume = r.string()?;
+            let size_bytes = r.u64()?;
+            let role = r.role()?;
+            let volume_id = r.u64()?;
+            let head_lsn = r.u64()?;
+            let durable_lsn = r.u64()?;
+            let applied_lsn = r.u64()?;
+            let count = usize::from(r.u16()?);
+            if count > MAX_HISTORY_ENTRIES {
+                return Err(FrameError::TooManyEntries { count, max: MAX_HISTORY_ENTRIES });
+            }
+            let mut history = Vec::with_capacity(count);
+            for _ in 0..count {
+                history.push(r.entry()?);
+            }
+            let generation = GenerationInfo { volume_id, history, head_lsn };
+            Message::Hello(Hello { protocol_version, node, volume, size_bytes, role, generation, durable_lsn, applied_lsn })
+        }
+        TYPE_WELCOME => {
+            let tag = r.u8()?;
+            let common_generation = r.u64()?;
+            let common_lsn = r.u64()?;
+            let decision = match (tag, common_generation, common_lsn) {
+                (1, 0, 0) => Decision::Same,
+                (2, ..) => Decision::LocalAhead { common_generation, common_lsn },
+                (3, ..) => Decision::RemoteAhead { common_generation, common_lsn },
+                (4, ..) => Decision::SplitBrain { common_generation, common_lsn },
+                (5, 0, 0) => Decision::Unrelated,
+                (6, 0, 0) => Decision::LocalEmpty,
+                (7, 0, 0) => Decision::RemoteEmpty,
+                (8, 0, 0) => Decision::BothPrimary,
+                _ => return Err(FrameError::Invalid("decision")),
+            };
+            Message::Welcome { decision }
+        }
+        TYPE_REFUSE => {
+            let code = match r.u8()? {
+                1 => RefuseCode::VersionMismatch,
+                2 => RefuseCode::UnknownVolume,
+                3 => RefuseCode::SizeMismatch,
+                4 => RefuseCode::BadGeneration,
+                5 => RefuseCode::WrongNode,
+                _ => return Err(FrameError::Invalid("refuse code")),
+            };
+            Message::Refuse { code, reason: r.string()? }
+        }
+        TYPE_WRITE => {
+            let lsn = r.u64()?;
+            let kind = match r.u8()? {
+                1 => RecordKind::Write,
+                2 => RecordKind::Zero,
+                3 => RecordKind::Punch,
+                _ => return Err(FrameError::Invalid("record kind")),
+            };
+            let fua = r.bool()?;
+            let offset_bytes = r.u64()?;
+            let len_bytes = r.u32()?;
+            let data = if kind.has_payload() {
+                if len_bytes as usize > MAX_DATA_BYTES {
+                    return Err(FrameError::BadDataLength { len_bytes: u64::from(len_bytes) });
+                }
+                r.bytes(len_bytes as usize)?
+            } else {
+                Bytes::new()
+            };
+            Message::Write(WriteRecord { lsn, kind, fua, offset_bytes, len_bytes, data })
+        }
+        TYPE_ACK => Message::Ack { journal_lsn: r.u64()?, durable_lsn: r.u64()? },
+        TYPE_FLUSH => Message::Flush { upto_lsn: r.u64()? },
+        TYPE_HEARTBEAT => Message::Heartbeat { sent_at_us: r.u64()?, seq: r.u64()? },
+        TYPE_HEARTBEAT_REPLY => Message::HeartbeatReply { sent_at_us: r.u64()?, seq: r.u64()? },
+        TYPE_RESYNC_BEGIN => {
+            let kind = match r.u8()? {
+                1 => ResyncKind::Full,
+                2 => ResyncKind::Delta,
+                _ => return Err(FrameError::Invalid("resync kind")),
+            };
+            Message::ResyncBegin { kind, total_bytes: r.u64()?, target_lsn: r.u64()? }
+        }
+        TYPE_RESYNC_DATA => Message::ResyncData { offset_bytes: r.u64()?, data: r.data()? },
+        TYPE_RESYNC_ZERO => Message::ResyncZero { offset_bytes: r.u64()?, len_bytes: r.u64()? },
+        TYPE_RESYNC_ACK => Message::ResyncAck { received_bytes: r.u64()? },
+        TYPE_RESYNC_END => Message::ResyncEnd { lsn: r.u64()? },
+        TYPE_DIRTY_RANGES => {
+            let last = r.bool()?;
+            let count = r.u32()? as usize;
+            if count > MAX_DIRTY_RANGES_PER_FRAME {
+                return Err(FrameError::TooManyEntries { count, max: MAX_DIRTY_RANGES_PER_FRAME });
+            }
+            // Allocate only what the payload can actually hold, whatever the count says.
+            let mut ranges = Vec::with_capacity(count.min(r.payload.remaining() / 16));
+            for _ in 0..count {
+                ranges.push(DirtyRange { offset_bytes: r.u64()?, len_bytes: r.u64()? });
+            }
+            Message::DirtyRanges { ranges, last }
+        }
+        TYPE_ROLE_CHANGE => {
+            let role = r.role()?;
+            let generation = if r.bool()? { Some(r.entry()?) } else { None };
+            Message::RoleChange { role, generation }
+        }
+        TYPE_GOODBYE => Message::Goodbye { reason: r.string()? },
+        other => return Err(FrameError::UnknownType(other)),
+    };
+    r.finish()?;
+    Ok(message)
+}
