@@ -427,6 +427,9 @@ fn inject(fault: Fault, disks: &Disks, seed: u64) {
 
 /// After a deferred fault (a tear or an EIO) the workload stops; finish the scenario it names.
 fn finish(fault: Fault, disks_device: &FaultDisk, disks_journal: &FaultDisk, seed: u64) {
+    // A fault armed but never reached (the workload ended first) must not hit the next boot.
+    disks_device.clear_faults();
+    disks_journal.clear_faults();
     match fault {
         Fault::TornWriteThenPowerLoss => {
             disks_journal.power_loss(seed);

@@ -11,6 +11,7 @@ pub mod nbd;
 pub mod nbd_client;
 pub mod storage;
 pub mod tls;
+pub mod transport;
 pub mod volume;
 
 #[cfg(test)]

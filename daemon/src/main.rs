@@ -51,6 +51,25 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Certificates for mutual TLS between nodes.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Make a CA and one certificate per node (keys mode 0600); never overwrites. If DIR
+    /// already holds ca.pem and ca.key, that CA issues the new nodes' certificates.
+    Init {
+        /// Directory for ca.pem, ca.key, NAME.pem and NAME.key.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A node name, as in its [node] name; repeat for each node.
+        #[arg(long = "node", value_name = "NAME", required = true)]
+        nodes: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -84,6 +103,24 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_USAGE)
             }
         },
+        Command::Cert {
+            command: CertCommand::Init { dir, nodes },
+        } => cert_init(&dir, &nodes),
+    }
+}
+
+fn cert_init(dir: &Path, nodes: &[String]) -> ExitCode {
+    match ferry::tls::cert_init(dir, nodes) {
+        Ok(report) => {
+            if report.ca_reused {
+                println!("reused the CA in {}", dir.display());
+            }
+            for path in &report.files_written {
+                println!("wrote {}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error.to_string()),
     }
 }
 

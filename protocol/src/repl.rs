@@ -62,7 +62,10 @@ pub enum FrameError {
     Truncated { message: &'static str },
     /// The payload continues after the message ends.
     #[error("{extra_bytes} trailing bytes after {message}")]
-    TrailingBytes { message: &'static str, extra_bytes: usize },
+    TrailingBytes {
+        message: &'static str,
+        extra_bytes: usize,
+    },
     /// A string is longer than [`MAX_STRING_BYTES`].
     #[error("string of {len_bytes} bytes exceeds {MAX_STRING_BYTES}")]
     StringTooLong { len_bytes: usize },
@@ -193,7 +196,11 @@ pub enum Message {
     /// The echo of a heartbeat.
     HeartbeatReply { sent_at_us: u64, seq: u64 },
     /// A resync starts; the receiver's head becomes `target_lsn` at `ResyncEnd`.
-    ResyncBegin { kind: ResyncKind, total_bytes: u64, target_lsn: u64 },
+    ResyncBegin {
+        kind: ResyncKind,
+        total_bytes: u64,
+        target_lsn: u64,
+    },
     /// Resync contents of a range.
     ResyncData { offset_bytes: u64, data: Bytes },
     /// A range that reads as zeros, sent as a range rather than data.
@@ -205,7 +212,10 @@ pub enum Message {
     /// Part of the sender's dirty map since the common point; `last` ends the list.
     DirtyRanges { ranges: Vec<DirtyRange>, last: bool },
     /// The sender changed role; a new primary also names the generation it started.
-    RoleChange { role: Role, generation: Option<GenerationEntry> },
+    RoleChange {
+        role: Role,
+        generation: Option<GenerationEntry>,
+    },
     /// The sender closes the stream on purpose.
     Goodbye { reason: String },
 }
@@ -294,7 +304,9 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), FrameError> {
     let payload_bytes = out.len() - start - HEADER_BYTES;
     if payload_bytes > MAX_PAYLOAD_BYTES {
         out.truncate(start);
-        return Err(FrameError::FrameTooLarge { length_bytes: payload_bytes as u64 });
+        return Err(FrameError::FrameTooLarge {
+            length_bytes: payload_bytes as u64,
+        });
     }
     // Cannot truncate: checked against MAX_PAYLOAD_BYTES (< 4 GiB) just above.
     let length = payload_bytes as u32;
@@ -306,7 +318,9 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), FrameError> {
 
 fn put_string(out: &mut BytesMut, value: &str) -> Result<(), FrameError> {
     if value.len() > MAX_STRING_BYTES {
-        return Err(FrameError::StringTooLong { len_bytes: value.len() });
+        return Err(FrameError::StringTooLong {
+            len_bytes: value.len(),
+        });
     }
     // Cannot truncate: MAX_STRING_BYTES < 65536.
     out.put_u16_le(value.len() as u16);
@@ -316,7 +330,9 @@ fn put_string(out: &mut BytesMut, value: &str) -> Result<(), FrameError> {
 
 fn put_data(out: &mut BytesMut, data: &[u8]) -> Result<(), FrameError> {
     if data.len() > MAX_DATA_BYTES {
-        return Err(FrameError::BadDataLength { len_bytes: data.len() as u64 });
+        return Err(FrameError::BadDataLength {
+            len_bytes: data.len() as u64,
+        });
     }
     out.put_u32_le(data.len() as u32);
     out.put_slice(data);
@@ -347,9 +363,18 @@ fn put_entry(out: &mut BytesMut, entry: &GenerationEntry) -> Result<(), FrameErr
 fn put_decision(out: &mut BytesMut, decision: Decision) {
     let (tag, generation, lsn) = match decision {
         Decision::Same => (1, 0, 0),
-        Decision::LocalAhead { common_generation, common_lsn } => (2, common_generation, common_lsn),
-        Decision::RemoteAhead { common_generation, common_lsn } => (3, common_generation, common_lsn),
-        Decision::SplitBrain { common_generation, common_lsn } => (4, common_generation, common_lsn),
+        Decision::LocalAhead {
+            common_generation,
+            common_lsn,
+        } => (2, common_generation, common_lsn),
+        Decision::RemoteAhead {
+            common_generation,
+            common_lsn,
+        } => (3, common_generation, common_lsn),
+        Decision::SplitBrain {
+            common_generation,
+            common_lsn,
+        } => (4, common_generation, common_lsn),
         Decision::Unrelated => (5, 0, 0),
         Decision::LocalEmpty => (6, 0, 0),
         Decision::RemoteEmpty => (7, 0, 0),
@@ -374,7 +399,10 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
             out.put_u64_le(hello.durable_lsn);
             out.put_u64_le(hello.applied_lsn);
             if info.history.len() > MAX_HISTORY_ENTRIES {
-                return Err(FrameError::TooManyEntries { count: info.history.len(), max: MAX_HISTORY_ENTRIES });
+                return Err(FrameError::TooManyEntries {
+                    count: info.history.len(),
+                    max: MAX_HISTORY_ENTRIES,
+                });
             }
             out.put_u16_le(info.history.len() as u16);
             for entry in &info.history {
@@ -393,9 +421,15 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
             put_string(out, reason)?;
         }
         Message::Write(record) => {
-            let data_ok = if record.kind.has_payload() { record.data.len() == record.len_bytes as usize } else { record.data.is_empty() };
+            let data_ok = if record.kind.has_payload() {
+                record.data.len() == record.len_bytes as usize
+            } else {
+                record.data.is_empty()
+            };
             if !data_ok || record.data.len() > MAX_DATA_BYTES {
-                return Err(FrameError::BadDataLength { len_bytes: record.data.len() as u64 });
+                return Err(FrameError::BadDataLength {
+                    len_bytes: record.data.len() as u64,
+                });
             }
             out.put_u64_le(record.lsn);
             out.put_u8(kind_byte(record.kind));
@@ -404,7 +438,10 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
             out.put_u32_le(record.len_bytes);
             out.put_slice(&record.data);
         }
-        Message::Ack { journal_lsn, durable_lsn } => {
+        Message::Ack {
+            journal_lsn,
+            durable_lsn,
+        } => {
             out.put_u64_le(*journal_lsn);
             out.put_u64_le(*durable_lsn);
         }
@@ -413,7 +450,11 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
             out.put_u64_le(*sent_at_us);
             out.put_u64_le(*seq);
         }
-        Message::ResyncBegin { kind, total_bytes, target_lsn } => {
+        Message::ResyncBegin {
+            kind,
+            total_bytes,
+            target_lsn,
+        } => {
             out.put_u8(match kind {
                 ResyncKind::Full => 1,
                 ResyncKind::Delta => 2,
@@ -425,7 +466,10 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
             out.put_u64_le(*offset_bytes);
             put_data(out, data)?;
         }
-        Message::ResyncZero { offset_bytes, len_bytes } => {
+        Message::ResyncZero {
+            offset_bytes,
+            len_bytes,
+        } => {
             out.put_u64_le(*offset_bytes);
             out.put_u64_le(*len_bytes);
         }
@@ -433,7 +477,10 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
         Message::ResyncEnd { lsn } => out.put_u64_le(*lsn),
         Message::DirtyRanges { ranges, last } => {
             if ranges.len() > MAX_DIRTY_RANGES_PER_FRAME {
-                return Err(FrameError::TooManyEntries { count: ranges.len(), max: MAX_DIRTY_RANGES_PER_FRAME });
+                return Err(FrameError::TooManyEntries {
+                    count: ranges.len(),
+                    max: MAX_DIRTY_RANGES_PER_FRAME,
+                });
             }
             out.put_u8(u8::from(*last));
             out.put_u32_le(ranges.len() as u32);
@@ -483,7 +530,9 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
     }
     let length = length_bytes as usize;
     if length > MAX_PAYLOAD_BYTES {
-        return Err(FrameError::FrameTooLarge { length_bytes: u64::from(length_bytes) });
+        return Err(FrameError::FrameTooLarge {
+            length_bytes: u64::from(length_bytes),
+        });
     }
     // Cannot overflow: length <= MAX_PAYLOAD_BYTES.
     let frame_bytes = HEADER_BYTES + length;
@@ -514,7 +563,9 @@ struct Reader {
 
 impl Reader {
     fn truncated(&self) -> FrameError {
-        FrameError::Truncated { message: self.message }
+        FrameError::Truncated {
+            message: self.message,
+        }
     }
     fn u8(&mut self) -> Result<u8, FrameError> {
         if self.payload.remaining() < 1 {
@@ -565,7 +616,9 @@ impl Reader {
     fn data(&mut self) -> Result<Bytes, FrameError> {
         let len = self.u32()?;
         if len as usize > MAX_DATA_BYTES {
-            return Err(FrameError::BadDataLength { len_bytes: u64::from(len) });
+            return Err(FrameError::BadDataLength {
+                len_bytes: u64::from(len),
+            });
         }
         self.bytes(len as usize)
     }
@@ -577,18 +630,28 @@ impl Reader {
         }
     }
     fn entry(&mut self) -> Result<GenerationEntry, FrameError> {
-        Ok(GenerationEntry { generation: self.u64()?, start_lsn: self.u64()?, promoted_by: self.string()? })
+        Ok(GenerationEntry {
+            generation: self.u64()?,
+            start_lsn: self.u64()?,
+            promoted_by: self.string()?,
+        })
     }
     fn finish(self) -> Result<(), FrameError> {
         if self.payload.has_remaining() {
-            return Err(FrameError::TrailingBytes { message: self.message, extra_bytes: self.payload.remaining() });
+            return Err(FrameError::TrailingBytes {
+                message: self.message,
+                extra_bytes: self.payload.remaining(),
+            });
         }
         Ok(())
     }
 }
 
 fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> {
-    let mut r = Reader { payload, message: type_name(type_byte) };
+    let mut r = Reader {
+        payload,
+        message: type_name(type_byte),
+    };
     let message = match type_byte {
         TYPE_HELLO => {
             let protocol_version = r.u16()?;
@@ -602,14 +665,30 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
             let applied_lsn = r.u64()?;
             let count = usize::from(r.u16()?);
             if count > MAX_HISTORY_ENTRIES {
-                return Err(FrameError::TooManyEntries { count, max: MAX_HISTORY_ENTRIES });
+                return Err(FrameError::TooManyEntries {
+                    count,
+                    max: MAX_HISTORY_ENTRIES,
+                });
             }
             let mut history = Vec::with_capacity(count);
             for _ in 0..count {
                 history.push(r.entry()?);
             }
-            let generation = GenerationInfo { volume_id, history, head_lsn };
-            Message::Hello(Hello { protocol_version, node, volume, size_bytes, role, generation, durable_lsn, applied_lsn })
+            let generation = GenerationInfo {
+                volume_id,
+                history,
+                head_lsn,
+            };
+            Message::Hello(Hello {
+                protocol_version,
+                node,
+                volume,
+                size_bytes,
+                role,
+                generation,
+                durable_lsn,
+                applied_lsn,
+            })
         }
         TYPE_WELCOME => {
             let tag = r.u8()?;
@@ -617,9 +696,18 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
             let common_lsn = r.u64()?;
             let decision = match (tag, common_generation, common_lsn) {
                 (1, 0, 0) => Decision::Same,
-                (2, ..) => Decision::LocalAhead { common_generation, common_lsn },
-                (3, ..) => Decision::RemoteAhead { common_generation, common_lsn },
-                (4, ..) => Decision::SplitBrain { common_generation, common_lsn },
+                (2, ..) => Decision::LocalAhead {
+                    common_generation,
+                    common_lsn,
+                },
+                (3, ..) => Decision::RemoteAhead {
+                    common_generation,
+                    common_lsn,
+                },
+                (4, ..) => Decision::SplitBrain {
+                    common_generation,
+                    common_lsn,
+                },
                 (5, 0, 0) => Decision::Unrelated,
                 (6, 0, 0) => Decision::LocalEmpty,
                 (7, 0, 0) => Decision::RemoteEmpty,
@@ -637,7 +725,10 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
                 5 => RefuseCode::WrongNode,
                 _ => return Err(FrameError::Invalid("refuse code")),
             };
-            Message::Refuse { code, reason: r.string()? }
+            Message::Refuse {
+                code,
+                reason: r.string()?,
+            }
         }
         TYPE_WRITE => {
             let lsn = r.u64()?;
@@ -652,40 +743,76 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
             let len_bytes = r.u32()?;
             let data = if kind.has_payload() {
                 if len_bytes as usize > MAX_DATA_BYTES {
-                    return Err(FrameError::BadDataLength { len_bytes: u64::from(len_bytes) });
+                    return Err(FrameError::BadDataLength {
+                        len_bytes: u64::from(len_bytes),
+                    });
                 }
                 r.bytes(len_bytes as usize)?
             } else {
                 Bytes::new()
             };
-            Message::Write(WriteRecord { lsn, kind, fua, offset_bytes, len_bytes, data })
+            Message::Write(WriteRecord {
+                lsn,
+                kind,
+                fua,
+                offset_bytes,
+                len_bytes,
+                data,
+            })
         }
-        TYPE_ACK => Message::Ack { journal_lsn: r.u64()?, durable_lsn: r.u64()? },
+        TYPE_ACK => Message::Ack {
+            journal_lsn: r.u64()?,
+            durable_lsn: r.u64()?,
+        },
         TYPE_FLUSH => Message::Flush { upto_lsn: r.u64()? },
-        TYPE_HEARTBEAT => Message::Heartbeat { sent_at_us: r.u64()?, seq: r.u64()? },
-        TYPE_HEARTBEAT_REPLY => Message::HeartbeatReply { sent_at_us: r.u64()?, seq: r.u64()? },
+        TYPE_HEARTBEAT => Message::Heartbeat {
+            sent_at_us: r.u64()?,
+            seq: r.u64()?,
+        },
+        TYPE_HEARTBEAT_REPLY => Message::HeartbeatReply {
+            sent_at_us: r.u64()?,
+            seq: r.u64()?,
+        },
         TYPE_RESYNC_BEGIN => {
             let kind = match r.u8()? {
                 1 => ResyncKind::Full,
                 2 => ResyncKind::Delta,
                 _ => return Err(FrameError::Invalid("resync kind")),
             };
-            Message::ResyncBegin { kind, total_bytes: r.u64()?, target_lsn: r.u64()? }
+            Message::ResyncBegin {
+                kind,
+                total_bytes: r.u64()?,
+                target_lsn: r.u64()?,
+            }
         }
-        TYPE_RESYNC_DATA => Message::ResyncData { offset_bytes: r.u64()?, data: r.data()? },
-        TYPE_RESYNC_ZERO => Message::ResyncZero { offset_bytes: r.u64()?, len_bytes: r.u64()? },
-        TYPE_RESYNC_ACK => Message::ResyncAck { received_bytes: r.u64()? },
+        TYPE_RESYNC_DATA => Message::ResyncData {
+            offset_bytes: r.u64()?,
+            data: r.data()?,
+        },
+        TYPE_RESYNC_ZERO => Message::ResyncZero {
+            offset_bytes: r.u64()?,
+            len_bytes: r.u64()?,
+        },
+        TYPE_RESYNC_ACK => Message::ResyncAck {
+            received_bytes: r.u64()?,
+        },
         TYPE_RESYNC_END => Message::ResyncEnd { lsn: r.u64()? },
         TYPE_DIRTY_RANGES => {
             let last = r.bool()?;
             let count = r.u32()? as usize;
             if count > MAX_DIRTY_RANGES_PER_FRAME {
-                return Err(FrameError::TooManyEntries { count, max: MAX_DIRTY_RANGES_PER_FRAME });
+                return Err(FrameError::TooManyEntries {
+                    count,
+                    max: MAX_DIRTY_RANGES_PER_FRAME,
+                });
             }
             // Allocate only what the payload can actually hold, whatever the count says.
             let mut ranges = Vec::with_capacity(count.min(r.payload.remaining() / 16));
             for _ in 0..count {
-                ranges.push(DirtyRange { offset_bytes: r.u64()?, len_bytes: r.u64()? });
+                ranges.push(DirtyRange {
+                    offset_bytes: r.u64()?,
+                    len_bytes: r.u64()?,
+                });
             }
             Message::DirtyRanges { ranges, last }
         }
@@ -694,9 +821,549 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
             let generation = if r.bool()? { Some(r.entry()?) } else { None };
             Message::RoleChange { role, generation }
         }
-        TYPE_GOODBYE => Message::Goodbye { reason: r.string()? },
+        TYPE_GOODBYE => Message::Goodbye {
+            reason: r.string()?,
+        },
         other => return Err(FrameError::UnknownType(other)),
     };
     r.finish()?;
     Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn unhex(text: &str) -> Vec<u8> {
+        let text: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// The one codec check: `message` encodes to a frame of type `type_byte` whose payload is
+    /// exactly `payload_hex`, with the header and CRC computed independently here, and that
+    /// frame decodes back to `message`, consuming all of it.
+    fn check(type_byte: u8, payload_hex: &str, message: Message) {
+        let payload = unhex(payload_hex);
+        let mut expected = vec![0x11, 0xfe, 0x01, type_byte, 0, 0, 0, 0];
+        expected.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&expected);
+        crc.update(&[0; 4]);
+        crc.update(&payload);
+        expected.extend_from_slice(&crc.finalize().to_le_bytes());
+        expected.extend_from_slice(&payload);
+
+        let mut encoded = BytesMut::new();
+        encode(&message, &mut encoded).unwrap();
+        assert_eq!(hex(&encoded), hex(&expected), "encoding of {message:?}");
+        let mut buf = BytesMut::from(&expected[..]);
+        assert_eq!(decode(&mut buf), Ok(Some(message)));
+        assert!(buf.is_empty());
+    }
+
+    fn entry(generation: u64, start_lsn: u64, node: &str) -> GenerationEntry {
+        GenerationEntry {
+            generation,
+            start_lsn,
+            promoted_by: node.to_owned(),
+        }
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            protocol_version: 1,
+            node: "a".into(),
+            volume: "vol".into(),
+            size_bytes: 4096,
+            role: Role::Primary,
+            generation: GenerationInfo {
+                volume_id: 0x1122,
+                history: vec![entry(0x10005, 1, "a")],
+                head_lsn: 9,
+            },
+            durable_lsn: 8,
+            applied_lsn: 7,
+        }
+    }
+
+    #[test]
+    fn hello_and_handshake_bytes_are_exact() {
+        let payload = concat!(
+            "0100",
+            "0100",
+            "61",
+            "0300",
+            "766f6c",
+            "0010000000000000",
+            "01", // version, node, volume, size, role
+            "2211000000000000",
+            "0900000000000000",
+            "0800000000000000",
+            "0700000000000000", // id, head, durable, applied
+            "0100",
+            "0500010000000000",
+            "0100000000000000",
+            "0100",
+            "61", // one history entry
+        );
+        check(TYPE_HELLO, payload, Message::Hello(hello()));
+        check(
+            TYPE_WELCOME,
+            "01 0000000000000000 0000000000000000",
+            Message::Welcome {
+                decision: Decision::Same,
+            },
+        );
+        check(
+            TYPE_WELCOME,
+            "03 0500010000000000 0400000000000000",
+            Message::Welcome {
+                decision: Decision::RemoteAhead {
+                    common_generation: 0x10005,
+                    common_lsn: 4,
+                },
+            },
+        );
+        check(
+            TYPE_WELCOME,
+            "04 0500010000000000 0400000000000000",
+            Message::Welcome {
+                decision: Decision::SplitBrain {
+                    common_generation: 0x10005,
+                    common_lsn: 4,
+                },
+            },
+        );
+        check(
+            TYPE_WELCOME,
+            "08 0000000000000000 0000000000000000",
+            Message::Welcome {
+                decision: Decision::BothPrimary,
+            },
+        );
+        check(
+            TYPE_REFUSE,
+            "03 0200 6869",
+            Message::Refuse {
+                code: RefuseCode::SizeMismatch,
+                reason: "hi".into(),
+            },
+        );
+    }
+
+    #[test]
+    fn replication_bytes_are_exact() {
+        let write = WriteRecord {
+            lsn: 5,
+            kind: RecordKind::Write,
+            fua: true,
+            offset_bytes: 4096,
+            len_bytes: 3,
+            data: Bytes::from_static(b"abc"),
+        };
+        check(
+            TYPE_WRITE,
+            "0500000000000000 01 01 0010000000000000 03000000 616263",
+            Message::Write(write),
+        );
+        let zero = WriteRecord {
+            lsn: 6,
+            kind: RecordKind::Punch,
+            fua: false,
+            offset_bytes: 0,
+            len_bytes: 1 << 20,
+            data: Bytes::new(),
+        };
+        check(
+            TYPE_WRITE,
+            "0600000000000000 03 00 0000000000000000 00001000",
+            Message::Write(zero),
+        );
+        check(
+            TYPE_ACK,
+            "0700000000000000 0600000000000000",
+            Message::Ack {
+                journal_lsn: 7,
+                durable_lsn: 6,
+            },
+        );
+        check(
+            TYPE_FLUSH,
+            "0900000000000000",
+            Message::Flush { upto_lsn: 9 },
+        );
+        check(
+            TYPE_HEARTBEAT,
+            "e803000000000000 0200000000000000",
+            Message::Heartbeat {
+                sent_at_us: 1000,
+                seq: 2,
+            },
+        );
+        check(
+            TYPE_HEARTBEAT_REPLY,
+            "e803000000000000 0200000000000000",
+            Message::HeartbeatReply {
+                sent_at_us: 1000,
+                seq: 2,
+            },
+        );
+        check(
+            TYPE_GOODBYE,
+            "0400 62796521",
+            Message::Goodbye {
+                reason: "bye!".into(),
+            },
+        );
+        check(
+            TYPE_ROLE_CHANGE,
+            "02 00",
+            Message::RoleChange {
+                role: Role::Secondary,
+                generation: None,
+            },
+        );
+        check(
+            TYPE_ROLE_CHANGE,
+            "01 01 0100020000000000 0a00000000000000 0100 62",
+            Message::RoleChange {
+                role: Role::Primary,
+                generation: Some(entry(0x20001, 10, "b")),
+            },
+        );
+    }
+
+    #[test]
+    fn resync_bytes_are_exact() {
+        check(
+            TYPE_RESYNC_BEGIN,
+            "02 0000100000000000 2a00000000000000",
+            Message::ResyncBegin {
+                kind: ResyncKind::Delta,
+                total_bytes: 1 << 20,
+                target_lsn: 42,
+            },
+        );
+        check(
+            TYPE_RESYNC_DATA,
+            "0020000000000000 02000000 ffee",
+            Message::ResyncData {
+                offset_bytes: 8192,
+                data: Bytes::from_static(&[0xff, 0xee]),
+            },
+        );
+        check(
+            TYPE_RESYNC_ZERO,
+            "0000000000000000 0000010000000000",
+            Message::ResyncZero {
+                offset_bytes: 0,
+                len_bytes: 1 << 16,
+            },
+        );
+        check(
+            TYPE_RESYNC_ACK,
+            "0200000000000000",
+            Message::ResyncAck { received_bytes: 2 },
+        );
+        check(
+            TYPE_RESYNC_END,
+            "2a00000000000000",
+            Message::ResyncEnd { lsn: 42 },
+        );
+        let ranges = vec![DirtyRange {
+            offset_bytes: 4096,
+            len_bytes: 512,
+        }];
+        check(
+            TYPE_DIRTY_RANGES,
+            "01 01000000 0010000000000000 0002000000000000",
+            Message::DirtyRanges { ranges, last: true },
+        );
+    }
+
+    #[test]
+    fn partial_frames_wait_and_consume_nothing() {
+        let mut encoded = BytesMut::new();
+        encode(&Message::Flush { upto_lsn: 1 }, &mut encoded).unwrap();
+        encode(
+            &Message::Ack {
+                journal_lsn: 1,
+                durable_lsn: 0,
+            },
+            &mut encoded,
+        )
+        .unwrap();
+        for cut in 0..HEADER_BYTES + 8 {
+            let mut buf = BytesMut::from(&encoded[..cut]);
+            assert_eq!(decode(&mut buf), Ok(None));
+            assert_eq!(buf.len(), cut);
+        }
+        let mut buf = encoded.clone();
+        assert_eq!(decode(&mut buf), Ok(Some(Message::Flush { upto_lsn: 1 })));
+        assert_eq!(
+            decode(&mut buf),
+            Ok(Some(Message::Ack {
+                journal_lsn: 1,
+                durable_lsn: 0
+            }))
+        );
+        assert_eq!(decode(&mut buf), Ok(None));
+    }
+
+    #[test]
+    fn oversized_and_malformed_frames_are_refused() {
+        let mut header = BytesMut::from(&unhex("11fe 01 05 0000 0000 00008100 00000000")[..]);
+        assert_eq!(
+            decode(&mut header),
+            Err(FrameError::FrameTooLarge {
+                length_bytes: 0x0081_0000
+            })
+        );
+        let mut bad_magic = BytesMut::from(&[0u8; 16][..]);
+        assert_eq!(
+            decode(&mut bad_magic),
+            Err(FrameError::BadMagic { found: 0 })
+        );
+        let long = "x".repeat(MAX_STRING_BYTES + 1);
+        let mut out = BytesMut::new();
+        assert_eq!(
+            encode(&Message::Goodbye { reason: long }, &mut out),
+            Err(FrameError::StringTooLong {
+                len_bytes: MAX_STRING_BYTES + 1
+            })
+        );
+        assert!(out.is_empty(), "a refused encode writes nothing");
+        let bad = WriteRecord {
+            lsn: 1,
+            kind: RecordKind::Write,
+            fua: false,
+            offset_bytes: 0,
+            len_bytes: 4,
+            data: Bytes::from_static(b"abc"),
+        };
+        assert!(encode(&Message::Write(bad), &mut out).is_err());
+    }
+
+    fn arb_string() -> impl Strategy<Value = String> {
+        "[a-z0-9-]{0,20}"
+    }
+
+    fn arb_entry() -> impl Strategy<Value = GenerationEntry> {
+        (any::<u64>(), any::<u64>(), arb_string()).prop_map(
+            |(generation, start_lsn, promoted_by)| GenerationEntry {
+                generation,
+                start_lsn,
+                promoted_by,
+            },
+        )
+    }
+
+    fn arb_role() -> impl Strategy<Value = Role> {
+        prop_oneof![Just(Role::Primary), Just(Role::Secondary)]
+    }
+
+    fn arb_decision() -> impl Strategy<Value = Decision> {
+        (0u8..8, any::<u64>(), any::<u64>()).prop_map(|(tag, common_generation, common_lsn)| {
+            match tag {
+                0 => Decision::Same,
+                1 => Decision::LocalAhead {
+                    common_generation,
+                    common_lsn,
+                },
+                2 => Decision::RemoteAhead {
+                    common_generation,
+                    common_lsn,
+                },
+                3 => Decision::SplitBrain {
+                    common_generation,
+                    common_lsn,
+                },
+                4 => Decision::Unrelated,
+                5 => Decision::LocalEmpty,
+                6 => Decision::RemoteEmpty,
+                _ => Decision::BothPrimary,
+            }
+        })
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let data = proptest::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from);
+        prop_oneof![
+            (
+                any::<u16>(),
+                arb_string(),
+                arb_string(),
+                any::<u64>(),
+                arb_role(),
+                any::<[u64; 5]>(),
+                proptest::collection::vec(arb_entry(), 0..4)
+            )
+                .prop_map(
+                    |(protocol_version, node, volume, size_bytes, role, n, history)| Message::Hello(
+                        Hello {
+                            protocol_version,
+                            node,
+                            volume,
+                            size_bytes,
+                            role,
+                            generation: GenerationInfo {
+                                volume_id: n[0],
+                                history,
+                                head_lsn: n[1]
+                            },
+                            durable_lsn: n[2],
+                            applied_lsn: n[3],
+                        }
+                    )
+                ),
+            arb_decision().prop_map(|decision| Message::Welcome { decision }),
+            arb_string().prop_map(|reason| Message::Refuse {
+                code: RefuseCode::WrongNode,
+                reason
+            }),
+            (
+                any::<u64>(),
+                0u8..3,
+                any::<bool>(),
+                any::<u64>(),
+                any::<u32>(),
+                data.clone()
+            )
+                .prop_map(|(lsn, kind, fua, offset_bytes, len, data)| {
+                    let kind =
+                        [RecordKind::Write, RecordKind::Zero, RecordKind::Punch][kind as usize];
+                    let (len_bytes, data) = if kind.has_payload() {
+                        (data.len() as u32, data)
+                    } else {
+                        (len, Bytes::new())
+                    };
+                    Message::Write(WriteRecord {
+                        lsn,
+                        kind,
+                        fua,
+                        offset_bytes,
+                        len_bytes,
+                        data,
+                    })
+                }),
+            (any::<u64>(), any::<u64>()).prop_map(|(journal_lsn, durable_lsn)| Message::Ack {
+                journal_lsn,
+                durable_lsn
+            }),
+            any::<u64>().prop_map(|upto_lsn| Message::Flush { upto_lsn }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(sent_at_us, seq)| Message::Heartbeat { sent_at_us, seq }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(sent_at_us, seq)| Message::HeartbeatReply { sent_at_us, seq }),
+            (any::<bool>(), any::<u64>(), any::<u64>()).prop_map(
+                |(full, total_bytes, target_lsn)| Message::ResyncBegin {
+                    kind: if full {
+                        ResyncKind::Full
+                    } else {
+                        ResyncKind::Delta
+                    },
+                    total_bytes,
+                    target_lsn
+                }
+            ),
+            (any::<u64>(), data)
+                .prop_map(|(offset_bytes, data)| Message::ResyncData { offset_bytes, data }),
+            (any::<u64>(), any::<u64>()).prop_map(|(offset_bytes, len_bytes)| {
+                Message::ResyncZero {
+                    offset_bytes,
+                    len_bytes,
+                }
+            }),
+            any::<u64>().prop_map(|received_bytes| Message::ResyncAck { received_bytes }),
+            any::<u64>().prop_map(|lsn| Message::ResyncEnd { lsn }),
+            (
+                proptest::collection::vec((any::<u64>(), any::<u64>()), 0..10),
+                any::<bool>()
+            )
+                .prop_map(|(ranges, last)| Message::DirtyRanges {
+                    ranges: ranges
+                        .into_iter()
+                        .map(|(offset_bytes, len_bytes)| DirtyRange {
+                            offset_bytes,
+                            len_bytes
+                        })
+                        .collect(),
+                    last
+                }),
+            (arb_role(), proptest::option::of(arb_entry()))
+                .prop_map(|(role, generation)| Message::RoleChange { role, generation }),
+            arb_string().prop_map(|reason| Message::Goodbye { reason }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(messages in proptest::collection::vec(arb_message(), 1..5)) {
+            let mut buf = BytesMut::new();
+            for message in &messages {
+                encode(message, &mut buf).unwrap();
+            }
+            for message in &messages {
+                let decoded = decode(&mut buf).unwrap();
+                prop_assert_eq!(decoded.as_ref(), Some(message));
+            }
+            prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_or_over_read(bytes in proptest::collection::vec(any::<u8>(), 0..200), valid_header in any::<bool>()) {
+            let mut bytes = bytes;
+            if valid_header && bytes.len() >= 4 {
+                // Give the payload parsers a chance: a valid magic and version.
+                bytes[..3].copy_from_slice(&[0x11, 0xfe, 0x01]);
+            }
+            let mut buf = BytesMut::from(&bytes[..]);
+            let given = buf.len();
+            if let Ok(Some(_)) = decode(&mut buf) {
+                prop_assert!(buf.len() < given);
+            } else {
+                prop_assert!(buf.len() <= given);
+            }
+        }
+
+        #[test]
+        fn arbitrary_payloads_with_valid_crc_never_panic(type_byte in 0u8..20, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut frame = vec![0x11, 0xfe, 0x01, type_byte, 0, 0, 0, 0];
+            frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&frame);
+            crc.update(&[0; 4]);
+            crc.update(&payload);
+            frame.extend_from_slice(&crc.finalize().to_le_bytes());
+            frame.extend_from_slice(&payload);
+            let _ = decode(&mut BytesMut::from(&frame[..]));
+        }
+
+        #[test]
+        fn single_bit_flips_are_detected(message in arb_message(), bit_seed in any::<u64>()) {
+            let mut frame = BytesMut::new();
+            encode(&message, &mut frame).unwrap();
+            let bit = (bit_seed % (frame.len() as u64 * 8)) as usize;
+            frame[bit / 8] ^= 1 << (bit % 8);
+            let mut buf = frame.clone();
+            let result = decode(&mut buf);
+            if result == Ok(None) {
+                // The flip grew the length field: the bytes that follow on the stream complete
+                // the frame, and the checksum catches it then.
+                let declared = u32::from_le_bytes(frame[8..12].try_into().unwrap()) as usize;
+                buf.resize(HEADER_BYTES + declared, 0);
+                prop_assert!(decode(&mut buf).is_err());
+            } else {
+                prop_assert!(result.is_err(), "flipped bit {} accepted", bit);
+            }
+        }
+    }
 }

@@ -332,10 +332,16 @@ impl Relay {
             link_free_at: [None, None],
             last_release_at: [None, None],
         };
+        let (ready_sender, ready) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("ferry-relay".to_string())
-            .spawn(move || worker.run())
+            .spawn(move || worker.run(ready_sender))
             .expect("spawn relay thread");
+        // Wait until the thread runs: a datagram is stamped when the thread reads it, and a
+        // thread that takes milliseconds to get scheduled would add them to the first delays.
+        ready
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the relay thread started");
         Relay {
             addr_for_a,
             addr_for_b,
@@ -385,6 +391,17 @@ impl Relay {
             shared: Arc::clone(&self.shared),
             directions,
         }
+    }
+
+    /// Datagrams the kernel dropped because a relay socket's receive buffer was full: traffic
+    /// offered faster than the relay forwards (about 190k datagrams/s on the project's VM).
+    /// These never reach the relay's counters, so a test that counts losses checks this is 0.
+    pub fn kernel_receive_drops(&self) -> u64 {
+        let table = std::fs::read_to_string("/proc/net/udp").expect("read /proc/net/udp");
+        [self.addr_for_a, self.addr_for_b]
+            .iter()
+            .map(|address| udp_socket_drops(&table, address.port()))
+            .sum()
     }
 
     /// The last source address seen on `addr_for_a` (that is, A's sending address).
@@ -464,6 +481,22 @@ fn setsockopt_int(fd: RawFd, option: libc::c_int, value: libc::c_int) -> io::Res
     }
 }
 
+/// The `drops` column of the loopback socket bound to `port` in `/proc/net/udp` (local
+/// addresses there are hex, `0100007F:PORT` for 127.0.0.1 on little-endian hosts).
+fn udp_socket_drops(table: &str, port: u16) -> u64 {
+    let local = format!("{:08X}:{port:04X}", u32::from_ne_bytes([127, 0, 0, 1]));
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(1) == Some(&local.as_str()))
+                .then(|| fields.last().and_then(|drops| drops.parse::<u64>().ok()))
+                .flatten()
+        })
+        .sum()
+}
+
 /// A datagram waiting for its release instant.
 struct Held {
     release_at: Instant,
@@ -512,8 +545,9 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self) {
+    fn run(mut self, ready: std::sync::mpsc::SyncSender<()>) {
         set_timer_slack_minimal();
+        ready.send(()).expect("Relay::start waits for this");
         let mut buffer = vec![0u8; DATAGRAM_BYTES_MAX];
         loop {
             self.release_due(Instant::now());
@@ -866,6 +900,7 @@ mod tests {
                 assert_eq!(echo, payload);
             }
         }
+        assert_eq!(relay.kernel_receive_drops(), 0);
         assert_eq!(relay.last_source_a(), Some(a.addr()));
         assert_eq!(relay.last_source_b(), Some(b.addr()));
         for link in [relay.a_to_b(), relay.b_to_a()] {
@@ -1126,27 +1161,37 @@ mod tests {
     #[test]
     fn relay_delay_does_not_serialize_a_burst() {
         let (a, b, relay) = setup(harness::test_seed("relay_delay_burst"));
-        relay.a_to_b().set_delay(Duration::from_millis(5));
-        let count = 500;
-        let started_at = Instant::now();
+        let delay = Duration::from_millis(5);
+        relay.a_to_b().set_delay(delay);
+        let count = 500u64;
+        let mut sent_at = Vec::new();
         for sequence in 0..count {
+            sent_at.push(Instant::now());
             a.send(relay.addr_for_a(), &sequence_payload(sequence, 1200));
         }
-        let sent_in = started_at.elapsed();
-        let mut arrivals = Vec::new();
+        let mut one_way = Vec::new();
         for expected in 0..count {
             let (payload, _) = b.receive(WAIT_MAX).expect("forwarded");
-            arrivals.push(started_at.elapsed());
+            one_way.push(sent_at[expected as usize].elapsed());
             assert_eq!(sequence_of(&payload), expected, "a burst stays in order");
         }
-        eprintln!("{:?}", arrivals.iter().step_by(50).collect::<Vec<_>>());
-        let last_arrival = *arrivals.last().expect("arrivals");
-        assert!(arrivals[0] >= Duration::from_millis(5), "{arrivals:?}");
-        eprintln!("{count} datagrams sent in {sent_in:?}, the last arrived at {last_arrival:?}");
-        // Each datagram leaves 5 ms after it arrived, not after the one before it left.
+        let minimum = *one_way.iter().min().expect("one way");
+        let maximum = *one_way.iter().max().expect("one way");
+        let median_one_way = median(one_way);
+        eprintln!(
+            "burst of {count} at 5 ms: one way min {minimum:?}, median {median_one_way:?}, \
+             max {maximum:?}"
+        );
+        assert!(minimum >= delay, "min {minimum:?}");
+        // Each datagram waits its own 5 ms: the burst arrives spread over about as long as it
+        // took to send (plus a few microseconds per datagram for the relay to send it, plus
+        // scheduling noise when other tests load the CPUs). Serializing each datagram's delay
+        // behind the one before would spread it over 500 × 5 ms = 2.5 s.
+        let spread = maximum - minimum;
+        assert!(spread < Duration::from_millis(25), "spread {spread:?}");
         assert!(
-            last_arrival < sent_in + Duration::from_millis(9),
-            "the last of {count} arrived at {last_arrival:?}"
+            maximum < delay + Duration::from_millis(100),
+            "max {maximum:?}"
         );
         assert_eq!(
             settled_stats(&relay.a_to_b(), count).forwarded_datagrams,

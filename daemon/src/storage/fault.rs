@@ -241,6 +241,14 @@ impl FaultDisk {
 
     /// The process is killed: unsynced writes stay in the (surviving) page cache; existing
     /// handles fail every I/O from now on.
+    /// Disarms every fault set but not yet fired (the next boot should start clean).
+    pub fn clear_faults(&self) {
+        let mut state = self.lock();
+        state.fail_write_at = None;
+        state.tear_write_at = None;
+        state.fail_sync_at = None;
+    }
+
     pub fn crash_process(&self) {
         self.lock().boot += 1;
     }
