@@ -493,3 +493,146 @@ fn failed_journal_write_fails_the_volume_and_loses_nothing_completed() {
 fn failed_apply_fails_the_volume_and_loses_nothing_completed() {
     run(Fault::FailedApplyThenCrash);
 }
+
+/// Holds every device write until the test opens the gate: the applier stalls, so the journal
+/// fills up.
+struct Gated {
+    inner: Arc<dyn Storage>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Storage for Gated {
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn write_at(
+        &self,
+        offset: u64,
+        bufs: Vec<SharedBuf>,
+        dsync: bool,
+    ) -> IoFuture<'_, std::io::Result<()>> {
+        let mut open = self.open.clone();
+        Box::pin(async move {
+            let _ = open.wait_for(|open| *open).await;
+            self.inner.write_at(offset, bufs, dsync).await
+        })
+    }
+    fn read_at(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> IoFuture<'_, (std::io::Result<()>, AlignedBuf)> {
+        self.inner.read_at(offset, buf)
+    }
+    fn sync(&self) -> IoFuture<'_, std::io::Result<()>> {
+        self.inner.sync()
+    }
+    fn zero_range(&self, offset: u64, len: u64, punch: bool) -> IoFuture<'_, std::io::Result<()>> {
+        let mut open = self.open.clone();
+        Box::pin(async move {
+            let _ = open.wait_for(|open| *open).await;
+            self.inner.zero_range(offset, len, punch).await
+        })
+    }
+}
+
+/// A full journal makes writes wait for the applier: they neither fail nor complete early,
+/// memory stays bounded, the wait is counted, and everything completes once apply resumes.
+#[test]
+fn full_journal_makes_writes_wait_then_completes_them() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        const BLOCKS: u64 = 2048; // 8 MiB volume
+        let device = crate::storage::MemStorage::new(BLOCKS * BLOCK as u64);
+        let journal = crate::storage::MemStorage::new(JOURNAL_BYTES);
+        Journal::format(&*journal, BLOCKS * BLOCK as u64)
+            .await
+            .expect("format");
+        let (gate, open) = tokio::sync::watch::channel(false);
+        let gated: Arc<dyn Storage> = Arc::new(Gated {
+            inner: device.clone(),
+            open,
+        });
+        let metrics = Metrics::new();
+        let volume = Arc::new(
+            Volume::open_on(
+                "full",
+                gated,
+                journal,
+                Role::Primary,
+                metrics.volume("full"),
+                "mem".into(),
+            )
+            .await
+            .expect("open"),
+        );
+        // Each 4 KiB write takes 8 KiB of ring; twice the ring's worth cannot fit.
+        let writes = 2 * JOURNAL_BYTES / (2 * BLOCK as u64);
+        let done = Rc::new(RefCell::new(0u64));
+        let local = tokio::task::LocalSet::new();
+        for i in 0..writes {
+            let (volume, done) = (volume.clone(), done.clone());
+            local.spawn_local(async move {
+                let b = i % BLOCKS;
+                volume
+                    .write(
+                        b * BLOCK as u64,
+                        AlignedBuf::copy_from(&pattern(i + 1, b)).freeze(),
+                        false,
+                    )
+                    .await
+                    .expect("a full journal never fails a write");
+                *done.borrow_mut() += 1;
+            });
+        }
+        local
+            .run_until(async {
+                // Let the writers run until the ring is full and they stall.
+                for _ in 0..200 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let stats = volume.journal_stats();
+                let completed = *done.borrow();
+                assert!(
+                    completed < writes,
+                    "all {writes} writes completed while the device was stalled"
+                );
+                assert!(
+                    stats.full_waits > 0,
+                    "waiting writes were not counted: {stats:?}"
+                );
+                assert!(
+                    stats.used_bytes <= stats.capacity_bytes,
+                    "ring over-committed: {stats:?}"
+                );
+                assert!(metrics
+                    .gather_text()
+                    .contains("ferry_journal_full_waits_total{volume=\"full\"}"));
+                gate.send(true).expect("gate");
+            })
+            .await;
+        local.await;
+        assert_eq!(*done.borrow(), writes);
+        // The newest write to each block wins.
+        for b in [0, 1, BLOCKS - 1] {
+            let last = (0..writes)
+                .filter(|i| i % BLOCKS == b)
+                .max()
+                .expect("block written");
+            let data = volume
+                .read(b * BLOCK as u64, BLOCK as u32)
+                .await
+                .expect("read");
+            assert_eq!(identify(&data, b), Some(last + 1), "block {b}");
+        }
+        volume.close().await;
+        assert_eq!(
+            volume.journal_stats().used_bytes,
+            0,
+            "close applies and releases everything"
+        );
+    });
+}

@@ -47,14 +47,18 @@ const MAX_IOVECS_PER_WRITE: usize = 1024;
 const MAX_APPLY_WRITE_BYTES: u64 = 8 << 20;
 /// Device writes the applier keeps in flight at once.
 const MAX_APPLY_WAVE: usize = 64;
+/// Device writes in flight while the journal is keeping up (see `Applier::run`).
+const IDLE_APPLY_WAVE: usize = 8;
 /// Batches the applier takes per round before making the device durable.
 const MAX_APPLY_BATCHES: usize = 4096;
 /// Journal bytes the applier gathers at most before applying them: the index holds their
 /// payloads in memory until then, so this bounds the daemon's memory per volume.
-const MAX_UNAPPLIED_ROUND_BYTES: u64 = 64 << 20;
+const MAX_UNAPPLIED_ROUND_BYTES: u64 = 32 << 20;
 /// Unapplied payload bytes held in memory at most; past this, writes wait for the applier
 /// exactly as they do when the ring is full.
 const MAX_UNAPPLIED_MEMORY_BYTES: u64 = 2 * MAX_UNAPPLIED_ROUND_BYTES;
+/// "Journal full" is logged at most this often; the metrics count every episode.
+const FULL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long the applier gathers batches before applying them as one round.
 const APPLY_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 /// Smallest journal that can hold two of the largest batches plus a wrap.
@@ -158,6 +162,7 @@ impl Shared {
         if failure.is_none() {
             tracing::error!(%error, "journal failed; refusing further writes until restart");
             *failure = Some(error.to_string());
+            self.metrics.volume_failed.set(1);
         }
         self.failed.store(true, Ordering::SeqCst);
     }
@@ -299,6 +304,7 @@ impl Journal {
             events_tx,
             apply_tx: Some(apply_tx),
             full_since: None,
+            full_logged_at: None,
         };
         tokio::spawn(writer.run(request_rx, events_rx));
         Ok((Journal { requests, shared }, report, superblock))
@@ -651,6 +657,8 @@ struct Writer {
     apply_tx: Option<mpsc::UnboundedSender<CompletedBatch>>,
     /// When the writer started waiting for space, for the full-wait metric.
     full_since: Option<Instant>,
+    /// When "journal full" was last logged: once per interval, not once per episode.
+    full_logged_at: Option<Instant>,
 }
 
 impl Writer {
@@ -931,12 +939,19 @@ impl Writer {
                         .metrics
                         .journal_full_waits_total
                         .inc_by(count as u64);
-                    tracing::warn!(
-                        used_bytes = self.used_bytes,
-                        capacity_bytes = self.ring_bytes,
-                        unapplied_bytes,
-                        "journal full: writes wait for apply"
-                    );
+                    let now = Instant::now();
+                    if self
+                        .full_logged_at
+                        .is_none_or(|at| now.duration_since(at) >= FULL_LOG_INTERVAL)
+                    {
+                        self.full_logged_at = Some(now);
+                        tracing::warn!(
+                            used_bytes = self.used_bytes,
+                            capacity_bytes = self.ring_bytes,
+                            unapplied_bytes,
+                            "journal full: writes wait for apply"
+                        );
+                    }
                 }
                 return;
             }
@@ -1114,7 +1129,15 @@ impl Applier {
                     Ok(None) | Err(_) => break,
                 }
             }
-            if let Err(error) = self.apply_round(&round).await {
+            // A round cut short by size means writes are arriving faster than they are applied:
+            // apply with full concurrency. Otherwise trickle, so that the device queue stays
+            // short for the journal writes that clients are waiting on.
+            let wave = if ring_bytes >= eager_bytes {
+                MAX_APPLY_WAVE
+            } else {
+                IDLE_APPLY_WAVE
+            };
+            if let Err(error) = self.apply_round(&round, wave).await {
                 self.shared.fail(&error);
                 let _ = self.events.send(Event::ApplyFailed(error));
                 break;
@@ -1123,7 +1146,11 @@ impl Applier {
         let _ = self.events.send(Event::ApplierDone);
     }
 
-    async fn apply_round(&mut self, round: &[CompletedBatch]) -> Result<(), JournalError> {
+    async fn apply_round(
+        &mut self,
+        round: &[CompletedBatch],
+        wave: usize,
+    ) -> Result<(), JournalError> {
         let records: Vec<&ApplyRecord> = round.iter().flat_map(|b| b.records.iter()).collect();
         // Coalesce the round: replaying its records in LSN order into a private index leaves
         // the newest contents of every range, as disjoint pieces. Writing those pieces gives the
@@ -1179,7 +1206,7 @@ impl Applier {
             }
         }
         drop(coalesced);
-        for wave in writes.chunks(MAX_APPLY_WAVE) {
+        for wave in writes.chunks(wave) {
             self.apply_wave(wave).await?;
         }
         self.device

@@ -88,6 +88,7 @@ pub struct Metrics {
     recovery_replayed_records: IntGaugeVec,
     recovery_replayed_bytes: IntGaugeVec,
     recovery_torn_tail_bytes: IntGaugeVec,
+    volume_failed: IntGaugeVec,
 }
 
 /// Handles for one volume. Cloning is cheap (reference counts).
@@ -112,6 +113,9 @@ pub struct VolumeMetrics {
     pub recovery_replayed_records: IntGauge,
     pub recovery_replayed_bytes: IntGauge,
     pub recovery_torn_tail_bytes: IntGauge,
+    /// `ferry_volume_failed`: 1 once a journal or device I/O failed and the volume stopped
+    /// serving writes (until restart).
+    pub volume_failed: IntGauge,
     role_primary: IntGauge,
     role_secondary: IntGauge,
     role_vec: IntGaugeVec,
@@ -313,6 +317,11 @@ impl Metrics {
                 "Bytes of torn journal tail dropped by the last start.",
                 &["volume"],
             ),
+            volume_failed: int_gauge(
+                "ferry_volume_failed",
+                "1 when a journal or device I/O failed and the volume serves no writes until restart.",
+                &["volume"],
+            ),
             registry,
         };
         Arc::new(metrics)
@@ -340,6 +349,7 @@ impl Metrics {
             recovery_replayed_records: v(&self.recovery_replayed_records),
             recovery_replayed_bytes: v(&self.recovery_replayed_bytes),
             recovery_torn_tail_bytes: v(&self.recovery_torn_tail_bytes),
+            volume_failed: v(&self.volume_failed),
             role_primary: self.volume_role.with_label_values(&[name, "primary"]),
             role_secondary: self.volume_role.with_label_values(&[name, "secondary"]),
             role_vec: self.volume_role.clone(),

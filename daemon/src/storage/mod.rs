@@ -36,7 +36,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
-pub use buf::{align_up, AlignedBuf, SharedBuf, DIRECT_ALIGN};
+pub use buf::{align_up, AlignedBuf, SharedBuf, DIRECT_ALIGN, MEMORY_ALIGN};
 pub use fault::FaultDisk;
 pub use mem::MemStorage;
 
