@@ -36,7 +36,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// A self-contained metro + regional scenario on this machine.
+    /// Ferry on an embedded default: a journaled volume written through NBD, killed with
+    /// SIGKILL mid-work, restarted and verified; prints latencies and what recovery replayed.
     Demo,
     /// Roles, replica states, lag and journal use.
     Status {
