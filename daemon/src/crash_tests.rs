@@ -33,6 +33,8 @@ const BLOCKS_PER_TASK: u64 = 32;
 const VOLUME_BYTES: u64 = TASKS * BLOCKS_PER_TASK * BLOCK as u64;
 const JOURNAL_BYTES: u64 = crate::journal::MIN_JOURNAL_BYTES;
 const ZERO: u64 = 0;
+/// Boots per round: each ends in the round's fault.
+const EPOCHS: u64 = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fault {
@@ -63,6 +65,8 @@ struct Model {
     blocks: Vec<Vec<Event>>,
     /// (issued, completed) of every FLUSH that completed.
     flushes: Vec<(u64, u64)>,
+    /// What each block held when this boot started (a write's value, or ZERO).
+    initial: Vec<u64>,
 }
 
 impl Model {
@@ -90,7 +94,7 @@ impl Model {
         let events = &self.blocks[b];
         let mut allowed = Vec::new();
         if !events.iter().any(kept) {
-            allowed.push(ZERO);
+            allowed.push(self.initial[b]);
         }
         for e in events {
             // A write is superseded by a kept write issued after it completed.
@@ -232,16 +236,94 @@ async fn round(seed: u64, fault: Fault) {
         .await
         .expect("format");
     disks.journal.storage().sync().await.expect("sync");
-    let volume = Arc::new(open(&disks, seed).await);
+    let power_loss = matches!(fault, Fault::PowerLoss | Fault::TornWriteThenPowerLoss);
+    let next_value = Rc::new(RefCell::new(1u64));
+    let mut initial = vec![ZERO; (TASKS * BLOCKS_PER_TASK) as usize];
+    let mut volume = open(&disks, seed).await;
+    // Several boots on the same disks: a fault, a recovery, more writes on the recovered
+    // journal, another fault. Stale batches of an earlier boot must never come back.
+    for epoch in 0..EPOCHS {
+        let epoch_seed = seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9));
+        let model = workload(
+            Arc::new(volume),
+            &disks,
+            epoch_seed,
+            fault,
+            initial.clone(),
+            next_value.clone(),
+        )
+        .await;
+        volume = open(&disks, epoch_seed).await;
+        let report = volume.recovery();
+        println!(
+            "  epoch {epoch}: reboot replayed {} records, torn tail {} bytes, stopped: {:?}",
+            report.records_replayed, report.torn_tail_bytes, report.stopped_reason
+        );
+        for b in 0..TASKS * BLOCKS_PER_TASK {
+            let data = volume
+                .read(b * BLOCK as u64, BLOCK as u32)
+                .await
+                .expect("read after reboot");
+            let found = identify(&data, b);
+            let allowed = model.allowed(b as usize, power_loss);
+            assert!(
+                found.is_some_and(|v| allowed.contains(&v)),
+                "seed {seed}, epoch {epoch}, fault {fault:?}: block {b} holds {found:?}, allowed {allowed:?}; history {:?}",
+                model.blocks[b as usize]
+            );
+            initial[b as usize] = found.expect("checked above");
+        }
+    }
+    // The recovered volume serves writes again, and a clean close leaves exactly what was read.
+    volume
+        .write(
+            0,
+            AlignedBuf::copy_from(&pattern(u64::MAX, 0)).freeze(),
+            true,
+        )
+        .await
+        .expect("write after reboot");
+    initial[0] = u64::MAX;
+    volume.close().await;
+    drop(volume);
+    let volume = open(&disks, seed).await;
+    assert_eq!(
+        volume.recovery().records_replayed,
+        0,
+        "a clean close leaves nothing to replay"
+    );
+    for b in 0..TASKS * BLOCKS_PER_TASK {
+        let data = volume
+            .read(b * BLOCK as u64, BLOCK as u32)
+            .await
+            .expect("read");
+        assert_eq!(
+            identify(&data, b),
+            Some(initial[b as usize]),
+            "seed {seed}: block {b} changed across a clean restart"
+        );
+    }
+    volume.close().await;
+}
+
+/// One boot's workload: eight client tasks until the fault hits, then the fault finished off
+/// ("the process is dead"). Returns what the clients saw.
+async fn workload(
+    volume: Arc<Volume>,
+    disks: &Disks,
+    seed: u64,
+    fault: Fault,
+    initial: Vec<u64>,
+    next_value: Rc<RefCell<u64>>,
+) -> Model {
     let model = Rc::new(RefCell::new(Model {
         blocks: vec![Vec::new(); (TASKS * BLOCKS_PER_TASK) as usize],
+        initial,
         ..Model::default()
     }));
     let mut rng = StdRng::seed_from_u64(seed);
     let fault_at_op: u64 = rng.gen_range(50..2500);
     let ops = Rc::new(RefCell::new(0u64));
-    let next_value = Rc::new(RefCell::new(1u64));
-
     let local = tokio::task::LocalSet::new();
     for task in 0..TASKS {
         let (volume, model, ops, next_value) = (
@@ -355,7 +437,7 @@ async fn round(seed: u64, fault: Fault) {
                         .iter()
                         .rev()
                         .find(|e| e.completed.is_some())
-                        .map_or(ZERO, |e| e.value);
+                        .map_or(model.borrow().initial[b as usize], |e| e.value);
                     if op < fault_at_op {
                         assert_eq!(
                             identify(&data, b),
@@ -370,40 +452,11 @@ async fn round(seed: u64, fault: Fault) {
     }
     local.await;
     if *ops.borrow() < fault_at_op {
-        inject(fault, &disks, seed);
+        inject(fault, disks, seed);
     }
     finish(fault, &disks.device, &disks.journal, seed);
     drop(volume);
-
-    // Reboot on whatever the disks kept.
-    let power_loss = matches!(fault, Fault::PowerLoss | Fault::TornWriteThenPowerLoss);
-    let volume = open(&disks, seed).await;
-    let report = volume.recovery();
-    println!("  fault at op {fault_at_op}; reboot replayed {} records, torn tail {} bytes, stopped: {:?}", report.records_replayed, report.torn_tail_bytes, report.stopped_reason);
-    let model = model.take();
-    for b in 0..TASKS * BLOCKS_PER_TASK {
-        let data = volume
-            .read(b * BLOCK as u64, BLOCK as u32)
-            .await
-            .expect("read after reboot");
-        let found = identify(&data, b);
-        let allowed = model.allowed(b as usize, power_loss);
-        assert!(
-            found.is_some_and(|v| allowed.contains(&v)),
-            "seed {seed}, fault {fault:?}: block {b} holds {found:?}, allowed {allowed:?}; history {:?}",
-            model.blocks[b as usize]
-        );
-    }
-    // The reopened volume serves writes again.
-    volume
-        .write(
-            0,
-            AlignedBuf::copy_from(&pattern(u64::MAX, 0)).freeze(),
-            true,
-        )
-        .await
-        .expect("write after reboot");
-    volume.close().await;
+    model.take()
 }
 
 fn inject(fault: Fault, disks: &Disks, seed: u64) {
@@ -635,4 +688,141 @@ fn full_journal_makes_writes_wait_then_completes_them() {
             "close applies and releases everything"
         );
     });
+}
+
+/// A journal whose write at one file offset never completes (it never reaches the disk).
+struct HoldWrite {
+    inner: Arc<dyn Storage>,
+    hold_at: u64,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl Storage for HoldWrite {
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn write_at(
+        &self,
+        offset: u64,
+        bufs: Vec<SharedBuf>,
+        dsync: bool,
+    ) -> IoFuture<'_, std::io::Result<()>> {
+        if offset == self.hold_at && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.write_at(offset, bufs, dsync)
+    }
+    fn read_at(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> IoFuture<'_, (std::io::Result<()>, AlignedBuf)> {
+        self.inner.read_at(offset, buf)
+    }
+    fn sync(&self) -> IoFuture<'_, std::io::Result<()>> {
+        self.inner.sync()
+    }
+    fn zero_range(&self, offset: u64, len: u64, punch: bool) -> IoFuture<'_, std::io::Result<()>> {
+        self.inner.zero_range(offset, len, punch)
+    }
+}
+
+fn filled(fill: u8) -> SharedBuf {
+    AlignedBuf::copy_from(&[fill; BLOCK]).freeze()
+}
+
+async fn open_plain(device: Arc<dyn Storage>, journal: Arc<dyn Storage>) -> Volume {
+    Volume::open_on(
+        "r",
+        device,
+        journal,
+        Role::Primary,
+        Metrics::new().volume("r"),
+        "fault-disk".into(),
+    )
+    .await
+    .expect("open")
+}
+
+/// Batches written after the point where recovery stops carry the LSNs the next boot reuses.
+/// If they kept a valid identity, a later scan would replay a never-acknowledged write over a
+/// newer acknowledged one.
+#[tokio::test(flavor = "current_thread")]
+async fn regression_stale_batch_after_the_stop_point_never_comes_back() {
+    let volume_bytes = 1 << 20;
+    let device = FaultDisk::new(volume_bytes);
+    let journal = FaultDisk::new(JOURNAL_BYTES);
+    Journal::format(&*journal.storage(), volume_bytes)
+        .await
+        .expect("format");
+    // Boot 1: the first batch (ring offset 0) never reaches the disk; the second one does.
+    let hold = Arc::new(HoldWrite {
+        inner: journal.storage(),
+        hold_at: ferry_protocol::journal::RING_START_BYTES,
+        armed: Default::default(),
+    });
+    let first_boot = Arc::new(open_plain(device.storage(), hold.clone()).await);
+    hold.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let a = {
+        let v = first_boot.clone();
+        tokio::spawn(async move { v.write(0, filled(0xAA), false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let b = {
+        let v = first_boot.clone();
+        tokio::spawn(async move { v.write(0, filled(0xBB), false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        !a.is_finished() && !b.is_finished(),
+        "neither write may complete: they complete in ring order"
+    );
+    journal.crash_process();
+    device.crash_process();
+    // Boot 2: a newer write to the same block completes; its batch ends exactly where the stale
+    // second batch of boot 1 starts. A clean close moves the tail there.
+    let second_boot = open_plain(device.storage(), journal.storage()).await;
+    second_boot
+        .write(0, filled(0xCC), false)
+        .await
+        .expect("write");
+    second_boot.close().await;
+    drop(second_boot);
+    // Boot 3.
+    let third_boot = open_plain(device.storage(), journal.storage()).await;
+    let got = third_boot.read(0, BLOCK as u32).await.expect("read")[0];
+    assert_eq!(
+        got, 0xCC,
+        "the completed write 0xCC was replaced by the never-completed {got:#x}"
+    );
+}
+
+/// Closing a volume whose applier has failed must return (SIGTERM must not hang the daemon).
+#[tokio::test(flavor = "current_thread")]
+async fn regression_close_returns_after_an_apply_failure() {
+    let volume_bytes = 1 << 20;
+    let device = FaultDisk::new(volume_bytes);
+    let journal = FaultDisk::new(JOURNAL_BYTES);
+    Journal::format(&*journal.storage(), volume_bytes)
+        .await
+        .expect("format");
+    let volume = open_plain(device.storage(), journal.storage()).await;
+    device.set_fail_write(1);
+    volume
+        .write(0, filled(1), false)
+        .await
+        .expect("the journal write completes");
+    for _ in 0..100 {
+        if volume.failure().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        volume.failure().is_some(),
+        "the failed apply fails the volume"
+    );
+    tokio::time::timeout(Duration::from_secs(5), volume.close())
+        .await
+        .expect("close returns");
 }

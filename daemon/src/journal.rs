@@ -305,6 +305,7 @@ impl Journal {
             apply_tx: Some(apply_tx),
             full_since: None,
             full_logged_at: None,
+            unapplied_payload_bytes: 0,
         };
         tokio::spawn(writer.run(request_rx, events_rx));
         Ok((Journal { requests, shared }, report, superblock))
@@ -538,8 +539,20 @@ async fn recover(
         .write_at(RING_START_BYTES + pos, vec![zero], true)
         .await
         .map_err(io_err("clearing the end of the journal"))?;
+    // A new journal id for the batches of this boot. Batches of the previous boot that were
+    // written after the stop point (up to MAX_INFLIGHT_BATCHES - 1 of them, never acknowledged)
+    // carry the very LSNs this boot is about to reuse; with the old id, a later scan that
+    // reached them would replay them over newer acknowledged writes. Every live record has
+    // just been replayed and synced, so no batch still needs the old id.
+    let journal_id = loop {
+        let id: u64 = rand::random();
+        if id != superblock.journal_id {
+            break id;
+        }
+    };
     let recovered = Superblock {
         sequence: superblock.sequence + 1,
+        journal_id,
         tail_offset: pos,
         tail_lsn: lsn,
         ..superblock
@@ -598,6 +611,8 @@ struct CompletedBatch {
     end_pos: u64,
     /// Ring bytes it occupies, including space skipped by a wrap before it.
     ring_bytes: u64,
+    /// Payload bytes its records keep in memory until it is applied.
+    payload_bytes: u64,
 }
 
 struct Inflight {
@@ -606,6 +621,7 @@ struct Inflight {
     last_lsn: u64,
     end_pos: u64,
     ring_bytes: u64,
+    payload_bytes: u64,
     records: Vec<ApplyRecord>,
     waiters: Vec<(oneshot::Sender<Result<(), JournalError>>, Instant)>,
     fua: bool,
@@ -624,6 +640,7 @@ enum Event {
     },
     Released {
         ring_bytes: u64,
+        payload_bytes: u64,
     },
     ApplyFailed(JournalError),
     /// The applier has applied everything it was given and stopped.
@@ -659,6 +676,9 @@ struct Writer {
     full_since: Option<Instant>,
     /// When "journal full" was last logged: once per interval, not once per episode.
     full_logged_at: Option<Instant>,
+    /// Payload bytes of every batch submitted and not yet released by the applier: what the
+    /// journal's records keep alive in memory (index pieces, queued and in-round records).
+    unapplied_payload_bytes: u64,
 }
 
 impl Writer {
@@ -794,7 +814,11 @@ impl Writer {
                     self.start_sync();
                 }
             }
-            Event::Released { ring_bytes } => {
+            Event::Released {
+                ring_bytes,
+                payload_bytes,
+            } => {
+                self.unapplied_payload_bytes -= payload_bytes;
                 assert!(
                     ring_bytes <= self.used_bytes,
                     "released more journal space than was used"
@@ -809,10 +833,12 @@ impl Writer {
                     .set(self.used_bytes as i64);
             }
             Event::ApplyFailed(error) => {
+                // The applier has stopped: nothing may wait for it any more (close included).
+                self.apply_tx = None;
                 self.shared.fail(&error);
                 self.fail_everything();
             }
-            Event::ApplierDone => {}
+            Event::ApplierDone => self.apply_tx = None,
         }
     }
 
@@ -868,6 +894,7 @@ impl Writer {
                     last_lsn: batch.last_lsn,
                     end_pos: batch.end_pos,
                     ring_bytes: batch.ring_bytes,
+                    payload_bytes: batch.payload_bytes,
                 });
             }
         }
@@ -894,11 +921,18 @@ impl Writer {
         for (_, _, done, _) in self.pending.drain(..) {
             let _ = done.send(Err(error.clone()));
         }
+        let mut index = self.shared.index.lock().expect("index lock");
         for batch in self.inflight.drain(..) {
+            // Never written: reads must not keep returning data the client was told failed.
+            for record in &batch.records {
+                let (offset, len) = record.op.range();
+                index.remove_applied(offset, len, record.lsn);
+            }
             for (done, _) in batch.waiters {
                 let _ = done.send(Err(error.clone()));
             }
         }
+        drop(index);
         for (_, done) in self.flush_waiters.drain(..) {
             let _ = done.send(Err(error.clone()));
         }
@@ -924,7 +958,7 @@ impl Writer {
             } else {
                 (self.head, 0)
             };
-            let unapplied_bytes = self.shared.index.lock().expect("index lock").data_bytes();
+            let unapplied_bytes = self.unapplied_payload_bytes;
             if self.used_bytes + skipped_bytes + batch_bytes > self.ring_bytes
                 || unapplied_bytes >= MAX_UNAPPLIED_MEMORY_BYTES
             {
@@ -1053,12 +1087,15 @@ impl Writer {
         self.head = end_pos;
         let id = self.next_batch_id;
         self.next_batch_id += 1;
+        let payload_bytes = batch_bytes - BLOCK_BYTES as u64;
+        self.unapplied_payload_bytes += payload_bytes;
         self.inflight.push_back(Inflight {
             id,
             first_lsn,
             last_lsn,
             end_pos,
             ring_bytes,
+            payload_bytes,
             records,
             waiters,
             fua,
@@ -1241,7 +1278,11 @@ impl Applier {
             .journal_applied_lsn
             .set(last.last_lsn as i64);
         let ring_bytes = round.iter().map(|b| b.ring_bytes).sum();
-        let _ = self.events.send(Event::Released { ring_bytes });
+        let payload_bytes = round.iter().map(|b| b.payload_bytes).sum();
+        let _ = self.events.send(Event::Released {
+            ring_bytes,
+            payload_bytes,
+        });
         Ok(())
     }
 

@@ -952,7 +952,14 @@ mod tests {
         #[test]
         fn decide_never_panics(a in arb_info(), b in arb_info(), ra in any::<bool>(), rb in any::<bool>()) {
             let role = |p: bool| if p { Primary } else { Secondary };
-            prop_assert_eq!(decide(&a, role(ra), &b, role(rb)).mirror(), decide(&b, role(rb), &a, role(ra)));
+            let forward = decide(&a, role(ra), &b, role(rb));
+            let backward = decide(&b, role(rb), &a, role(ra));
+            // Antisymmetry is promised for histories a daemon can hold; on arbitrary (invalid)
+            // ones decide only has to stay total and panic-free. Found by this test:
+            // a generation starting past the head (start_lsn 4, head_lsn 0) is invalid.
+            if a.validate().is_ok() && b.validate().is_ok() {
+                prop_assert_eq!(forward.mirror(), backward);
+            }
         }
     }
 
