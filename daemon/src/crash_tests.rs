@@ -14,6 +14,8 @@
 //! Each round prints its seed; `FERRY_SEED=N` replays one round, `FERRY_LONG=1` runs many.
 
 use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -140,38 +142,36 @@ struct Disks {
     journal: FaultDisk,
 }
 
-/// Gives the simulated disks latency, so that batches overlap, FUA batches queue behind plain
-/// ones, and the applier lags behind the journal: without it every I/O completes at once and
-/// recovery would never find anything to replay.
-struct Slow {
-    inner: Arc<dyn Storage>,
-    rng: Mutex<StdRng>,
-    write_us_max: u64,
-    sync_us_max: u64,
+/// What a test's hook is told about an I/O before it reaches the disk below.
+#[derive(Clone, Copy, PartialEq)]
+enum IoKind {
+    /// A write or a zeroing, at this offset.
+    Write(u64),
+    Sync,
 }
 
-impl Slow {
+type Before = Box<dyn Fn(IoKind) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// A storage that awaits a test's hook before every write, zeroing and sync of the storage
+/// below it (reads pass straight through): latency, a stalled device, a write that never lands.
+struct Interposed {
+    inner: Arc<dyn Storage>,
+    before: Before,
+}
+
+impl Interposed {
     fn wrap(
         inner: Arc<dyn Storage>,
-        seed: u64,
-        write_us_max: u64,
-        sync_us_max: u64,
+        before: impl Fn(IoKind) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync + 'static,
     ) -> Arc<dyn Storage> {
-        Arc::new(Slow {
+        Arc::new(Interposed {
             inner,
-            rng: Mutex::new(StdRng::seed_from_u64(seed)),
-            write_us_max,
-            sync_us_max,
+            before: Box::new(before),
         })
-    }
-
-    fn delay(&self, max_us: u64) -> tokio::time::Sleep {
-        let us = self.rng.lock().expect("rng").gen_range(0..=max_us);
-        tokio::time::sleep(Duration::from_micros(us))
     }
 }
 
-impl Storage for Slow {
+impl Storage for Interposed {
     fn len_bytes(&self) -> u64 {
         self.inner.len_bytes()
     }
@@ -181,9 +181,9 @@ impl Storage for Slow {
         bufs: Vec<SharedBuf>,
         dsync: bool,
     ) -> IoFuture<'_, std::io::Result<()>> {
-        let delay = self.delay(self.write_us_max);
+        let before = (self.before)(IoKind::Write(offset));
         Box::pin(async move {
-            delay.await;
+            before.await;
             self.inner.write_at(offset, bufs, dsync).await
         })
     }
@@ -195,25 +195,46 @@ impl Storage for Slow {
         self.inner.read_at(offset, buf)
     }
     fn sync(&self) -> IoFuture<'_, std::io::Result<()>> {
-        let delay = self.delay(self.sync_us_max);
+        let before = (self.before)(IoKind::Sync);
         Box::pin(async move {
-            delay.await;
+            before.await;
             self.inner.sync().await
         })
     }
     fn zero_range(&self, offset: u64, len: u64, punch: bool) -> IoFuture<'_, std::io::Result<()>> {
-        let delay = self.delay(self.write_us_max);
+        let before = (self.before)(IoKind::Write(offset));
         Box::pin(async move {
-            delay.await;
+            before.await;
             self.inner.zero_range(offset, len, punch).await
         })
     }
 }
 
+/// Gives a simulated disk latency, so that batches overlap, FUA batches queue behind plain
+/// ones, and the applier lags behind the journal: without it every I/O completes at once and
+/// recovery would never find anything to replay.
+fn slow(
+    inner: Arc<dyn Storage>,
+    seed: u64,
+    write_us_max: u64,
+    sync_us_max: u64,
+) -> Arc<dyn Storage> {
+    let rng = Mutex::new(StdRng::seed_from_u64(seed));
+    Interposed::wrap(inner, move |kind| {
+        let max_us = if kind == IoKind::Sync {
+            sync_us_max
+        } else {
+            write_us_max
+        };
+        let us = rng.lock().expect("rng").gen_range(0..=max_us);
+        Box::pin(tokio::time::sleep(Duration::from_micros(us)))
+    })
+}
+
 async fn open(disks: &Disks, seed: u64) -> Volume {
     let metrics = Metrics::new().volume("crash");
-    let device = Slow::wrap(disks.device.storage(), seed ^ 2, 3000, 5000);
-    let journal = Slow::wrap(disks.journal.storage(), seed ^ 3, 300, 800);
+    let device = slow(disks.device.storage(), seed ^ 2, 3000, 5000);
+    let journal = slow(disks.journal.storage(), seed ^ 3, 300, 800);
     Volume::open_on(
         "crash",
         device,
@@ -547,48 +568,6 @@ fn failed_apply_fails_the_volume_and_loses_nothing_completed() {
     run(Fault::FailedApplyThenCrash);
 }
 
-/// Holds every device write until the test opens the gate: the applier stalls, so the journal
-/// fills up.
-struct Gated {
-    inner: Arc<dyn Storage>,
-    open: tokio::sync::watch::Receiver<bool>,
-}
-
-impl Storage for Gated {
-    fn len_bytes(&self) -> u64 {
-        self.inner.len_bytes()
-    }
-    fn write_at(
-        &self,
-        offset: u64,
-        bufs: Vec<SharedBuf>,
-        dsync: bool,
-    ) -> IoFuture<'_, std::io::Result<()>> {
-        let mut open = self.open.clone();
-        Box::pin(async move {
-            let _ = open.wait_for(|open| *open).await;
-            self.inner.write_at(offset, bufs, dsync).await
-        })
-    }
-    fn read_at(
-        &self,
-        offset: u64,
-        buf: AlignedBuf,
-    ) -> IoFuture<'_, (std::io::Result<()>, AlignedBuf)> {
-        self.inner.read_at(offset, buf)
-    }
-    fn sync(&self) -> IoFuture<'_, std::io::Result<()>> {
-        self.inner.sync()
-    }
-    fn zero_range(&self, offset: u64, len: u64, punch: bool) -> IoFuture<'_, std::io::Result<()>> {
-        let mut open = self.open.clone();
-        Box::pin(async move {
-            let _ = open.wait_for(|open| *open).await;
-            self.inner.zero_range(offset, len, punch).await
-        })
-    }
-}
-
 /// A full journal makes writes wait for the applier: they neither fail nor complete early,
 /// memory stays bounded, the wait is counted, and everything completes once apply resumes.
 #[test]
@@ -605,9 +584,14 @@ fn full_journal_makes_writes_wait_then_completes_them() {
             .await
             .expect("format");
         let (gate, open) = tokio::sync::watch::channel(false);
-        let gated: Arc<dyn Storage> = Arc::new(Gated {
-            inner: device.clone(),
-            open,
+        // Every device write waits for the gate: the applier stalls, so the journal fills up.
+        let gated = Interposed::wrap(device.clone(), move |kind| {
+            let mut open = open.clone();
+            Box::pin(async move {
+                if kind != IoKind::Sync {
+                    let _ = open.wait_for(|open| *open).await;
+                }
+            })
         });
         let metrics = Metrics::new();
         let volume = Arc::new(
@@ -690,43 +674,6 @@ fn full_journal_makes_writes_wait_then_completes_them() {
     });
 }
 
-/// A journal whose write at one file offset never completes (it never reaches the disk).
-struct HoldWrite {
-    inner: Arc<dyn Storage>,
-    hold_at: u64,
-    armed: std::sync::atomic::AtomicBool,
-}
-
-impl Storage for HoldWrite {
-    fn len_bytes(&self) -> u64 {
-        self.inner.len_bytes()
-    }
-    fn write_at(
-        &self,
-        offset: u64,
-        bufs: Vec<SharedBuf>,
-        dsync: bool,
-    ) -> IoFuture<'_, std::io::Result<()>> {
-        if offset == self.hold_at && self.armed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Box::pin(std::future::pending());
-        }
-        self.inner.write_at(offset, bufs, dsync)
-    }
-    fn read_at(
-        &self,
-        offset: u64,
-        buf: AlignedBuf,
-    ) -> IoFuture<'_, (std::io::Result<()>, AlignedBuf)> {
-        self.inner.read_at(offset, buf)
-    }
-    fn sync(&self) -> IoFuture<'_, std::io::Result<()>> {
-        self.inner.sync()
-    }
-    fn zero_range(&self, offset: u64, len: u64, punch: bool) -> IoFuture<'_, std::io::Result<()>> {
-        self.inner.zero_range(offset, len, punch)
-    }
-}
-
 fn filled(fill: u8) -> SharedBuf {
     AlignedBuf::copy_from(&[fill; BLOCK]).freeze()
 }
@@ -756,13 +703,20 @@ async fn regression_stale_batch_after_the_stop_point_never_comes_back() {
         .await
         .expect("format");
     // Boot 1: the first batch (ring offset 0) never reaches the disk; the second one does.
-    let hold = Arc::new(HoldWrite {
-        inner: journal.storage(),
-        hold_at: ferry_protocol::journal::RING_START_BYTES,
-        armed: Default::default(),
-    });
-    let first_boot = Arc::new(open_plain(device.storage(), hold.clone()).await);
-    hold.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hold = {
+        let armed = armed.clone();
+        Interposed::wrap(journal.storage(), move |kind| {
+            let first_batch = kind == IoKind::Write(ferry_protocol::journal::RING_START_BYTES);
+            if first_batch && armed.load(std::sync::atomic::Ordering::SeqCst) {
+                Box::pin(std::future::pending()) // never reaches the disk
+            } else {
+                Box::pin(std::future::ready(()))
+            }
+        })
+    };
+    let first_boot = Arc::new(open_plain(device.storage(), hold).await);
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
     let a = {
         let v = first_boot.clone();
         tokio::spawn(async move { v.write(0, filled(0xAA), false).await })

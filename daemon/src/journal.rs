@@ -108,6 +108,30 @@ impl Op {
         }
     }
 
+    /// What the range holds after this change, as the index stores it.
+    fn content(&self) -> Content {
+        match self {
+            Op::Write { data, .. } => Content::Data(data.clone()),
+            Op::Zero { punch, .. } => Content::Zero { punch: *punch },
+        }
+    }
+
+    /// The change a verified journal record describes; `data` is its payload (empty unless a
+    /// write).
+    fn from_record(record: &RecordDescriptor, data: SharedBuf) -> Op {
+        match record.kind {
+            RecordKind::Write => Op::Write {
+                offset_bytes: record.offset_bytes,
+                data,
+            },
+            RecordKind::Zero | RecordKind::Punch => Op::Zero {
+                offset_bytes: record.offset_bytes,
+                len_bytes: record.len_bytes,
+                punch: record.kind == RecordKind::Punch,
+            },
+        }
+    }
+
     fn range(&self) -> (u64, u64) {
         match self {
             Op::Write { offset_bytes, data } => (*offset_bytes, data.len() as u64),
@@ -451,6 +475,9 @@ async fn recover(
     let mut pos = superblock.tail_offset;
     let mut lsn = superblock.tail_lsn;
     let mut scanned_bytes = 0u64;
+    // Intact records not yet written to the device, and their payload bytes.
+    let mut replay: Vec<(u64, Op)> = Vec::new();
+    let mut replay_bytes = 0u64;
     while scanned_bytes < ring_bytes {
         let header_block = read_block(journal, RING_START_BYTES + pos, BLOCK_BYTES).await?;
         let header = match BatchHeader::decode(&header_block, superblock.journal_id, lsn) {
@@ -517,9 +544,15 @@ async fn recover(
             break;
         }
         for (record, data) in parts {
-            replay(device, &record, data).await?;
+            replay_bytes += record.payload_area_bytes();
             report.records_replayed += 1;
             report.bytes_replayed += record.len_bytes as u64;
+            replay.push((record.lsn, Op::from_record(&record, data)));
+        }
+        // Replay through the applier's coalescing writer, a bounded chunk at a time.
+        if replay_bytes >= MAX_UNAPPLIED_ROUND_BYTES {
+            replay_chunk(device, &mut replay).await?;
+            replay_bytes = 0;
         }
         lsn += records.len() as u64;
         scanned_bytes += batch_bytes;
@@ -528,6 +561,7 @@ async fn recover(
             pos = 0;
         }
     }
+    replay_chunk(device, &mut replay).await?;
     device
         .sync()
         .await
@@ -571,29 +605,20 @@ async fn recover(
     Ok((recovered, report, pos, lsn))
 }
 
-async fn replay(
+/// Writes the collected records to the device and empties the list.
+async fn replay_chunk(
     device: &dyn Storage,
-    record: &RecordDescriptor,
-    data: SharedBuf,
+    records: &mut Vec<(u64, Op)>,
 ) -> Result<(), JournalError> {
-    match record.kind {
-        RecordKind::Write => {
-            device
-                .write_at(record.offset_bytes, vec![data], false)
-                .await
-        }
-        RecordKind::Zero => {
-            device
-                .zero_range(record.offset_bytes, record.len_bytes as u64, false)
-                .await
-        }
-        RecordKind::Punch => {
-            device
-                .zero_range(record.offset_bytes, record.len_bytes as u64, true)
-                .await
-        }
-    }
-    .map_err(io_err("replaying the journal onto the device"))
+    write_coalesced(
+        device,
+        records.iter().map(|(lsn, op)| (*lsn, op)),
+        MAX_APPLY_WAVE,
+    )
+    .await
+    .map_err(io_err("replaying the journal onto the device"))?;
+    records.clear();
+    Ok(())
 }
 
 /// A record on its way to the device.
@@ -1014,12 +1039,6 @@ impl Writer {
                 fua |= record_fua;
                 let descriptor = match &op {
                     Op::Write { offset_bytes, data } => {
-                        index.insert(
-                            *offset_bytes,
-                            data.len() as u64,
-                            lsn,
-                            Content::Data(data.clone()),
-                        );
                         iovecs.push(data.padded_view());
                         RecordDescriptor::new(
                             lsn,
@@ -1035,12 +1054,6 @@ impl Writer {
                         len_bytes,
                         punch,
                     } => {
-                        index.insert(
-                            *offset_bytes,
-                            *len_bytes as u64,
-                            lsn,
-                            Content::Zero { punch: *punch },
-                        );
                         let kind = if *punch {
                             RecordKind::Punch
                         } else {
@@ -1049,6 +1062,8 @@ impl Writer {
                         RecordDescriptor::new(lsn, kind, record_fua, *offset_bytes, *len_bytes, &[])
                     }
                 };
+                let (offset, len) = op.range();
+                index.insert(offset, len, lsn, op.content());
                 descriptors.push(descriptor);
                 records.push(ApplyRecord { lsn, op });
                 waiters.push((done, queued_at));
@@ -1189,63 +1204,9 @@ impl Applier {
         wave: usize,
     ) -> Result<(), JournalError> {
         let records: Vec<&ApplyRecord> = round.iter().flat_map(|b| b.records.iter()).collect();
-        // Coalesce the round: replaying its records in LSN order into a private index leaves
-        // the newest contents of every range, as disjoint pieces. Writing those pieces gives the
-        // device the same final state as applying every record in order (the round is made
-        // durable and released as a whole), with overwritten data written once, adjacent
-        // pieces merged into one vectored write, and every write free to run concurrently.
-        let mut coalesced = Index::new();
-        for record in &records {
-            let (offset, len) = record.op.range();
-            let content = match &record.op {
-                Op::Write { data, .. } => Content::Data(data.clone()),
-                Op::Zero { punch, .. } => Content::Zero { punch: *punch },
-            };
-            coalesced.insert(offset, len, record.lsn, content);
-        }
-        let mut writes: Vec<DeviceWrite> = Vec::new();
-        for (offset, len, content) in coalesced.pieces() {
-            match (writes.last_mut(), content) {
-                (
-                    Some(DeviceWrite::Data {
-                        offset: at,
-                        bufs,
-                        len: run,
-                    }),
-                    Content::Data(data),
-                ) if *at + *run == offset
-                    && bufs.len() < MAX_IOVECS_PER_WRITE
-                    && *run + len <= MAX_APPLY_WRITE_BYTES =>
-                {
-                    bufs.push(data.clone());
-                    *run += len;
-                }
-                (
-                    Some(DeviceWrite::Zero {
-                        offset: at,
-                        len: run,
-                        punch: p,
-                    }),
-                    Content::Zero { punch },
-                ) if *at + *run == offset && p == punch => {
-                    *run += len;
-                }
-                (_, Content::Data(data)) => writes.push(DeviceWrite::Data {
-                    offset,
-                    bufs: vec![data.clone()],
-                    len,
-                }),
-                (_, Content::Zero { punch }) => writes.push(DeviceWrite::Zero {
-                    offset,
-                    len,
-                    punch: *punch,
-                }),
-            }
-        }
-        drop(coalesced);
-        for wave in writes.chunks(wave) {
-            self.apply_wave(wave).await?;
-        }
+        write_coalesced(&*self.device, records.iter().map(|r| (r.lsn, &r.op)), wave)
+            .await
+            .map_err(io_err("applying the journal to the device"))?;
         self.device
             .sync()
             .await
@@ -1285,26 +1246,79 @@ impl Applier {
         });
         Ok(())
     }
+}
 
-    async fn apply_wave(&self, wave: &[DeviceWrite]) -> Result<(), JournalError> {
-        let writes = wave.iter().map(|write| {
-            let device = &self.device;
-            async move {
-                match write {
-                    DeviceWrite::Data { offset, bufs, .. } => {
-                        device.write_at(*offset, bufs.clone(), false).await
-                    }
-                    DeviceWrite::Zero { offset, len, punch } => {
-                        device.zero_range(*offset, *len, *punch).await
-                    }
+/// Writes records (given in LSN order) to the device as their final state: replaying them into
+/// a private index leaves the newest contents of every range as disjoint pieces, so
+/// overwritten data is written once, adjacent pieces become one vectored write, and up to
+/// `concurrency` writes run at once. The device ends up exactly as if every record had been
+/// applied in order; the caller makes it durable. Used by the applier and by recovery.
+async fn write_coalesced<'a>(
+    device: &dyn Storage,
+    records: impl Iterator<Item = (u64, &'a Op)>,
+    concurrency: usize,
+) -> std::io::Result<()> {
+    let mut coalesced = Index::new();
+    for (lsn, op) in records {
+        let (offset, len) = op.range();
+        coalesced.insert(offset, len, lsn, op.content());
+    }
+    let mut writes: Vec<DeviceWrite> = Vec::new();
+    for (offset, len, content) in coalesced.pieces() {
+        match (writes.last_mut(), content) {
+            (
+                Some(DeviceWrite::Data {
+                    offset: at,
+                    bufs,
+                    len: run,
+                }),
+                Content::Data(data),
+            ) if *at + *run == offset
+                && bufs.len() < MAX_IOVECS_PER_WRITE
+                && *run + len <= MAX_APPLY_WRITE_BYTES =>
+            {
+                bufs.push(data.clone());
+                *run += len;
+            }
+            (
+                Some(DeviceWrite::Zero {
+                    offset: at,
+                    len: run,
+                    punch: p,
+                }),
+                Content::Zero { punch },
+            ) if *at + *run == offset && p == punch => {
+                *run += len;
+            }
+            (_, Content::Data(data)) => writes.push(DeviceWrite::Data {
+                offset,
+                bufs: vec![data.clone()],
+                len,
+            }),
+            (_, Content::Zero { punch }) => writes.push(DeviceWrite::Zero {
+                offset,
+                len,
+                punch: *punch,
+            }),
+        }
+    }
+    drop(coalesced);
+    for wave in writes.chunks(concurrency.max(1)) {
+        let ios = wave.iter().map(|write| async move {
+            match write {
+                DeviceWrite::Data { offset, bufs, .. } => {
+                    device.write_at(*offset, bufs.clone(), false).await
+                }
+                DeviceWrite::Zero { offset, len, punch } => {
+                    device.zero_range(*offset, *len, *punch).await
                 }
             }
         });
-        for result in join_all(writes).await {
-            result.map_err(io_err("applying the journal to the device"))?;
+        for result in join_all(ios).await {
+            result?;
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// One write of a coalesced apply round.
