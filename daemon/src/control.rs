@@ -18,6 +18,8 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufR
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::nbd::BoxFuture;
+
 /// Longest request line accepted; a status request is a few dozen bytes.
 pub const REQUEST_LENGTH_MAX: usize = 64 * 1024;
 /// Longest reply the client accepts: status of many volumes with many replicas fits easily.
@@ -28,8 +30,12 @@ const CONNECTIONS_MAX: usize = 32;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bounds writing a reply to a client that stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the client waits for the daemon's reply before giving up.
+/// How long the client waits for the daemon's reply to `status` (and to ops not listed in
+/// [`client_timeout`]) before giving up.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the client waits for `promote` and `demote`: demote drains in-flight I/O and
+/// promote may wait on the peer, so both can take far longer than a status snapshot.
+const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// `sun_path` holds 107 bytes plus the terminating NUL.
 const UNIX_SOCKET_PATH_LENGTH_MAX: usize = 107;
 
@@ -43,7 +49,7 @@ pub enum ControlError {
     UnknownVolume { volume: String },
     /// The request's op is not one this daemon knows.
     #[error(
-        "unknown op `{op}`; this daemon knows: status (is the ferry binary newer than the daemon?)"
+        "unknown op `{op}`; this daemon knows: status, promote, demote (is the ferry binary newer than the daemon?)"
     )]
     UnknownOp { op: String },
     /// The request is not a JSON object with a string "op", or a field has the wrong type.
@@ -78,8 +84,8 @@ pub enum ControlError {
     #[error("the daemon sent a reply that is not understood ({reason}); are the ferry binary and daemon the same version?")]
     BadReply { reason: String },
     /// The daemon did not answer in time.
-    #[error("the daemon did not answer within {}s; check its log", CLIENT_TIMEOUT.as_secs())]
-    Timeout,
+    #[error("the daemon did not answer within {seconds}s; check its log")]
+    Timeout { seconds: u64 },
 }
 
 impl ControlError {
@@ -98,17 +104,57 @@ impl ControlError {
             | ControlError::Connect { .. }
             | ControlError::Io(_)
             | ControlError::BadReply { .. }
-            | ControlError::Timeout => "internal",
+            | ControlError::Timeout { .. } => "internal",
         }
     }
 }
 
-/// What the daemon answers to control requests. Implementations take a snapshot of their
-/// state; they are called on the runtime's threads and must not block for long.
+/// Refusal code of `promote`: a peer is still primary and reachable (SPEC §3).
+pub const PEER_IS_PRIMARY: &str = "peer-is-primary";
+/// Refusal code of `promote`: this node's copy is not consistent (mid-resync, split brain, ...).
+pub const NOT_CONSISTENT: &str = "not-consistent";
+/// Refusal code of `promote`: this node's copy is already primary.
+pub const ALREADY_PRIMARY: &str = "already-primary";
+
+/// What the daemon answers to control requests. Implementations are called on the runtime's
+/// threads: `status` takes a snapshot and must not block for long; the role changes are async
+/// and may take as long as they need (the client waits up to 120 s for them).
+///
+/// A refusal of a role change is [`ControlError::Remote`] with a stable kebab-case `code`
+/// (such as [`PEER_IS_PRIMARY`], [`NOT_CONSISTENT`], [`ALREADY_PRIMARY`]) and a `message` that
+/// says what to do; `ferry` prints the message and exits 1. An unknown volume is
+/// [`ControlError::UnknownVolume`].
 pub trait ControlHandler: Send + Sync + 'static {
     /// Status of one volume, or of all when `volume` is None. An unknown volume is
     /// [`ControlError::UnknownVolume`].
     fn status(&self, volume: Option<&str>) -> Result<StatusResult, ControlError>;
+
+    /// Makes this node's copy of `volume` primary (SPEC §3). Returns a JSON result object like
+    /// `{"volume": "pg-data", "role": "primary", "generation": N}`; refusals are
+    /// [`ControlError::Remote`] with codes like `peer-is-primary`, `not-consistent`,
+    /// `already-primary`. `force` overrides an unreachable peer at once, without waiting for
+    /// `peer_timeout`.
+    fn promote(&self, volume: &str, force: bool) -> BoxFuture<'_, Result<Value, ControlError>> {
+        let _ = (volume, force);
+        Box::pin(async move {
+            Err(ControlError::UnknownOp {
+                op: "promote".into(),
+            })
+        })
+    }
+
+    /// Stops accepting writes on `volume` (draining in-flight I/O) and makes this node's copy
+    /// secondary (SPEC §3). Returns a JSON result object like
+    /// `{"volume": "pg-data", "role": "secondary", "generation": N}`; refusals as for
+    /// [`promote`](ControlHandler::promote).
+    fn demote(&self, volume: &str) -> BoxFuture<'_, Result<Value, ControlError>> {
+        let _ = volume;
+        Box::pin(async move {
+            Err(ControlError::UnknownOp {
+                op: "demote".into(),
+            })
+        })
+    }
 }
 
 /// The `result` of `status` (SPEC §5).
@@ -331,7 +377,7 @@ async fn serve_connection(
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                (handle_line(&line, handler), true)
+                (handle_line(&line, handler).await, true)
             }
         };
         let mut bytes = reply.to_string().into_bytes();
@@ -343,8 +389,8 @@ async fn serve_connection(
     }
 }
 
-fn handle_line(line: &[u8], handler: &dyn ControlHandler) -> Value {
-    match dispatch(line, handler) {
+async fn handle_line(line: &[u8], handler: &dyn ControlHandler) -> Value {
+    match dispatch(line, handler).await {
         Ok(result) => json!({ "ok": true, "result": result }),
         Err(error) => {
             if matches!(error, ControlError::Internal { .. }) {
@@ -359,7 +405,7 @@ fn error_reply(error: &ControlError) -> Value {
     json!({ "ok": false, "error": { "code": error.code(), "message": error.to_string() } })
 }
 
-fn dispatch(line: &[u8], handler: &dyn ControlHandler) -> Result<Value, ControlError> {
+async fn dispatch(line: &[u8], handler: &dyn ControlHandler) -> Result<Value, ControlError> {
     let request: Value =
         serde_json::from_slice(line).map_err(|error| ControlError::BadRequest {
             reason: format!(
@@ -392,8 +438,43 @@ fn dispatch(line: &[u8], handler: &dyn ControlHandler) -> Result<Value, ControlE
                 message: format!("encoding status: {error}"),
             })
         }
+        "promote" => {
+            let volume = required_volume(&fields, op)?;
+            let force = match fields.get("force") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(force)) => *force,
+                Some(_) => {
+                    return Err(ControlError::BadRequest {
+                        reason: "\"force\" must be true or false".to_string(),
+                    })
+                }
+            };
+            handler.promote(volume, force).await
+        }
+        "demote" => {
+            let volume = required_volume(&fields, op)?;
+            handler.demote(volume).await
+        }
         other => Err(ControlError::UnknownOp {
             op: other.to_string(),
+        }),
+    }
+}
+
+/// The string "volume" of an op that needs one.
+fn required_volume<'a>(
+    fields: &'a serde_json::Map<String, Value>,
+    op: &str,
+) -> Result<&'a str, ControlError> {
+    match fields.get("volume") {
+        Some(Value::String(volume)) => Ok(volume),
+        None | Some(Value::Null) => Err(ControlError::BadRequest {
+            reason: format!(
+                "\"{op}\" needs a string \"volume\", like {{\"op\":\"{op}\",\"volume\":\"pg-data\"}}"
+            ),
+        }),
+        Some(_) => Err(ControlError::BadRequest {
+            reason: "\"volume\" must be a string".to_string(),
         }),
     }
 }
@@ -402,11 +483,33 @@ fn dispatch(line: &[u8], handler: &dyn ControlHandler) -> Result<Value, ControlE
 // Client.
 
 /// Sends one request to the daemon at `socket` and returns the `result` of its reply; an error
-/// reply becomes the matching [`ControlError`].
+/// reply becomes the matching [`ControlError`]. Waits at most [`client_timeout`] of the
+/// request's op.
 pub async fn request(socket: &Path, req: Value) -> Result<Value, ControlError> {
-    tokio::time::timeout(CLIENT_TIMEOUT, exchange(socket, &req))
+    let timeout = client_timeout(req.get("op").and_then(Value::as_str).unwrap_or_default());
+    request_with_timeout(socket, req, timeout).await
+}
+
+/// [`request`] with an explicit bound on the whole exchange (connect, send, reply).
+pub async fn request_with_timeout(
+    socket: &Path,
+    req: Value,
+    timeout: Duration,
+) -> Result<Value, ControlError> {
+    tokio::time::timeout(timeout, exchange(socket, &req))
         .await
-        .map_err(|_| ControlError::Timeout)?
+        .map_err(|_| ControlError::Timeout {
+            seconds: timeout.as_secs(),
+        })?
+}
+
+/// How long the client waits for the reply to `op`: 120 s for `promote` and `demote` (they
+/// drain I/O and may wait on the peer), 60 s for everything else.
+pub fn client_timeout(op: &str) -> Duration {
+    match op {
+        "promote" | "demote" => ROLE_CHANGE_TIMEOUT,
+        _ => CLIENT_TIMEOUT,
+    }
 }
 
 async fn exchange(socket: &Path, req: &Value) -> Result<Value, ControlError> {
@@ -596,19 +699,24 @@ pub fn render_status(s: &StatusResult) -> String {
             let _ = writeln!(out, "{}: no replicas", volume.name);
             continue;
         }
-        let mut replica_rows = vec![[
+        // Errors are long (a refused certificate, a split brain); the column is shown only
+        // when some replica has one.
+        let any_error = volume.replicas.iter().any(|r| r.last_error.is_some());
+        let mut header = vec![
             "  PEER",
             "MODE",
             "STATE",
             "ACKED LSN",
             "LAG",
             "RESYNC LEFT",
-            "LAST ERROR",
-        ]
-        .map(str::to_string)
-        .to_vec()];
+            "RESYNCED",
+        ];
+        if any_error {
+            header.push("LAST ERROR");
+        }
+        let mut replica_rows = vec![header.into_iter().map(str::to_string).collect::<Vec<_>>()];
         for replica in &volume.replicas {
-            replica_rows.push(vec![
+            let mut row = vec![
                 format!("  {}", replica.peer),
                 replica.mode.clone(),
                 replica.state.clone(),
@@ -619,11 +727,17 @@ pub fn render_status(s: &StatusResult) -> String {
                     replica.lag_seconds
                 ),
                 human_bytes(replica.resync_remaining_bytes),
-                replica
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "-".to_string()),
-            ]);
+                human_bytes(replica.resynced_bytes),
+            ];
+            if any_error {
+                row.push(
+                    replica
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "-".to_string()),
+                );
+            }
+            replica_rows.push(row);
         }
         render_table(&replica_rows, &mut out);
     }
@@ -678,6 +792,66 @@ mod tests {
         }
     }
 
+    /// A node whose `logs` has a peer that is still primary, and whose `slow` demote waits
+    /// for `release` (an in-flight drain). Records each role change it is asked for.
+    struct Roles {
+        calls: std::sync::Mutex<Vec<String>>,
+        release: tokio::sync::Notify,
+    }
+
+    impl Roles {
+        fn new() -> Arc<Roles> {
+            Arc::new(Roles {
+                calls: std::sync::Mutex::new(Vec::new()),
+                release: tokio::sync::Notify::new(),
+            })
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().expect("not poisoned").clone()
+        }
+
+        fn record(&self, call: String) {
+            self.calls.lock().expect("not poisoned").push(call);
+        }
+    }
+
+    impl ControlHandler for Roles {
+        fn status(&self, volume: Option<&str>) -> Result<StatusResult, ControlError> {
+            FixedStatus(sample()).status(volume)
+        }
+
+        fn promote(&self, volume: &str, force: bool) -> BoxFuture<'_, Result<Value, ControlError>> {
+            self.record(format!("promote {volume} force={force}"));
+            let volume = volume.to_string();
+            Box::pin(async move {
+                // Really asynchronous: the reply is produced after a yield.
+                tokio::task::yield_now().await;
+                match volume.as_str() {
+                    "logs" if !force => Err(ControlError::Remote {
+                        code: PEER_IS_PRIMARY.to_string(),
+                        message: "site-b is still primary for logs and reachable; run `ferry demote logs` there first".to_string(),
+                    }),
+                    "pg-data" | "logs" => {
+                        Ok(json!({"volume": volume, "role": "primary", "generation": 0x2a_00c3u64}))
+                    }
+                    _ => Err(ControlError::UnknownVolume { volume }),
+                }
+            })
+        }
+
+        fn demote(&self, volume: &str) -> BoxFuture<'_, Result<Value, ControlError>> {
+            self.record(format!("demote {volume}"));
+            let volume = volume.to_string();
+            Box::pin(async move {
+                if volume == "slow" {
+                    self.release.notified().await;
+                }
+                Ok(json!({"volume": volume, "role": "secondary", "generation": 3}))
+            })
+        }
+    }
+
     fn sample() -> StatusResult {
         StatusResult {
             node: "site-a".to_string(),
@@ -693,11 +867,15 @@ mod tests {
     }
 
     async fn start() -> Server {
+        start_with(Arc::new(FixedStatus(sample()))).await
+    }
+
+    async fn start_with(handler: Arc<dyn ControlHandler>) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("ferry.sock");
         let listener = bind(&socket).expect("bind");
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, Arc::new(FixedStatus(sample())), stopped));
+        let task = tokio::spawn(serve(listener, handler, stopped));
         Server {
             _dir: dir,
             socket,
@@ -874,18 +1052,229 @@ mod tests {
             resynced_bytes: 0,
             last_error: None,
         });
+        status.volumes[0].replicas.push(ReplicaStatus {
+            peer: "site-c".to_string(),
+            mode: "regional".to_string(),
+            state: "resyncing".to_string(),
+            acked_lsn: 1100,
+            lag_bytes: 3 << 20,
+            lag_seconds: 12.5,
+            resync_remaining_bytes: 512 << 20,
+            resynced_bytes: 1 << 30,
+            last_error: Some("timed out after 10 s".to_string()),
+        });
         let text = render_status(&status);
         for wanted in [
             "node site-a",
             "VOLUME",
             "pg-data  primary  10.0 GiB  25.0% of 1.0 GiB  1234",
             "pg-data: recovery replayed 12 records (48.0 KiB), torn tail 512 B, stopped: checksum mismatch at lsn 1235",
-            "  site-b  metro  in-sync  1234",
+            "  site-b  metro     in-sync    1234",
+            "  site-c  regional  resyncing  1100       3.0 MiB / 12.500 s  512.0 MiB    1.0 GiB   timed out after 10 s",
+            "RESYNC LEFT  RESYNCED  LAST ERROR",
             "logs: no replicas",
         ] {
             assert!(text.contains(wanted), "missing {wanted:?} in:\n{text}");
         }
+        // The error column appears only when some replica has an error.
+        status.volumes[0].replicas.pop();
+        let text = render_status(&status);
+        assert!(!text.contains("LAST ERROR"), "{text}");
+        assert!(text.contains("  site-b  metro  in-sync  1234"), "{text}");
         assert_eq!(human_bytes(0), "0 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+
+    #[tokio::test]
+    async fn promote_and_demote_over_a_real_socket() {
+        let roles = Roles::new();
+        let server = start_with(roles.clone()).await;
+
+        let result = request(
+            &server.socket,
+            json!({"op": "promote", "volume": "pg-data", "force": false}),
+        )
+        .await
+        .expect("promote");
+        assert_eq!(
+            result,
+            json!({"volume": "pg-data", "role": "primary", "generation": 0x2a_00c3u64})
+        );
+
+        // A refusal reaches the client with its code and message intact.
+        let error = request(&server.socket, json!({"op": "promote", "volume": "logs"}))
+            .await
+            .unwrap_err();
+        match &error {
+            ControlError::Remote { code, message } => {
+                assert_eq!(code, PEER_IS_PRIMARY);
+                assert!(message.contains("ferry demote logs"), "{message}");
+            }
+            other => panic!("expected a remote refusal, got {other:?}"),
+        }
+        assert_eq!(error.code(), "peer-is-primary");
+
+        let result = request(
+            &server.socket,
+            json!({"op": "promote", "volume": "logs", "force": true}),
+        )
+        .await
+        .expect("forced promote");
+        assert_eq!(result["role"], "primary");
+
+        let error = request(&server.socket, json!({"op": "promote", "volume": "nope"}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ControlError::UnknownVolume { volume } if volume == "nope"),
+            "{error:?}"
+        );
+
+        let result = request(&server.socket, json!({"op": "demote", "volume": "pg-data"}))
+            .await
+            .expect("demote");
+        assert_eq!(
+            result,
+            json!({"volume": "pg-data", "role": "secondary", "generation": 3})
+        );
+
+        assert_eq!(
+            roles.calls(),
+            [
+                "promote pg-data force=false",
+                "promote logs force=false",
+                "promote logs force=true",
+                "promote nope force=false",
+                "demote pg-data",
+            ]
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn role_change_requests_are_validated() {
+        let roles = Roles::new();
+        let server = start_with(roles.clone()).await;
+        let replies = raw_exchange(
+            &server.socket,
+            &[
+                b"{\"op\":\"promote\"}",
+                b"{\"op\":\"promote\",\"volume\":7}",
+                b"{\"op\":\"promote\",\"volume\":null}",
+                b"{\"op\":\"promote\",\"volume\":\"pg-data\",\"force\":\"yes\"}",
+                b"{\"op\":\"promote\",\"volume\":\"pg-data\",\"force\":1}",
+                b"{\"op\":\"demote\"}",
+                b"{\"op\":\"demote\",\"volume\":[\"pg-data\"]}",
+                b"{\"op\":\"promote\",\"volume\":\"pg-data\",\"force\":null}",
+                b"{\"op\":\"promote\",\"volume\":\"pg-data\",\"force\":true}",
+                b"{\"op\":\"promote\",\"volume\":\"pg-data\"}",
+            ],
+        )
+        .await;
+        let codes: Vec<&str> = replies
+            .iter()
+            .map(|r| r["error"]["code"].as_str().unwrap_or("ok"))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                "bad-request",
+                "bad-request",
+                "bad-request",
+                "bad-request",
+                "bad-request",
+                "bad-request",
+                "bad-request",
+                "ok",
+                "ok",
+                "ok"
+            ]
+        );
+        assert!(replies[0]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("needs a string \"volume\"")));
+        assert!(replies[3]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"force\" must be true or false")));
+        // Only the valid requests reached the handler; absent and null force mean false.
+        assert_eq!(
+            roles.calls(),
+            [
+                "promote pg-data force=false",
+                "promote pg-data force=true",
+                "promote pg-data force=false",
+            ]
+        );
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn default_role_changes_are_unknown_ops() {
+        // FixedStatus implements only status, like a daemon without role changes.
+        let server = start().await;
+        for (op, req) in [
+            (
+                "promote",
+                json!({"op": "promote", "volume": "pg-data", "force": true}),
+            ),
+            ("demote", json!({"op": "demote", "volume": "pg-data"})),
+        ] {
+            let error = request(&server.socket, req).await.unwrap_err();
+            assert!(
+                matches!(&error, ControlError::UnknownOp { op: got } if got == op),
+                "{error:?}"
+            );
+            assert_eq!(error.code(), "unknown-op");
+            assert!(
+                error.to_string().contains("status, promote, demote"),
+                "{error}"
+            );
+        }
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_long_role_change_blocks_neither_status_nor_the_client_timeout() {
+        assert_eq!(client_timeout("status"), CLIENT_TIMEOUT);
+        assert_eq!(client_timeout("promote"), Duration::from_secs(120));
+        assert_eq!(client_timeout("demote"), Duration::from_secs(120));
+
+        let roles = Roles::new();
+        let server = start_with(roles.clone()).await;
+        let socket = server.socket.clone();
+        let demote = tokio::spawn(async move {
+            request(&socket, json!({"op": "demote", "volume": "slow"})).await
+        });
+        // Wait until the demote is in the handler, draining.
+        while roles.calls().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Other connections are served meanwhile.
+        request(&server.socket, json!({"op": "status"}))
+            .await
+            .expect("status during a demote");
+        assert!(!demote.is_finished());
+        roles.release.notify_one();
+        let result = tokio::time::timeout(Duration::from_secs(5), demote)
+            .await
+            .expect("demote finishes")
+            .expect("task ok")
+            .expect("demote ok");
+        assert_eq!(result["role"], "secondary");
+
+        // A client that gives up reports a timeout naming its bound.
+        let error = request_with_timeout(
+            &server.socket,
+            json!({"op": "demote", "volume": "slow"}),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(error, ControlError::Timeout { seconds: 0 }),
+            "{error:?}"
+        );
+        roles.release.notify_one();
+        server.stop().await;
     }
 }

@@ -7,16 +7,22 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::sync::watch;
 
+use crate::config::ReplicaMode;
 use crate::config::{Config, ListenAddr, Role};
 use crate::control::{
     self, ControlError, ControlHandler, JournalStatus, RecoveryStatus, StatusResult, VolumeStatus,
 };
+use crate::dirty::DirtyMap;
 use crate::metrics::{self, Metrics};
-use crate::nbd::{self, Export, ExportLookup, Listener};
-use crate::volume::{Volume, VolumeError};
+use crate::nbd::{self, BoxFuture, Export, ExportLookup, Listener};
+use crate::replica::VolumeReplication;
+use crate::tls::{RefusedBy, TlsIdentity};
+use crate::transport::{self, PeerOrAddr, Transport, TransportEvent};
+use crate::volume::{Volume, VolumeError, VolumeOpenHook};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -30,8 +36,20 @@ pub enum DaemonError {
     Control(#[from] ControlError),
     #[error("metrics endpoint: {0}")]
     Metrics(#[from] metrics::MetricsError),
-    #[error("this build of ferry serves standalone volumes only: remove [[peers]] and [[volumes.replicas]] from the config (replication is not available yet)")]
-    ReplicationUnavailable,
+    #[error("volume {volume}: regional replicas are not available in this build yet; remove the [[volumes.replicas]] entry with mode = \"regional\" (metro replicas work)")]
+    RegionalUnavailable { volume: String },
+    #[error("[tls] is required when peers are configured")]
+    NoTls,
+    #[error("[node] listen is required when peers are configured")]
+    NoListen,
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("replication transport: {0}")]
+    Transport(#[from] crate::transport::TransportError),
+    #[error("volume {volume}: dirty map: {source}")]
+    DirtyMap { volume: String, source: io::Error },
+    #[error("volume {volume}: {reason}")]
+    Generation { volume: String, reason: String },
     #[error("cannot install the signal handler: {0}")]
     Signal(io::Error),
     #[error(
@@ -42,8 +60,16 @@ pub enum DaemonError {
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), DaemonError> {
-    if !config.peers.is_empty() || config.volumes.iter().any(|v| !v.replicas.is_empty()) {
-        return Err(DaemonError::ReplicationUnavailable);
+    for volume in &config.volumes {
+        if volume
+            .replicas
+            .iter()
+            .any(|r| matches!(r.mode, ReplicaMode::Regional { .. }))
+        {
+            return Err(DaemonError::RegionalUnavailable {
+                volume: volume.name.clone(),
+            });
+        }
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -69,6 +95,20 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 pub struct Node {
     name: String,
     volumes: Vec<Arc<Volume>>,
+    /// One per volume, in the same order (empty replica lists for standalone volumes).
+    replication: Vec<Arc<VolumeReplication>>,
+}
+
+impl Node {
+    fn replication(&self, volume: &str) -> Result<&Arc<VolumeReplication>, ControlError> {
+        self.volumes
+            .iter()
+            .position(|v| v.name() == volume)
+            .map(|i| &self.replication[i])
+            .ok_or_else(|| ControlError::UnknownVolume {
+                volume: volume.to_string(),
+            })
+    }
 }
 
 impl ExportLookup for Node {
@@ -99,12 +139,48 @@ impl ControlHandler for Node {
         };
         Ok(StatusResult {
             node: self.name.clone(),
-            volumes: selected.into_iter().map(|v| volume_status(v)).collect(),
+            volumes: selected
+                .into_iter()
+                .map(|v| {
+                    let replication = self.replication(v.name()).ok();
+                    volume_status(v, replication.map(|r| &**r))
+                })
+                .collect(),
+        })
+    }
+
+    fn promote(&self, volume: &str, force: bool) -> BoxFuture<'_, Result<Value, ControlError>> {
+        let volume = volume.to_string();
+        Box::pin(async move {
+            let replication = self.replication(&volume)?;
+            let generation = replication
+                .promote(force)
+                .await
+                .map_err(|(code, message)| ControlError::Remote {
+                    code: code.to_string(),
+                    message,
+                })?;
+            Ok(json!({"volume": volume, "role": "primary", "generation": generation}))
+        })
+    }
+
+    fn demote(&self, volume: &str) -> BoxFuture<'_, Result<Value, ControlError>> {
+        let volume = volume.to_string();
+        Box::pin(async move {
+            let replication = self.replication(&volume)?;
+            replication
+                .demote()
+                .await
+                .map_err(|(code, message)| ControlError::Remote {
+                    code: code.to_string(),
+                    message,
+                })?;
+            Ok(json!({"volume": volume, "role": "secondary"}))
         })
     }
 }
 
-fn volume_status(volume: &Volume) -> VolumeStatus {
+fn volume_status(volume: &Volume, replication: Option<&VolumeReplication>) -> VolumeStatus {
     let journal = volume.journal_stats();
     let recovery = volume.recovery();
     VolumeStatus {
@@ -123,7 +199,7 @@ fn volume_status(volume: &Volume) -> VolumeStatus {
             full_waits: journal.full_waits,
         },
         generation: volume.generation(),
-        replicas: Vec::new(),
+        replicas: replication.map(|r| r.status()).unwrap_or_default(),
         recovery: RecoveryStatus {
             records_replayed: recovery.records_replayed,
             bytes_replayed: recovery.bytes_replayed,
@@ -146,16 +222,107 @@ pub async fn serve(
     let control_listener = control::bind(&config.node.control_socket)?;
     let metrics = Metrics::new();
     let mut volumes = Vec::with_capacity(config.volumes.len());
+    let mut replication = Vec::with_capacity(config.volumes.len());
     for volume in &config.volumes {
-        let opened =
-            Volume::open(volume, &config.node.data_dir, metrics.volume(&volume.name)).await?;
+        let peers: Vec<String> = volume
+            .replicas
+            .iter()
+            .filter(|r| matches!(r.mode, ReplicaMode::Metro { .. }))
+            .map(|r| r.peer.clone())
+            .collect();
+        let maps: Arc<std::sync::Mutex<Vec<(String, DirtyMap)>>> = Arc::default();
+        let hook: Option<VolumeOpenHook> = if peers.is_empty() {
+            None
+        } else {
+            let maps = maps.clone();
+            let dir = config.node.data_dir.clone();
+            let name = volume.name.clone();
+            Some(Box::new(move |size_bytes, role, ranges: &[(u64, u64)]| {
+                let mut opened = Vec::new();
+                for peer in &peers {
+                    let path = dir.join(format!("{name}.{peer}.dirty"));
+                    // A primary that has no map yet cannot know what its peer holds.
+                    let mut map = DirtyMap::open(&path, size_bytes, role == Role::Primary)?;
+                    for &(offset, len) in ranges {
+                        map.mark(offset, len);
+                    }
+                    map.persist()?;
+                    opened.push((peer.clone(), map));
+                }
+                *maps.lock().expect("maps lock") = opened;
+                Ok(())
+            }))
+        };
+        let opened = Volume::open(
+            volume,
+            &config.node.data_dir,
+            &config.node.name,
+            metrics.volume(&volume.name),
+            hook,
+        )
+        .await?;
         tracing::info!(volume = %volume.name, size_bytes = opened.size_bytes(), role = ?opened.role(), "volume ready");
-        volumes.push(Arc::new(opened));
+        let opened = Arc::new(opened);
+        let maps = std::mem::take(&mut *maps.lock().expect("maps lock"));
+        let repl = VolumeReplication::new(
+            opened.clone(),
+            volume,
+            &config.node.name,
+            maps,
+            metrics.volume(&volume.name),
+            |peer| metrics.replica(&volume.name, peer),
+        );
+        repl.start_generation_at_start()
+            .map_err(|reason| DaemonError::Generation {
+                volume: volume.name.clone(),
+                reason,
+            })?;
+        volumes.push(opened);
+        replication.push(repl);
     }
     let node = Arc::new(Node {
         name: config.node.name.clone(),
         volumes,
+        replication,
     });
+
+    // Replication: one QUIC endpoint on [node] listen, only when peers are configured.
+    let transport = if config.peers.is_empty() {
+        None
+    } else {
+        let tls = config.tls.as_ref().ok_or(DaemonError::NoTls)?;
+        let listen = config.node.listen.ok_or(DaemonError::NoListen)?;
+        let identity = TlsIdentity::load(tls, &config.node.name)?;
+        let peer_timeout = config
+            .volumes
+            .iter()
+            .flat_map(|v| v.replicas.iter())
+            .filter_map(|r| match r.mode {
+                ReplicaMode::Metro { peer_timeout, .. } => Some(peer_timeout),
+                ReplicaMode::Regional { .. } => None,
+            })
+            .min()
+            .unwrap_or(Duration::from_secs(5));
+        let mut transport = Transport::bind(listen, &identity, config.peers.clone(), peer_timeout)?;
+        let events = transport.events().expect("first call");
+        tracing::info!(listen = %listen, peers = config.peers.len(), "replication endpoint ready");
+        Some((transport, events))
+    };
+    for repl in &node.replication {
+        repl.start();
+    }
+    let (transport, transport_task) = match transport {
+        Some((transport, events)) => {
+            let task = tokio::spawn(route_transport_events(
+                events,
+                node.clone(),
+                metrics.clone(),
+                config.peers.clone(),
+            ));
+            (Some(transport), Some(task))
+        }
+        None => (None, None),
+    };
 
     // Bind everything before serving anything, so a bad address fails the start cleanly.
     let mut nbd_listeners = Vec::new();
@@ -199,9 +366,16 @@ pub async fn serve(
         tracing::warn!("NBD connections did not drain within 30 s; closing anyway");
         nbd_task.abort();
     }
-    for volume in &node.volumes {
+    for (volume, repl) in node.volumes.iter().zip(&node.replication) {
+        repl.close().await;
         volume.close().await;
         tracing::info!(volume = %volume.name(), "journal applied and synced");
+    }
+    if let Some(task) = transport_task {
+        task.abort();
+    }
+    if let Some(transport) = transport {
+        transport.shutdown().await;
     }
     let _ = control_task.await;
     if let Some(task) = metrics_task {
@@ -212,6 +386,94 @@ pub async fn serve(
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Hands each peer connection to the volumes replicated with that peer, accepts the volume
+/// streams the peer opens, and accounts for refused certificates.
+async fn route_transport_events(
+    mut events: tokio::sync::mpsc::Receiver<TransportEvent>,
+    node: Arc<Node>,
+    metrics: Arc<Metrics>,
+    peers: Vec<crate::config::PeerConfig>,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            TransportEvent::PeerConnected { peer, connection } => {
+                tracing::info!(%peer, "peer connected");
+                for repl in &node.replication {
+                    for replica in repl.replicas().iter().filter(|r| r.peer() == peer) {
+                        replica.set_connection(Some(connection.clone()));
+                    }
+                }
+                tokio::spawn(accept_streams(node.clone(), peer, connection));
+            }
+            TransportEvent::PeerDisconnected { peer, reason } => {
+                tracing::info!(%peer, %reason, "peer disconnected");
+                for repl in &node.replication {
+                    for replica in repl.replicas().iter().filter(|r| r.peer() == peer) {
+                        replica.set_connection(None);
+                    }
+                }
+            }
+            TransportEvent::AuthRefused {
+                peer_or_addr,
+                reason,
+            } => {
+                let peer = match &peer_or_addr {
+                    PeerOrAddr::Peer(name) => Some(name.clone()),
+                    PeerOrAddr::Addr(addr) => peers
+                        .iter()
+                        .find(|p| p.address.ip() == addr.ip() && p.address.port() == addr.port())
+                        .map(|p| p.name.clone()),
+                };
+                if reason.by == RefusedBy::Us {
+                    metrics.peer_auth_failure(
+                        peer.as_deref().unwrap_or(transport::UNKNOWN_PEER_LABEL),
+                    );
+                }
+                let why = format!("TLS handshake with {peer_or_addr} refused: {reason}");
+                if let Some(peer) = peer {
+                    for repl in &node.replication {
+                        for replica in repl.replicas().iter().filter(|r| r.peer() == peer) {
+                            replica.auth_refused(why.clone());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accepts the volume streams a peer opens on `connection`, for as long as it lives.
+async fn accept_streams(node: Arc<Node>, peer: String, connection: quinn::Connection) {
+    loop {
+        match transport::accept_volume_stream(&connection).await {
+            Ok((volume, send, recv)) => {
+                let replica = node
+                    .volumes
+                    .iter()
+                    .position(|v| v.name() == volume)
+                    .and_then(|i| {
+                        node.replication[i]
+                            .replicas()
+                            .iter()
+                            .find(|r| r.peer() == peer)
+                            .cloned()
+                    });
+                match replica {
+                    Some(replica) => replica.accept_stream(send, recv),
+                    None => {
+                        tracing::warn!(%peer, %volume, "the peer opened a stream for a volume not replicated with it here; refused");
+                        drop((send, recv));
+                    }
+                }
+            }
+            Err(transport::TransportError::Connection(_)) => return,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "a volume stream from the peer was refused");
+            }
+        }
+    }
 }
 
 async fn bind_nbd(addr: &ListenAddr) -> Result<Listener, DaemonError> {

@@ -76,6 +76,8 @@ pub enum JournalError {
     Closed,
     #[error("journal of {file_bytes} bytes is too small: at least {MIN_JOURNAL_BYTES} bytes")]
     TooSmall { file_bytes: u64 },
+    #[error("record LSN {found} does not follow the journal's LSN {expected}")]
+    LsnMismatch { expected: u64, found: u64 },
 }
 
 fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> JournalError {
@@ -144,6 +146,9 @@ impl Op {
     }
 }
 
+/// Sees the (offset, length) of every record recovery replayed; see [`Journal::open`].
+pub type RecoveryHook = Box<dyn FnOnce(&[(u64, u64)]) -> std::io::Result<()> + Send>;
+
 /// What recovery found when the journal was opened.
 #[derive(Debug, Clone, Default)]
 pub struct RecoveryReport {
@@ -170,6 +175,11 @@ pub struct JournalStats {
 
 struct Shared {
     index: Mutex<Index>,
+    tap: Mutex<Option<Arc<dyn JournalTap>>>,
+    /// Records above this LSN stay in the journal (not applied, their space not reused):
+    /// replication still needs them to know what a peer may lack. `u64::MAX` when nothing
+    /// needs them.
+    apply_limit: tokio::sync::watch::Sender<u64>,
     metrics: VolumeMetrics,
     capacity_bytes: u64,
     used_bytes: AtomicU64,
@@ -209,15 +219,29 @@ enum Request {
     Append {
         op: Op,
         fua: bool,
-        done: oneshot::Sender<Result<(), JournalError>>,
+        /// The LSN the record must get (a secondary journals its primary's LSNs).
+        at_lsn: Option<u64>,
+        done: oneshot::Sender<Result<u64, JournalError>>,
         queued_at: Instant,
     },
     Flush {
-        done: oneshot::Sender<Result<(), JournalError>>,
+        done: oneshot::Sender<Result<u64, JournalError>>,
+    },
+    Reset {
+        next_lsn: Option<u64>,
+        done: oneshot::Sender<Result<u64, JournalError>>,
     },
     Close {
         done: oneshot::Sender<()>,
     },
+}
+
+/// Sees every record as the writer assigns its LSN, in LSN order, while the record's range is
+/// being inserted into the index (under the index lock): a reader that takes the index lock
+/// after `record` returned sees the record's data. Replication hangs here, so that the send to
+/// the peers starts together with the local journal write.
+pub trait JournalTap: Send + Sync {
+    fn record(&self, lsn: u64, op: &Op, fua: bool);
 }
 
 /// Handle to a volume's journal; cheap to share.
@@ -266,16 +290,24 @@ impl Journal {
 
     /// Opens a formatted journal: replays every intact record onto `device`, makes the device
     /// durable, and starts the writer and applier tasks on the current tokio runtime.
+    /// `on_replayed`, when given, sees the ranges of every replayed record after they are on
+    /// the device and before the ring is emptied: replication records them as possibly
+    /// missing at a peer, and must have done so durably before the records are gone.
     pub async fn open(
         journal: Arc<dyn Storage>,
         device: Arc<dyn Storage>,
         metrics: VolumeMetrics,
         name: &str,
+        on_replayed: Option<RecoveryHook>,
     ) -> Result<(Journal, RecoveryReport, Superblock), JournalError> {
-        let (superblock, report, head, next_lsn) = recover(&*journal, &*device, name).await?;
+        let (superblock, report, head, next_lsn) =
+            recover(&*journal, &*device, name, on_replayed).await?;
         let capacity_bytes = superblock.ring_bytes();
+        let (apply_limit, apply_limit_rx) = tokio::sync::watch::channel(u64::MAX);
         let shared = Arc::new(Shared {
             index: Mutex::new(Index::new()),
+            tap: Mutex::new(None),
+            apply_limit,
             metrics,
             capacity_bytes,
             used_bytes: AtomicU64::new(0),
@@ -307,6 +339,7 @@ impl Journal {
             shared: shared.clone(),
             superblock,
             events: events_tx.clone(),
+            apply_limit: apply_limit_rx,
         };
         tokio::spawn(applier.run(apply_rx));
         let writer = Writer {
@@ -330,6 +363,7 @@ impl Journal {
             full_since: None,
             full_logged_at: None,
             unapplied_payload_bytes: 0,
+            resetting: None,
         };
         tokio::spawn(writer.run(request_rx, events_rx));
         Ok((Journal { requests, shared }, report, superblock))
@@ -337,7 +371,8 @@ impl Journal {
 
     /// Journals one client request. Completes once every record is written to the journal
     /// (and durable, with `fua`). Writes over [`MAX_RECORD_BYTES`] become several records.
-    pub async fn append(&self, op: Op, fua: bool) -> Result<(), JournalError> {
+    /// Returns the LSN of its last record.
+    pub async fn append(&self, op: Op, fua: bool) -> Result<u64, JournalError> {
         self.shared.check()?;
         let mut waits = Vec::new();
         let queued_at = Instant::now();
@@ -347,6 +382,7 @@ impl Journal {
                 .send(Request::Append {
                     op: part,
                     fua,
+                    at_lsn: None,
                     done,
                     queued_at,
                 })
@@ -354,14 +390,41 @@ impl Journal {
                 .map_err(|_| JournalError::Closed)?;
             waits.push(wait);
         }
+        let mut last_lsn = 0;
         for wait in waits {
-            wait.await.map_err(|_| JournalError::Closed)??;
+            last_lsn = wait.await.map_err(|_| JournalError::Closed)??;
         }
-        Ok(())
+        Ok(last_lsn)
     }
 
-    /// Completes when every write completed before this call is durable.
-    pub async fn flush(&self) -> Result<(), JournalError> {
+    /// Queues one record that must get `lsn` (a secondary journals the primary's records
+    /// under the primary's LSNs). Queuing is in call order; the returned receiver completes
+    /// when the record is in the journal. A record whose LSN is not the journal's next one is
+    /// refused with [`JournalError::LsnMismatch`].
+    pub async fn append_at(
+        &self,
+        lsn: u64,
+        op: Op,
+        fua: bool,
+    ) -> Result<oneshot::Receiver<Result<u64, JournalError>>, JournalError> {
+        self.shared.check()?;
+        let (done, wait) = oneshot::channel();
+        self.requests
+            .send(Request::Append {
+                op,
+                fua,
+                at_lsn: Some(lsn),
+                done,
+                queued_at: Instant::now(),
+            })
+            .await
+            .map_err(|_| JournalError::Closed)?;
+        Ok(wait)
+    }
+
+    /// Completes when every write completed before this call is durable; returns the LSN up
+    /// to which the journal is durable.
+    pub async fn flush(&self) -> Result<u64, JournalError> {
         self.shared.check()?;
         let (done, wait) = oneshot::channel();
         self.requests
@@ -369,6 +432,35 @@ impl Journal {
             .await
             .map_err(|_| JournalError::Closed)?;
         wait.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Waits for every queued record, applies the whole journal to the device, and leaves an
+    /// empty ring whose next record gets `next_lsn` (or the current next LSN), under a new
+    /// journal id so that no older batch can ever be replayed after it. Returns the next LSN.
+    /// A secondary does this before a resync writes the device directly, and after it to take
+    /// the LSN the resync ended at.
+    pub async fn reset(&self, next_lsn: Option<u64>) -> Result<u64, JournalError> {
+        self.shared.check()?;
+        let (done, wait) = oneshot::channel();
+        self.requests
+            .send(Request::Reset { next_lsn, done })
+            .await
+            .map_err(|_| JournalError::Closed)?;
+        wait.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Installs the tap that sees every record at LSN assignment (see [`JournalTap`]).
+    pub fn set_tap(&self, tap: Option<Arc<dyn JournalTap>>) {
+        *self.shared.tap.lock().expect("tap lock") = tap;
+    }
+
+    /// Records above `lsn` are kept in the journal until the limit rises (see `Shared`).
+    pub fn set_apply_limit(&self, lsn: u64) {
+        self.shared.apply_limit.send_if_modified(|limit| {
+            let changed = *limit != lsn;
+            *limit = lsn;
+            changed
+        });
     }
 
     /// Unapplied pieces of the range, and gaps to read from the device.
@@ -449,7 +541,9 @@ async fn recover(
     journal: &dyn Storage,
     device: &dyn Storage,
     name: &str,
+    on_replayed: Option<RecoveryHook>,
 ) -> Result<(Superblock, RecoveryReport, u64, u64), JournalError> {
+    let mut replayed_ranges: Vec<(u64, u64)> = Vec::new();
     let corrupt = |reason: String| JournalError::Corrupt {
         path: name.to_string(),
         reason,
@@ -547,7 +641,14 @@ async fn recover(
             replay_bytes += record.payload_area_bytes();
             report.records_replayed += 1;
             report.bytes_replayed += record.len_bytes as u64;
-            replay.push((record.lsn, Op::from_record(&record, data)));
+            let op = Op::from_record(&record, data);
+            if on_replayed.is_some() {
+                match replayed_ranges.last_mut() {
+                    Some((at, len)) if *at + *len == op.range().0 => *len += op.range().1,
+                    _ => replayed_ranges.push(op.range()),
+                }
+            }
+            replay.push((record.lsn, op));
         }
         // Replay through the applier's coalescing writer, a bounded chunk at a time.
         if replay_bytes >= MAX_UNAPPLIED_ROUND_BYTES {
@@ -566,6 +667,9 @@ async fn recover(
         .sync()
         .await
         .map_err(io_err("syncing the device after replay"))?;
+    if let Some(hook) = on_replayed {
+        hook(&replayed_ranges).map_err(io_err("recording the replayed ranges"))?;
+    }
     // Destroy the block where the scan stopped: a torn batch there keeps a valid header, and a
     // later batch torn at the same place must not make its old payload look whole again.
     let zero = AlignedBuf::zeroed(BLOCK_BYTES).freeze();
@@ -648,7 +752,7 @@ struct Inflight {
     ring_bytes: u64,
     payload_bytes: u64,
     records: Vec<ApplyRecord>,
-    waiters: Vec<(oneshot::Sender<Result<(), JournalError>>, Instant)>,
+    waiters: Vec<(oneshot::Sender<Result<u64, JournalError>>, Instant, u64)>,
     fua: bool,
     dsync: bool,
     written: bool,
@@ -670,10 +774,33 @@ enum Event {
     ApplyFailed(JournalError),
     /// The applier has applied everything it was given and stopped.
     ApplierDone,
+    /// The applier applied everything and wrote an empty ring (see [`Journal::reset`]).
+    ResetDone {
+        next_lsn: u64,
+        journal_id: u64,
+        result: Result<(), JournalError>,
+    },
+}
+
+/// What the writer hands the applier, in ring order.
+enum ApplyItem {
+    Batch(CompletedBatch),
+    /// Apply everything before, then persist an empty ring at `head` whose next record is
+    /// `next_lsn`, under `journal_id`.
+    Reset {
+        head: u64,
+        next_lsn: u64,
+        journal_id: u64,
+    },
 }
 
 /// A record waiting for a batch: the change, its FUA flag, its waiter, when it was queued.
-type Pending = (Op, bool, oneshot::Sender<Result<(), JournalError>>, Instant);
+type Pending = (
+    Op,
+    bool,
+    oneshot::Sender<Result<u64, JournalError>>,
+    Instant,
+);
 
 struct Writer {
     storage: Arc<dyn Storage>,
@@ -694,9 +821,9 @@ struct Writer {
     durable_lsn: u64,
     sync_running: bool,
     /// Flushes waiting for `durable_lsn` to reach their target.
-    flush_waiters: Vec<(u64, oneshot::Sender<Result<(), JournalError>>)>,
+    flush_waiters: Vec<(u64, oneshot::Sender<Result<u64, JournalError>>)>,
     events_tx: mpsc::UnboundedSender<Event>,
-    apply_tx: Option<mpsc::UnboundedSender<CompletedBatch>>,
+    apply_tx: Option<mpsc::UnboundedSender<ApplyItem>>,
     /// When the writer started waiting for space, for the full-wait metric.
     full_since: Option<Instant>,
     /// When "journal full" was last logged: once per interval, not once per episode.
@@ -704,6 +831,15 @@ struct Writer {
     /// Payload bytes of every batch submitted and not yet released by the applier: what the
     /// journal's records keep alive in memory (index pieces, queued and in-round records).
     unapplied_payload_bytes: u64,
+    /// A reset waiting for the queue to drain, then for the applier.
+    resetting: Option<Resetting>,
+}
+
+struct Resetting {
+    next_lsn: Option<u64>,
+    done: oneshot::Sender<Result<u64, JournalError>>,
+    /// Handed to the applier; waiting for `ResetDone`.
+    started: bool,
 }
 
 impl Writer {
@@ -718,11 +854,11 @@ impl Writer {
             tokio::select! {
                 biased;
                 Some(event) = events.recv() => self.handle_event(event),
-                request = requests.recv(), if open && closing.is_none() && self.pending.len() < MAX_PENDING_RECORDS => match request {
+                request = requests.recv(), if open && closing.is_none() && self.resetting.is_none() && self.pending.len() < MAX_PENDING_RECORDS => match request {
                     Some(request) => {
                         self.handle_request(request, &mut closing);
                         // Take whatever else is queued right now into the same batch.
-                        while self.pending.len() < MAX_PENDING_RECORDS && closing.is_none() {
+                        while self.pending.len() < MAX_PENDING_RECORDS && closing.is_none() && self.resetting.is_none() {
                             match requests.try_recv() {
                                 Ok(request) => self.handle_request(request, &mut closing),
                                 Err(_) => break,
@@ -737,6 +873,7 @@ impl Writer {
                 self.fail_everything();
             }
             self.submit_batches();
+            self.maybe_start_reset();
             if (closing.is_some() || !open)
                 && self.pending.is_empty()
                 && self.inflight.is_empty()
@@ -757,7 +894,9 @@ impl Writer {
             while let Some(event) = events.recv().await {
                 match event {
                     Event::ApplierDone => break,
-                    Event::Released { .. } | Event::ApplyFailed(_) => self.handle_event(event),
+                    Event::Released { .. } | Event::ApplyFailed(_) | Event::ResetDone { .. } => {
+                        self.handle_event(event)
+                    }
                     _ => {}
                 }
             }
@@ -772,6 +911,7 @@ impl Writer {
             Request::Append {
                 op,
                 fua,
+                at_lsn,
                 done,
                 queued_at,
             } => {
@@ -779,14 +919,26 @@ impl Writer {
                     let _ = done.send(Err(error));
                     return;
                 }
+                let expected = self.next_lsn + self.pending.len() as u64;
+                if let Some(found) = at_lsn.filter(|lsn| *lsn != expected) {
+                    let _ = done.send(Err(JournalError::LsnMismatch { expected, found }));
+                    return;
+                }
                 self.pending.push_back((op, fua, done, queued_at));
+            }
+            Request::Reset { next_lsn, done } => {
+                self.resetting = Some(Resetting {
+                    next_lsn,
+                    done,
+                    started: false,
+                });
             }
             Request::Flush { done } => {
                 // A flush covers writes completed before it arrived: those are at or below
                 // completed_lsn. Writes still in flight are not covered.
                 let target = self.completed_lsn;
                 if target <= self.durable_lsn {
-                    let _ = done.send(Ok(()));
+                    let _ = done.send(Ok(self.durable_lsn));
                 } else {
                     self.flush_waiters.push((target, done));
                     if !self.sync_running {
@@ -832,7 +984,7 @@ impl Writer {
                     .partition(|(t, _)| *t <= durable);
                 self.flush_waiters = waiting;
                 for (_, done) in ready {
-                    let _ = done.send(Ok(()));
+                    let _ = done.send(Ok(durable));
                 }
                 self.complete_in_order();
                 if !self.flush_waiters.is_empty() && !self.sync_running {
@@ -864,7 +1016,80 @@ impl Writer {
                 self.fail_everything();
             }
             Event::ApplierDone => self.apply_tx = None,
+            Event::ResetDone {
+                next_lsn,
+                journal_id,
+                result,
+            } => {
+                let Some(resetting) = self.resetting.take() else {
+                    return;
+                };
+                match result {
+                    Ok(()) => {
+                        self.journal_id = journal_id;
+                        self.next_lsn = next_lsn;
+                        self.written_lsn = next_lsn - 1;
+                        self.completed_lsn = next_lsn - 1;
+                        self.durable_lsn = next_lsn - 1;
+                        self.shared.head_lsn.store(next_lsn - 1, Ordering::Relaxed);
+                        self.shared
+                            .applied_lsn
+                            .store(next_lsn - 1, Ordering::Relaxed);
+                        self.shared
+                            .metrics
+                            .journal_head_lsn
+                            .set((next_lsn - 1) as i64);
+                        self.shared
+                            .metrics
+                            .journal_applied_lsn
+                            .set((next_lsn - 1) as i64);
+                        let _ = resetting.done.send(Ok(next_lsn));
+                    }
+                    Err(error) => {
+                        let _ = resetting.done.send(Err(error.clone()));
+                        self.shared.fail(&error);
+                        self.fail_everything();
+                    }
+                }
+            }
         }
+    }
+
+    /// Hands a requested reset to the applier once nothing is queued, in flight or syncing.
+    fn maybe_start_reset(&mut self) {
+        let Some(resetting) = &mut self.resetting else {
+            return;
+        };
+        if resetting.started
+            || !self.pending.is_empty()
+            || !self.inflight.is_empty()
+            || self.sync_running
+        {
+            return;
+        }
+        if let Err(error) = self.shared.check() {
+            let resetting = self.resetting.take().expect("checked above");
+            let _ = resetting.done.send(Err(error));
+            return;
+        }
+        let Some(apply_tx) = &self.apply_tx else {
+            let resetting = self.resetting.take().expect("checked above");
+            let _ = resetting.done.send(Err(JournalError::Closed));
+            return;
+        };
+        let next_lsn = resetting.next_lsn.unwrap_or(self.next_lsn);
+        let journal_id = loop {
+            let id: u64 = rand::random();
+            if id != self.journal_id {
+                break id;
+            }
+        };
+        resetting.started = true;
+        let _ = apply_tx.send(ApplyItem::Reset {
+            head: self.head,
+            next_lsn,
+            journal_id,
+        });
     }
 
     /// Acknowledges written batches from the front of the queue, in ring order.
@@ -906,21 +1131,21 @@ impl Writer {
             let batch = self.inflight.pop_front().expect("front exists");
             self.completed_lsn = batch.last_lsn;
             let now = Instant::now();
-            for (done, queued_at) in batch.waiters {
+            for (done, queued_at, lsn) in batch.waiters {
                 self.shared
                     .metrics
                     .write_latency_journal
                     .observe(now.duration_since(queued_at).as_secs_f64());
-                let _ = done.send(Ok(()));
+                let _ = done.send(Ok(lsn));
             }
             if let Some(apply_tx) = &self.apply_tx {
-                let _ = apply_tx.send(CompletedBatch {
+                let _ = apply_tx.send(ApplyItem::Batch(CompletedBatch {
                     records: batch.records,
                     last_lsn: batch.last_lsn,
                     end_pos: batch.end_pos,
                     ring_bytes: batch.ring_bytes,
                     payload_bytes: batch.payload_bytes,
-                });
+                }));
             }
         }
     }
@@ -953,7 +1178,7 @@ impl Writer {
                 let (offset, len) = record.op.range();
                 index.remove_applied(offset, len, record.lsn);
             }
-            for (done, _) in batch.waiters {
+            for (done, _, _) in batch.waiters {
                 let _ = done.send(Err(error.clone()));
             }
         }
@@ -1033,6 +1258,7 @@ impl Writer {
         iovecs.push(SharedBuf::from(AlignedBuf::zeroed(0))); // placeholder for the header
         let mut fua = false;
         {
+            let tap = self.shared.tap.lock().expect("tap lock").clone();
             let mut index = self.shared.index.lock().expect("index lock");
             for (i, (op, record_fua, done, queued_at)) in self.pending.drain(..count).enumerate() {
                 let lsn = first_lsn + i as u64;
@@ -1064,9 +1290,12 @@ impl Writer {
                 };
                 let (offset, len) = op.range();
                 index.insert(offset, len, lsn, op.content());
+                if let Some(tap) = &tap {
+                    tap.record(lsn, &op, record_fua);
+                }
                 descriptors.push(descriptor);
                 records.push(ApplyRecord { lsn, op });
-                waiters.push((done, queued_at));
+                waiters.push((done, queued_at, lsn));
             }
         }
         let header = BatchHeader::Records {
@@ -1158,24 +1387,67 @@ struct Applier {
     shared: Arc<Shared>,
     superblock: Superblock,
     events: mpsc::UnboundedSender<Event>,
+    apply_limit: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Applier {
-    async fn run(mut self, mut batches: mpsc::UnboundedReceiver<CompletedBatch>) {
+    /// Waits until records up to `lsn` may leave the journal. A dropped limit counts as no
+    /// limit.
+    async fn allowed(&mut self, lsn: u64) {
+        let _ = self.apply_limit.wait_for(|limit| *limit >= lsn).await;
+    }
+
+    async fn run(mut self, mut batches: mpsc::UnboundedReceiver<ApplyItem>) {
         // Applying costs an fdatasync of the device, which queues behind and in front of the
         // journal's own writes on the same disk. Gathering a round for a short while (or until a
         // quarter of the ring waits) keeps that off the client's latency; the index serves reads
         // of the data meanwhile, and memory stays bounded by the ring.
         let eager_bytes = (self.shared.capacity_bytes / 4).min(MAX_UNAPPLIED_ROUND_BYTES);
-        while let Some(first) = batches.recv().await {
+        let mut carried: Option<ApplyItem> = None;
+        loop {
+            let item = match carried.take() {
+                Some(item) => item,
+                None => match batches.recv().await {
+                    Some(item) => item,
+                    None => break,
+                },
+            };
+            let first = match item {
+                ApplyItem::Batch(batch) => batch,
+                ApplyItem::Reset {
+                    head,
+                    next_lsn,
+                    journal_id,
+                } => {
+                    let result = self.reset(head, next_lsn, journal_id).await;
+                    let failed = result.is_err();
+                    let _ = self.events.send(Event::ResetDone {
+                        next_lsn,
+                        journal_id,
+                        result,
+                    });
+                    if failed {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            self.allowed(first.last_lsn).await;
             let deadline = tokio::time::Instant::now() + APPLY_DELAY;
             let mut ring_bytes = first.ring_bytes;
             let mut round = vec![first];
             while round.len() < MAX_APPLY_BATCHES && ring_bytes < eager_bytes {
                 match tokio::time::timeout_at(deadline, batches.recv()).await {
-                    Ok(Some(batch)) => {
+                    Ok(Some(ApplyItem::Batch(batch)))
+                        if batch.last_lsn <= *self.apply_limit.borrow() =>
+                    {
                         ring_bytes += batch.ring_bytes;
                         round.push(batch);
+                    }
+                    // Not yet allowed, or a reset: the next round starts with it.
+                    Ok(Some(item)) => {
+                        carried = Some(item);
+                        break;
                     }
                     // Closing (apply everything now) or the round's time is up.
                     Ok(None) | Err(_) => break,
@@ -1196,6 +1468,28 @@ impl Applier {
             }
         }
         let _ = self.events.send(Event::ApplierDone);
+    }
+
+    /// Everything before was applied (rounds run in order); persists an empty ring at `head`.
+    async fn reset(
+        &mut self,
+        head: u64,
+        next_lsn: u64,
+        journal_id: u64,
+    ) -> Result<(), JournalError> {
+        self.device
+            .sync()
+            .await
+            .map_err(io_err("fdatasync of the device"))?;
+        self.superblock = Superblock {
+            sequence: self.superblock.sequence + 1,
+            journal_id,
+            tail_offset: head,
+            tail_lsn: next_lsn,
+            ..self.superblock
+        };
+        write_superblock(&*self.journal, &self.superblock).await?;
+        Ok(())
     }
 
     async fn apply_round(

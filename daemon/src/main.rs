@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use ferry::config::{Config, DEFAULT_CONTROL_SOCKET};
 use ferry::control::{self, StatusResult};
+use serde_json::{json, Value};
 
 const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
@@ -46,6 +47,21 @@ enum Command {
         /// Print the JSON result instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Make this node's copy of VOLUME primary; refuses (exit 1, with the reason) if a peer is
+    /// still primary and reachable, or if this copy is not consistent.
+    Promote {
+        /// The volume, as named in the config.
+        volume: String,
+        /// Override an unreachable peer at once, without waiting for peer_timeout (you assert
+        /// that the primary is gone).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop accepting writes on VOLUME (drain in-flight I/O), become secondary.
+    Demote {
+        /// The volume, as named in the config.
+        volume: String,
     },
     /// Configuration tools.
     Config {
@@ -92,6 +108,16 @@ fn main() -> ExitCode {
             Err(error) => fail(&format!("demo failed: {error}")),
         },
         Command::Status { volume, json } => status(&cli.socket, volume, json),
+        Command::Promote { volume, force } => role_change(
+            &cli.socket,
+            &volume,
+            json!({ "op": "promote", "volume": volume, "force": force }),
+        ),
+        Command::Demote { volume } => role_change(
+            &cli.socket,
+            &volume,
+            json!({ "op": "demote", "volume": volume }),
+        ),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
@@ -155,22 +181,57 @@ fn run(config_path: &Path) -> ExitCode {
     }
 }
 
-fn status(socket: &Path, volume: Option<String>, json: bool) -> ExitCode {
-    let mut request = serde_json::json!({ "op": "status" });
-    if let Some(volume) = &volume {
-        request["volume"] = serde_json::Value::String(volume.clone());
-    }
+/// Sends one request to the daemon and returns its `result`; any error (unreachable daemon,
+/// refusal, timeout) is printed and becomes exit status 1.
+fn call(socket: &Path, request: Value) -> Result<Value, ExitCode> {
     // A client command needs no thread pool; a current-thread runtime starts fastest.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
-        Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
+        Err(error) => return Err(fail(&format!("cannot start the async runtime: {error}"))),
     };
-    let result = match runtime.block_on(control::request(socket, request)) {
+    runtime
+        .block_on(control::request(socket, request))
+        .map_err(|error| fail(&error.to_string()))
+}
+
+/// `ferry promote` and `ferry demote`: one line saying the new role.
+fn role_change(socket: &Path, volume: &str, request: Value) -> ExitCode {
+    match call(socket, request) {
+        Ok(result) => {
+            println!("{}", describe_role_change(volume, &result));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// "pg-data: now primary (generation 0x2a00c3)"; the raw JSON if the daemon's result lacks the
+/// role (a daemon of another version), so nothing it said is lost.
+fn describe_role_change(volume: &str, result: &Value) -> String {
+    let Some(role) = result.get("role").and_then(Value::as_str) else {
+        return format!("{volume}: done: {result}");
+    };
+    let name = result
+        .get("volume")
+        .and_then(Value::as_str)
+        .unwrap_or(volume);
+    match result.get("generation").and_then(Value::as_u64) {
+        Some(generation) => format!("{name}: now {role} (generation {generation:#x})"),
+        None => format!("{name}: now {role}"),
+    }
+}
+
+fn status(socket: &Path, volume: Option<String>, json: bool) -> ExitCode {
+    let mut request = json!({ "op": "status" });
+    if let Some(volume) = &volume {
+        request["volume"] = Value::String(volume.clone());
+    }
+    let result = match call(socket, request) {
         Ok(result) => result,
-        Err(error) => return fail(&error.to_string()),
+        Err(code) => return code,
     };
     if json {
         match serde_json::to_string_pretty(&result) {
@@ -187,5 +248,45 @@ fn status(socket: &Path, volume: Option<String>, json: bool) -> ExitCode {
         Err(error) => fail(&format!(
             "the daemon's status is not understood ({error}); are the ferry binary and daemon the same version? `--json` prints it raw"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_change_lines() {
+        let result = json!({"volume": "pg-data", "role": "primary", "generation": 0x2a00c3u64});
+        assert_eq!(
+            describe_role_change("pg-data", &result),
+            "pg-data: now primary (generation 0x2a00c3)"
+        );
+        assert_eq!(
+            describe_role_change("pg-data", &json!({"role": "secondary"})),
+            "pg-data: now secondary"
+        );
+        assert_eq!(
+            describe_role_change("pg-data", &json!({"generation": "x"})),
+            "pg-data: done: {\"generation\":\"x\"}"
+        );
+    }
+
+    #[test]
+    fn cli_parses_role_changes() {
+        let cli = Cli::try_parse_from(["ferry", "promote", "pg-data", "--force"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Promote { ref volume, force: true } if volume == "pg-data"
+        ));
+        let cli = Cli::try_parse_from(["ferry", "demote", "pg-data", "--socket", "/tmp/s"])
+            .expect("parse");
+        assert!(matches!(cli.command, Command::Demote { ref volume } if volume == "pg-data"));
+        assert_eq!(cli.socket, PathBuf::from("/tmp/s"));
+        // A missing volume is a usage error (exit 2).
+        let error = Cli::try_parse_from(["ferry", "promote"])
+            .err()
+            .expect("usage error");
+        assert_eq!(error.exit_code(), 2);
     }
 }

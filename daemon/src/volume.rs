@@ -7,8 +7,10 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
+
+use ferry_protocol::generation::{GenerationEntry, GenerationInfo};
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -16,7 +18,9 @@ use thiserror::Error;
 
 use crate::config::{Role, VolumeConfig};
 use crate::index::Content;
-use crate::journal::{Journal, JournalError, JournalStats, Op, RecoveryReport};
+use crate::journal::{
+    Journal, JournalError, JournalStats, JournalTap, Op, RecoveryHook, RecoveryReport,
+};
 use crate::metrics::VolumeMetrics;
 use crate::nbd::{BoxFuture, Export, ExportError};
 use crate::storage::{self, AlignedBuf, OpenOptions, SharedBuf, Storage};
@@ -49,10 +53,101 @@ pub enum VolumeError {
     },
 }
 
-/// What survives restarts besides the journal: the role the operator last gave the volume.
+/// What survives restarts besides the journal: the role the operator last gave the volume,
+/// the lineage of its contents (generation history, SPEC §3 promote) and whether the copy is
+/// consistent (false while a resync is writing it out of order).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Meta {
     role: String,
+    #[serde(default)]
+    volume_id: u64,
+    #[serde(default)]
+    history: Vec<MetaGeneration>,
+    #[serde(default = "yes")]
+    consistent: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MetaGeneration {
+    generation: u64,
+    start_lsn: u64,
+    promoted_by: String,
+}
+
+/// The persisted state besides the journal, as the daemon uses it.
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    pub role: Role,
+    /// Generation history; `head_lsn` is not stored (the journal knows it) and is 0 here.
+    pub generation: GenerationInfo,
+    pub consistent: bool,
+}
+
+impl Lineage {
+    fn to_meta(&self) -> Meta {
+        Meta {
+            role: role_name(self.role).into(),
+            volume_id: self.generation.volume_id,
+            history: self
+                .generation
+                .history
+                .iter()
+                .map(|e| MetaGeneration {
+                    generation: e.generation,
+                    start_lsn: e.start_lsn,
+                    promoted_by: e.promoted_by.clone(),
+                })
+                .collect(),
+            consistent: self.consistent,
+        }
+    }
+
+    fn from_meta(meta: &Meta) -> Result<Lineage, String> {
+        let role = match meta.role.as_str() {
+            "primary" => Role::Primary,
+            "secondary" => Role::Secondary,
+            other => return Err(format!("unknown role {other:?}")),
+        };
+        Ok(Lineage {
+            role,
+            generation: GenerationInfo {
+                volume_id: meta.volume_id,
+                history: meta
+                    .history
+                    .iter()
+                    .map(|e| GenerationEntry {
+                        generation: e.generation,
+                        start_lsn: e.start_lsn,
+                        promoted_by: e.promoted_by.clone(),
+                    })
+                    .collect(),
+                head_lsn: 0,
+            },
+            consistent: meta.consistent,
+        })
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Primary => "primary",
+        Role::Secondary => "secondary",
+    }
+}
+
+/// Sees, at open, the volume size, its stored role and the ranges of every record journal
+/// recovery replayed, before the journal forgets them (see [`Journal::open`]).
+pub type VolumeOpenHook = Box<dyn FnOnce(u64, Role, &[(u64, u64)]) -> io::Result<()> + Send>;
+
+/// What a replicated volume's writes wait for besides the local journal (see `replica.rs`).
+pub trait WriteGate: Send + Sync {
+    /// Completes when the record `lsn` may be reported complete: journaled (or, with
+    /// `durable`, durable) at every metro peer that is in sync, or recorded for a resync.
+    fn settled(&self, lsn: u64, durable: bool) -> BoxFuture<'_, Result<(), ExportError>>;
 }
 
 pub struct Volume {
@@ -67,7 +162,12 @@ pub struct Volume {
     device_label: String,
     metrics: VolumeMetrics,
     recovery: RecoveryReport,
-    generation: u64,
+    lineage: Mutex<Lineage>,
+    /// Where `lineage` is persisted; None for volumes opened on test storage.
+    meta_path: Option<PathBuf>,
+    gate: OnceLock<Arc<dyn WriteGate>>,
+    /// Writes started and not yet answered, so that a demote can drain them.
+    writes_in_flight: tokio::sync::watch::Sender<u64>,
 }
 
 impl Volume {
@@ -76,7 +176,9 @@ impl Volume {
     pub async fn open(
         config: &VolumeConfig,
         data_dir: &Path,
+        node: &str,
         metrics: VolumeMetrics,
+        on_replayed: Option<VolumeOpenHook>,
     ) -> Result<Volume, VolumeError> {
         let name = config.name.clone();
         let io_error = |what: &'static str, path: &Path| {
@@ -127,18 +229,17 @@ impl Volume {
             },
         )
         .map_err(io_error("cannot open journal", &journal_path))?;
-        let role = load_or_create_meta(
-            &data_dir.join(format!("{name}.meta")),
-            config.initial_role,
-            &name,
-        )?;
-        Volume::open_on(
+        let meta_path = data_dir.join(format!("{name}.meta"));
+        let lineage = load_or_create_meta(&meta_path, config.initial_role, &name, node)?;
+        Volume::open_inner(
             &name,
             device,
             journal,
-            role,
+            lineage,
+            Some(meta_path),
             metrics,
             config.device.display().to_string(),
+            on_replayed,
         )
         .await
     }
@@ -153,6 +254,36 @@ impl Volume {
         metrics: VolumeMetrics,
         device_label: String,
     ) -> Result<Volume, VolumeError> {
+        let lineage = Lineage {
+            role,
+            generation: GenerationInfo::empty(),
+            consistent: true,
+        };
+        Volume::open_inner(
+            name,
+            device,
+            journal,
+            lineage,
+            None,
+            metrics,
+            device_label,
+            None,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn open_inner(
+        name: &str,
+        device: Arc<dyn Storage>,
+        journal: Arc<dyn Storage>,
+        lineage: Lineage,
+        meta_path: Option<PathBuf>,
+        metrics: VolumeMetrics,
+        device_label: String,
+        on_replayed: Option<VolumeOpenHook>,
+    ) -> Result<Volume, VolumeError> {
+        let role = lineage.role;
         // NBD's minimum block size is 512: a tail smaller than that could never be addressed.
         let size_bytes = device.len_bytes() / 512 * 512;
         if size_bytes == 0 {
@@ -162,8 +293,11 @@ impl Volume {
                 size_bytes: device.len_bytes(),
             });
         }
-        let (journal, recovery, superblock) =
-            Journal::open(journal, device.clone(), metrics.clone(), name)
+        let on_replayed = on_replayed.map(|hook| -> RecoveryHook {
+            Box::new(move |ranges: &[(u64, u64)]| hook(size_bytes, role, ranges))
+        });
+        let (journal, recovery, _superblock) =
+            Journal::open(journal, device.clone(), metrics.clone(), name, on_replayed)
                 .await
                 .map_err(|source| VolumeError::Journal {
                     volume: name.into(),
@@ -189,7 +323,10 @@ impl Volume {
             device_label,
             metrics,
             recovery,
-            generation: superblock.generation,
+            lineage: Mutex::new(lineage),
+            meta_path,
+            gate: OnceLock::new(),
+            writes_in_flight: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -205,8 +342,91 @@ impl Volume {
         }
     }
 
+    /// The current generation number (0 for a copy that holds no lineage yet).
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.lineage().generation.current_generation()
+    }
+
+    /// Role, generation history (with the journal's head LSN) and consistency.
+    pub fn lineage(&self) -> Lineage {
+        let mut lineage = self.lineage.lock().expect("lineage lock").clone();
+        lineage.generation.head_lsn = self.journal.stats().head_lsn;
+        lineage
+    }
+
+    /// Replaces and persists the lineage (and the role it carries); the export follows the
+    /// role at once. Persisting is an atomic replace of the metadata file, fsynced.
+    pub fn set_lineage(&self, lineage: Lineage) -> Result<(), VolumeError> {
+        if let Some(path) = &self.meta_path {
+            save_meta(path, &lineage.to_meta()).map_err(|e| VolumeError::Meta {
+                volume: self.name.clone(),
+                path: path.clone(),
+                reason: format!("cannot save: {e}"),
+            })?;
+        }
+        let primary = lineage.role == Role::Primary;
+        *self.lineage.lock().expect("lineage lock") = lineage;
+        self.primary.store(primary, Ordering::SeqCst);
+        self.metrics
+            .set_role(if primary { "primary" } else { "secondary" });
+        Ok(())
+    }
+
+    /// Makes every further write wait for `gate` as well (replicated volumes).
+    pub fn set_write_gate(&self, gate: Arc<dyn WriteGate>) {
+        let _ = self.gate.set(gate);
+    }
+
+    /// Installs the journal tap (see [`JournalTap`]).
+    pub fn set_journal_tap(&self, tap: Option<Arc<dyn JournalTap>>) {
+        self.journal.set_tap(tap);
+    }
+
+    /// Keeps records above `lsn` in the journal (see [`Journal::set_apply_limit`]).
+    pub fn set_apply_limit(&self, lsn: u64) {
+        self.journal.set_apply_limit(lsn);
+    }
+
+    /// Waits until no write is in flight (after the role stopped accepting new ones).
+    pub async fn drain_writes(&self) {
+        let mut rx = self.writes_in_flight.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Secondary: journals the primary's record `lsn` (in call order). The receiver completes
+    /// when it is in the journal.
+    pub async fn append_at(
+        &self,
+        lsn: u64,
+        op: Op,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<u64, JournalError>>, JournalError> {
+        self.journal.append_at(lsn, op, false).await
+    }
+
+    /// Makes the journal durable; returns the LSN it is durable up to.
+    pub async fn journal_flush(&self) -> Result<u64, JournalError> {
+        self.journal.flush().await
+    }
+
+    /// Applies the whole journal and restarts it empty at `next_lsn` (see [`Journal::reset`]).
+    pub async fn journal_reset(&self, next_lsn: Option<u64>) -> Result<u64, JournalError> {
+        self.journal.reset(next_lsn).await
+    }
+
+    /// Secondary resync: writes straight to the device (the journal is empty meanwhile).
+    pub async fn write_device(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.device
+            .write_at(offset, vec![AlignedBuf::copy_from(data).freeze()], false)
+            .await
+    }
+
+    /// Secondary resync: a range that reads as zeros.
+    pub async fn zero_device(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.device.zero_range(offset, len, true).await
+    }
+
+    pub async fn sync_device(&self) -> std::io::Result<()> {
+        self.device.sync().await
     }
 
     pub fn recovery(&self) -> &RecoveryReport {
@@ -273,15 +493,18 @@ impl Volume {
     }
 
     async fn append(&self, op: Op, fua: bool) -> Result<(), ExportError> {
-        if !self.primary.load(Ordering::Relaxed) {
+        let _in_flight = InFlight::enter(&self.writes_in_flight);
+        if !self.primary.load(Ordering::SeqCst) {
             return Err(ExportError::ReadOnly);
         }
         let started = Instant::now();
-        let result = self
-            .journal
-            .append(op, fua)
-            .await
-            .map_err(journal_to_export);
+        let result = match self.journal.append(op, fua).await {
+            Ok(lsn) => match self.gate.get() {
+                Some(gate) => gate.settled(lsn, fua).await,
+                None => Ok(()),
+            },
+            Err(error) => Err(journal_to_export(error)),
+        };
         self.metrics
             .write_latency_total
             .observe(started.elapsed().as_secs_f64());
@@ -332,7 +555,14 @@ impl Volume {
 
     pub async fn flush(&self) -> Result<(), ExportError> {
         let started = Instant::now();
-        let result = self.journal.flush().await.map_err(journal_to_export);
+        let _in_flight = InFlight::enter(&self.writes_in_flight);
+        let result = match self.journal.flush().await {
+            Ok(lsn) => match self.gate.get() {
+                Some(gate) => gate.settled(lsn, true).await,
+                None => Ok(()),
+            },
+            Err(error) => Err(journal_to_export(error)),
+        };
         self.metrics
             .flush_latency
             .observe(started.elapsed().as_secs_f64());
@@ -342,6 +572,22 @@ impl Volume {
     /// Drains the journal onto the device; used at clean shutdown.
     pub async fn close(&self) {
         self.journal.close().await;
+    }
+}
+
+/// Counts a write (or flush) in flight for as long as it lives.
+struct InFlight<'a>(&'a tokio::sync::watch::Sender<u64>);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a tokio::sync::watch::Sender<u64>) -> InFlight<'a> {
+        counter.send_modify(|n| *n += 1);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 
@@ -460,7 +706,12 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-fn load_or_create_meta(path: &Path, initial_role: Role, volume: &str) -> Result<Role, VolumeError> {
+fn load_or_create_meta(
+    path: &Path,
+    initial_role: Role,
+    volume: &str,
+    node: &str,
+) -> Result<Lineage, VolumeError> {
     let meta_error = |reason: String| VolumeError::Meta {
         volume: volume.into(),
         path: path.to_path_buf(),
@@ -470,34 +721,44 @@ fn load_or_create_meta(path: &Path, initial_role: Role, volume: &str) -> Result<
         Ok(bytes) => {
             let meta: Meta =
                 serde_json::from_slice(&bytes).map_err(|e| meta_error(e.to_string()))?;
-            match meta.role.as_str() {
-                "primary" => Ok(Role::Primary),
-                "secondary" => Ok(Role::Secondary),
-                other => Err(meta_error(format!("unknown role {other:?}"))),
-            }
+            Lineage::from_meta(&meta).map_err(meta_error)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let role = if initial_role == Role::Primary {
-                "primary"
+            // A first start: the primary founds the lineage; a secondary holds none until its
+            // first sync.
+            let generation = if initial_role == Role::Primary {
+                let volume_id = loop {
+                    let id: u64 = rand::random();
+                    if id != 0 {
+                        break id;
+                    }
+                };
+                GenerationInfo::create(volume_id, node).map_err(|e| meta_error(e.to_string()))?
             } else {
-                "secondary"
+                GenerationInfo::empty()
             };
-            let meta =
-                serde_json::to_vec_pretty(&Meta { role: role.into() }).expect("meta serializes");
-            let tmp = path.with_extension("meta.tmp");
-            let write = || -> io::Result<()> {
-                use std::io::Write;
-                let mut file = std::fs::File::create(&tmp)?;
-                file.write_all(&meta)?;
-                file.sync_all()?;
-                std::fs::rename(&tmp, path)?;
-                sync_dir(path)
+            let lineage = Lineage {
+                role: initial_role,
+                generation,
+                consistent: true,
             };
-            write().map_err(|e| meta_error(e.to_string()))?;
-            Ok(initial_role)
+            save_meta(path, &lineage.to_meta()).map_err(|e| meta_error(e.to_string()))?;
+            Ok(lineage)
         }
         Err(e) => Err(meta_error(e.to_string())),
     }
+}
+
+/// Replaces the metadata file atomically: a temporary file, fsynced, renamed, directory synced.
+fn save_meta(path: &Path, meta: &Meta) -> io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(meta).expect("meta serializes");
+    let tmp = path.with_extension("meta.tmp");
+    use std::io::Write;
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path)
 }
 
 /// Whether O_DIRECT on `path` accepts what NBD clients may send: 512-byte aligned offsets,

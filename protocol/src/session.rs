@@ -294,6 +294,9 @@ pub struct Session {
     durable_acked_lsn: u64,
     receiving_resync: bool,
     resync_received_bytes: u64,
+    /// A `ResyncEnd` was received: its acknowledgement is owed even when its LSN is not
+    /// above what was acknowledged before (a resync that changed no LSN).
+    resync_end_ack_owed: bool,
 
     // Timers.
     last_received_at: Instant,
@@ -343,6 +346,7 @@ impl Session {
             durable_acked_lsn: 0,
             receiving_resync: false,
             resync_received_bytes: 0,
+            resync_end_ack_owed: false,
             last_received_at: now,
             handshake_deadline: None,
             next_heartbeat_at: None,
@@ -538,6 +542,7 @@ impl Session {
         self.inflight_bytes = 0;
         self.resync_target_lsn = None;
         self.receiving_resync = false;
+        self.resync_end_ack_owed = false;
         self.event(SessionEvent::PeerLost);
         let state = match self.state {
             ReplicaState::SplitBrain => ReplicaState::SplitBrain,
@@ -1070,6 +1075,7 @@ impl Session {
                 }
                 self.receiving_resync = false;
                 self.received_lsn = lsn;
+                self.resync_end_ack_owed = true;
                 self.event(SessionEvent::ResyncEnd { lsn });
             }
             // Handshake and liveness messages are handled by the caller.
@@ -1265,7 +1271,8 @@ impl Session {
 
     /// Secondary: records up to `lsn` are in the local journal. Acknowledges them.
     pub fn journaled(&mut self, lsn: u64) {
-        if lsn <= self.journaled_lsn
+        let owed = self.resync_end_ack_owed && lsn == self.received_lsn;
+        if (lsn <= self.journaled_lsn && !owed)
             || lsn > self.received_lsn
             || !matches!(self.link, Link::Up { .. })
         {
@@ -1274,6 +1281,7 @@ impl Session {
             self.local.head_lsn = self.local.head_lsn.max(lsn);
             return;
         }
+        self.resync_end_ack_owed = false;
         self.journaled_lsn = lsn;
         self.local.head_lsn = lsn;
         self.send_ack();
