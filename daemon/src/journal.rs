@@ -752,7 +752,7 @@ struct Inflight {
     ring_bytes: u64,
     payload_bytes: u64,
     records: Vec<ApplyRecord>,
-    waiters: Vec<(oneshot::Sender<Result<u64, JournalError>>, Instant, u64)>,
+    waiters: Vec<Waiter>,
     fua: bool,
     dsync: bool,
     written: bool,
@@ -793,6 +793,9 @@ enum ApplyItem {
         journal_id: u64,
     },
 }
+
+/// A client waiting for its record: where to answer, when it was queued, its LSN.
+type Waiter = (oneshot::Sender<Result<u64, JournalError>>, Instant, u64);
 
 /// A record waiting for a batch: the change, its FUA flag, its waiter, when it was queued.
 type Pending = (

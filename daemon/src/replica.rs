@@ -335,14 +335,15 @@ impl VolumeReplication {
         }
         for replica in &self.replicas {
             if !force {
-                // A peer that is unreachable for peer_timeout is gone; --force skips the wait.
+                // A peer that still looks connected may just have died: give the session
+                // peer_timeout to notice. A live primary keeps the link up all along and is
+                // refused below; --force skips the wait (the operator knows it is gone).
                 let deadline = tokio::time::Instant::now() + replica.peer_timeout;
-                while !replica.lock().session_up() && tokio::time::Instant::now() < deadline {
+                while replica.lock().peer_is_primary() && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
-            let inner = replica.lock();
-            if inner.session_up() && inner.peer_role() == Some(GenRole::Primary) {
+            if replica.lock().peer_is_primary() {
                 return Err((
                     "peer-is-primary",
                     format!(
@@ -514,6 +515,11 @@ impl Inner {
 
     fn peer_role(&self) -> Option<GenRole> {
         self.peer_role_cache
+    }
+
+    /// The peer is connected, past the handshake, and primary.
+    fn peer_is_primary(&self) -> bool {
+        self.session_up() && self.peer_role() == Some(GenRole::Primary)
     }
 }
 
@@ -1325,7 +1331,15 @@ impl Replica {
         }
         let mut inner = self.lock();
         let mut ranges: Vec<DirtyRange> = Vec::new();
-        if inner.dirty.is_clean() {
+        // The dirty map knows what this copy wrote only if it wrote as primary in its current
+        // generation (its own records past the common point, not ones it received).
+        let own_generation = self
+            .volume
+            .lineage()
+            .generation
+            .current()
+            .is_some_and(|g| g.promoted_by == self.node);
+        if !own_generation || inner.dirty.is_clean() {
             // No record of what those records touched: the whole volume must come back.
             ranges.push(DirtyRange {
                 offset_bytes: 0,
