@@ -1117,6 +1117,29 @@ mod tests {
 
     const PATH: &str = "test.toml";
 
+    /// The shipped examples parse (paths on this machine are not checked), and the metro pair
+    /// mirrors itself.
+    #[test]
+    fn example_configs_parse() {
+        for (name, text) in [
+            ("standalone.toml", include_str!("../../config/standalone.toml")),
+            ("metro-site-a.toml", include_str!("../../config/metro-site-a.toml")),
+            ("metro-site-b.toml", include_str!("../../config/metro-site-b.toml")),
+        ] {
+            let config = Config::parse_unchecked(text, Path::new(name))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            for volume in &config.volumes {
+                for replica in &volume.replicas {
+                    assert!(
+                        config.peers.iter().any(|p| p.name == replica.peer),
+                        "{name}: replica peer {} is not a [[peers]] entry",
+                        replica.peer
+                    );
+                }
+            }
+        }
+    }
+
     /// The smallest valid config; tests append to it or replace parts of it.
     const MINIMAL: &str = r#"[node]
 name = "a"
