@@ -132,6 +132,8 @@ pub enum ReplicaMode {
     Metro {
         on_disconnect: OnDisconnect,
         peer_timeout: Duration,
+        /// Cap on resync traffic to this peer (initial and delta), bytes per second.
+        resync_max_rate_bytes_per_s: Option<u64>,
     },
     Regional {
         interval: Duration,
@@ -299,6 +301,7 @@ struct RawReplica {
     interval: Option<Spanned<toml::Value>>,
     max_rate: Option<Spanned<toml::Value>>,
     compression: Option<Spanned<String>>,
+    resync_max_rate: Option<Spanned<toml::Value>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -704,21 +707,32 @@ impl Checker<'_> {
                         .as_ref()
                         .and_then(|value| self.duration(value, "peer_timeout"))
                         .unwrap_or(DEFAULT_PEER_TIMEOUT);
+                    let resync_max_rate_bytes_per_s = replica
+                        .resync_max_rate
+                        .as_ref()
+                        .and_then(|value| self.rate(value, "resync_max_rate"));
                     ReplicaMode::Metro {
                         on_disconnect,
                         peer_timeout,
+                        resync_max_rate_bytes_per_s,
                     }
                 }
                 "regional" => {
                     self.reject_key(&replica.on_disconnect, "on_disconnect", "regional", "metro");
                     self.reject_key(&replica.peer_timeout, "peer_timeout", "regional", "metro");
+                    self.reject_key(
+                        &replica.resync_max_rate,
+                        "resync_max_rate",
+                        "regional",
+                        "metro",
+                    );
                     let interval = replica
                         .interval
                         .as_ref()
                         .and_then(|value| self.duration(value, "interval"))
                         .unwrap_or(DEFAULT_REGIONAL_INTERVAL);
                     let max_rate_bytes_per_s =
-                        replica.max_rate.as_ref().and_then(|value| self.rate(value));
+                        replica.max_rate.as_ref().and_then(|value| self.rate(value, "max_rate"));
                     let compression = match &replica.compression {
                         Some(value) => match value.get_ref().as_str() {
                             "zstd" => Compression::Zstd,
@@ -854,7 +868,7 @@ impl Checker<'_> {
         }
     }
 
-    fn rate(&mut self, value: &Spanned<toml::Value>) -> Option<u64> {
+    fn rate(&mut self, value: &Spanned<toml::Value>, what: &str) -> Option<u64> {
         let parsed = match value.get_ref() {
             toml::Value::String(text) => match text.trim().strip_suffix("/s") {
                 Some(size) => parse_size_text(size),
@@ -868,15 +882,16 @@ impl Checker<'_> {
             Ok(0) => {
                 self.error(
                     value.span(),
-                    "max_rate is zero, which would never ship anything; remove it for no cap \
-                     or give a rate like \"100MiB/s\""
-                        .to_string(),
+                    format!(
+                        "{what} is zero, which would never ship anything; remove it for no cap \
+                         or give a rate like \"100MiB/s\""
+                    ),
                 );
                 None
             }
             Ok(rate) => Some(rate),
             Err(problem) => {
-                self.error(value.span(), format!("max_rate: {problem}"));
+                self.error(value.span(), format!("{what}: {problem}"));
                 None
             }
         }
@@ -1214,6 +1229,7 @@ peer = "site-b"
 mode = "metro"
 on_disconnect = "suspend"
 peer_timeout = "500ms"
+resync_max_rate = "200MiB/s"
 
 [[volumes.replicas]]
 peer = "site-c"
@@ -1273,6 +1289,7 @@ mode = "regional"
                             mode: ReplicaMode::Metro {
                                 on_disconnect: OnDisconnect::Suspend,
                                 peer_timeout: Duration::from_millis(500),
+                                resync_max_rate_bytes_per_s: Some(200 << 20),
                             },
                         },
                         ReplicaConfig {
@@ -1318,6 +1335,7 @@ mode = "regional"
             ReplicaMode::Metro {
                 on_disconnect: OnDisconnect::Degrade,
                 peer_timeout: DEFAULT_PEER_TIMEOUT,
+                resync_max_rate_bytes_per_s: None,
             }
         );
     }

@@ -98,6 +98,8 @@ pub struct Replica {
     metrics: ReplicaMetrics,
     on_disconnect: OnDisconnect,
     peer_timeout: Duration,
+    /// `resync_max_rate`: resync data bytes per second to this peer.
+    resync_max_rate_bytes_per_s: Option<u64>,
     /// This node opens the volume's stream (the smaller node name does); the other accepts.
     opener: bool,
     inner: Mutex<Inner>,
@@ -167,7 +169,11 @@ struct Resync {
     todo: RangeSet,
     /// `end_resync` was sent at this LSN; cleared of the dirty map once durable at the peer.
     ended_at: Option<u64>,
+    /// Bytes the resync covered (data and zero ranges).
     sent_bytes: u64,
+    /// Data bytes sent, and since when, for the rate cap.
+    data_bytes: u64,
+    started_at: Instant,
 }
 
 impl VolumeReplication {
@@ -189,6 +195,7 @@ impl VolumeReplication {
             let ReplicaMode::Metro {
                 on_disconnect,
                 peer_timeout,
+                resync_max_rate_bytes_per_s,
             } = replica.mode
             else {
                 continue;
@@ -223,6 +230,7 @@ impl VolumeReplication {
                 metrics: replica_metrics,
                 on_disconnect,
                 peer_timeout,
+                resync_max_rate_bytes_per_s,
                 opener: node < replica.peer.as_str(),
                 inner: Mutex::new(Inner {
                     session,
@@ -968,6 +976,8 @@ impl Replica {
                     todo: RangeSet::default(),
                     ended_at: None,
                     sent_bytes: 0,
+                    data_bytes: 0,
+                    started_at: Instant::now(),
                 });
                 // Queued records are not shipped during a resync: they become blocks to send.
                 let queued: Vec<WriteRecord> = inner.queue.drain(..).collect();
@@ -1167,11 +1177,25 @@ impl Replica {
                     tracing::info!(volume = %self.volume.name(), peer = %self.peer, ?kind, bytes = total, "resync started");
                     let resync = inner.resync.as_mut().expect("checked");
                     resync.started = true;
+                    resync.started_at = Instant::now();
                     resync.todo = todo;
                     inner.resync_remaining_bytes = total;
                     self.metrics.resync_remaining_bytes.set(total as i64);
                     self.flush_transmits(&mut inner);
                     continue;
+                }
+                if let Some(rate) = self.resync_max_rate_bytes_per_s {
+                    // Stay under the cap on average since the resync started.
+                    let due = resync.started_at
+                        + Duration::from_secs_f64(resync.data_bytes as f64 / rate as f64);
+                    if due > Instant::now() {
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+                            me.wake.notify_one();
+                        });
+                        return;
+                    }
                 }
                 match resync.todo.pop(RESYNC_CHUNK_BYTES) {
                     Some(chunk) => chunk,
@@ -1219,6 +1243,9 @@ impl Replica {
                 Ok(()) => {
                     let resync = inner.resync.as_mut().expect("checked");
                     resync.sent_bytes += len;
+                    if !zero {
+                        resync.data_bytes += len;
+                    }
                     let remaining = resync.todo.bytes();
                     inner.resync_remaining_bytes = remaining;
                     self.metrics.resync_remaining_bytes.set(remaining as i64);
