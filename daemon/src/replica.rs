@@ -474,6 +474,15 @@ impl WriteGate for VolumeReplication {
     fn settled(&self, lsn: u64, durable: bool) -> BoxFuture<'_, Result<(), ExportError>> {
         Box::pin(async move {
             let started = Instant::now();
+            if durable {
+                // A FLUSH (FUA records carry their own flag): ask the peers for durability.
+                for replica in &self.replicas {
+                    let mut inner = replica.lock();
+                    if inner.acked_durable < lsn && inner.session.flush(lsn).is_ok() {
+                        replica.flush_transmits(&mut inner);
+                    }
+                }
+            }
             for replica in &self.replicas {
                 let mut rx = replica.settled.subscribe();
                 let _ = rx
@@ -1267,6 +1276,7 @@ impl Replica {
 
     async fn receive(self: &Arc<Self>, record: WriteRecord) {
         let lsn = record.lsn;
+        let fua = record.fua;
         let op = match record.kind {
             RecordKind::Write => Op::Write {
                 offset_bytes: record.offset_bytes,
@@ -1278,7 +1288,8 @@ impl Replica {
                 punch: record.kind == RecordKind::Punch,
             },
         };
-        match self.volume.append_at(lsn, op).await {
+        // A FUA record completes in the journal only once durable with everything before it.
+        match self.volume.append_at(lsn, op, fua).await {
             Ok(done) => {
                 let me = self.clone();
                 tokio::spawn(async move {
@@ -1287,6 +1298,10 @@ impl Replica {
                             let mut inner = me.lock();
                             inner.journaled_lsn = inner.journaled_lsn.max(lsn);
                             inner.session.journaled(lsn);
+                            if fua {
+                                inner.session.durable(lsn);
+                                inner.durable_requested = inner.durable_requested.max(lsn);
+                            }
                             me.maybe_flush(&mut inner);
                             me.flush_transmits(&mut inner);
                         }

@@ -399,8 +399,9 @@ impl Volume {
         &self,
         lsn: u64,
         op: Op,
+        fua: bool,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<u64, JournalError>>, JournalError> {
-        self.journal.append_at(lsn, op, false).await
+        self.journal.append_at(lsn, op, fua).await
     }
 
     /// Makes the journal durable; returns the LSN it is durable up to.
