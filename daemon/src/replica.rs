@@ -534,6 +534,23 @@ impl Inner {
         self.peer_role_cache
     }
 
+    /// Records up to here are settled by the persisted dirty map. A record shipped and not
+    /// durably acknowledged (in `pending` or `queue`) is not in the map until the loss of the
+    /// peer moves it there, so it bounds what marks can settle.
+    fn settled_by_marks(&self) -> u64 {
+        let first_unmarked = self
+            .pending
+            .front()
+            .map(|p| p.0)
+            .into_iter()
+            .chain(self.queue.front().map(|r| r.lsn))
+            .min();
+        match first_unmarked {
+            Some(lsn) => self.persisted_lsn.min(lsn - 1),
+            None => self.persisted_lsn,
+        }
+    }
+
     /// The peer is connected, past the handshake, and primary.
     fn peer_is_primary(&self) -> bool {
         self.session_up() && self.peer_role() == Some(GenRole::Primary)
@@ -555,7 +572,7 @@ impl Replica {
         if self.volume.role() != Role::Primary {
             return u64::MAX;
         }
-        inner.acked_durable.max(inner.persisted_lsn)
+        inner.acked_durable.max(inner.settled_by_marks())
     }
 
     fn update_limits(&self) {
@@ -644,7 +661,7 @@ impl Replica {
     fn refresh_settled(&self, inner: &mut Inner) {
         let holds = self.on_disconnect == OnDisconnect::Suspend
             && inner.session.state() == ReplicaState::Suspended;
-        let by_marks = if holds { 0 } else { inner.persisted_lsn };
+        let by_marks = if holds { 0 } else { inner.settled_by_marks() };
         let journal = inner.acked_journal.max(by_marks);
         let durable = inner.acked_durable.max(by_marks);
         self.settled.send_if_modified(|settled| {

@@ -7,14 +7,19 @@
 //!   metrics, status, config check.
 //! - `wire`: malformed and out-of-range input over raw sockets.
 //! - `crash`: kill -9 under concurrent writes, checked against a model.
+//! - `cluster`: the two-node fixture (certificates, configs, optional relay) for replication.
+//! - `metro`: metro replication: initial sync, RPO 0 under kill -9, resync after a secondary
+//!   crash or a link cut, a corrupt frame, foreign certificates, switchover with real clients.
 //!
 //! Environment: FERRY_SKIP_INTEROP=1 skips the third-party tool tests (printed), FERRY_SEED
 //! replays a randomized test, FERRY_LONG=1 runs the long variants, FERRY_KEEP=1 keeps the
 //! test directories.
 
+mod cluster;
 mod crash;
 mod harness;
 mod interop;
+mod metro;
 #[allow(dead_code)] // the protocol constants are listed whole, used or not
 mod nbd_wire;
 mod relay;
