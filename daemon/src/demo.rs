@@ -27,8 +27,8 @@ const VOLUME: &str = "demo";
 /// Set to keep the temporary directory (configs, certificates, logs, volumes) after a success
 /// too; it is always kept after a failure.
 const KEEP_ENV: &str = "FERRY_DEMO_KEEP";
-const VOLUME_BYTES: u64 = 128 << 20;
-const JOURNAL_BYTES: u64 = 64 << 20;
+const VOLUME_BYTES: u64 = 64 << 20;
+const JOURNAL_BYTES: u64 = 32 << 20;
 const PEER_TIMEOUT: &str = "2s";
 const BLOCK_BYTES: usize = 4096;
 /// Writes one at a time on the metro pair (the latency measurement).

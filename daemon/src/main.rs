@@ -37,8 +37,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Ferry on an embedded default: a journaled volume written through NBD, killed with
-    /// SIGKILL mid-work, restarted and verified; prints latencies and what recovery replayed.
+    /// Ferry on an embedded default: two local nodes with metro replication (generated
+    /// certificates); writes through NBD, kill -9 of the primary mid-write, promote --force of
+    /// the secondary, verification, rejoin and resync; prints latencies and timings.
     Demo,
     /// Roles, replica states, lag and journal use.
     Status {

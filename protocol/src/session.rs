@@ -1814,6 +1814,46 @@ mod tests {
         }
     }
 
+    /// A resync that ends at the LSN the secondary already holds (a switchover with nothing
+    /// to send, or two empty copies) must still be acknowledged, or the primary would wait
+    /// for that ack until peer_timeout and degrade.
+    #[test]
+    fn a_resync_ending_at_the_held_lsn_is_acknowledged() {
+        let now = Instant::now();
+        let lineage = GenerationInfo::create(9, "a").unwrap();
+        let mut primary = Session::new(config("a", "b"), Role::Primary, lineage, now);
+        let mut secondary =
+            Session::new(config("b", "a"), Role::Secondary, GenerationInfo::empty(), now);
+        primary.handle_connected(now);
+        secondary.handle_connected(now);
+        let exchange = |p: &mut Session, s: &mut Session| {
+            for _ in 0..3 {
+                while let Some(m) = p.poll_transmit() {
+                    s.handle_message(m, now);
+                }
+                while let Some(m) = s.poll_transmit() {
+                    p.handle_message(m, now);
+                }
+            }
+        };
+        exchange(&mut primary, &mut secondary);
+        assert_eq!(primary.state(), ReplicaState::Syncing);
+        primary.begin_resync(ResyncKind::Full, 0, 0).unwrap();
+        primary.end_resync(0, now).unwrap();
+        exchange(&mut primary, &mut secondary);
+        let mut ended = false;
+        while let Some(event) = secondary.poll_event() {
+            ended |= event == SessionEvent::ResyncEnd { lsn: 0 };
+        }
+        assert!(ended);
+        secondary.journaled(0);
+        secondary.durable(0);
+        exchange(&mut primary, &mut secondary);
+        assert_eq!(primary.state(), ReplicaState::InSync);
+        assert_eq!(secondary.state(), ReplicaState::InSync);
+        assert_eq!(primary.inflight_bytes(), 0);
+    }
+
     /// Connects a primary and a secondary session directly and finishes the handshake.
     fn connected_pair(now: Instant) -> (Session, Session) {
         let lineage = GenerationInfo::create(9, "a").unwrap();
