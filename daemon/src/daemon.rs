@@ -48,8 +48,6 @@ pub enum DaemonError {
     Transport(#[from] crate::transport::TransportError),
     #[error("volume {volume}: dirty map: {source}")]
     DirtyMap { volume: String, source: io::Error },
-    #[error("volume {volume}: {reason}")]
-    Generation { volume: String, reason: String },
     #[error("cannot install the signal handler: {0}")]
     Signal(io::Error),
     #[error(
@@ -272,11 +270,7 @@ pub async fn serve(
             metrics.volume(&volume.name),
             |peer| metrics.replica(&volume.name, peer),
         );
-        repl.start_generation_at_start()
-            .map_err(|reason| DaemonError::Generation {
-                volume: volume.name.clone(),
-                reason,
-            })?;
+        repl.arm_generation_at_start();
         volumes.push(opened);
         replication.push(repl);
     }

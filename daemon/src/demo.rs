@@ -192,7 +192,11 @@ struct Daemon {
 impl Daemon {
     fn start(node: &Node, log_name: &str) -> Result<Daemon, DemoError> {
         use std::os::unix::process::CommandExt;
-        let exe = std::env::current_exe().map_err(setup("locating the ferry binary"))?;
+        // This very binary, even if a rebuild replaced its file since the demo started.
+        let exe = match Path::new("/proc/self/exe") {
+            path if path.exists() => path.to_path_buf(),
+            _ => std::env::current_exe().map_err(setup("locating the ferry binary"))?,
+        };
         let log = node.dir.parent().unwrap_or(&node.dir).join(log_name);
         let stderr = std::fs::File::create(&log).map_err(setup("daemon log"))?;
         let mut command = Command::new(exe);

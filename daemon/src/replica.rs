@@ -40,6 +40,7 @@
 //! never as something to overwrite silently.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,8 @@ const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
 /// A secondary makes its journal durable at least this often while records arrive, so the
 /// primary's apply limit keeps moving.
 const DURABLE_ACK_INTERVAL: Duration = Duration::from_millis(20);
+/// A resync holds new writes for its hand-over once at most this much is left to send.
+const HANDOVER_HOLD_BYTES: u64 = 2 << 20;
 /// The replica task checks its session's timers at least this often.
 const TIMER_GRANULARITY: Duration = Duration::from_millis(10);
 /// Wait before reopening a volume stream that closed on a live connection.
@@ -87,6 +90,10 @@ pub struct VolumeReplication {
     volume: Arc<Volume>,
     node: String,
     replicas: Vec<Arc<Replica>>,
+    /// The next write made while a metro peer is not in sync starts a new generation (set at
+    /// start and when a peer is lost; cleared when a peer is in sync, since it then shares
+    /// this copy's lineage).
+    needs_generation: Arc<AtomicBool>,
 }
 
 /// One (volume, peer) replica.
@@ -109,6 +116,19 @@ pub struct Replica {
     settled: watch::Sender<(u64, u64)>,
     /// Siblings, to recompute the volume's apply limit.
     limits: Mutex<Option<Arc<LimitShared>>>,
+    /// Shared with the volume's replication (see `VolumeReplication::needs_generation`).
+    needs_generation: Arc<AtomicBool>,
+    /// When the oldest write the peer does not have was made (the live RPO while not in
+    /// sync); None when in sync.
+    oldest_unsynced: Mutex<Option<Instant>>,
+    /// Whether new writes may enter the journal (see `WriteGate::admit`).
+    admits: watch::Sender<bool>,
+    /// A primary that started holds writes until it has heard from this peer or
+    /// peer_timeout has passed: the peer may have been promoted meanwhile.
+    started_at: Instant,
+    contacted: AtomicBool,
+    /// Writes are held for a resync's final hand-over.
+    holding: AtomicBool,
 }
 
 /// The apply limit is the minimum over the volume's replicas.
@@ -157,6 +177,8 @@ struct Inner {
     peer_role_cache: Option<GenRole>,
     /// The next loss of the peer starts no generation (one was just started on purpose).
     skip_generation_on_loss: bool,
+    /// The last refused TLS handshake with this peer, until a handshake succeeds.
+    auth_error: Option<String>,
 }
 
 /// A resync this node is sending.
@@ -174,6 +196,8 @@ struct Resync {
     /// Data bytes sent, and since when, for the rate cap.
     data_bytes: u64,
     started_at: Instant,
+    /// What the first pass has to send (the dirty map when the resync started).
+    first_pass_bytes: u64,
 }
 
 impl VolumeReplication {
@@ -191,6 +215,7 @@ impl VolumeReplication {
         let head = lineage.generation.head_lsn;
         let mut maps: BTreeMap<String, DirtyMap> = dirty_maps.into_iter().collect();
         let mut replicas = Vec::new();
+        let needs_generation = Arc::new(AtomicBool::new(false));
         for replica in &config.replicas {
             let ReplicaMode::Metro {
                 on_disconnect,
@@ -262,10 +287,17 @@ impl VolumeReplication {
                     reported_state: ReplicaState::Connecting,
                     peer_role_cache: None,
                     skip_generation_on_loss: false,
+                    auth_error: None,
                 }),
                 wake: Notify::new(),
                 settled: watch::channel((head, head)).0,
                 limits: Mutex::new(None),
+                needs_generation: needs_generation.clone(),
+                oldest_unsynced: Mutex::new(None),
+                admits: watch::channel(lineage.role != Role::Primary).0,
+                started_at: Instant::now(),
+                contacted: AtomicBool::new(lineage.role != Role::Primary),
+                holding: AtomicBool::new(false),
             }));
         }
         let limits = Arc::new(LimitShared {
@@ -279,6 +311,7 @@ impl VolumeReplication {
             volume: volume.clone(),
             node: node.to_string(),
             replicas,
+            needs_generation,
         });
         limits.update();
         if !replication.replicas.is_empty() {
@@ -299,13 +332,48 @@ impl VolumeReplication {
         }
     }
 
-    /// A primary starts a new generation when it starts (see the module doc).
-    pub fn start_generation_at_start(&self) -> Result<(), String> {
-        let lineage = self.volume.lineage();
-        if lineage.role != Role::Primary || self.replicas.is_empty() {
-            return Ok(());
+    /// A primary that starts before its peers are in sync writes its first record in a new
+    /// generation (see the module doc).
+    pub fn arm_generation_at_start(&self) {
+        if self.volume.role() == Role::Primary && !self.replicas.is_empty() {
+            self.needs_generation.store(true, Ordering::SeqCst);
         }
-        self.new_generation(Role::Primary)
+    }
+
+    /// In the tap: starts a generation at `lsn` when writes go on without a peer in sync.
+    fn generation_before_write(&self, lsn: u64) {
+        // Needed only while some peer is not even connected: a connected peer is being
+        // resynced (it cannot be promoted while inconsistent) and, once in sync, shares this
+        // copy's lineage. Starting a generation under a connected peer would also leave it
+        // adopting a stale history at the end of its resync.
+        if !self.needs_generation.load(Ordering::SeqCst)
+            || self
+                .replicas
+                .iter()
+                .all(|r| r.lock().peer_generation.is_some())
+        {
+            return;
+        }
+        // The journal's index lock is held here: the stored lineage, with the head set to
+        // the record before this one.
+        let mut lineage = self.volume.stored_lineage();
+        lineage.generation.head_lsn = lsn - 1;
+        if let Err(error) = lineage.generation.start_generation(&self.node, 0) {
+            tracing::error!(volume = %self.volume.name(), %error, "cannot start a generation for writes without the peer");
+            return;
+        }
+        if let Err(error) = self.volume.set_lineage(lineage.clone()) {
+            tracing::error!(volume = %self.volume.name(), %error, "cannot persist a generation for writes without the peer");
+            return;
+        }
+        self.needs_generation.store(false, Ordering::SeqCst);
+        tracing::info!(volume = %self.volume.name(), generation = format_args!("{:#x}", lineage.generation.current_generation()), start_lsn = lsn, "writes continue without the peer in a new generation");
+        for replica in &self.replicas {
+            let mut inner = replica.lock();
+            inner
+                .session
+                .set_local(GenRole::Primary, lineage.generation.clone());
+        }
     }
 
     fn new_generation(&self, role: Role) -> Result<(), String> {
@@ -351,7 +419,9 @@ impl VolumeReplication {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
-            if replica.lock().peer_is_primary() {
+            // --force: the operator asserts the primary is gone, even if this node has not
+            // noticed yet (peer_timeout has not passed since its last message).
+            if !force && replica.lock().peer_is_primary() {
                 return Err((
                     "peer-is-primary",
                     format!(
@@ -464,6 +534,11 @@ fn new_generation(volume: &Volume, node: &str, role: Role) -> Result<(), String>
 
 impl JournalTap for VolumeReplication {
     fn record(&self, lsn: u64, op: &Op, fua: bool) {
+        // A secondary's journal holds the primary's records: nothing to ship or track.
+        if self.volume.role() != Role::Primary {
+            return;
+        }
+        self.generation_before_write(lsn);
         for replica in &self.replicas {
             replica.tap(lsn, op, fua);
         }
@@ -471,6 +546,15 @@ impl JournalTap for VolumeReplication {
 }
 
 impl WriteGate for VolumeReplication {
+    fn admit(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for replica in &self.replicas {
+                let mut rx = replica.admits.subscribe();
+                let _ = rx.wait_for(|admits| *admits).await;
+            }
+        })
+    }
+
     fn settled(&self, lsn: u64, durable: bool) -> BoxFuture<'_, Result<(), ExportError>> {
         Box::pin(async move {
             let started = Instant::now();
@@ -566,6 +650,38 @@ impl Replica {
         self.inner.lock().expect("replica lock")
     }
 
+    /// Recomputes whether writes may enter (see `admits`).
+    fn update_admission(&self) {
+        let admits = self.contacted.load(Ordering::SeqCst) && !self.holding.load(Ordering::SeqCst);
+        self.admits.send_if_modified(|current| {
+            let changed = *current != admits;
+            *current = admits;
+            changed
+        });
+    }
+
+    /// Startup hold: released once the peer answered a handshake or peer_timeout passed.
+    fn check_contact(&self, inner: &Inner) {
+        if self.contacted.load(Ordering::SeqCst) {
+            return;
+        }
+        let heard = inner.peer_generation.is_some();
+        let timed_out = self.started_at.elapsed() >= self.peer_timeout;
+        if heard || timed_out {
+            if timed_out && !heard {
+                tracing::warn!(volume = %self.volume.name(), peer = %self.peer, "peer not reachable within peer_timeout of the start: serving writes without it");
+            }
+            self.contacted.store(true, Ordering::SeqCst);
+            self.update_admission();
+        }
+    }
+
+    fn set_holding(&self, holding: bool) {
+        if self.holding.swap(holding, Ordering::SeqCst) != holding {
+            self.update_admission();
+        }
+    }
+
     /// Records above this LSN must stay in the journal for this replica.
     fn apply_limit(&self) -> u64 {
         let inner = self.lock();
@@ -609,6 +725,10 @@ impl Replica {
                 resync.todo.insert(offset, len);
             }
         }
+        self.oldest_unsynced
+            .lock()
+            .expect("rpo lock")
+            .get_or_insert_with(Instant::now);
         let new_bits = inner.dirty.mark(offset, len);
         if new_bits || inner.persisting || inner.unpersisted_lsn.is_some() {
             inner.unpersisted_lsn = Some(lsn);
@@ -683,10 +803,20 @@ impl Replica {
         } else {
             pending_bytes + inner.dirty.dirty_bytes()
         };
-        let lag_seconds = inner
+        let oldest = inner
             .pending
             .front()
-            .map_or(0.0, |p| now.duration_since(p.3).as_secs_f64());
+            .map(|p| p.3)
+            .into_iter()
+            .chain(*self.oldest_unsynced.lock().expect("rpo lock"))
+            .min();
+        let lag_seconds = if state == ReplicaState::InSync && inner.pending.is_empty() {
+            0.0
+        } else {
+            oldest.map_or(0.0, |at| now.duration_since(at).as_secs_f64())
+        };
+        self.metrics.lag_bytes.set(lag_bytes as i64);
+        self.metrics.lag_seconds.set(lag_seconds);
         ReplicaStatus {
             peer: self.peer.clone(),
             mode: "metro".into(),
@@ -700,9 +830,9 @@ impl Replica {
                 None
             } else {
                 inner
-                    .session
-                    .last_error()
-                    .map(str::to_owned)
+                    .auth_error
+                    .clone()
+                    .or_else(|| inner.session.last_error().map(str::to_owned))
                     .or_else(|| inner.last_error.clone())
             },
         }
@@ -720,7 +850,7 @@ impl Replica {
     /// The transport refused the peer's (or our) certificate.
     pub fn auth_refused(&self, reason: String) {
         let mut inner = self.lock();
-        inner.last_error = Some(reason);
+        inner.auth_error = Some(reason);
     }
 
     /// Attaches a stream the peer opened for this volume.
@@ -823,12 +953,18 @@ impl Replica {
         self.maybe_open_stream();
         self.pump_resync().await;
         let mut inner = self.lock();
+        self.check_contact(&inner);
+        if inner.resync.is_none() {
+            self.set_holding(false);
+        }
         self.pump_queue(&mut inner);
         self.flush_transmits(&mut inner);
         self.refresh_settled(&mut inner);
         self.report_state(&mut inner);
         drop(inner);
         self.update_limits();
+        // Keeps the lag gauges current between scrapes of `status`.
+        let _ = self.status();
     }
 
     /// Events handled without awaiting (role changes from the control socket).
@@ -855,6 +991,10 @@ impl Replica {
             }
             inner.reported_state = state;
             self.metrics.set_state(state.as_str());
+            if state == ReplicaState::InSync && self.volume.role() == Role::Primary {
+                self.needs_generation.store(false, Ordering::SeqCst);
+                *self.oldest_unsynced.lock().expect("rpo lock") = None;
+            }
         }
     }
 
@@ -953,6 +1093,7 @@ impl Replica {
                 inner.peer_generation = Some(peer.generation.clone());
                 inner.peer_role_cache = Some(peer.role);
                 inner.last_error = None;
+                inner.auth_error = None;
                 tracing::info!(volume = %self.volume.name(), peer = %self.peer, decision = decision.as_str(), peer_head = peer.generation.head_lsn, "replica handshake");
             }
             SessionEvent::Acked {
@@ -1004,6 +1145,7 @@ impl Replica {
                     sent_bytes: 0,
                     data_bytes: 0,
                     started_at: Instant::now(),
+                    first_pass_bytes: 0,
                 });
                 // Queued records are not shipped during a resync: they become blocks to send.
                 let queued: Vec<WriteRecord> = inner.queue.drain(..).collect();
@@ -1147,16 +1289,9 @@ impl Replica {
         inner.unpersisted_lsn = Some(last.max(inner.unpersisted_lsn.unwrap_or(0)));
         let skip = std::mem::take(&mut inner.skip_generation_on_loss);
         if inner.reported_state == ReplicaState::InSync && !skip {
-            // Writes from now on are this node's alone: a new generation, persisted before
-            // the dirty map (and so before any write completes without the peer).
-            if let Err(error) = new_generation(&self.volume, &self.node, Role::Primary) {
-                tracing::error!(volume = %self.volume.name(), %error, "cannot start a new generation after losing the peer");
-            } else {
-                let lineage = self.volume.lineage();
-                inner
-                    .session
-                    .set_local(GenRole::Primary, lineage.generation);
-            }
+            // Writes from now on are this node's alone: the next one starts a new generation,
+            // persisted in the tap before it can complete.
+            self.needs_generation.store(true, Ordering::SeqCst);
         }
         self.wake.notify_one();
     }
@@ -1204,13 +1339,17 @@ impl Replica {
                     let resync = inner.resync.as_mut().expect("checked");
                     resync.started = true;
                     resync.started_at = Instant::now();
+                    resync.first_pass_bytes = total;
                     resync.todo = todo;
                     inner.resync_remaining_bytes = total;
                     self.metrics.resync_remaining_bytes.set(total as i64);
                     self.flush_transmits(&mut inner);
                     continue;
                 }
-                if let Some(rate) = self.resync_max_rate_bytes_per_s {
+                // The rate cap does not apply to the hand-over (at most HANDOVER_HOLD_BYTES),
+                // which holds writes.
+                let holding = self.holding.load(Ordering::SeqCst);
+                if let Some(rate) = self.resync_max_rate_bytes_per_s.filter(|_| !holding) {
                     // Stay under the cap on average since the resync started.
                     let due = resync.started_at
                         + Duration::from_secs_f64(resync.data_bytes as f64 / rate as f64);
@@ -1223,6 +1362,14 @@ impl Replica {
                         return;
                     }
                 }
+                // Writes during a resync re-mark their blocks; under a steady load the last
+                // blocks would be chased forever. Once a first pass is done and little is
+                // left, new writes wait at admission for the hand-over (milliseconds).
+                if resync.sent_bytes >= resync.first_pass_bytes
+                    && resync.todo.bytes() <= HANDOVER_HOLD_BYTES
+                {
+                    self.set_holding(true);
+                }
                 match resync.todo.pop(RESYNC_CHUNK_BYTES) {
                     Some(chunk) => chunk,
                     None => {
@@ -1234,6 +1381,7 @@ impl Replica {
                             return;
                         }
                         inner.resync.as_mut().expect("checked").ended_at = Some(lsn);
+                        self.set_holding(false);
                         inner.resync_remaining_bytes = 0;
                         self.metrics.resync_remaining_bytes.set(0);
                         self.flush_transmits(&mut inner);

@@ -46,6 +46,8 @@ pub const VOLUME_STREAMS_MAX: u32 = 1024;
 pub const VOLUME_NAME_LENGTH_MAX: usize = 255;
 /// How long `accept_volume_stream` waits for the preamble after the stream appears.
 pub const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a pending dial checks whether the peer's own dial got through first.
+const DIAL_SUPERSEDED_CHECK: Duration = Duration::from_millis(50);
 /// Smallest `peer_timeout` accepted: keep-alives go out every third of it.
 pub const PEER_TIMEOUT_MIN: Duration = Duration::from_millis(30);
 
@@ -728,7 +730,23 @@ async fn dial_loop(shared: Arc<Shared>, peer: PeerConfig) {
             }
             notified.await;
         }
-        match dial(&shared, &peer).await {
+        // A connection the peer dialed may be installed while this dial is still pending
+        // (typically: this node dialed before the peer was up, and QUIC retries its first
+        // packet a second later). Finishing the dial then would replace a working
+        // connection moments after it started carrying replication; give it up instead.
+        let peer_dialed_us = async {
+            loop {
+                tokio::time::sleep(DIAL_SUPERSEDED_CHECK).await;
+                if shared.connection(&peer.name).is_some() {
+                    return;
+                }
+            }
+        };
+        let result = tokio::select! {
+            result = dial(&shared, &peer) => result,
+            () = peer_dialed_us => continue,
+        };
+        match result {
             Ok(connection) => {
                 backoff = DIAL_BACKOFF_MIN;
                 if shared.install(&peer.name, &connection, true).await {

@@ -148,6 +148,11 @@ pub trait WriteGate: Send + Sync {
     /// Completes when the record `lsn` may be reported complete: journaled (or, with
     /// `durable`, durable) at every metro peer that is in sync, or recorded for a resync.
     fn settled(&self, lsn: u64, durable: bool) -> BoxFuture<'_, Result<(), ExportError>>;
+
+    /// Completes when a new write may enter the journal: held while a restarted primary has
+    /// not yet heard from its peers (it may have been replaced) and during a resync's final
+    /// hand-over.
+    fn admit(&self) -> BoxFuture<'_, ()>;
 }
 
 pub struct Volume {
@@ -354,6 +359,12 @@ impl Volume {
         lineage
     }
 
+    /// The stored lineage without the journal's head (`head_lsn` is 0): usable where the
+    /// journal's index lock is held (the journal tap).
+    pub fn stored_lineage(&self) -> Lineage {
+        self.lineage.lock().expect("lineage lock").clone()
+    }
+
     /// Replaces and persists the lineage (and the role it carries); the export follows the
     /// role at once. Persisting is an atomic replace of the metadata file, fsynced.
     pub fn set_lineage(&self, lineage: Lineage) -> Result<(), VolumeError> {
@@ -499,6 +510,13 @@ impl Volume {
             return Err(ExportError::ReadOnly);
         }
         let started = Instant::now();
+        if let Some(gate) = self.gate.get() {
+            gate.admit().await;
+            // The volume may have been demoted while the write waited.
+            if !self.primary.load(Ordering::SeqCst) {
+                return Err(ExportError::ReadOnly);
+            }
+        }
         let result = match self.journal.append(op, fua).await {
             Ok(lsn) => match self.gate.get() {
                 Some(gate) => gate.settled(lsn, fua).await,

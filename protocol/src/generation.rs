@@ -13,8 +13,12 @@
 //! 1. when it is promoted (planned or forced);
 //! 2. when, as primary, it is about to complete a write that a peer may not have (it lost its
 //!    in-sync peer: degraded), *before* completing that write;
-//! 3. when, as primary, it restarts, before its first write (a power loss may have cut its
-//!    journal tail while the peer kept those records).
+//! 3. when, as primary, it restarts, before its first write made without a connected peer (a
+//!    power loss may have cut its journal tail while the peer kept those records).
+//!
+//! (The daemon starts the generations of rules 2 and 3 at the first such write, in the journal
+//! tap, and only while a peer is not connected: a connected peer is either in sync or being
+//! resynced, and an inconsistent copy is never promoted.)
 //!
 //! A new generation is never reused, even when nothing was written in the previous one: a
 //! degraded primary that kept writing in a generation its peer already knew would make its

@@ -1287,13 +1287,15 @@ impl Session {
         self.send_ack();
     }
 
-    /// Secondary: records up to `lsn` are durable. Acknowledges them.
+    /// Secondary: records up to `lsn` are durable. Acknowledges them, up to what this
+    /// connection has acknowledged as journaled (a sync that started before a reconnect may
+    /// cover records this connection has not acknowledged yet; those follow with `journaled`).
     pub fn durable(&mut self, lsn: u64) {
         self.durable_lsn = self.durable_lsn.max(lsn);
+        let lsn = lsn.min(self.journaled_lsn);
         if !matches!(self.link, Link::Up { .. }) || lsn <= self.durable_acked_lsn {
             return;
         }
-        assert!(lsn <= self.journaled_lsn, "durable beyond the journal");
         self.durable_acked_lsn = lsn;
         self.send_ack();
     }
