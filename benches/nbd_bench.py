@@ -132,6 +132,19 @@ def proc_status_kib(pid, key):
     return None
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process so far, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def reset_peak_rss(pid):
     """Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so the next peak is this load's."""
     try:
@@ -818,11 +831,12 @@ def rtt_label(rtt_ms):
     return f"metro-{rtt_ms:g}ms"
 
 
-REPLICA_EVENTS = re.compile(r"replica state|resync started|resync complete|peer disconnected|refused|split|WARN|ERROR")
+REPLICA_EVENTS = re.compile(r"replica state|resync started|resync complete|peer disconnected|refused|split|ERROR")
 
 
 def replica_events(node, offset):
-    """Log lines since `offset` that say something happened to replication."""
+    """Log lines since `offset` that say something happened to replication (other WARN lines,
+    e.g. journal backpressure, are listed in the report's grouped WARN/ERROR section)."""
     return [line for line in node.log_since(offset).splitlines() if REPLICA_EVENTS.search(line)]
 
 
@@ -853,8 +867,16 @@ def run_metrics(ctx, servers, raw, floors):
             offsets = [node.log_offset() for node in server.nodes()]
             before = server.a.metrics() if server.kind == "metro" else None
             drops_before = server.drops() if server.kind == "metro" else None
+            pids = server.pids
+            cpu_before = [cpu_seconds(pid) for pid in pids]
+            wall_before = time.monotonic()
             try:
                 raw[server.name][key] = getattr(bench, function)(server, *fargs)
+                # Cores used by the server processes over the run (ramp and client start included).
+                wall = time.monotonic() - wall_before
+                raw[server.name][key]["cores"] = [
+                    (after - before) / wall if after is not None and before is not None else None
+                    for before, after in zip(cpu_before, (cpu_seconds(pid) for pid in pids))]
                 if server.kind == "metro":
                     after = server.a.metrics()
                     raw[server.name][key]["ferry"] = ferry_breakdown(before, after)
@@ -1324,6 +1346,17 @@ def report(ctx, servers, raw, floors, results):
           f"'-' = not run):")
     print_table(lines)
 
+    print("CPU cores used by the server processes (CPU seconds / wall seconds of the run; metro: primary + secondary):")
+    for key, label in (("seq", "1 MiB seq"), ("qd32_1", "QD32 1 conn"), ("rw_p50", "randwrite QD1")):
+        cells = []
+        for name in ordered:
+            cores = raw.get(name, {}).get(key, {}).get("cores")
+            if cores and all(c is not None for c in cores):
+                cells.append(f"{name} {' + '.join(f'{c:.2f}' for c in cores)}")
+        if cells:
+            print(f"  {label}: " + "; ".join(cells))
+    print(f"  (the machine has {os.cpu_count()} CPUs, shared with the client and anything else running)")
+    print()
     for server in servers:
         for key in ("qd32_1", "qd32_4"):
             hwm = raw.get(server.name, {}).get(key, {}).get("vmhwm_kib")

@@ -1,0 +1,283 @@
+//! `ferry-relay`: the integration tests' userspace UDP relay (`tests/it/relay.rs`, compiled in
+//! as is, not copied) as a process, so that `benches/nbd_bench.py` can put a precise delay and
+//! a cut between two Ferry nodes (the kernel here has no netem).
+//!
+//! ```text
+//! ferry-relay --a ADDR --b ADDR [--delay-us N] [--seed N] [--control-stdin]
+//! ```
+//! Starts `Relay::start(a, b, seed)` with `both().set_delay(N µs)` (N is the ONE-WAY delay: the
+//! RTT it adds is 2N), prints one JSON line `{"addr_for_a": ..., "addr_for_b": ...}` on stdout
+//! (configure A with B's address = `addr_for_a`, B with A's = `addr_for_b`) and runs until
+//! killed. With `--control-stdin` it reads one command per line from stdin and answers one
+//! line on stdout: `cut` / `restore` (both directions), `delay US` (one way, both directions),
+//! `stats` (a JSON line of counters); it exits when stdin closes, so a relay whose controller
+//! died does not linger.
+//!
+//! ```text
+//! ferry-relay --ping COUNT [--delay-us N] [--direct] [--payload BYTES]
+//! ```
+//! Measures UDP round trips between two loopback sockets of this process, through an
+//! in-process relay with the given one-way delay (or directly with `--direct`), and prints one
+//! JSON line: `count`, `lost`, `min_us`, `p50_us`, `p99_us`, `mean_us`, `max_us`.
+
+#[allow(dead_code)]
+#[path = "../../../tests/it/relay.rs"]
+mod relay;
+
+use std::io::{BufRead, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use relay::{LinkStats, Relay};
+
+const USAGE: &str = "usage:
+  ferry-relay --a ADDR --b ADDR [--delay-us N] [--seed N] [--control-stdin]
+  ferry-relay --ping COUNT [--delay-us N] [--direct] [--payload BYTES]";
+
+/// Pings answered later than this are counted as lost.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// Round trips before the measured ones (thread wake-up paths, caches).
+const PING_WARMUP: usize = 50;
+
+struct Args {
+    a: Option<SocketAddr>,
+    b: Option<SocketAddr>,
+    delay: Duration,
+    seed: u64,
+    control_stdin: bool,
+    ping: Option<usize>,
+    direct: bool,
+    payload: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        a: None,
+        b: None,
+        delay: Duration::ZERO,
+        seed: 1,
+        control_stdin: false,
+        ping: None,
+        direct: false,
+        payload: 64,
+    };
+    let mut iter = std::env::args().skip(1);
+    while let Some(flag) = iter.next() {
+        let mut value = |name: &str| {
+            iter.next()
+                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match flag.as_str() {
+            "--a" => args.a = Some(parse(&value("--a")?, "--a")?),
+            "--b" => args.b = Some(parse(&value("--b")?, "--b")?),
+            "--delay-us" => {
+                args.delay = Duration::from_micros(parse(&value("--delay-us")?, "--delay-us")?)
+            }
+            "--seed" => args.seed = parse(&value("--seed")?, "--seed")?,
+            "--control-stdin" => args.control_stdin = true,
+            "--ping" => args.ping = Some(parse(&value("--ping")?, "--ping")?),
+            "--direct" => args.direct = true,
+            "--payload" => args.payload = parse(&value("--payload")?, "--payload")?,
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(args)
+}
+
+fn parse<T: std::str::FromStr>(text: &str, name: &str) -> Result<T, String> {
+    text.parse()
+        .map_err(|_| format!("{name}: cannot parse {text:?}"))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("{message}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(count) = args.ping {
+        return match ping(count, args.delay, args.direct, args.payload, args.seed) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("ferry-relay: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let (Some(a), Some(b)) = (args.a, args.b) else {
+        eprintln!("--a and --b are required\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    if a == b {
+        eprintln!("--a and --b must differ");
+        return ExitCode::from(2);
+    }
+    let relay = Relay::start(a, b, args.seed);
+    relay.both().set_delay(args.delay);
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(
+        stdout,
+        "{{\"addr_for_a\": \"{}\", \"addr_for_b\": \"{}\", \"delay_us\": {}}}",
+        relay.addr_for_a(),
+        relay.addr_for_b(),
+        args.delay.as_micros()
+    );
+    let _ = stdout.flush();
+    if !args.control_stdin {
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let reply = match words.as_slice() {
+            [] => continue,
+            ["cut"] => {
+                relay.both().cut();
+                "ok".to_string()
+            }
+            ["restore"] => {
+                relay.both().restore();
+                "ok".to_string()
+            }
+            ["delay", micros] => match micros.parse::<u64>() {
+                Ok(micros) => {
+                    relay.both().set_delay(Duration::from_micros(micros));
+                    "ok".to_string()
+                }
+                Err(_) => format!("error: cannot parse {micros:?}"),
+            },
+            ["stats"] => format!(
+                "{{\"a_to_b\": {}, \"b_to_a\": {}, \"kernel_receive_drops\": {}}}",
+                stats_json(&relay.a_to_b().stats()),
+                stats_json(&relay.b_to_a().stats()),
+                relay.kernel_receive_drops()
+            ),
+            _ => format!("error: unknown command {line:?} (cut, restore, delay US, stats)"),
+        };
+        if writeln!(stdout, "{reply}").and_then(|_| stdout.flush()).is_err() {
+            break;
+        }
+    }
+    // stdin closed: the controller is gone. Dropping the relay joins its thread.
+    drop(relay);
+    ExitCode::SUCCESS
+}
+
+fn stats_json(stats: &LinkStats) -> String {
+    format!(
+        "{{\"received_datagrams\": {}, \"forwarded_datagrams\": {}, \"forwarded_bytes\": {}, \
+         \"dropped_cut_datagrams\": {}, \"dropped_queue_datagrams\": {}, \
+         \"dropped_send_error_datagrams\": {}, \"held_datagrams\": {}}}",
+        stats.received_datagrams,
+        stats.forwarded_datagrams,
+        stats.forwarded_bytes,
+        stats.dropped_cut_datagrams,
+        stats.dropped_queue_datagrams,
+        stats.dropped_send_error_datagrams,
+        stats.held_datagrams
+    )
+}
+
+/// UDP ping-pong between two sockets of this process: A sends, an echo thread on B answers.
+fn ping(
+    count: usize,
+    delay: Duration,
+    direct: bool,
+    payload: usize,
+    seed: u64,
+) -> Result<String, String> {
+    let bind = || UdpSocket::bind("127.0.0.1:0").map_err(|error| format!("bind: {error}"));
+    let a = bind()?;
+    let b = bind()?;
+    let a_addr = a.local_addr().map_err(|error| error.to_string())?;
+    let b_addr = b.local_addr().map_err(|error| error.to_string())?;
+    let relay = (!direct).then(|| {
+        let relay = Relay::start(a_addr, b_addr, seed);
+        relay.both().set_delay(delay);
+        relay
+    });
+    // Where A sends to reach B, and where B sends to reach A.
+    let (a_target, b_target) = match &relay {
+        Some(relay) => (relay.addr_for_a(), relay.addr_for_b()),
+        None => (b_addr, a_addr),
+    };
+    let payload = payload.max(8);
+    b.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|error| error.to_string())?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let echo_stop = std::sync::Arc::clone(&stop);
+    let echo = std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 65_535];
+        while !echo_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((length, _)) = b.recv_from(&mut buffer) {
+                let _ = b.send_to(&buffer[..length], b_target);
+            }
+        }
+    });
+    a.set_read_timeout(Some(PING_TIMEOUT))
+        .map_err(|error| error.to_string())?;
+    let mut buffer = vec![0u8; 65_535];
+    let mut message = vec![0u8; payload];
+    let mut rtts = Vec::with_capacity(count);
+    let mut lost = 0usize;
+    for sequence in 0..(PING_WARMUP + count) as u64 {
+        message[..8].copy_from_slice(&sequence.to_le_bytes());
+        let sent_at = Instant::now();
+        a.send_to(&message, a_target)
+            .map_err(|error| format!("send: {error}"))?;
+        // Skip stale answers (of pings that timed out) until ours arrives or time runs out.
+        let answered = loop {
+            match a.recv_from(&mut buffer) {
+                Ok((length, _)) if length >= 8 => {
+                    let got = u64::from_le_bytes(buffer[..8].try_into().expect("8 bytes"));
+                    if got == sequence {
+                        break true;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break false,
+            }
+            if sent_at.elapsed() >= PING_TIMEOUT {
+                break false;
+            }
+        };
+        let rtt = sent_at.elapsed();
+        if sequence as usize >= PING_WARMUP {
+            if answered {
+                rtts.push(rtt);
+            } else {
+                lost += 1;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = echo.join();
+    drop(relay);
+    if rtts.is_empty() {
+        return Err(format!("all {count} pings lost"));
+    }
+    rtts.sort();
+    let micros = |duration: Duration| duration.as_secs_f64() * 1e6;
+    let n = rtts.len();
+    let mean = rtts.iter().map(|rtt| micros(*rtt)).sum::<f64>() / n as f64;
+    Ok(format!(
+        "{{\"count\": {n}, \"lost\": {lost}, \"direct\": {direct}, \"delay_us\": {}, \
+         \"min_us\": {:.1}, \"p50_us\": {:.1}, \"p99_us\": {:.1}, \"mean_us\": {mean:.1}, \
+         \"max_us\": {:.1}}}",
+        delay.as_micros(),
+        micros(rtts[0]),
+        micros(rtts[n / 2]),
+        micros(rtts[(n * 99 / 100).min(n - 1)]),
+        micros(rtts[n - 1]),
+    ))
+}

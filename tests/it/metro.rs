@@ -1,0 +1,1890 @@
+//! Metro (synchronous) replication between two real `ferry run` processes (SPEC §1, §2, §5):
+//! initial sync, RPO 0 under kill -9 of the primary, a secondary killed and resynced, a link
+//! cut through the relay, a corrupted replication frame, a certificate from a foreign CA and
+//! garbage datagrams, and a switchover and failback with third-party clients (qemu-io,
+//! nbdfuse + ext4).
+//!
+//! The model (as in `crash.rs`): writers stamp every 512-byte sector of every 4 KiB block they
+//! write with (seed, round, write id, block, sector), so any block read back names the write it
+//! came from. A logical clock ticks at every issue and every completion. A block may hold write
+//! W unless some write W' to it was issued after W completed and W' completed too (then W is
+//! definitely overwritten); it may hold its pre-round contents unless some write to it
+//! completed. Anything else (a torn block, bytes from no write, a lost completed write) is a
+//! violation. Seeded: FERRY_SEED replays a run; FERRY_LONG=1 runs 50 kill rounds.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+
+use crate::cluster::{
+    self, format_states, Cluster, ClusterOptions, Node, NodeId,
+    NodeId::{A, B},
+    VOLUME,
+};
+use crate::harness::{self, cmd, require_tools, run, run_with_timeout, Output};
+use crate::nbd_wire::{NbdConn, NbdError, EPERM, TRANSMIT_READ_ONLY};
+
+const BLOCK_BYTES: usize = 4096;
+const SECTOR_BYTES: usize = 512;
+const MIB: u64 = 1 << 20;
+const STAMP_MAGIC: &[u8; 8] = b"FERRYMET";
+/// Writes are 4 KiB to 64 KiB.
+const MAX_BLOCKS_PER_WRITE: u64 = 16;
+/// Each writer stops after this many writes even if nobody stops it (bounded loop).
+const WRITES_PER_WRITER_MAX: u64 = 1_000_000;
+/// Blocks read per NBD READ when reading a region back.
+const READ_CHUNK_BLOCKS: u64 = 256;
+
+/// Initial full sync of a 64 MiB volume, on a loaded 2-core machine.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+/// A delta resync, or a reconnect plus delta resync.
+const RESYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// A role change reported after restart or promote.
+const ROLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Writer threads finish within this after being told to stop (each NBD call is bounded).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Beyond peer_timeout, how long the primary may take to report `degraded`.
+const DEGRADE_SLACK: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// The workload and its model
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+struct WorkloadSpec {
+    seed: u64,
+    round: u64,
+    writers: u64,
+    /// Writes land in blocks [0, region_blocks) so that overwrites are common.
+    region_blocks: u64,
+}
+
+#[derive(Clone, Debug)]
+struct WriteRecord {
+    first_block: u64,
+    block_count: u64,
+    issued_at: u64,
+    /// None while in flight, or when the outcome was never seen (error, connection lost).
+    completed_at: Option<u64>,
+    fua: bool,
+}
+
+/// A write's id: writer in the top bits, sequence below; unique within a round.
+fn write_id(writer: u64, sequence: u64) -> u64 {
+    (writer << 48) | sequence
+}
+
+/// The exact bytes of one block of one write: seeded noise, with every 512-byte sector
+/// stamped with (magic, seed, round, write id, block, sector).
+fn block_contents(seed: u64, round: u64, id: u64, block: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; BLOCK_BYTES];
+    let mut rng = StdRng::seed_from_u64(
+        seed ^ round.rotate_left(40)
+            ^ id.rotate_left(8)
+            ^ block.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
+    rng.fill_bytes(&mut bytes);
+    for sector in 0..BLOCK_BYTES / SECTOR_BYTES {
+        let at = sector * SECTOR_BYTES;
+        let stamp = &mut bytes[at..at + 48];
+        stamp[0..8].copy_from_slice(STAMP_MAGIC);
+        stamp[8..16].copy_from_slice(&seed.to_le_bytes());
+        stamp[16..24].copy_from_slice(&round.to_le_bytes());
+        stamp[24..32].copy_from_slice(&id.to_le_bytes());
+        stamp[32..40].copy_from_slice(&block.to_le_bytes());
+        stamp[40..48].copy_from_slice(&(sector as u64).to_le_bytes());
+    }
+    bytes
+}
+
+fn le_u64(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"))
+}
+
+/// What each sector of a block says about its origin, for violation messages.
+fn describe_block(actual: &[u8], baseline: &[u8]) -> String {
+    (0..BLOCK_BYTES / SECTOR_BYTES)
+        .map(|sector| {
+            let range = sector * SECTOR_BYTES..(sector + 1) * SECTOR_BYTES;
+            let bytes = &actual[range.clone()];
+            if bytes == &baseline[range] {
+                "old".to_string()
+            } else if &bytes[0..8] == STAMP_MAGIC {
+                format!(
+                    "r{}/w{:#x}/b{}/s{}",
+                    le_u64(&bytes[16..]),
+                    le_u64(&bytes[24..]),
+                    le_u64(&bytes[32..]),
+                    le_u64(&bytes[40..])
+                )
+            } else if bytes.iter().all(|byte| *byte == 0) {
+                "zeros".to_string()
+            } else {
+                format!("foreign {:02x?}", &bytes[..8])
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Checks one block against the model; returns a description of the violation if any.
+fn check_block(
+    block: u64,
+    actual: &[u8],
+    baseline: &[u8],
+    writers_of_block: &[(u64, &WriteRecord)],
+    spec: &WorkloadSpec,
+) -> Result<(), String> {
+    let latest_completed = writers_of_block
+        .iter()
+        .filter_map(|(id, record)| record.completed_at.map(|at| (at, *id, record.fua)))
+        .max();
+    if actual == baseline {
+        if let Some((at, id, fua)) = latest_completed {
+            return Err(format!(
+                "block {block}: holds its pre-round contents, but write {id:#x} (fua {fua}) \
+                 completed at {at}"
+            ));
+        }
+        return Ok(());
+    }
+    let stamp = &actual[0..48];
+    if &stamp[0..8] != STAMP_MAGIC
+        || le_u64(&stamp[8..]) != spec.seed
+        || le_u64(&stamp[16..]) != spec.round
+        || le_u64(&stamp[32..]) != block
+    {
+        return Err(format!(
+            "block {block}: contents from no write of this round to this block; sectors: {}",
+            describe_block(actual, baseline)
+        ));
+    }
+    let id = le_u64(&stamp[24..]);
+    let Some((_, record)) = writers_of_block
+        .iter()
+        .find(|(candidate, _)| *candidate == id)
+    else {
+        return Err(format!(
+            "block {block}: stamped by write {id:#x}, which never wrote this block; sectors: {}",
+            describe_block(actual, baseline)
+        ));
+    };
+    if actual != block_contents(spec.seed, spec.round, id, block).as_slice() {
+        return Err(format!(
+            "block {block}: write {id:#x} is there but torn or mixed; sectors: {}",
+            describe_block(actual, baseline)
+        ));
+    }
+    if let Some(completed_at) = record.completed_at {
+        if let Some((newer_id, newer)) = writers_of_block
+            .iter()
+            .find(|(_, other)| other.issued_at > completed_at && other.completed_at.is_some())
+        {
+            return Err(format!(
+                "block {block}: holds write {id:#x} (completed at {completed_at}), but write \
+                 {newer_id:#x} issued at {} after that and completed at {:?} (fua {}) is lost",
+                newer.issued_at, newer.completed_at, newer.fua
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every violation of the model in `region` (blocks [0, region_blocks)).
+fn verify_region(
+    region: &[u8],
+    baseline: &[u8],
+    records: &HashMap<u64, WriteRecord>,
+    spec: &WorkloadSpec,
+) -> Vec<String> {
+    let mut per_block: HashMap<u64, Vec<(u64, &WriteRecord)>> = HashMap::new();
+    for (id, record) in records {
+        for block in record.first_block..record.first_block + record.block_count {
+            per_block.entry(block).or_default().push((*id, record));
+        }
+    }
+    let mut violations = Vec::new();
+    for block in 0..spec.region_blocks {
+        let range = block as usize * BLOCK_BYTES..(block as usize + 1) * BLOCK_BYTES;
+        let writers_of_block = per_block.get(&block).map(Vec::as_slice).unwrap_or(&[]);
+        if let Err(violation) = check_block(
+            block,
+            &region[range.clone()],
+            &baseline[range],
+            writers_of_block,
+            spec,
+        ) {
+            violations.push(violation);
+        }
+    }
+    violations
+}
+
+struct Shared {
+    clock: AtomicU64,
+    stop: AtomicBool,
+    records: Mutex<HashMap<u64, WriteRecord>>,
+    completed: AtomicU64,
+    /// Errors the writers saw, with when they saw them.
+    errors: Mutex<Vec<(Instant, String)>>,
+}
+
+impl Shared {
+    fn error(&self, text: String) {
+        self.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((Instant::now(), text));
+    }
+}
+
+/// Concurrent writers on one node's export, each on its own NBD connection.
+struct Workload {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// What the writers did.
+struct Outcome {
+    records: HashMap<u64, WriteRecord>,
+    errors: Vec<(Instant, String)>,
+}
+
+impl Outcome {
+    fn completed(&self) -> usize {
+        self.records
+            .values()
+            .filter(|record| record.completed_at.is_some())
+            .count()
+    }
+
+    /// Errors seen before `instant` (a kill at `instant` explains only the later ones).
+    fn errors_before(&self, instant: Instant) -> Vec<String> {
+        self.errors
+            .iter()
+            .filter(|(at, _)| *at < instant)
+            .map(|(_, text)| text.clone())
+            .collect()
+    }
+
+    /// Bytes of the distinct blocks written by completed writes issued in (after, before).
+    fn distinct_bytes_issued_between(&self, after: u64, before: u64) -> u64 {
+        let blocks: HashSet<u64> = self
+            .records
+            .values()
+            .filter(|r| r.completed_at.is_some() && r.issued_at > after && r.issued_at < before)
+            .flat_map(|r| r.first_block..r.first_block + r.block_count)
+            .collect();
+        blocks.len() as u64 * BLOCK_BYTES as u64
+    }
+}
+
+impl Workload {
+    fn start(socket: &Path, spec: WorkloadSpec) -> Workload {
+        let shared = Arc::new(Shared {
+            clock: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            records: Mutex::new(HashMap::new()),
+            completed: AtomicU64::new(0),
+            errors: Mutex::new(Vec::new()),
+        });
+        let threads = (0..spec.writers)
+            .map(|writer| {
+                let shared = Arc::clone(&shared);
+                let socket = socket.to_path_buf();
+                std::thread::spawn(move || writer_loop(&socket, writer, spec, &shared))
+            })
+            .collect();
+        Workload { shared, threads }
+    }
+
+    fn completed(&self) -> u64 {
+        self.shared.completed.load(Ordering::SeqCst)
+    }
+
+    /// The logical clock now: writes issued later have a larger `issued_at`.
+    fn clock(&self) -> u64 {
+        self.shared.clock.load(Ordering::SeqCst)
+    }
+
+    fn errors(&self) -> Vec<String> {
+        self.shared
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(_, text)| text.clone())
+            .collect()
+    }
+
+    /// Waits until `more` writes completed beyond what had completed at the call; false after
+    /// `timeout`.
+    fn wait_progress(&self, more: u64, timeout: Duration) -> bool {
+        let target = self.completed() + more;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.completed() >= target {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// Tells the writers to stop and joins them (bounded).
+    fn finish(self) -> Outcome {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        for thread in self.threads {
+            while !thread.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "writers did not stop within {JOIN_TIMEOUT:?}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        let records = self
+            .shared
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let errors = self
+            .shared
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Outcome { records, errors }
+    }
+}
+
+fn writer_loop(socket: &Path, writer: u64, spec: WorkloadSpec, shared: &Shared) {
+    let mut conn = match NbdConn::connect_unix(socket, VOLUME) {
+        Ok(conn) => conn,
+        Err(error) => {
+            shared.error(format!("writer {writer}: connect: {error}"));
+            return;
+        }
+    };
+    let mut rng = StdRng::seed_from_u64(
+        spec.seed ^ (spec.round << 32) ^ writer.wrapping_mul(0x9e37_79b9) ^ 0x6d65_7472,
+    );
+    for sequence in 0..WRITES_PER_WRITER_MAX {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let block_count = rng.gen_range(1..=MAX_BLOCKS_PER_WRITE);
+        let first_block = rng.gen_range(0..spec.region_blocks - block_count + 1);
+        let fua = rng.gen_ratio(1, 8);
+        let flush_after = rng.gen_ratio(1, 16);
+        let id = write_id(writer, sequence);
+        let mut payload = Vec::with_capacity(block_count as usize * BLOCK_BYTES);
+        for block in first_block..first_block + block_count {
+            payload.extend_from_slice(&block_contents(spec.seed, spec.round, id, block));
+        }
+        let issued_at = shared.clock.fetch_add(1, Ordering::SeqCst);
+        shared
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                WriteRecord {
+                    first_block,
+                    block_count,
+                    issued_at,
+                    completed_at: None,
+                    fua,
+                },
+            );
+        if let Err(error) = conn.write(first_block * BLOCK_BYTES as u64, &payload, fua) {
+            // The write stays "in flight" in the model: it may or may not have happened.
+            shared.error(format!(
+                "writer {writer}: write {id:#x} of blocks {first_block}+{block_count}: {error}"
+            ));
+            return;
+        }
+        let completed_at = shared.clock.fetch_add(1, Ordering::SeqCst);
+        shared
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&id)
+            .expect("record")
+            .completed_at = Some(completed_at);
+        shared.completed.fetch_add(1, Ordering::SeqCst);
+        if flush_after {
+            if let Err(error) = conn.flush() {
+                shared.error(format!("writer {writer}: flush: {error}"));
+                return;
+            }
+        }
+    }
+    conn.disconnect();
+}
+
+/// Reads blocks [0, blocks) of the volume from a node's export.
+fn read_region(socket: &Path, blocks: u64) -> Vec<u8> {
+    let mut conn = NbdConn::connect_unix(socket, VOLUME)
+        .unwrap_or_else(|error| panic!("connect {} to read back: {error}", socket.display()));
+    let mut region = Vec::with_capacity(blocks as usize * BLOCK_BYTES);
+    let mut first = 0;
+    while first < blocks {
+        let count = READ_CHUNK_BLOCKS.min(blocks - first);
+        let data = conn
+            .read(
+                first * BLOCK_BYTES as u64,
+                (count as usize * BLOCK_BYTES) as u32,
+            )
+            .unwrap_or_else(|error| {
+                panic!(
+                    "read blocks {first}+{count} from {}: {error}",
+                    socket.display()
+                )
+            });
+        region.extend_from_slice(&data);
+        first += count;
+    }
+    conn.disconnect();
+    region
+}
+
+fn first_difference(left: &[u8], right: &[u8]) -> Option<usize> {
+    if left.len() != right.len() {
+        return Some(left.len().min(right.len()));
+    }
+    left.iter().zip(right).position(|(l, r)| l != r)
+}
+
+/// Panics with the first violations, the seed and the replica states seen.
+fn assert_no_violations(violations: &[String], what: &str, seed: u64, states: &str) {
+    assert!(
+        violations.is_empty(),
+        "{what}: {} blocks violate the model (replay with FERRY_SEED={seed}); replica states \
+         seen on the primary: {states}\nfirst ones:\n{}",
+        violations.len(),
+        violations
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// Asserts that `after` is a newer generation than `before` (numbers must grow; any other
+/// representation must at least change).
+fn assert_generation_newer(before: &serde_json::Value, after: &serde_json::Value, what: &str) {
+    match (before.as_u64(), after.as_u64()) {
+        (Some(before), Some(after)) => {
+            assert!(after > before, "{what}: generation {before} -> {after}")
+        }
+        _ => assert_ne!(before, after, "{what}: generation did not change"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kill the primary, promote the secondary, verify
+// ---------------------------------------------------------------------------------------------
+
+/// Runs the workload on `primary` (which must be in-sync), calls `middle` while it runs, kills
+/// `primary` with -9, force-promotes the other node and checks every block of the region
+/// against the model. Returns the region as read from the promoted node, and the replica
+/// states the primary reported while the workload ran.
+fn load_kill_promote_verify(
+    cluster: &mut Cluster,
+    primary: NodeId,
+    spec: WorkloadSpec,
+    baseline: &[u8],
+    middle: impl FnOnce(&mut Cluster, &Workload),
+) -> (Vec<u8>, Vec<(Duration, String)>) {
+    let secondary = primary.other();
+    cluster.wait_replica_state(primary, "in-sync", RESYNC_TIMEOUT);
+    let generation_before = cluster.generation(primary);
+    let monitor = cluster.monitor(primary);
+    let started = Instant::now();
+    let workload = Workload::start(&cluster.nbd_socket(primary), spec);
+    middle(cluster, &workload);
+    let killed_at = Instant::now();
+    let completed_at_kill = workload.completed();
+    cluster.kill9(primary);
+    let outcome = workload.finish();
+    let seen = monitor.stop();
+    let states = format_states(&seen);
+
+    let early_errors = outcome.errors_before(killed_at);
+    assert!(
+        early_errors.is_empty(),
+        "round {}: writes failed before the kill (seed {}): {early_errors:?}; states {states}",
+        spec.round,
+        spec.seed
+    );
+    // --force: the operator asserts the primary is gone; no waiting for peer_timeout.
+    let promote_started = Instant::now();
+    if let Err(reason) = cluster.promote(secondary, true) {
+        panic!(
+            "round {}: promote --force on node {} refused after the primary was killed: \
+             {reason}\nstatus: {}",
+            spec.round,
+            secondary.name(),
+            cluster.volume_status(secondary)
+        );
+    }
+    let promote_took = promote_started.elapsed();
+    let promoted = cluster.volume_status(secondary);
+    assert_eq!(
+        promoted["role"], "primary",
+        "after promote --force: {promoted}"
+    );
+    assert_generation_newer(
+        &generation_before,
+        &promoted["generation"],
+        "promote --force after kill -9 of the primary",
+    );
+    let region = read_region(&cluster.nbd_socket(secondary), spec.region_blocks);
+    let violations = verify_region(&region, baseline, &outcome.records, &spec);
+    eprintln!(
+        "round {}: primary {} killed after {:?}, {} writes issued, {completed_at_kill} completed \
+         before the kill; promote --force on {} took {promote_took:?}; states on the primary: \
+         {states}",
+        spec.round,
+        primary.name(),
+        killed_at - started,
+        outcome.records.len(),
+        secondary.name(),
+    );
+    assert!(
+        completed_at_kill > 0,
+        "round {}: no write completed before the kill: nothing was tested (states {states})",
+        spec.round
+    );
+    assert_no_violations(
+        &violations,
+        &format!(
+            "round {}: node {} promoted after kill -9 of node {}",
+            spec.round,
+            secondary.name(),
+            primary.name()
+        ),
+        spec.seed,
+        &states,
+    );
+    (region, seen)
+}
+
+/// Restarts the killed old primary `old`: it must not act as a second primary (a client write
+/// to it must not succeed), must report `secondary` with the new generation, and after the
+/// resync its copy of the region must equal the new primary's (`region`).
+fn rejoin_old_primary(cluster: &mut Cluster, old: NodeId, region: &[u8], spec: &WorkloadSpec) {
+    let new = old.other();
+    cluster.restart(old);
+    let probe_offset = cluster.volume_size_bytes() - BLOCK_BYTES as u64;
+    let probe = probe_write(&cluster.nbd_socket(old), probe_offset);
+    assert!(
+        probe.is_err(),
+        "round {}: node {} restarted after kill -9 accepted a client write while node {} is \
+         primary with a newer generation (a second primary); status: {}",
+        spec.round,
+        old.name(),
+        new.name(),
+        cluster.volume_status(old)
+    );
+    let rejoined = cluster.wait_role(old, "secondary", ROLE_TIMEOUT);
+    cluster.wait_replica_state(new, "in-sync", RESYNC_TIMEOUT);
+    let rejoined_generation = cluster.generation(old);
+    let current_generation = cluster.generation(new);
+    assert_eq!(
+        rejoined_generation,
+        current_generation,
+        "round {}: node {} rejoined as secondary ({rejoined}) but its generation differs from \
+         the primary's",
+        spec.round,
+        old.name()
+    );
+    let copy = read_region(&cluster.nbd_socket(old), spec.region_blocks);
+    if let Some(at) = first_difference(&copy, region) {
+        let block = at / BLOCK_BYTES;
+        let range = block * BLOCK_BYTES..(block + 1) * BLOCK_BYTES;
+        panic!(
+            "round {}: after the resync, node {} (secondary) differs from node {} (primary) at \
+             byte {at} (block {block}): secondary sectors [{}], primary sectors [{}]",
+            spec.round,
+            old.name(),
+            new.name(),
+            describe_block(&copy[range.clone()], &region[range.clone()]),
+            describe_block(&region[range.clone()], &copy[range]),
+        );
+    }
+}
+
+/// Tries one 4 KiB write on a fresh connection with short timeouts; Ok if the server
+/// completed it.
+fn probe_write(socket: &Path, offset: u64) -> Result<(), String> {
+    let stream = UnixStream::connect(socket).map_err(|error| format!("connect: {error}"))?;
+    let timeout = Some(Duration::from_secs(5));
+    stream
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
+        .map_err(|error| error.to_string())?;
+    let mut conn =
+        NbdConn::handshake(Box::new(stream), VOLUME).map_err(|error| format!("{error}"))?;
+    conn.write(offset, &[0x5au8; BLOCK_BYTES], true)
+        .map_err(|error| format!("{error}"))
+}
+
+/// The central test of metro mode (RPO 0): kill -9 of the primary at a random moment under concurrent
+/// writes, `promote --force` on the secondary, every completed write is there (SPEC §2).
+/// Rounds alternate the primary: the killed node restarts, must rejoin as secondary and be
+/// resynced to a byte-identical copy, and is the one promoted in the next round.
+#[test]
+fn metro_rpo_zero_under_kill9() {
+    let seed = harness::test_seed("metro_rpo_zero_under_kill9");
+    let rounds = if harness::long_mode() { 50 } else { 3 };
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7270_6f30);
+    let mut primary = A;
+    let region_blocks = 4096; // 16 MiB of the 64 MiB volume
+    let mut baseline = read_region(&cluster.nbd_socket(primary), region_blocks);
+    let mut flaps = Vec::new();
+    for round in 0..rounds {
+        let spec = WorkloadSpec {
+            seed,
+            round,
+            writers: 4,
+            region_blocks,
+        };
+        let kill_after = Duration::from_millis(rng.gen_range(300..2500));
+        let (region, seen) =
+            load_kill_promote_verify(&mut cluster, primary, spec, &baseline, |_, _| {
+                std::thread::sleep(kill_after)
+            });
+        // Nothing was injected, so the replica must have stayed in-sync until the kill: any
+        // other state means writes completed without the peer, and RPO 0 held only by luck.
+        // (Sampled every few tens of ms, so a very short excursion can be missed.)
+        if seen
+            .iter()
+            .take_while(|(_, state)| state != "(unreachable)")
+            .any(|(_, state)| state != "in-sync")
+        {
+            flaps.push(format!("round {round}: {}", format_states(&seen)));
+        }
+        rejoin_old_primary(&mut cluster, primary, &region, &spec);
+        baseline = region;
+        primary = primary.other();
+    }
+    cluster.stop(A);
+    cluster.stop(B);
+    assert!(
+        flaps.is_empty(),
+        "the primary's replica left in-sync during the load with no fault injected (seed \
+         {seed}):\n{}",
+        flaps.join("\n")
+    );
+}
+
+/// The secondary is killed -9 and restarted under load: the primary degrades after
+/// peer_timeout and keeps completing writes, resyncs the secondary when it is back, reaches
+/// in-sync; then the primary is killed and the promoted secondary must hold every completed
+/// write, including those written while it was down.
+#[test]
+fn metro_secondary_kill9_degrades_resyncs_then_rpo_zero() {
+    let seed = harness::test_seed("metro_secondary_kill9_degrades_resyncs_then_rpo_zero");
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7365_636b);
+    let spec = WorkloadSpec {
+        seed,
+        round: 0,
+        writers: 4,
+        region_blocks: 4096,
+    };
+    let baseline = read_region(&cluster.nbd_socket(A), spec.region_blocks);
+    let before_secondary_kill = Duration::from_millis(rng.gen_range(300..1200));
+    let after_in_sync = Duration::from_millis(rng.gen_range(200..1500));
+    let degrade_deadline = cluster.peer_timeout() + DEGRADE_SLACK;
+    let (region, _) =
+        load_kill_promote_verify(&mut cluster, A, spec, &baseline, |cluster, load| {
+            std::thread::sleep(before_secondary_kill);
+            cluster.kill9(B);
+            let killed_at = Instant::now();
+            let replica = cluster.wait_replica_state(A, "degraded", degrade_deadline);
+            eprintln!(
+                "secondary killed; primary degraded after {:?}: {replica}",
+                killed_at.elapsed()
+            );
+            assert!(
+                load.wait_progress(20, Duration::from_secs(10)),
+                "writes do not complete while the replica is degraded (on_disconnect = degrade); \
+             errors: {:?}; replica: {}",
+                load.errors(),
+                cluster.replica(A)
+            );
+            assert!(
+                load.errors().is_empty(),
+                "writer errors: {:?}",
+                load.errors()
+            );
+            cluster.restart(B);
+            let restarted_at = Instant::now();
+            let replica = cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
+            eprintln!(
+                "secondary restarted; in-sync again after {:?}: {replica}",
+                restarted_at.elapsed()
+            );
+            assert!(
+                load.wait_progress(20, Duration::from_secs(10)),
+                "writes do not complete after the resync; errors: {:?}",
+                load.errors()
+            );
+            std::thread::sleep(after_in_sync);
+        });
+    rejoin_old_primary(&mut cluster, A, &region, &spec);
+    cluster.stop(A);
+    cluster.stop(B);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initial sync, read-only secondary, switchover
+// ---------------------------------------------------------------------------------------------
+
+/// Sequential writes of seeded data at seeded 4 KiB-aligned offsets over the whole volume,
+/// mirrored into `image` (the expected contents). Some FUA, some followed by FLUSH.
+fn write_phase(socket: &Path, image: &mut [u8], seed: u64, writes: usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut conn = NbdConn::connect_unix(socket, VOLUME).expect("connect to the primary");
+    let volume_blocks = (image.len() / BLOCK_BYTES) as u64;
+    for index in 0..writes {
+        let blocks = rng.gen_range(1..=MAX_BLOCKS_PER_WRITE);
+        // The first write of a phase hits the volume's last block.
+        let first = if index == 0 {
+            volume_blocks - blocks
+        } else {
+            rng.gen_range(0..=volume_blocks - blocks)
+        };
+        let mut data = vec![0u8; blocks as usize * BLOCK_BYTES];
+        rng.fill_bytes(&mut data);
+        let offset = first * BLOCK_BYTES as u64;
+        conn.write(offset, &data, rng.gen_ratio(1, 4))
+            .unwrap_or_else(|error| panic!("write {index} at {offset}: {error}"));
+        image[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        if rng.gen_ratio(1, 8) {
+            conn.flush().expect("flush");
+        }
+    }
+    conn.flush().expect("final flush");
+    conn.disconnect();
+}
+
+/// Compares a whole node's volume with `image`; returns the first difference, described.
+fn compare_volume(socket: &Path, image: &[u8]) -> Option<String> {
+    let actual = read_region(socket, (image.len() / BLOCK_BYTES) as u64);
+    first_difference(&actual, image).map(|at| {
+        format!(
+            "first difference at byte {at} (block {}): {:02x?} instead of {:02x?}",
+            at / BLOCK_BYTES,
+            &actual[at..(at + 16).min(actual.len())],
+            &image[at..(at + 16).min(image.len())]
+        )
+    })
+}
+
+#[test]
+fn metro_initial_sync_then_writes_reach_the_secondary() {
+    let seed = harness::test_seed("metro_initial_sync_then_writes_reach_the_secondary");
+    let mut cluster = Cluster::configure(ClusterOptions::default());
+    let size = cluster.volume_size_bytes();
+    let mut image = vec![0u8; size as usize];
+
+    // Before the secondary exists: the primary serves I/O, and says it is not protecting.
+    cluster.start_node(A);
+    let replica = cluster.replica(A);
+    assert_ne!(
+        replica["state"], "in-sync",
+        "in-sync with a peer that never ran: {replica}"
+    );
+    assert_eq!(replica["mode"], "metro", "{replica}");
+    write_phase(&cluster.nbd_socket(A), &mut image, seed, 200);
+
+    // The secondary starts empty: full initial sync, then in-sync.
+    let monitor = cluster.monitor(A);
+    cluster.start_node(B);
+    let started = Instant::now();
+    let replica = cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    let states = format_states(&monitor.stop());
+    eprintln!(
+        "initial sync took {:?}; states {states}; replica {replica}",
+        started.elapsed()
+    );
+    for key in [
+        "acked_lsn",
+        "lag_bytes",
+        "resync_remaining_bytes",
+        "resynced_bytes",
+    ] {
+        assert!(replica[key].is_u64(), "replica.{key} missing: {replica}");
+    }
+    assert!(
+        replica.get("last_error").is_some(),
+        "no last_error: {replica}"
+    );
+    assert_eq!(cluster.role(A), "primary");
+    assert_eq!(cluster.role(B), "secondary");
+
+    // The secondary's export is read-only and refuses writes; nothing is written.
+    let mut conn = NbdConn::connect_unix(&cluster.nbd_socket(B), VOLUME)
+        .expect("connect to the secondary's export");
+    assert_ne!(
+        conn.info.transmission_flags & TRANSMIT_READ_ONLY,
+        0,
+        "the secondary's export does not advertise NBD_FLAG_READ_ONLY (flags {:#x})",
+        conn.info.transmission_flags
+    );
+    let before = conn
+        .read(0, BLOCK_BYTES as u32)
+        .expect("read on the secondary");
+    match conn.write(0, &[0xeeu8; BLOCK_BYTES], false) {
+        Err(NbdError::Server(errno)) => {
+            assert_eq!(errno, EPERM, "write on the secondary: errno {errno}")
+        }
+        other => panic!("write on the secondary's export: {other:?}, expected EPERM"),
+    }
+    match conn.write_zeroes(0, BLOCK_BYTES as u32) {
+        Err(NbdError::Server(errno)) => {
+            assert_eq!(errno, EPERM, "write_zeroes on the secondary: errno {errno}")
+        }
+        other => panic!("write_zeroes on the secondary's export: {other:?}, expected EPERM"),
+    }
+    match conn.trim(0, BLOCK_BYTES as u32) {
+        Err(NbdError::Server(errno)) => {
+            assert_eq!(errno, EPERM, "trim on the secondary: errno {errno}")
+        }
+        other => panic!("trim on the secondary's export: {other:?}, expected EPERM"),
+    }
+    assert_eq!(
+        conn.read(0, BLOCK_BYTES as u32).expect("read again"),
+        before,
+        "a refused write changed the secondary"
+    );
+    conn.disconnect();
+
+    // Writes while in-sync.
+    write_phase(&cluster.nbd_socket(A), &mut image, seed ^ 0xa5a5, 300);
+    let replica = cluster.wait_volume(A, "in-sync with no lag", Duration::from_secs(10), |v| {
+        cluster::replica_of(v, "b")
+            .map(|r| r["state"] == "in-sync" && r["lag_bytes"] == 0)
+            .unwrap_or(false)
+    });
+    eprintln!("after the in-sync writes: {replica}");
+    // Reads on the secondary work and see every completed write (checked at the end, so the
+    // switchover below still runs and reports).
+    let secondary_read = compare_volume(&cluster.nbd_socket(B), &image);
+
+    // The secondary cannot be promoted while the primary is alive and reachable.
+    match cluster.promote(B, false) {
+        Ok(()) => panic!(
+            "promote of the secondary succeeded while the primary is reachable: {}",
+            cluster.volume_status(B)
+        ),
+        Err(reason) => {
+            eprintln!("promote refused as expected: {reason}");
+            assert!(!reason.trim().is_empty(), "refused without a reason");
+        }
+    }
+    assert_eq!(cluster.role(A), "primary");
+    assert_eq!(cluster.role(B), "secondary");
+
+    let generation_before = cluster.generation(A);
+    cluster.switchover(A, B);
+    cluster.wait_role(A, "secondary", ROLE_TIMEOUT);
+    assert_generation_newer(
+        &generation_before,
+        &cluster.generation(B),
+        "planned switchover a→b",
+    );
+    if let Some(difference) = compare_volume(&cluster.nbd_socket(B), &image) {
+        panic!("after switchover, node b differs from what was written on a: {difference}");
+    }
+    // b is now the writable primary.
+    let mut conn = NbdConn::connect_unix(&cluster.nbd_socket(B), VOLUME).expect("connect b");
+    assert_eq!(
+        conn.info.transmission_flags & TRANSMIT_READ_ONLY,
+        0,
+        "the new primary's export is read-only"
+    );
+    conn.write(0, &[0x42u8; BLOCK_BYTES], true)
+        .expect("write on the new primary");
+    assert_eq!(
+        conn.read(0, BLOCK_BYTES as u32).expect("read"),
+        vec![0x42u8; BLOCK_BYTES]
+    );
+    conn.disconnect();
+    // The CLI's `status --json` says the same (SPEC §5).
+    let status = cluster.status_cli(B);
+    assert_eq!(status["node"], "b", "{status}");
+    let volume = cluster::volume_of(&status, VOLUME).expect("volume in CLI status");
+    assert_eq!(volume["role"], "primary", "{status}");
+    assert!(volume["journal"]["head_lsn"].is_u64(), "{status}");
+    assert!(
+        secondary_read.is_none(),
+        "reads on the in-sync secondary did not return the completed writes: {}",
+        secondary_read.unwrap_or_default()
+    );
+    cluster.stop(A);
+    cluster.stop(B);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Link cut through the relay
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn metro_link_cut_degrades_then_delta_resync() {
+    let seed = harness::test_seed("metro_link_cut_degrades_then_delta_resync");
+    let mut cluster = Cluster::start(ClusterOptions {
+        relay: true,
+        seed,
+        ..ClusterOptions::default()
+    });
+    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0063_7574);
+    let spec = WorkloadSpec {
+        seed,
+        round: 0,
+        writers: 4,
+        region_blocks: 2048, // 8 MiB of the 64 MiB volume
+    };
+    let size = cluster.volume_size_bytes();
+    let baseline = read_region(&cluster.nbd_socket(A), spec.region_blocks);
+    let resync_metric_before = cluster.metric(A, "ferry_resync_bytes_total", &[]);
+    let monitor = cluster.monitor(A);
+    let load = Workload::start(&cluster.nbd_socket(A), spec);
+    std::thread::sleep(Duration::from_millis(rng.gen_range(500..1200)));
+    assert!(load.completed() > 0, "nothing completed before the cut");
+
+    cluster.relay().both().cut();
+    let cut_at = Instant::now();
+    let replica = cluster.wait_replica_state(A, "degraded", cluster.peer_timeout() + DEGRADE_SLACK);
+    let degraded_clock = load.clock();
+    eprintln!(
+        "link cut; degraded after {:?} (peer_timeout {}): {replica}",
+        cut_at.elapsed(),
+        cluster.options.peer_timeout
+    );
+    assert!(
+        load.wait_progress(20, Duration::from_secs(10)),
+        "writes do not complete while degraded; errors {:?}; replica {}",
+        load.errors(),
+        cluster.replica(A)
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let while_degraded = cluster.replica(A);
+    eprintln!("still cut: {while_degraded}");
+    assert_eq!(while_degraded["state"], "degraded", "{while_degraded}");
+    // SPEC §5/§6: lag_bytes counts completed writes not yet at the peer, lag_seconds is the age
+    // of the oldest of them (the live RPO). After more than a second degraded under writes,
+    // both must show it. Checked at the end, so the resync checks still run.
+    let mut deferred_failures = Vec::new();
+    let lag_seconds = while_degraded["lag_seconds"].as_f64().unwrap_or(-1.0);
+    let lag_bytes = while_degraded["lag_bytes"].as_u64().unwrap_or(0);
+    let degraded_for = cut_at.elapsed().saturating_sub(cluster.peer_timeout());
+    if lag_bytes == 0 || lag_seconds < degraded_for.as_secs_f64() / 2.0 {
+        deferred_failures.push(format!(
+            "after {degraded_for:?} degraded under writes, the replica reports lag_bytes \
+             {lag_bytes} and lag_seconds {lag_seconds}; the oldest write not at the peer is at \
+             least that old: {while_degraded}"
+        ));
+    }
+
+    let restore_clock = load.clock();
+    cluster.relay().both().restore();
+    let restored_at = Instant::now();
+    let replica = cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
+    eprintln!(
+        "link restored; in-sync after {:?}: {replica}",
+        restored_at.elapsed()
+    );
+    assert!(
+        monitor.saw("degraded"),
+        "the state monitor never saw degraded: {}",
+        format_states(&monitor.seen())
+    );
+    assert!(
+        load.wait_progress(20, Duration::from_secs(10)),
+        "writes do not complete after the resync; errors {:?}",
+        load.errors()
+    );
+    let outcome = load.finish();
+    let states = format_states(&monitor.stop());
+    eprintln!(
+        "{} writes, {} completed; states {states}",
+        outcome.records.len(),
+        outcome.completed()
+    );
+    assert!(
+        outcome.errors.is_empty(),
+        "writer errors: {:?}",
+        outcome.errors
+    );
+    let replica = cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
+    let resynced = replica["resynced_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no resynced_bytes: {replica}"));
+    let written_while_degraded =
+        outcome.distinct_bytes_issued_between(degraded_clock, restore_clock);
+    let resync_metric = cluster.metric(A, "ferry_resync_bytes_total", &[]) - resync_metric_before;
+    eprintln!(
+        "resynced_bytes {resynced}, ferry_resync_bytes_total +{resync_metric}, distinct bytes \
+         written while degraded {written_while_degraded}, volume {size}"
+    );
+    assert!(
+        written_while_degraded > 0,
+        "no write completed while degraded"
+    );
+    assert!(
+        resynced >= written_while_degraded,
+        "the delta resync sent {resynced} bytes, less than the {written_while_degraded} bytes \
+         of distinct blocks written while degraded: {replica}"
+    );
+    assert!(
+        resynced <= size / 4,
+        "the delta resync sent {resynced} bytes of a {size}-byte volume (writes touched only \
+         the first {} bytes): not a delta resync",
+        spec.region_blocks * BLOCK_BYTES as u64
+    );
+    assert!(
+        resync_metric >= written_while_degraded as f64,
+        "ferry_resync_bytes_total grew by {resync_metric}, less than {written_while_degraded}"
+    );
+
+    let region_a = read_region(&cluster.nbd_socket(A), spec.region_blocks);
+    assert_no_violations(
+        &verify_region(&region_a, &baseline, &outcome.records, &spec),
+        "primary a after the link cut",
+        seed,
+        &states,
+    );
+    cluster.switchover(A, B);
+    let region_b = read_region(&cluster.nbd_socket(B), spec.region_blocks);
+    assert_no_violations(
+        &verify_region(&region_b, &baseline, &outcome.records, &spec),
+        "node b promoted after the link cut and resync",
+        seed,
+        &states,
+    );
+    assert!(
+        first_difference(&region_a, &region_b).is_none(),
+        "a and b differ after the resync"
+    );
+    cluster.stop(A);
+    cluster.stop(B);
+    assert!(
+        deferred_failures.is_empty(),
+        "{}",
+        deferred_failures.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A corrupted replication frame
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn metro_corrupt_frame_detected_and_recovered() {
+    let seed = harness::test_seed("metro_corrupt_frame_detected_and_recovered");
+    let mut cluster = Cluster::start(ClusterOptions {
+        env_a: vec![("FERRY_FAULT_CORRUPT_FRAME".to_string(), "50".to_string())],
+        ..ClusterOptions::default()
+    });
+    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    let spec = WorkloadSpec {
+        seed,
+        round: 0,
+        writers: 4,
+        region_blocks: 4096,
+    };
+    let baseline = read_region(&cluster.nbd_socket(A), spec.region_blocks);
+    let labels = ["where=\"replication\""];
+    let errors_before = cluster.metric(B, "ferry_checksum_errors_total", &labels);
+    let monitor = cluster.monitor(A);
+    let load = Workload::start(&cluster.nbd_socket(A), spec);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    let mut errors_after = errors_before;
+    while errors_after <= errors_before {
+        assert!(
+            Instant::now() < deadline,
+            "ferry_checksum_errors_total{{where=\"replication\"}} on b stayed at {errors_after} \
+             after {} completed writes with FERRY_FAULT_CORRUPT_FRAME=50 on a; replica {}",
+            load.completed(),
+            cluster.replica(A)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        errors_after = cluster.metric(B, "ferry_checksum_errors_total", &labels);
+    }
+    eprintln!(
+        "checksum error counted on b after {:?}: {errors_before} -> {errors_after}",
+        started.elapsed()
+    );
+    // Keep writing through the recovery.
+    assert!(
+        load.wait_progress(50, Duration::from_secs(30)),
+        "writes stopped completing after the corrupt frame; errors {:?}; replica {}",
+        load.errors(),
+        cluster.replica(A)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let outcome = load.finish();
+    let replica = cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
+    let states = format_states(&monitor.stop());
+    eprintln!(
+        "{} writes completed; states {states}; replica {replica}",
+        outcome.completed()
+    );
+    assert!(
+        outcome.errors.is_empty(),
+        "writer errors: {:?}",
+        outcome.errors
+    );
+    let b_metrics = cluster.metrics(B);
+    eprintln!(
+        "b: ferry_checksum_errors_total {:?}",
+        cluster::metric_sum(&b_metrics, "ferry_checksum_errors_total", &[])
+    );
+
+    let region_a = read_region(&cluster.nbd_socket(A), spec.region_blocks);
+    assert_no_violations(
+        &verify_region(&region_a, &baseline, &outcome.records, &spec),
+        "primary a after the corrupt frame",
+        seed,
+        &states,
+    );
+    cluster.switchover(A, B);
+    let region_b = read_region(&cluster.nbd_socket(B), spec.region_blocks);
+    assert_no_violations(
+        &verify_region(&region_b, &baseline, &outcome.records, &spec),
+        "node b (promoted) after the corrupt frame",
+        seed,
+        &states,
+    );
+    if let Some(at) = first_difference(&region_a, &region_b) {
+        panic!("a and b differ at byte {at} after the corrupt frame");
+    }
+    cluster.stop(A);
+    cluster.stop(B);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Security: a certificate from another CA; garbage datagrams
+// ---------------------------------------------------------------------------------------------
+
+/// Sends `count` datagrams of junk to `target`: random bytes, and packets shaped like QUIC
+/// long-header Initials (version 1 and an unknown version) and short headers with random
+/// connection ids.
+fn send_garbage(target: SocketAddr, rng: &mut StdRng, count: usize) {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind garbage socket");
+    for index in 0..count {
+        let mut datagram = Vec::with_capacity(1500);
+        match index % 4 {
+            0 => {
+                let length = rng.gen_range(1..1500);
+                datagram.resize(length, 0);
+                rng.fill_bytes(&mut datagram);
+            }
+            1 | 2 => {
+                // Long header: Initial type, then version, DCID, SCID, empty token, length.
+                datagram.push(0xc0 | rng.gen_range(0..4u8));
+                let version: u32 = if index % 4 == 1 { 1 } else { 0x1a2a_3a4a };
+                datagram.extend_from_slice(&version.to_be_bytes());
+                for _ in 0..2 {
+                    datagram.push(8);
+                    let mut id = [0u8; 8];
+                    rng.fill_bytes(&mut id);
+                    datagram.extend_from_slice(&id);
+                }
+                datagram.push(0);
+                let payload = 1200 - datagram.len() - 2;
+                datagram.push(0x40 | (payload >> 8) as u8);
+                datagram.push(payload as u8);
+                let start = datagram.len();
+                datagram.resize(1200, 0);
+                rng.fill_bytes(&mut datagram[start..]);
+            }
+            _ => {
+                let length = rng.gen_range(21..200);
+                datagram.resize(length, 0);
+                rng.fill_bytes(&mut datagram);
+                datagram[0] = 0x40 | (datagram[0] & 0x3f);
+            }
+        }
+        let _ = socket.send_to(&datagram, target);
+        if index % 50 == 49 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// One QUIC handshake to `target` as an impostor: trusts `ca`, presents `cert`/`key`, asks
+/// for server name `b` and ALPN `ferry/1` like a real node. Returns what the impostor saw.
+fn impostor_dial(target: SocketAddr, ca: &Path, cert: &Path, key: &Path) -> String {
+    fn pem_certs(path: &Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        let bytes = fs::read(path).unwrap_or_else(|error| panic!("read {path:?}: {error}"));
+        rustls_pemfile::certs(&mut bytes.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap_or_else(|error| panic!("parse {path:?}: {error}"))
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in pem_certs(ca) {
+        roots.add(certificate).expect("add CA certificate");
+    }
+    let key_bytes = fs::read(key).expect("read impostor key");
+    let key = rustls_pemfile::private_key(&mut key_bytes.as_slice())
+        .expect("parse impostor key")
+        .expect("a private key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(pem_certs(cert), key)
+        .expect("client certificate");
+    tls.alpn_protocols = vec![b"ferry/1".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS config");
+    let config = quinn::ClientConfig::new(Arc::new(quic));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr"))
+            .expect("impostor endpoint");
+        let outcome = async {
+            let connection = endpoint
+                .connect_with(config, target, "b")
+                .map_err(|error| format!("connect: {error}"))?
+                .await
+                .map_err(|error| format!("handshake refused: {error}"))?;
+            // TLS 1.3: the client finishes before the server has checked its certificate, so
+            // a refusal shows as the connection closing right after.
+            match tokio::time::timeout(Duration::from_secs(3), connection.closed()).await {
+                Ok(reason) => Err(format!("closed after the handshake: {reason}")),
+                Err(_) => Ok("accepted: the connection stayed open for 3 s".to_string()),
+            }
+        };
+        let text = match tokio::time::timeout(Duration::from_secs(10), outcome).await {
+            Ok(Ok(text)) | Ok(Err(text)) => text,
+            Err(_) => "no answer within 10 s".to_string(),
+        };
+        endpoint.close(0u32.into(), b"bye");
+        text
+    })
+}
+
+#[test]
+fn metro_rejects_foreign_ca_and_survives_garbage_datagrams() {
+    let seed = harness::test_seed("metro_rejects_foreign_ca_and_survives_garbage_datagrams");
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0073_6563);
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    let spec = WorkloadSpec {
+        seed,
+        round: 0,
+        writers: 2,
+        region_blocks: 2048,
+    };
+    let baseline = read_region(&cluster.nbd_socket(A), spec.region_blocks);
+    let auth_metric = "ferry_peer_auth_failures_total";
+
+    // 1. Garbage at b's QUIC port while a writes: nothing changes.
+    let monitor = cluster.monitor(A);
+    let load = Workload::start(&cluster.nbd_socket(A), spec);
+    send_garbage(cluster.listen_addr(B), &mut rng, 4000);
+    assert!(
+        load.wait_progress(50, Duration::from_secs(10)),
+        "writes stalled during the garbage; errors {:?}",
+        load.errors()
+    );
+    let outcome = load.finish();
+    let states = monitor.stop();
+    assert!(
+        outcome.errors.is_empty(),
+        "writer errors: {:?}",
+        outcome.errors
+    );
+    assert!(
+        states.iter().all(|(_, state)| state == "in-sync"),
+        "garbage datagrams to b changed a's replica state: {}",
+        format_states(&states)
+    );
+    assert_eq!(
+        cluster.replica_state(B),
+        "in-sync",
+        "{}",
+        cluster.replica(B)
+    );
+    eprintln!(
+        "garbage: {} writes completed while 4000 junk datagrams hit b",
+        outcome.completed()
+    );
+
+    // 2. An impostor presents a certificate for `a` from another CA, trusting the real CA (as
+    // an attacker who copied ca.pem would), and dials b from its own address while the real
+    // pair runs: b must refuse it (its client certificate check) and count it.
+    let foreign = cluster.dir.join("foreign-certs");
+    cluster::cert_init(&foreign, &["a"]);
+    let real_ca = cluster.certs.join("ca.pem");
+    let auth_before = cluster.metric(B, auth_metric, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut attempts = Vec::new();
+    loop {
+        attempts.push(impostor_dial(
+            cluster.listen_addr(B),
+            &real_ca,
+            &foreign.join("a.pem"),
+            &foreign.join("a.key"),
+        ));
+        let auth_now = cluster.metric(B, auth_metric, &[]);
+        if auth_now > auth_before {
+            eprintln!(
+                "impostor refused by b: {auth_metric} {auth_before} -> {auth_now}; the \
+                 impostor saw: {attempts:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b did not count the impostor's foreign certificate in {auth_metric} (still \
+             {auth_now}); the impostor saw: {attempts:?}; b's replica: {}",
+            cluster.replica(B)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        attempts
+            .iter()
+            .all(|attempt| !attempt.starts_with("accepted")),
+        "b kept a connection from the impostor: {attempts:?}"
+    );
+    // The real pair is undisturbed: still in-sync, writes complete and replicate.
+    let mut conn = NbdConn::connect_unix(&cluster.nbd_socket(A), VOLUME).expect("connect a");
+    let extra_offset = cluster.volume_size_bytes() - 64 * 1024;
+    conn.write(extra_offset, &[0x77u8; 64 * 1024], true)
+        .expect("write on a with the impostor around");
+    conn.disconnect();
+    assert_eq!(
+        cluster.replica_state(A),
+        "in-sync",
+        "{}",
+        cluster.replica(A)
+    );
+    assert_eq!(
+        cluster.replica_state(B),
+        "in-sync",
+        "{}",
+        cluster.replica(B)
+    );
+    assert_eq!(cluster.role(B), "secondary");
+
+    // 3. a goes away, and a rogue `ferry run` configured as `a` with the foreign CA's files
+    // takes a's address: b dials it and must refuse its certificate, count the refusal under
+    // peer "a", and say why in its replica's last_error; b's role and generation stay.
+    let generation_b = cluster.generation(B);
+    cluster.stop(A);
+    let auth_a_before = cluster.metric(B, auth_metric, &["peer=\"a\""]);
+    let mut rogue = Node::new(cluster.impostor_spec(
+        "rogue",
+        &foreign,
+        &foreign.join("ca.pem"),
+        cluster.listen_addr(A),
+    ));
+    rogue.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let auth_a_now = cluster.metric(B, auth_metric, &["peer=\"a\""]);
+        if auth_a_now > auth_a_before {
+            eprintln!(
+                "rogue refused by b: {auth_metric}{{peer=\"a\"}} {auth_a_before} -> {auth_a_now}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{auth_metric}{{peer=\"a\"}} on b stayed at {auth_a_now} with a rogue at a's \
+             address; b's metrics:\n{}",
+            cluster
+                .metrics(B)
+                .lines()
+                .filter(|line| line.contains(auth_metric))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SPEC §5: a replica that cannot authenticate stays `connecting` with `last_error` saying
+    // why. Checked within a bounded time; a miss is reported at the end of the test so the
+    // data checks below still run.
+    let mut deferred_failures = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let replica = cluster.replica(B);
+        let error = replica["last_error"].as_str().unwrap_or("").to_lowercase();
+        let state_ok = replica["state"] == "connecting" || replica["state"] == "degraded";
+        if state_ok && error.contains("certificate") {
+            eprintln!("b's replica with the rogue at a's address: {replica}");
+            break;
+        }
+        if Instant::now() >= deadline {
+            deferred_failures.push(format!(
+                "with a rogue (foreign-CA certificate) at a's address, b refused it but b's \
+                 replica does not say so (SPEC §5: state connecting, last_error naming the \
+                 refused certificate): {replica}"
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cluster.role(B), "secondary", "the rogue changed b's role");
+    assert_eq!(
+        cluster.generation(B),
+        generation_b,
+        "the rogue changed b's generation"
+    );
+    rogue.kill9();
+    drop(rogue);
+
+    // 4. The real a comes back: in-sync again, and b holds exactly what a wrote.
+    cluster.restart(A);
+    cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
+    cluster.switchover(A, B);
+    let region_b = read_region(&cluster.nbd_socket(B), spec.region_blocks);
+    assert_no_violations(
+        &verify_region(&region_b, &baseline, &outcome.records, &spec),
+        "node b after the garbage and the impostor",
+        seed,
+        "(see above)",
+    );
+    let mut conn = NbdConn::connect_unix(&cluster.nbd_socket(B), VOLUME).expect("connect b");
+    assert_eq!(
+        conn.read(extra_offset, 64 * 1024).expect("read extra"),
+        vec![0x77u8; 64 * 1024],
+        "the write made while the impostor was refused is not on b"
+    );
+    conn.disconnect();
+    cluster.stop(A);
+    cluster.stop(B);
+    assert!(
+        deferred_failures.is_empty(),
+        "{}",
+        deferred_failures.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Switchover and failback with third-party clients
+// ---------------------------------------------------------------------------------------------
+
+const QEMU_IO: (&str, &str) = ("qemu-io", "qemu-utils");
+const NBDFUSE: (&str, &str) = ("nbdfuse", "libnbd-bin");
+const MKFS_EXT4: (&str, &str) = ("mkfs.ext4", "e2fsprogs");
+const E2FSCK: (&str, &str) = ("e2fsck", "e2fsprogs");
+const FUSERMOUNT3: (&str, &str) = ("fusermount3", "fuse3");
+
+/// qemu-io with `-c` commands; fails on a non-zero exit or any sign of a failed command.
+fn qemu_io(uri: &str, commands: &[String]) -> Output {
+    let output = qemu_io_unchecked(uri, commands);
+    let all = format!("{}{}", output.stdout, output.stderr);
+    assert!(output.status.success(), "qemu-io failed: {output}");
+    for bad in ["Pattern verification failed", "failed:", "error", "Error"] {
+        assert!(
+            !all.contains(bad),
+            "qemu-io output contains {bad:?}: {output}"
+        );
+    }
+    output
+}
+
+fn qemu_io_unchecked(uri: &str, commands: &[String]) -> Output {
+    let mut command = Command::new("qemu-io");
+    command.args(["-f", "raw", uri]);
+    for line in commands {
+        command.arg("-c").arg(line);
+    }
+    run_with_timeout(&mut command, harness::COMMAND_TIMEOUT)
+}
+
+/// An ext4 filesystem on an export through nbdfuse and a loop mount (as in interop.rs). Drop
+/// unmounts and stops nbdfuse even when the test panics; if an unmount fails, the directory is
+/// left in place rather than removed through a live mount.
+struct FuseMount {
+    tempdir: Option<tempfile::TempDir>,
+    fuse_dir: PathBuf,
+    fs_dir: PathBuf,
+    nbdfuse: Option<Child>,
+    mounted: bool,
+}
+
+impl FuseMount {
+    /// Attaches nbdfuse to `uri` and waits until the image file appears.
+    fn attach(uri: &str) -> FuseMount {
+        let tempdir = harness::test_tempdir("ferry-metro-fuse-");
+        let fuse_dir = tempdir.path().join("fuse");
+        let fs_dir = tempdir.path().join("fs");
+        fs::create_dir_all(&fuse_dir).expect("mkdir fuse");
+        fs::create_dir_all(&fs_dir).expect("mkdir fs");
+        let mut mount = FuseMount {
+            tempdir: Some(tempdir),
+            fuse_dir,
+            fs_dir,
+            nbdfuse: None,
+            mounted: false,
+        };
+        let child = Command::new("nbdfuse")
+            .arg(mount.image())
+            .arg(uri)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn nbdfuse");
+        mount.nbdfuse = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if mount
+                .image()
+                .metadata()
+                .map(|m| m.len() > 0)
+                .unwrap_or(false)
+            {
+                return mount;
+            }
+            if let Some(status) = mount
+                .nbdfuse
+                .as_mut()
+                .unwrap()
+                .try_wait()
+                .expect("try_wait")
+            {
+                mount.nbdfuse = None;
+                panic!("nbdfuse {uri} exited early with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nbdfuse file {} did not appear",
+                mount.image().display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn image(&self) -> PathBuf {
+        self.fuse_dir.join("nbd")
+    }
+
+    fn image_arg(&self) -> String {
+        self.image().to_str().expect("utf-8 path").to_string()
+    }
+
+    fn mount(&mut self) {
+        run(cmd(
+            "mount",
+            &[
+                "-o",
+                "loop",
+                &self.image_arg(),
+                self.fs_dir.to_str().unwrap(),
+            ],
+        ));
+        self.mounted = true;
+    }
+
+    fn umount(&mut self) -> bool {
+        if !self.mounted {
+            return true;
+        }
+        let fs_dir = self.fs_dir.to_str().unwrap().to_string();
+        let plain = run_with_timeout(cmd("umount", &[&fs_dir]), harness::COMMAND_TIMEOUT);
+        if plain.status.success() {
+            self.mounted = false;
+            return true;
+        }
+        eprintln!("umount failed, trying lazy: {plain}");
+        let lazy = run_with_timeout(cmd("umount", &["-l", &fs_dir]), harness::COMMAND_TIMEOUT);
+        self.mounted = !lazy.status.success();
+        !self.mounted
+    }
+
+    fn detach(&mut self) -> bool {
+        let mut clean = true;
+        if let Some(mut child) = self.nbdfuse.take() {
+            let fuse_dir = self.fuse_dir.to_str().unwrap().to_string();
+            let unmount = run_with_timeout(
+                cmd("fusermount3", &["-u", &fuse_dir]),
+                harness::COMMAND_TIMEOUT,
+            );
+            if !unmount.status.success() {
+                eprintln!("fusermount3 -u failed, trying lazy: {unmount}");
+                let lazy = run_with_timeout(
+                    cmd("fusermount3", &["-u", "-z", &fuse_dir]),
+                    harness::COMMAND_TIMEOUT,
+                );
+                clean = lazy.status.success();
+            }
+            if harness::wait_child_with_timeout(&mut child, Duration::from_secs(10)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        clean
+    }
+
+    /// Unmounts the filesystem and detaches nbdfuse; panics if either fails.
+    fn close(mut self) {
+        assert!(self.umount(), "umount {} failed", self.fs_dir.display());
+        assert!(
+            self.detach(),
+            "fusermount3 -u {} failed",
+            self.fuse_dir.display()
+        );
+    }
+
+    /// `e2fsck -fn` on the image (read-only, forced); must report a clean filesystem.
+    fn fsck(&self, what: &str) {
+        assert!(!self.mounted, "fsck of a mounted filesystem");
+        let output = run_with_timeout(
+            cmd("e2fsck", &["-fn", &self.image_arg()]),
+            Duration::from_secs(120),
+        );
+        assert!(
+            output.status.success(),
+            "e2fsck -fn {what} found problems: {output}"
+        );
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        let unmounted = self.umount();
+        let detached = self.detach();
+        if !(unmounted && detached) {
+            if let Some(tempdir) = self.tempdir.take() {
+                let path = tempdir.keep();
+                eprintln!("left {} in place: still mounted", path.display());
+            }
+        }
+    }
+}
+
+/// FNV-1a over a file, mixed with its length.
+fn file_checksum(path: &Path) -> u64 {
+    let data = fs::read(path).unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in &data {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash ^ data.len() as u64
+}
+
+fn write_files(
+    dir: &Path,
+    prefix: &str,
+    count: usize,
+    bytes: u64,
+    seed: u64,
+) -> BTreeMap<String, u64> {
+    let mut sums = BTreeMap::new();
+    for index in 0..count {
+        let name = format!("{prefix}-{index}.bin");
+        let path = dir.join(&name);
+        harness::write_random_file(&path, bytes, seed.wrapping_add(index as u64));
+        sums.insert(name, file_checksum(&path));
+    }
+    sums
+}
+
+fn verify_files(dir: &Path, sums: &BTreeMap<String, u64>, what: &str) {
+    for (name, sum) in sums {
+        assert_eq!(
+            file_checksum(&dir.join(name)),
+            *sum,
+            "{what}: file {name} changed"
+        );
+    }
+}
+
+/// `resynced_bytes` of node `id`'s replica (bytes sent by its last completed resync).
+fn resynced_bytes(cluster: &Cluster, id: NodeId) -> u64 {
+    let replica = cluster.replica(id);
+    replica["resynced_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("node {}: no resynced_bytes: {replica}", id.name()))
+}
+
+#[test]
+fn metro_switchover_and_failback_with_real_clients() {
+    if !require_tools(
+        "metro_switchover_and_failback_with_real_clients",
+        &[
+            QEMU_IO,
+            NBDFUSE,
+            MKFS_EXT4,
+            E2FSCK,
+            FUSERMOUNT3,
+            ("mount", "mount"),
+            ("sync", "coreutils"),
+        ],
+    ) {
+        return;
+    }
+    let seed = harness::test_seed("metro_switchover_and_failback_with_real_clients");
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    let size = cluster.volume_size_bytes();
+    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    // ext4 in the first 60 MiB; qemu-io patterns in the last 4 MiB.
+    let fs_blocks = (size - 4 * MIB) / 4096;
+    let tail = size - 4 * MIB;
+    let resync_before = [
+        cluster.metric(A, "ferry_resync_bytes_total", &[]),
+        cluster.metric(B, "ferry_resync_bytes_total", &[]),
+    ];
+
+    // On a: mkfs, files, qemu-io patterns (one with FUA).
+    let mut mount = FuseMount::attach(&cluster.nbd_uri(A));
+    run(cmd(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            &mount.image_arg(),
+            &fs_blocks.to_string(),
+        ],
+    ));
+    mount.mount();
+    let mut sums = write_files(&mount.fs_dir, "on-a", 4, 2 * MIB, seed);
+    run(cmd::<&str>("sync", &[]));
+    mount.close();
+    qemu_io(
+        &cluster.nbd_uri(A),
+        &[
+            format!("write -P 0xa1 {tail} 1M"),
+            format!("write -f -P 0xa2 {} 64k", tail + MIB),
+            "flush".to_string(),
+        ],
+    );
+    // The secondary refuses a real client's write, and nothing lands.
+    let refused = qemu_io_unchecked(
+        &cluster.nbd_uri(B),
+        &[format!("write -P 0xbd {} 64k", tail + 3 * MIB)],
+    );
+    let all = format!("{}{}", refused.stdout, refused.stderr);
+    assert!(
+        !refused.status.success()
+            || all.contains("failed")
+            || all.to_lowercase().contains("read-only")
+            || all.contains("not permitted"),
+        "qemu-io wrote to the secondary: {refused}"
+    );
+    qemu_io(
+        &cluster.nbd_uri(A),
+        &[format!("read -P 0 {} 64k", tail + 3 * MIB)],
+    );
+    cluster.wait_volume(A, "in-sync with no lag", Duration::from_secs(10), |v| {
+        cluster::replica_of(v, "b")
+            .map(|r| r["state"] == "in-sync" && r["lag_bytes"] == 0)
+            .unwrap_or(false)
+    });
+
+    // Switchover a → b.
+    cluster.switchover(A, B);
+    cluster.wait_role(A, "secondary", ROLE_TIMEOUT);
+    let mount = FuseMount::attach(&cluster.nbd_uri(B));
+    mount.fsck("on b after the switchover");
+    let mut mount = mount;
+    mount.mount();
+    verify_files(&mount.fs_dir, &sums, "on b after the switchover");
+    sums.extend(write_files(&mount.fs_dir, "on-b", 3, 2 * MIB, seed ^ 0xb));
+    run(cmd::<&str>("sync", &[]));
+    assert!(mount.umount(), "umount on b");
+    mount.fsck("on b after writing");
+    mount.close();
+    qemu_io(
+        &cluster.nbd_uri(B),
+        &[
+            format!("read -P 0xa1 {tail} 1M"),
+            format!("read -P 0xa2 {} 64k", tail + MIB),
+            format!("write -P 0xb1 {} 1M", tail + 2 * MIB),
+            "flush".to_string(),
+        ],
+    );
+    cluster.wait_replica_state(B, "in-sync", RESYNC_TIMEOUT);
+    let resynced_b = resynced_bytes(&cluster, B);
+    eprintln!("after switchover a→b: b's replica {}", cluster.replica(B));
+    // Resync volume is checked at the end, so the filesystem checks still run and report.
+    let mut deferred_failures = Vec::new();
+    if resynced_b > size / 8 {
+        deferred_failures.push(format!(
+            "switchover a→b: b reports resynced_bytes {resynced_b} for a {size}-byte volume (a \
+             full resync; only what differs should be sent)"
+        ));
+    }
+
+    // Failback b → a.
+    cluster.switchover(B, A);
+    cluster.wait_role(B, "secondary", ROLE_TIMEOUT);
+    let mount = FuseMount::attach(&cluster.nbd_uri(A));
+    mount.fsck("on a after the failback");
+    let mut mount = mount;
+    mount.mount();
+    verify_files(&mount.fs_dir, &sums, "on a after the failback");
+    mount.close();
+    qemu_io(
+        &cluster.nbd_uri(A),
+        &[
+            format!("read -P 0xa1 {tail} 1M"),
+            format!("read -P 0xa2 {} 64k", tail + MIB),
+            format!("read -P 0xb1 {} 1M", tail + 2 * MIB),
+            format!("read -P 0 {} 64k", tail + 3 * MIB),
+        ],
+    );
+    cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
+    let resynced_a = resynced_bytes(&cluster, A);
+    eprintln!("after failback b→a: a's replica {}", cluster.replica(A));
+    if resynced_a > size / 8 {
+        deferred_failures.push(format!(
+            "failback b→a: a reports resynced_bytes {resynced_a} for a {size}-byte volume (a \
+             full resync; only what differs should be sent)"
+        ));
+    }
+    let resync_total = cluster.metric(A, "ferry_resync_bytes_total", &[]) - resync_before[0]
+        + cluster.metric(B, "ferry_resync_bytes_total", &[])
+        - resync_before[1];
+    eprintln!("ferry_resync_bytes_total grew by {resync_total} over switchover and failback");
+    if resync_total > (size / 4) as f64 {
+        deferred_failures.push(format!(
+            "ferry_resync_bytes_total grew by {resync_total} over switchover and failback of a \
+             {size}-byte volume whose copies were identical"
+        ));
+    }
+    cluster.stop(A);
+    cluster.stop(B);
+    assert!(
+        deferred_failures.is_empty(),
+        "{}",
+        deferred_failures.join("\n")
+    );
+}
