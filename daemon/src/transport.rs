@@ -46,6 +46,8 @@ pub const VOLUME_STREAMS_MAX: u32 = 1024;
 pub const VOLUME_NAME_LENGTH_MAX: usize = 255;
 /// How long `accept_volume_stream` waits for the preamble after the stream appears.
 pub const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait at shutdown for the peers to acknowledge the close.
+const SHUTDOWN_WAIT_MAX: Duration = Duration::from_millis(500);
 /// How often a pending dial checks whether the peer's own dial got through first.
 const DIAL_SUPERSEDED_CHECK: Duration = Duration::from_millis(50);
 /// Smallest `peer_timeout` accepted: keep-alives go out every third of it.
@@ -325,14 +327,15 @@ impl Transport {
         lock(&self.shared.refusals).counts.values().sum()
     }
 
-    /// Closes every connection with [`CLOSE_SHUTDOWN`] and waits (bounded by `peer_timeout`)
-    /// for the peers to be told.
+    /// Closes every connection with [`CLOSE_SHUTDOWN`] and waits (at most `peer_timeout`, and
+    /// at most [`SHUTDOWN_WAIT_MAX`]) for the peers to be told.
     pub async fn shutdown(&self) {
         self.shared
             .endpoint
             .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"node shutting down");
-        let _ =
-            tokio::time::timeout(self.shared.peer_timeout, self.shared.endpoint.wait_idle()).await;
+        // A dead peer never acknowledges the close: do not wait for it longer than this.
+        let wait = self.shared.peer_timeout.min(SHUTDOWN_WAIT_MAX);
+        let _ = tokio::time::timeout(wait, self.shared.endpoint.wait_idle()).await;
     }
 }
 
