@@ -74,6 +74,8 @@ const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
 /// A secondary makes its journal durable at least this often while records arrive, so the
 /// primary's apply limit keeps moving.
 const DURABLE_ACK_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the replica task recomputes the lag gauges.
+const METRICS_REFRESH: Duration = Duration::from_millis(200);
 /// A resync holds new writes for its hand-over once at most this much is left to send.
 const HANDOVER_HOLD_BYTES: u64 = 2 << 20;
 /// The replica task checks its session's timers at least this often.
@@ -129,6 +131,8 @@ pub struct Replica {
     contacted: AtomicBool,
     /// Writes are held for a resync's final hand-over.
     holding: AtomicBool,
+    /// When the lag gauges were last computed.
+    metrics_refreshed: Mutex<Option<Instant>>,
 }
 
 /// The apply limit is the minimum over the volume's replicas.
@@ -298,6 +302,7 @@ impl VolumeReplication {
                 started_at: Instant::now(),
                 contacted: AtomicBool::new(lineage.role != Role::Primary),
                 holding: AtomicBool::new(false),
+                metrics_refreshed: Mutex::new(None),
             }));
         }
         let limits = Arc::new(LimitShared {
@@ -463,6 +468,9 @@ impl VolumeReplication {
         self.volume
             .set_lineage(lineage.clone())
             .map_err(|e| ("internal", e.to_string()))?;
+        for replica in &self.replicas {
+            replica.release_admission();
+        }
         self.volume.drain_writes().await;
         let lineage = self.volume.lineage();
         for replica in &self.replicas {
@@ -674,6 +682,13 @@ impl Replica {
             self.contacted.store(true, Ordering::SeqCst);
             self.update_admission();
         }
+    }
+
+    /// Lets every held write through (to find the volume demoted and fail read-only).
+    fn release_admission(&self) {
+        self.contacted.store(true, Ordering::SeqCst);
+        self.holding.store(false, Ordering::SeqCst);
+        self.update_admission();
     }
 
     fn set_holding(&self, holding: bool) {
@@ -963,8 +978,13 @@ impl Replica {
         self.report_state(&mut inner);
         drop(inner);
         self.update_limits();
-        // Keeps the lag gauges current between scrapes of `status`.
-        let _ = self.status();
+        // Keeps the lag gauges current between calls of `status`, a few times a second.
+        let mut refreshed = self.metrics_refreshed.lock().expect("metrics lock");
+        if refreshed.is_none_or(|at| at.elapsed() >= METRICS_REFRESH) {
+            *refreshed = Some(Instant::now());
+            drop(refreshed);
+            let _ = self.status();
+        }
     }
 
     /// Events handled without awaiting (role changes from the control socket).
@@ -1230,6 +1250,9 @@ impl Replica {
                     tracing::error!(volume = %self.volume.name(), %error, "cannot persist the demotion");
                     return;
                 }
+                // Writes held at admission now fail as read-only instead of waiting for a
+                // step that is busy draining them.
+                self.release_admission();
                 self.volume.drain_writes().await;
                 let lineage = self.volume.lineage();
                 let mut inner = self.lock();
