@@ -731,8 +731,10 @@ impl Checker<'_> {
                         .as_ref()
                         .and_then(|value| self.duration(value, "interval"))
                         .unwrap_or(DEFAULT_REGIONAL_INTERVAL);
-                    let max_rate_bytes_per_s =
-                        replica.max_rate.as_ref().and_then(|value| self.rate(value, "max_rate"));
+                    let max_rate_bytes_per_s = replica
+                        .max_rate
+                        .as_ref()
+                        .and_then(|value| self.rate(value, "max_rate"));
                     let compression = match &replica.compression {
                         Some(value) => match value.get_ref().as_str() {
                             "zstd" => Compression::Zstd,
@@ -1137,9 +1139,18 @@ mod tests {
     #[test]
     fn example_configs_parse() {
         for (name, text) in [
-            ("standalone.toml", include_str!("../../config/standalone.toml")),
-            ("metro-site-a.toml", include_str!("../../config/metro-site-a.toml")),
-            ("metro-site-b.toml", include_str!("../../config/metro-site-b.toml")),
+            (
+                "standalone.toml",
+                include_str!("../../config/standalone.toml"),
+            ),
+            (
+                "metro-site-a.toml",
+                include_str!("../../config/metro-site-a.toml"),
+            ),
+            (
+                "metro-site-b.toml",
+                include_str!("../../config/metro-site-b.toml"),
+            ),
         ] {
             let config = Config::parse_unchecked(text, Path::new(name))
                 .unwrap_or_else(|e| panic!("{name}: {e}"));

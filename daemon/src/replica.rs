@@ -74,6 +74,8 @@ const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
 /// A secondary makes its journal durable at least this often while records arrive, so the
 /// primary's apply limit keeps moving.
 const DURABLE_ACK_INTERVAL: Duration = Duration::from_millis(20);
+/// Longest zero range one resync message carries.
+const MAX_ZERO_RUN_BYTES: u64 = 1 << 30;
 /// How often the replica task recomputes the lag gauges.
 const METRICS_REFRESH: Duration = Duration::from_millis(200);
 /// A resync holds new writes for its hand-over once at most this much is left to send.
@@ -96,6 +98,10 @@ pub struct VolumeReplication {
     /// start and when a peer is lost; cleared when a peer is in sync, since it then shares
     /// this copy's lineage).
     needs_generation: Arc<AtomicBool>,
+    /// The tap ships or marks records: true while primary, and until a demotion has drained
+    /// every write that passed the volume's role check (so none is left neither shipped nor
+    /// marked).
+    tapping: Arc<AtomicBool>,
 }
 
 /// One (volume, peer) replica.
@@ -120,6 +126,8 @@ pub struct Replica {
     limits: Mutex<Option<Arc<LimitShared>>>,
     /// Shared with the volume's replication (see `VolumeReplication::needs_generation`).
     needs_generation: Arc<AtomicBool>,
+    /// Shared with the volume's replication (see `VolumeReplication::tapping`).
+    tapping: Arc<AtomicBool>,
     /// When the oldest write the peer does not have was made (the live RPO while not in
     /// sync); None when in sync.
     oldest_unsynced: Mutex<Option<Instant>>,
@@ -202,6 +210,8 @@ struct Resync {
     started_at: Instant,
     /// What the first pass has to send (the dirty map when the resync started).
     first_pass_bytes: u64,
+    /// Zero chunks read and not sent yet, merged into one range.
+    zero_run: Option<(u64, u64)>,
 }
 
 impl VolumeReplication {
@@ -220,6 +230,7 @@ impl VolumeReplication {
         let mut maps: BTreeMap<String, DirtyMap> = dirty_maps.into_iter().collect();
         let mut replicas = Vec::new();
         let needs_generation = Arc::new(AtomicBool::new(false));
+        let tapping = Arc::new(AtomicBool::new(volume.role() == Role::Primary));
         for replica in &config.replicas {
             let ReplicaMode::Metro {
                 on_disconnect,
@@ -297,6 +308,7 @@ impl VolumeReplication {
                 settled: watch::channel((head, head)).0,
                 limits: Mutex::new(None),
                 needs_generation: needs_generation.clone(),
+                tapping: tapping.clone(),
                 oldest_unsynced: Mutex::new(None),
                 admits: watch::channel(lineage.role != Role::Primary).0,
                 started_at: Instant::now(),
@@ -317,6 +329,7 @@ impl VolumeReplication {
             node: node.to_string(),
             replicas,
             needs_generation,
+            tapping,
         });
         limits.update();
         if !replication.replicas.is_empty() {
@@ -439,17 +452,20 @@ impl VolumeReplication {
                 ));
             }
         }
+        // What this copy holds is all the peer's or less: nothing to mark. Records it writes
+        // from now on are tracked like any primary's; the tap is on before the role lets the
+        // first write in.
+        let head = self.volume.lineage().generation.head_lsn;
+        for replica in &self.replicas {
+            replica.rebase(head);
+        }
+        self.tapping.store(true, Ordering::SeqCst);
         self.new_generation(Role::Primary)
             .map_err(|e| ("internal", e))?;
         for replica in &self.replicas {
             let mut inner = replica.lock();
-            // What this copy holds is all the peer's or less: nothing to mark. Records it
-            // writes from now on are tracked like any primary's.
-            inner.persisted_lsn = inner
-                .persisted_lsn
-                .max(self.volume.lineage().generation.head_lsn);
-            inner.last_tapped = inner.persisted_lsn;
-            inner.skip_generation_on_loss = true;
+            // A planned promotion (peer connected) must not count as losing the peer.
+            inner.skip_generation_on_loss = inner.peer_generation.is_some();
             replica.restart_stream(&mut inner, "promoted");
         }
         self.update_limits();
@@ -464,16 +480,21 @@ impl VolumeReplication {
         if lineage.role == Role::Secondary {
             return Ok(());
         }
-        lineage.role = Role::Secondary;
-        self.volume
-            .set_lineage(lineage.clone())
-            .map_err(|e| ("internal", e.to_string()))?;
+        // New writes are refused from here on; the ones already past the role check still
+        // go through the tap (shipped or marked) and are drained before the role is stored.
+        self.volume.refuse_writes();
         for replica in &self.replicas {
             replica.release_admission();
         }
         self.volume.drain_writes().await;
+        lineage.role = Role::Secondary;
+        self.volume
+            .set_lineage(lineage.clone())
+            .map_err(|e| ("internal", e.to_string()))?;
+        self.tapping.store(false, Ordering::SeqCst);
         let lineage = self.volume.lineage();
         for replica in &self.replicas {
+            replica.rebase(lineage.generation.head_lsn);
             let mut inner = replica.lock();
             inner
                 .session
@@ -501,9 +522,13 @@ impl VolumeReplication {
             inner.session.close("node shutting down", Instant::now());
             replica.process_events(&mut inner);
             replica.flush_transmits(&mut inner);
+            drop(inner);
+            // What was shipped and not durably acknowledged goes into the dirty map now: the
+            // journal is about to be applied and emptied.
+            replica.peer_lost();
         }
-        // Whatever was not acknowledged is in the dirty maps now; persist them and let the
-        // journal drain.
+        // Persist the dirty maps, then let the journal drain.
+        let mut all_persisted = true;
         for replica in &self.replicas {
             let job = replica.lock().dirty.prepare_persist();
             if let Some(job) = job {
@@ -511,14 +536,18 @@ impl VolumeReplication {
                     .await
                     .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
                 {
-                    tracing::error!(volume = %self.volume.name(), peer = %replica.peer, %error, "persisting the dirty map at shutdown failed");
+                    tracing::error!(volume = %self.volume.name(), peer = %replica.peer, %error, "persisting the dirty map at shutdown failed; the journal keeps what the peer may lack");
+                    all_persisted = false;
                     continue;
                 }
             }
             let mut inner = replica.lock();
             inner.persisted_lsn = inner.last_tapped;
+            inner.unpersisted_lsn = None;
         }
-        self.volume.set_apply_limit(u64::MAX);
+        if all_persisted {
+            self.volume.set_apply_limit(u64::MAX);
+        }
     }
 }
 
@@ -543,7 +572,7 @@ fn new_generation(volume: &Volume, node: &str, role: Role) -> Result<(), String>
 impl JournalTap for VolumeReplication {
     fn record(&self, lsn: u64, op: &Op, fua: bool) {
         // A secondary's journal holds the primary's records: nothing to ship or track.
-        if self.volume.role() != Role::Primary {
+        if !self.tapping.load(Ordering::SeqCst) {
             return;
         }
         self.generation_before_write(lsn);
@@ -565,6 +594,11 @@ impl WriteGate for VolumeReplication {
 
     fn settled(&self, lsn: u64, durable: bool) -> BoxFuture<'_, Result<(), ExportError>> {
         Box::pin(async move {
+            // A secondary's journal holds its primary's records (a FLUSH on its read-only
+            // export): its peers owe it nothing.
+            if !self.tapping.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let started = Instant::now();
             if durable {
                 // A FLUSH (FUA records carry their own flag): ask the peers for durability.
@@ -682,6 +716,24 @@ impl Replica {
             self.contacted.store(true, Ordering::SeqCst);
             self.update_admission();
         }
+    }
+
+    /// Forgets the shipping bookkeeping of an earlier role or journal position: the journal
+    /// now continues after `head` (a promotion, a demotion, or a received resync that moved
+    /// the journal, possibly backwards).
+    fn rebase(&self, head: u64) {
+        let mut inner = self.lock();
+        inner.last_tapped = head;
+        inner.persisted_lsn = head;
+        inner.unpersisted_lsn = None;
+        inner.acked_journal = inner.acked_journal.min(head);
+        inner.acked_durable = inner.acked_durable.min(head);
+        inner.pending.clear();
+        inner.queue.clear();
+        inner.journaled_lsn = head;
+        inner.durable_requested = inner.durable_requested.min(head);
+        inner.flush_wanted = inner.flush_wanted.min(head);
+        self.settled.send_replace((head, head));
     }
 
     /// Lets every held write through (to find the volume demoted and fail read-only).
@@ -1114,6 +1166,7 @@ impl Replica {
                 inner.peer_role_cache = Some(peer.role);
                 inner.last_error = None;
                 inner.auth_error = None;
+                inner.skip_generation_on_loss = false;
                 tracing::info!(volume = %self.volume.name(), peer = %self.peer, decision = decision.as_str(), peer_head = peer.generation.head_lsn, "replica handshake");
             }
             SessionEvent::Acked {
@@ -1166,6 +1219,7 @@ impl Replica {
                     data_bytes: 0,
                     started_at: Instant::now(),
                     first_pass_bytes: 0,
+                    zero_run: None,
                 });
                 // Queued records are not shipped during a resync: they become blocks to send.
                 let queued: Vec<WriteRecord> = inner.queue.drain(..).collect();
@@ -1195,7 +1249,15 @@ impl Replica {
             SessionEvent::RollbackNeeded { common_lsn } => {
                 self.rollback(common_lsn).await;
             }
-            SessionEvent::Received(record) => self.receive(record).await,
+            SessionEvent::Received(record) => {
+                if misaligned(record.offset_bytes, record.len_bytes.into()) {
+                    return self.fail_stream(format!(
+                        "the peer sent record {} at {} of {} bytes, not 512-byte aligned",
+                        record.lsn, record.offset_bytes, record.len_bytes
+                    ));
+                }
+                self.receive(record).await
+            }
             SessionEvent::FlushRequested { upto_lsn } => {
                 let mut inner = self.lock();
                 inner.flush_wanted = inner.flush_wanted.max(upto_lsn);
@@ -1210,6 +1272,22 @@ impl Replica {
                 if let Err(error) = self.volume.journal_reset(None).await {
                     self.fail_stream(format!("emptying the journal for a resync: {error}"));
                 }
+            }
+            SessionEvent::ResyncData { offset_bytes, data }
+                if misaligned(offset_bytes, data.len() as u64) =>
+            {
+                self.fail_stream(format!(
+                    "the peer sent resync data at {offset_bytes} of {} bytes, not 512-byte aligned",
+                    data.len()
+                ));
+            }
+            SessionEvent::ResyncZero {
+                offset_bytes,
+                len_bytes,
+            } if misaligned(offset_bytes, len_bytes) => {
+                self.fail_stream(format!(
+                    "the peer sent a resync zero range at {offset_bytes} of {len_bytes} bytes, not 512-byte aligned"
+                ));
             }
             SessionEvent::ResyncData { offset_bytes, data } => {
                 if let Err(error) = self.volume.write_device(offset_bytes, &data).await {
@@ -1250,19 +1328,23 @@ impl Replica {
                     tracing::error!(volume = %self.volume.name(), %error, "cannot persist the demotion");
                     return;
                 }
-                // Writes held at admission now fail as read-only instead of waiting for a
-                // step that is busy draining them.
+                // Writes held at admission now fail as read-only. The drain runs apart from
+                // this task, whose steps (acks, dirty-map persists) the drained writes need.
                 self.release_admission();
-                self.volume.drain_writes().await;
-                let lineage = self.volume.lineage();
-                let mut inner = self.lock();
-                inner
-                    .session
-                    .set_local(GenRole::Secondary, lineage.generation.clone());
-                inner.journaled_lsn = lineage.generation.head_lsn;
-                self.restart_stream(&mut inner, "demoted: the peer holds a newer generation");
-                drop(inner);
-                self.update_limits();
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.volume.drain_writes().await;
+                    me.tapping.store(false, Ordering::SeqCst);
+                    let lineage = me.volume.lineage();
+                    me.rebase(lineage.generation.head_lsn);
+                    let mut inner = me.lock();
+                    inner
+                        .session
+                        .set_local(GenRole::Secondary, lineage.generation.clone());
+                    me.restart_stream(&mut inner, "demoted: the peer holds a newer generation");
+                    drop(inner);
+                    me.update_limits();
+                });
             }
             SessionEvent::Rtt(rtt) => self.metrics.rtt.observe(rtt.as_secs_f64()),
             SessionEvent::PeerLost => self.peer_lost(),
@@ -1395,6 +1477,7 @@ impl Replica {
                 }
                 match resync.todo.pop(RESYNC_CHUNK_BYTES) {
                     Some(chunk) => chunk,
+                    None if !self.flush_zero_run(&mut inner) => return,
                     None => {
                         // Nothing left: every record up to the last tapped LSN is at the peer.
                         let lsn = inner.last_tapped;
@@ -1432,9 +1515,29 @@ impl Replica {
             }
             let zero = data.iter().all(|b| *b == 0);
             let result = if zero {
-                inner.session.send_resync_zero(offset, len)
+                // Consecutive zero chunks travel as one range: a sparse volume's full sync
+                // is a handful of messages, not one per chunk.
+                let resync = inner.resync.as_mut().expect("checked");
+                match &mut resync.zero_run {
+                    Some((at, run)) if *at + *run == offset && *run + len <= MAX_ZERO_RUN_BYTES => {
+                        *run += len;
+                        Ok(())
+                    }
+                    _ => {
+                        if !self.flush_zero_run(&mut inner) {
+                            if let Some(resync) = &mut inner.resync {
+                                resync.todo.insert(offset, len);
+                            }
+                            return;
+                        }
+                        inner.resync.as_mut().expect("checked").zero_run = Some((offset, len));
+                        Ok(())
+                    }
+                }
+            } else if !self.flush_zero_run(&mut inner) {
+                Err(())
             } else {
-                inner.session.send_resync_data(offset, data)
+                inner.session.send_resync_data(offset, data).map_err(|_| ())
             };
             match result {
                 Ok(()) => {
@@ -1457,6 +1560,26 @@ impl Replica {
                     return;
                 }
             }
+        }
+    }
+
+    /// Sends the pending zero range of the resync; false (and the range back in `todo`) when
+    /// the session cannot take it now.
+    fn flush_zero_run(&self, inner: &mut Inner) -> bool {
+        let Some(resync) = &mut inner.resync else {
+            return false;
+        };
+        let Some((offset, len)) = resync.zero_run.take() else {
+            return true;
+        };
+        if inner.session.send_resync_zero(offset, len).is_ok() {
+            self.flush_transmits(inner);
+            true
+        } else {
+            if let Some(resync) = &mut inner.resync {
+                resync.todo.insert(offset, len);
+            }
+            false
         }
     }
 
@@ -1613,6 +1736,10 @@ impl Replica {
     }
 
     async fn resync_end(self: &Arc<Self>, lsn: u64) {
+        if self.lock().peer_generation.is_none() || lsn == u64::MAX {
+            // The end of a resync whose connection is gone: the next handshake starts over.
+            return;
+        }
         let result = async {
             self.volume
                 .sync_device()
@@ -1629,6 +1756,7 @@ impl Replica {
             self.fail_stream(format!("finishing the resync: {error}"));
             return;
         }
+        self.rebase(lsn);
         let mut inner = self.lock();
         inner.receiving_resync = false;
         if let Some(peer) = inner.peer_generation.clone() {
@@ -1666,6 +1794,11 @@ impl Replica {
         drop(inner);
         self.wake.notify_one();
     }
+}
+
+/// The journal and the device take 512-byte aligned ranges only (NBD's minimum block size).
+fn misaligned(offset_bytes: u64, len_bytes: u64) -> bool {
+    offset_bytes % 512 != 0 || len_bytes % 512 != 0
 }
 
 fn op_range(op: &Op) -> (u64, u64) {

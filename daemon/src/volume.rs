@@ -383,6 +383,12 @@ impl Volume {
         Ok(())
     }
 
+    /// Refuses new writes (the export turns read-only) without changing the stored role:
+    /// the first step of a demotion, before in-flight writes are drained.
+    pub fn refuse_writes(&self) {
+        self.primary.store(false, Ordering::SeqCst);
+    }
+
     /// Makes every further write wait for `gate` as well (replicated volumes).
     pub fn set_write_gate(&self, gate: Arc<dyn WriteGate>) {
         let _ = self.gate.set(gate);

@@ -99,6 +99,15 @@ pub enum SessionError {
     /// Resync data exceeded the window or a size cap.
     #[error("resync chunk of {len_bytes} bytes refused")]
     ResyncChunk { len_bytes: u64 },
+    /// A record or resync range past the end of the volume.
+    #[error(
+        "range of {len_bytes} bytes at {offset_bytes} is outside the {size_bytes}-byte volume"
+    )]
+    BadRange {
+        offset_bytes: u64,
+        len_bytes: u64,
+        size_bytes: u64,
+    },
 }
 
 /// Replica states, named as in SPEC §5.
@@ -995,6 +1004,9 @@ impl Session {
                 if self.role != Role::Secondary || self.receiving_resync {
                     return self.protocol_error(now, unexpected(self.state));
                 }
+                if let Err(error) = self.check_range(record.offset_bytes, record.len_bytes.into()) {
+                    return self.protocol_error(now, error);
+                }
                 let expected = self.received_lsn.saturating_add(1);
                 if record.lsn != expected {
                     return self.protocol_error(
@@ -1050,6 +1062,9 @@ impl Session {
                 if !self.receiving_resync {
                     return self.protocol_error(now, unexpected(self.state));
                 }
+                if let Err(error) = self.check_range(offset_bytes, data.len() as u64) {
+                    return self.protocol_error(now, error);
+                }
                 self.resync_received_bytes =
                     self.resync_received_bytes.saturating_add(data.len() as u64);
                 self.transmit(Message::ResyncAck {
@@ -1064,13 +1079,16 @@ impl Session {
                 if !self.receiving_resync {
                     return self.protocol_error(now, unexpected(self.state));
                 }
+                if let Err(error) = self.check_range(offset_bytes, len_bytes) {
+                    return self.protocol_error(now, error);
+                }
                 self.event(SessionEvent::ResyncZero {
                     offset_bytes,
                     len_bytes,
                 });
             }
             Message::ResyncEnd { lsn } => {
-                if !self.receiving_resync || lsn < self.received_lsn {
+                if !self.receiving_resync || lsn < self.received_lsn || lsn == u64::MAX {
                     return self.protocol_error(now, unexpected(self.state));
                 }
                 self.receiving_resync = false;
@@ -1085,6 +1103,22 @@ impl Session {
             | Message::Heartbeat { .. }
             | Message::HeartbeatReply { .. }
             | Message::Goodbye { .. } => self.protocol_error(now, unexpected(self.state)),
+        }
+    }
+
+    /// A range from the peer must lie inside the volume.
+    fn check_range(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), SessionError> {
+        let inside = offset_bytes
+            .checked_add(len_bytes)
+            .is_some_and(|end| end <= self.config.size_bytes);
+        if inside {
+            Ok(())
+        } else {
+            Err(SessionError::BadRange {
+                offset_bytes,
+                len_bytes,
+                size_bytes: self.config.size_bytes,
+            })
         }
     }
 
@@ -1824,8 +1858,12 @@ mod tests {
         let now = Instant::now();
         let lineage = GenerationInfo::create(9, "a").unwrap();
         let mut primary = Session::new(config("a", "b"), Role::Primary, lineage, now);
-        let mut secondary =
-            Session::new(config("b", "a"), Role::Secondary, GenerationInfo::empty(), now);
+        let mut secondary = Session::new(
+            config("b", "a"),
+            Role::Secondary,
+            GenerationInfo::empty(),
+            now,
+        );
         primary.handle_connected(now);
         secondary.handle_connected(now);
         let exchange = |p: &mut Session, s: &mut Session| {
@@ -1854,6 +1892,31 @@ mod tests {
         assert_eq!(primary.state(), ReplicaState::InSync);
         assert_eq!(secondary.state(), ReplicaState::InSync);
         assert_eq!(primary.inflight_bytes(), 0);
+    }
+
+    /// A record past the end of the volume (or whose end overflows) is refused before the
+    /// daemon ever sees it.
+    #[test]
+    fn records_outside_the_volume_are_protocol_errors() {
+        for offset in [u64::MAX - 100, 1 << 40] {
+            let now = Instant::now();
+            let (_, mut secondary) = connected_pair(now);
+            let mut bad = record(1, 4096);
+            bad.offset_bytes = offset;
+            secondary.handle_message(Message::Write(bad), now);
+            let mut refused = false;
+            while let Some(event) = secondary.poll_event() {
+                assert!(
+                    !matches!(event, SessionEvent::Received(_)),
+                    "applied: {event:?}"
+                );
+                refused |= matches!(
+                    event,
+                    SessionEvent::ProtocolError(SessionError::BadRange { .. })
+                );
+            }
+            assert!(refused, "offset {offset} accepted");
+        }
     }
 
     /// Connects a primary and a secondary session directly and finishes the handshake.
