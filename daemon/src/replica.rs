@@ -1798,7 +1798,7 @@ impl Replica {
 
 /// The journal and the device take 512-byte aligned ranges only (NBD's minimum block size).
 fn misaligned(offset_bytes: u64, len_bytes: u64) -> bool {
-    offset_bytes % 512 != 0 || len_bytes % 512 != 0
+    !offset_bytes.is_multiple_of(512) || !len_bytes.is_multiple_of(512)
 }
 
 fn op_range(op: &Op) -> (u64, u64) {
