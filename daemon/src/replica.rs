@@ -525,7 +525,7 @@ impl VolumeReplication {
             drop(inner);
             // What was shipped and not durably acknowledged goes into the dirty map now: the
             // journal is about to be applied and emptied.
-            replica.peer_lost();
+            replica.peer_lost_inner(false);
         }
         // Persist the dirty maps, then let the journal drain.
         let mut all_persisted = true;
@@ -1369,6 +1369,11 @@ impl Replica {
     /// The peer is gone: what it may lack goes into the dirty map, and a primary that had it
     /// in sync starts a new generation before any further write completes.
     fn peer_lost(&self) {
+        self.peer_lost_inner(true);
+    }
+
+    /// See `peer_lost`; at shutdown no generation is started (nothing is written after).
+    fn peer_lost_inner(&self, may_start_generation: bool) {
         let mut inner = self.lock();
         inner.resync = None;
         inner.resync_remaining_bytes = 0;
@@ -1376,6 +1381,45 @@ impl Replica {
         inner.peer_generation = None;
         if self.volume.role() != Role::Primary {
             return;
+        }
+        let skip = std::mem::take(&mut inner.skip_generation_on_loss);
+        let was_in_sync = inner.reported_state == ReplicaState::InSync && !skip;
+        // Shipped records not durably acknowledged complete once marked, without the peer:
+        // they must be in a generation the peer does not know, started at the first of them
+        // and persisted before the marks (so before they complete). Otherwise a copy promoted
+        // meanwhile would later see them as an in-flight tail and discard them silently.
+        let first_unacked = inner
+            .pending
+            .front()
+            .map(|p| p.0)
+            .into_iter()
+            .chain(inner.queue.front().map(|r| r.lsn))
+            .min();
+        let mut generation_started = false;
+        if let (true, true, Some(first)) = (may_start_generation, was_in_sync, first_unacked) {
+            let mut lineage = self.volume.lineage();
+            let head = lineage.generation.head_lsn;
+            lineage.generation.head_lsn = first - 1;
+            match lineage.generation.start_generation(&self.node, 0) {
+                Ok(_) => {
+                    lineage.generation.head_lsn = head;
+                    match self.volume.set_lineage(lineage.clone()) {
+                        Ok(()) => {
+                            generation_started = true;
+                            tracing::info!(volume = %self.volume.name(), peer = %self.peer, generation = format_args!("{:#x}", lineage.generation.current_generation()), start_lsn = first, "peer lost with writes in flight: they complete in a new generation");
+                            inner
+                                .session
+                                .set_local(GenRole::Primary, lineage.generation);
+                        }
+                        Err(error) => {
+                            tracing::error!(volume = %self.volume.name(), %error, "cannot persist a generation after losing the peer")
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(volume = %self.volume.name(), %error, "cannot start a generation after losing the peer")
+                }
+            }
         }
         let pending: Vec<(u64, u64, u64, Instant)> = inner.pending.drain(..).collect();
         for (lsn, offset, len, _) in pending {
@@ -1392,8 +1436,7 @@ impl Replica {
         }
         let last = inner.last_tapped;
         inner.unpersisted_lsn = Some(last.max(inner.unpersisted_lsn.unwrap_or(0)));
-        let skip = std::mem::take(&mut inner.skip_generation_on_loss);
-        if inner.reported_state == ReplicaState::InSync && !skip {
+        if was_in_sync && !generation_started && may_start_generation {
             // Writes from now on are this node's alone: the next one starts a new generation,
             // persisted in the tap before it can complete.
             self.needs_generation.store(true, Ordering::SeqCst);
@@ -1686,13 +1729,25 @@ impl Replica {
         let mut ranges: Vec<DirtyRange> = Vec::new();
         // The dirty map knows what this copy wrote only if it wrote as primary in its current
         // generation (its own records past the common point, not ones it received).
-        let own_generation = self
-            .volume
-            .lineage()
+        let lineage = self.volume.lineage();
+        let own_generation = lineage
             .generation
             .current()
             .is_some_and(|g| g.promoted_by == self.node);
-        if !own_generation || inner.dirty.is_clean() {
+        // Records past the common point that the peer itself shipped here (its generation)
+        // are in the peer's dirty map: it marked everything it had not seen durably
+        // acknowledged when it lost this copy, and the records past the common point are
+        // exactly those.
+        let peers_records = lineage
+            .generation
+            .history
+            .iter()
+            .rev()
+            .find(|g| g.start_lsn <= common_lsn.saturating_add(1))
+            .is_some_and(|g| g.promoted_by == self.peer);
+        if peers_records && !own_generation {
+            ranges.clear();
+        } else if !own_generation || inner.dirty.is_clean() {
             // No record of what those records touched: the whole volume must come back.
             ranges.push(DirtyRange {
                 offset_bytes: 0,
