@@ -519,6 +519,7 @@ impl VolumeReplication {
     pub async fn close(&self) {
         for replica in &self.replicas {
             let mut inner = replica.lock();
+            inner.last_error = Some("this node is shutting down".into());
             inner.session.close("node shutting down", Instant::now());
             replica.process_events(&mut inner);
             replica.flush_transmits(&mut inner);
@@ -1052,7 +1053,12 @@ impl Replica {
     fn report_state(&self, inner: &mut Inner) {
         let state = inner.session.state();
         if state != inner.reported_state {
-            let why = inner.session.last_error().unwrap_or("").to_string();
+            let why = inner
+                .session
+                .last_error()
+                .or(inner.last_error.as_deref())
+                .unwrap_or("this node closed the connection")
+                .to_string();
             if matches!(
                 state,
                 ReplicaState::Degraded | ReplicaState::Suspended | ReplicaState::SplitBrain
