@@ -1101,6 +1101,428 @@ fn metro_link_cut_degrades_then_delta_resync() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Split brain: both copies written while the link is cut
+// ---------------------------------------------------------------------------------------------
+
+/// After the link is restored, how long both nodes may take to report `split-brain`.
+const SPLIT_BRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Once both report `split-brain`, how long they are watched to stay that way.
+const SPLIT_BRAIN_HOLD: Duration = Duration::from_secs(3);
+/// Blocks written on a while in-sync (present on both copies).
+const SB_COMMON: std::ops::Range<u64> = 0..32;
+/// Blocks written on a alone, after it degraded.
+const SB_A_ONLY: std::ops::Range<u64> = 64..112;
+/// Blocks written on b alone, after `promote --force`; overlaps the a-only blocks 96..112.
+const SB_B_ONLY: std::ops::Range<u64> = 96..144;
+/// Blocks read back from each node (covers every range above).
+const SB_REGION_BLOCKS: u64 = 160;
+
+/// Writes each block of `blocks` on the export at `socket` (FUA, one 4 KiB write per block,
+/// then a FLUSH), with contents stamped with (seed, phase, block); every write must complete
+/// within `timeout` in all. Returns block → contents written.
+fn write_phase_blocks(
+    socket: &Path,
+    seed: u64,
+    phase: u64,
+    blocks: std::ops::Range<u64>,
+    timeout: Duration,
+    what: &str,
+) -> BTreeMap<u64, Vec<u8>> {
+    let started = Instant::now();
+    let mut conn = NbdConn::connect_unix(socket, VOLUME)
+        .unwrap_or_else(|error| panic!("{what}: connect {}: {error}", socket.display()));
+    let mut written = BTreeMap::new();
+    for block in blocks {
+        let data = block_contents(seed, phase, phase, block);
+        conn.write(block * BLOCK_BYTES as u64, &data, true)
+            .unwrap_or_else(|error| {
+                panic!(
+                    "{what}: write of block {block} failed after {:?}: {error}",
+                    started.elapsed()
+                )
+            });
+        written.insert(block, data);
+    }
+    conn.flush()
+        .unwrap_or_else(|error| panic!("{what}: flush: {error}"));
+    conn.disconnect();
+    let took = started.elapsed();
+    assert!(
+        took < timeout,
+        "{what}: {} writes took {took:?} (more than {timeout:?})",
+        written.len()
+    );
+    eprintln!("{what}: {} blocks written in {took:?}", written.len());
+    written
+}
+
+/// Which phase's contents a block read back holds: `"common"`, `"a-only"`, `"b-only"`, the
+/// `baseline`, or something else (described).
+fn sb_origin(seed: u64, block: u64, actual: &[u8], baseline: &[u8]) -> String {
+    for (phase, name) in [(1, "common"), (2, "a-only"), (3, "b-only")] {
+        if actual == block_contents(seed, phase, phase, block).as_slice() {
+            return name.to_string();
+        }
+    }
+    if actual == baseline {
+        return "pre-test contents".to_string();
+    }
+    format!("unknown contents [{}]", describe_block(actual, baseline))
+}
+
+/// Checks that `region` (read from node `node`) holds every block of `expected`; returns one
+/// line per block that does not, naming what it holds instead.
+fn sb_missing(
+    node: &str,
+    label: &str,
+    region: &[u8],
+    baseline: &[u8],
+    expected: &BTreeMap<u64, Vec<u8>>,
+    seed: u64,
+) -> Vec<String> {
+    expected
+        .iter()
+        .filter_map(|(block, data)| {
+            let range = *block as usize * BLOCK_BYTES..(*block as usize + 1) * BLOCK_BYTES;
+            (&region[range.clone()] != data.as_slice()).then(|| {
+                format!(
+                    "node {node}: block {block} lost its {label} write; it now holds {}",
+                    sb_origin(seed, *block, &region[range.clone()], &baseline[range])
+                )
+            })
+        })
+        .collect()
+}
+
+/// The lines of a node's log that say something about roles, generations, resyncs, split
+/// brain or errors (for the failure report).
+fn sb_log_lines(node: &Node) -> String {
+    let lines: Vec<String> = node
+        .log_tail()
+        .lines()
+        .filter(|line| {
+            let lower = line.to_lowercase();
+            [
+                "split",
+                "generation",
+                "promot",
+                "demot",
+                "resync",
+                "rollback",
+                "role",
+                "handshake",
+                "cannot replicate",
+                "error",
+                "warn",
+                "=====",
+            ]
+            .iter()
+            .any(|word| lower.contains(word))
+        })
+        .map(str::to_string)
+        .collect();
+    let skip = lines.len().saturating_sub(60);
+    lines[skip..].join("\n")
+}
+
+/// Both copies accept writes while the link is cut (a degraded, b force-promoted): when the
+/// link comes back, both must say `split-brain` (status, last_error, metrics), both must stay
+/// primary, and neither may be resynced over the other: every write each side completed is
+/// still there (SPEC §2, §5).
+#[test]
+fn metro_split_brain_is_detected_and_never_silent() {
+    let seed = harness::test_seed("metro_split_brain_is_detected_and_never_silent");
+    let test_started = Instant::now();
+    let mut cluster = Cluster::start(ClusterOptions {
+        relay: true,
+        seed,
+        ..ClusterOptions::default()
+    });
+    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    let baseline = read_region(&cluster.nbd_socket(A), SB_REGION_BLOCKS);
+
+    // 1. In sync: writes on a reach b.
+    let common = write_phase_blocks(
+        &cluster.nbd_socket(A),
+        seed,
+        1,
+        SB_COMMON,
+        Duration::from_secs(10),
+        "common writes on a (in-sync)",
+    );
+    let replica = cluster.wait_volume(A, "in-sync with no lag", Duration::from_secs(10), |v| {
+        cluster::replica_of(v, "b")
+            .map(|r| r["state"] == "in-sync" && r["lag_bytes"] == 0)
+            .unwrap_or(false)
+    });
+    eprintln!(
+        "[{:?}] in sync after the common writes: {replica}",
+        test_started.elapsed()
+    );
+    let generations_before = (cluster.generation(A), cluster.generation(B));
+
+    // 2. Cut both ways; a degrades and keeps writing alone.
+    cluster.relay().both().cut();
+    let cut_at = Instant::now();
+    let replica = cluster.wait_replica_state(A, "degraded", cluster.peer_timeout() + DEGRADE_SLACK);
+    eprintln!(
+        "[{:?}] link cut; a degraded after {:?}: {replica}",
+        test_started.elapsed(),
+        cut_at.elapsed()
+    );
+    let a_only = write_phase_blocks(
+        &cluster.nbd_socket(A),
+        seed,
+        2,
+        SB_A_ONLY,
+        Duration::from_secs(10),
+        "a-only writes on a (degraded)",
+    );
+
+    // 3. The operator force-promotes b, which writes too (some of a's blocks among them).
+    eprintln!(
+        "[{:?}] b before promote --force: {}",
+        test_started.elapsed(),
+        cluster.volume_status(B)
+    );
+    if let Err(reason) = cluster.promote(B, true) {
+        panic!(
+            "promote --force on b refused while the link is cut: {reason}\nstatus b: {}",
+            cluster.volume_status(B)
+        );
+    }
+    assert_eq!(cluster.role(B), "primary", "{}", cluster.volume_status(B));
+    let b_only = write_phase_blocks(
+        &cluster.nbd_socket(B),
+        seed,
+        3,
+        SB_B_ONLY,
+        Duration::from_secs(10),
+        "b-only writes on b (force-promoted)",
+    );
+    eprintln!(
+        "[{:?}] before the restore: generations before the cut a {} b {}; now a {} b {}",
+        test_started.elapsed(),
+        generations_before.0,
+        generations_before.1,
+        cluster.generation(A),
+        cluster.generation(B)
+    );
+
+    // 4. Restore the link: both must detect the split brain.
+    let monitor_a = cluster.monitor(A);
+    let monitor_b = cluster.monitor(B);
+    cluster.relay().both().restore();
+    let restored_at = Instant::now();
+    let mut failures = Vec::new();
+    let deadline = restored_at + SPLIT_BRAIN_TIMEOUT;
+    let (detected, last) = loop {
+        let state_of = |id: NodeId| -> (bool, String) {
+            match cluster.node(id).try_volume_status() {
+                Ok(volume) => (
+                    cluster::replica_of(&volume, id.other().name())
+                        .map(|replica| replica["state"] == "split-brain")
+                        .unwrap_or(false),
+                    volume.to_string(),
+                ),
+                Err(error) => (false, error),
+            }
+        };
+        let (split_a, status_a) = state_of(A);
+        let (split_b, status_b) = state_of(B);
+        if split_a && split_b {
+            break (true, (status_a, status_b));
+        }
+        if Instant::now() >= deadline {
+            break (false, (status_a, status_b));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "[{:?}] {} {:?} after the restore",
+        test_started.elapsed(),
+        if detected {
+            "both report split-brain"
+        } else {
+            "split brain NOT reported by both"
+        },
+        restored_at.elapsed()
+    );
+    if !detected {
+        failures.push(format!(
+            "within {SPLIT_BRAIN_TIMEOUT:?} of restoring the link, the nodes did not both report \
+             replica state split-brain\n  last status a: {}\n  last status b: {}",
+            last.0, last.1
+        ));
+    } else {
+        // Split brain must be a resting state, not a step before one side is resynced over:
+        // watch a while longer (the monitors keep recording) beyond a reconnect cycle.
+        std::thread::sleep(SPLIT_BRAIN_HOLD);
+    }
+    // What an operator sees: `ferry status --json` and /metrics on each node.
+    for id in [A, B] {
+        let status = cluster.status_cli(id);
+        eprintln!("ferry status --json on {}: {status}", id.name());
+        let volume = cluster::volume_of(&status, VOLUME).expect("volume in CLI status");
+        let replica = &volume["replicas"][0];
+        if replica["state"] != "split-brain" {
+            failures.push(format!(
+                "node {}: ferry status --json replicas[0].state is {} (expected \
+                 \"split-brain\"): {status}",
+                id.name(),
+                replica["state"]
+            ));
+        }
+        match replica["last_error"].as_str() {
+            Some(error)
+                if error.to_lowercase().contains("split brain")
+                    || error.to_lowercase().contains("split-brain") => {}
+            _ => failures.push(format!(
+                "node {}: replicas[0].last_error is {} (expected a message naming the split \
+                 brain)",
+                id.name(),
+                replica["last_error"]
+            )),
+        }
+        if volume["role"] != "primary" {
+            failures.push(format!(
+                "node {}: role is {} after the split brain (expected primary: a split brain \
+                 must not demote either side on its own): {status}",
+                id.name(),
+                volume["role"]
+            ));
+        }
+        let metrics = cluster.metrics(id);
+        let peer_label = format!("peer=\"{}\"", id.other().name());
+        let volume_label = format!("volume=\"{VOLUME}\"");
+        let labels = [
+            "state=\"split-brain\"",
+            peer_label.as_str(),
+            volume_label.as_str(),
+        ];
+        let sample = cluster::metric_sum(&metrics, "ferry_replica_state", &labels);
+        let state_lines: Vec<&str> = metrics
+            .lines()
+            .filter(|line| line.starts_with("ferry_replica_state{"))
+            .filter(|line| !line.ends_with(" 0"))
+            .collect();
+        eprintln!(
+            "node {} /metrics ferry_replica_state (non-zero): {state_lines:?}",
+            id.name()
+        );
+        if sample != Some(1.0) {
+            failures.push(format!(
+                "node {}: ferry_replica_state{{{}}} is {sample:?} (expected 1); non-zero \
+                 ferry_replica_state samples: {state_lines:?}",
+                id.name(),
+                labels.join(",")
+            ));
+        }
+    }
+
+    // 5. Nothing overwritten silently: each side still holds its own writes and none of the
+    // other side's.
+    let region_a = read_region(&cluster.nbd_socket(A), SB_REGION_BLOCKS);
+    let region_b = read_region(&cluster.nbd_socket(B), SB_REGION_BLOCKS);
+    let mut lost = Vec::new();
+    lost.extend(sb_missing(
+        "a", "common", &region_a, &baseline, &common, seed,
+    ));
+    lost.extend(sb_missing(
+        "a", "a-only", &region_a, &baseline, &a_only, seed,
+    ));
+    lost.extend(sb_missing(
+        "b", "common", &region_b, &baseline, &common, seed,
+    ));
+    lost.extend(sb_missing(
+        "b", "b-only", &region_b, &baseline, &b_only, seed,
+    ));
+    // A block that only the other side wrote must not have crossed over either.
+    for block in 0..SB_REGION_BLOCKS {
+        let range = block as usize * BLOCK_BYTES..(block as usize + 1) * BLOCK_BYTES;
+        let on_a = sb_origin(
+            seed,
+            block,
+            &region_a[range.clone()],
+            &baseline[range.clone()],
+        );
+        let on_b = sb_origin(seed, block, &region_b[range.clone()], &baseline[range]);
+        if on_a == "b-only" {
+            lost.push(format!("node a: block {block} holds b's b-only write"));
+        }
+        if on_b == "a-only" {
+            lost.push(format!("node b: block {block} holds a's a-only write"));
+        }
+    }
+    eprintln!(
+        "read back after the restore: {} of {} a-only blocks intact on a, {} of {} b-only \
+         blocks intact on b; {} problems",
+        a_only.len() - sb_missing("a", "a-only", &region_a, &baseline, &a_only, seed).len(),
+        a_only.len(),
+        b_only.len() - sb_missing("b", "b-only", &region_b, &baseline, &b_only, seed).len(),
+        b_only.len(),
+        lost.len()
+    );
+    if !lost.is_empty() {
+        failures.push(format!(
+            "writes were overwritten silently after the split brain ({} blocks):\n  {}",
+            lost.len(),
+            lost.iter()
+                .take(20)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        ));
+    }
+
+    // Neither side may have gone through a resync of the other's copy.
+    let seen_a = monitor_a.stop();
+    let seen_b = monitor_b.stop();
+    eprintln!(
+        "replica states after the restore: a {}; b {}",
+        format_states(&seen_a),
+        format_states(&seen_b)
+    );
+    for (name, seen) in [("a", &seen_a), ("b", &seen_b)] {
+        let resync: Vec<&str> = seen
+            .iter()
+            .map(|(_, state)| state.as_str())
+            .filter(|state| ["syncing", "resyncing", "in-sync"].contains(state))
+            .collect();
+        if !resync.is_empty() {
+            failures.push(format!(
+                "node {name}'s replica went through {resync:?} after the restore: two diverged \
+                 copies must not be synced silently; states {}",
+                format_states(seen)
+            ));
+        }
+    }
+    eprintln!("[{:?}] checks done", test_started.elapsed());
+
+    if !failures.is_empty() {
+        panic!(
+            "SPLIT BRAIN NOT HANDLED AS SPECIFIED (seed {seed}): both copies were written while \
+             the link was cut (a degraded, b promoted with --force), and after the restore:\n\
+             - {}\n--- final status a: {}\n--- final status b: {}\n--- relevant log lines of \
+             a:\n{}\n--- relevant log lines of b:\n{}",
+            failures.join("\n- "),
+            cluster
+                .node(A)
+                .try_volume_status()
+                .unwrap_or_else(|error| error.into()),
+            cluster
+                .node(B)
+                .try_volume_status()
+                .unwrap_or_else(|error| error.into()),
+            sb_log_lines(cluster.node(A)),
+            sb_log_lines(cluster.node(B)),
+        );
+    }
+    cluster.stop(A);
+    cluster.stop(B);
+}
+
+// ---------------------------------------------------------------------------------------------
 // A corrupted replication frame
 // ---------------------------------------------------------------------------------------------
 
