@@ -661,18 +661,21 @@ impl Inner {
         self.peer_role_cache
     }
 
-    /// Records up to here are settled by the persisted dirty map. A record shipped and not
-    /// durably acknowledged (in `pending` or `queue`) is not in the map until the loss of the
-    /// peer moves it there, so it bounds what marks can settle.
-    fn settled_by_marks(&self) -> u64 {
-        let first_unmarked = self
-            .pending
+    /// The first record shipped (or queued to ship) and not durably acknowledged.
+    fn first_unacked(&self) -> Option<u64> {
+        self.pending
             .front()
             .map(|p| p.0)
             .into_iter()
             .chain(self.queue.front().map(|r| r.lsn))
-            .min();
-        match first_unmarked {
+            .min()
+    }
+
+    /// Records up to here are settled by the persisted dirty map. A record shipped and not
+    /// durably acknowledged (in `pending` or `queue`) is not in the map until the loss of the
+    /// peer moves it there, so it bounds what marks can settle.
+    fn settled_by_marks(&self) -> u64 {
+        match self.first_unacked() {
             Some(lsn) => self.persisted_lsn.min(lsn - 1),
             None => self.persisted_lsn,
         }
@@ -807,6 +810,19 @@ impl Replica {
         self.wake.notify_one();
     }
 
+    /// Marks every record still waiting to be shipped, in LSN order, and empties the queue.
+    fn mark_queued(&self, inner: &mut Inner) {
+        let queued: Vec<WriteRecord> = inner.queue.drain(..).collect();
+        for record in queued {
+            self.mark(
+                inner,
+                record.lsn,
+                record.offset_bytes,
+                record.len_bytes as u64,
+            );
+        }
+    }
+
     /// Ships queued records while the session's window has room.
     fn pump_queue(&self, inner: &mut Inner) {
         let now = Instant::now();
@@ -821,15 +837,7 @@ impl Replica {
                 Err(ferry_protocol::session::SessionError::Blocked { .. }) => break,
                 Err(_) => {
                     // Not replicating any more: the queue becomes dirty blocks.
-                    let queued: Vec<WriteRecord> = inner.queue.drain(..).collect();
-                    for record in queued {
-                        self.mark(
-                            inner,
-                            record.lsn,
-                            record.offset_bytes,
-                            record.len_bytes as u64,
-                        );
-                    }
+                    self.mark_queued(inner);
                     break;
                 }
             }
@@ -1228,15 +1236,7 @@ impl Replica {
                     zero_run: None,
                 });
                 // Queued records are not shipped during a resync: they become blocks to send.
-                let queued: Vec<WriteRecord> = inner.queue.drain(..).collect();
-                for record in queued {
-                    self.mark(
-                        &mut inner,
-                        record.lsn,
-                        record.offset_bytes,
-                        record.len_bytes as u64,
-                    );
-                }
+                self.mark_queued(&mut inner);
             }
             SessionEvent::PeerDirtyRanges { ranges, last } => {
                 let mut inner = self.lock();
@@ -1394,13 +1394,7 @@ impl Replica {
         // they must be in a generation the peer does not know, started at the first of them
         // and persisted before the marks (so before they complete). Otherwise a copy promoted
         // meanwhile would later see them as an in-flight tail and discard them silently.
-        let first_unacked = inner
-            .pending
-            .front()
-            .map(|p| p.0)
-            .into_iter()
-            .chain(inner.queue.front().map(|r| r.lsn))
-            .min();
+        let first_unacked = inner.first_unacked();
         let mut generation_started = false;
         if let (true, true, Some(first)) = (may_start_generation, was_in_sync, first_unacked) {
             let mut lineage = self.volume.lineage();
@@ -1431,15 +1425,7 @@ impl Replica {
         for (lsn, offset, len, _) in pending {
             self.mark(&mut inner, lsn, offset, len);
         }
-        let queued: Vec<WriteRecord> = inner.queue.drain(..).collect();
-        for record in queued {
-            self.mark(
-                &mut inner,
-                record.lsn,
-                record.offset_bytes,
-                record.len_bytes as u64,
-            );
-        }
+        self.mark_queued(&mut inner);
         let last = inner.last_tapped;
         inner.unpersisted_lsn = Some(last.max(inner.unpersisted_lsn.unwrap_or(0)));
         if was_in_sync && !generation_started && may_start_generation {
