@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cluster::metric_sum;
 use crate::harness::{
     self, cmd, require_tools, run, run_timeout, run_with_timeout, Daemon, Output, VolumeOptions,
 };
@@ -16,12 +17,17 @@ use crate::nbd_wire::NbdConn;
 
 const NBDINFO: (&str, &str) = ("nbdinfo", "libnbd-bin");
 const NBDCOPY: (&str, &str) = ("nbdcopy", "libnbd-bin");
-const NBDFUSE: (&str, &str) = ("nbdfuse", "libnbd-bin");
-const QEMU_IO: (&str, &str) = ("qemu-io", "qemu-utils");
+pub(crate) const QEMU_IO: (&str, &str) = ("qemu-io", "qemu-utils");
 const FIO: (&str, &str) = ("fio", "fio");
-const MKFS_EXT4: (&str, &str) = ("mkfs.ext4", "e2fsprogs");
-const E2FSCK: (&str, &str) = ("e2fsck", "e2fsprogs");
-const FUSERMOUNT3: (&str, &str) = ("fusermount3", "fuse3");
+/// What [`FuseMount`] needs: an ext4 filesystem through nbdfuse and a loop mount.
+pub(crate) const EXT4_OVER_NBDFUSE: [(&str, &str); 6] = [
+    ("nbdfuse", "libnbd-bin"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("e2fsck", "e2fsprogs"),
+    ("fusermount3", "fuse3"),
+    ("mount", "mount"),
+    ("sync", "coreutils"),
+];
 
 const MIB: u64 = 1 << 20;
 
@@ -112,15 +118,20 @@ fn nbdinfo_sees_size_flags_and_block_sizes() {
     }
 }
 
-/// Runs qemu-io with the given `-c` commands; fails on a non-zero exit or on any sign of a
-/// failed command in the output (qemu-io does not always reflect failures in its exit status).
-fn qemu_io(uri: &str, commands: &[String]) -> Output {
+/// Runs qemu-io on a raw image at `uri` with the given `-c` commands; checks nothing.
+pub(crate) fn qemu_io_unchecked(uri: &str, commands: &[String]) -> Output {
     let mut command = Command::new("qemu-io");
     command.args(["-f", "raw", uri]);
     for line in commands {
         command.arg("-c").arg(line);
     }
-    let output = run_with_timeout(&mut command, harness::COMMAND_TIMEOUT);
+    run_with_timeout(&mut command, harness::COMMAND_TIMEOUT)
+}
+
+/// Runs qemu-io with the given `-c` commands; fails on a non-zero exit or on any sign of a
+/// failed command in the output (qemu-io does not always reflect failures in its exit status).
+pub(crate) fn qemu_io(uri: &str, commands: &[String]) -> Output {
+    let output = qemu_io_unchecked(uri, commands);
     let all = format!("{}{}", output.stdout, output.stderr);
     assert!(output.status.success(), "qemu-io failed: {output}");
     for bad in ["Pattern verification failed", "failed:", "error", "Error"] {
@@ -192,19 +203,7 @@ fn qemu_io_patterns_fua_zeroes_discard_flush() {
         ],
     );
     // The checker itself must be able to fail: a wrong pattern has to be reported.
-    let output = run_with_timeout(
-        cmd(
-            "qemu-io",
-            &[
-                "-f",
-                "raw",
-                &uri,
-                "-c",
-                &format!("read -P 0x78 {} 4096", 20 * MIB),
-            ],
-        ),
-        harness::COMMAND_TIMEOUT,
-    );
+    let output = qemu_io_unchecked(&uri, &[format!("read -P 0x78 {} 4096", 20 * MIB)]);
     assert!(
         output.stdout.contains("Pattern verification failed")
             || output.stderr.contains("Pattern verification failed"),
@@ -300,20 +299,21 @@ fn fio_nbd_randwrite_then_verify() {
     }
 }
 
-/// An ext4 filesystem on the export: nbdfuse exposes the export as a file, the kernel mounts
-/// it through a loop device. Drop unmounts and stops nbdfuse even when the test panics; if an
-/// unmount fails, the directory is left behind rather than removed recursively through a
-/// live mount.
-struct FuseMount {
+/// An ext4 filesystem on an export: nbdfuse exposes the export as a file, the kernel mounts
+/// it through a loop device (also used by `metro.rs`). Drop unmounts and stops nbdfuse even
+/// when the test panics; if an unmount fails, the directory is left behind rather than removed
+/// recursively through a live mount.
+pub(crate) struct FuseMount {
     tempdir: Option<tempfile::TempDir>,
     fuse_dir: PathBuf,
-    fs_dir: PathBuf,
+    /// Where the filesystem is mounted.
+    pub(crate) fs_dir: PathBuf,
     nbdfuse: Option<Child>,
     mounted: bool,
 }
 
 impl FuseMount {
-    fn new() -> FuseMount {
+    pub(crate) fn new() -> FuseMount {
         let tempdir = harness::test_tempdir("ferry-fuse-");
         let fuse_dir = tempdir.path().join("fuse");
         let fs_dir = tempdir.path().join("fs");
@@ -328,12 +328,17 @@ impl FuseMount {
         }
     }
 
-    fn image(&self) -> PathBuf {
+    /// The file nbdfuse exposes the export as.
+    pub(crate) fn image(&self) -> PathBuf {
         self.fuse_dir.join("nbd")
     }
 
+    pub(crate) fn image_arg(&self) -> String {
+        self.image().to_str().expect("utf-8 path").to_string()
+    }
+
     /// Starts nbdfuse in the foreground (as our child) and waits for the file to appear.
-    fn attach(&mut self, uri: &str) {
+    pub(crate) fn attach(&mut self, uri: &str) {
         assert!(self.nbdfuse.is_none(), "nbdfuse already attached");
         let child = Command::new("nbdfuse")
             .arg(self.image())
@@ -354,20 +359,20 @@ impl FuseMount {
             }
             if let Some(status) = self.nbdfuse.as_mut().unwrap().try_wait().expect("try_wait") {
                 self.nbdfuse = None;
-                panic!("nbdfuse exited early with {status}");
+                panic!("nbdfuse {uri} exited early with {status}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("nbdfuse file {} did not appear", self.image().display());
     }
 
-    fn mount(&mut self) {
+    pub(crate) fn mount(&mut self) {
         run(cmd(
             "mount",
             &[
                 "-o",
                 "loop",
-                self.image().to_str().unwrap(),
+                &self.image_arg(),
                 self.fs_dir.to_str().unwrap(),
             ],
         ));
@@ -375,7 +380,7 @@ impl FuseMount {
     }
 
     /// Unmounts the filesystem; returns false if neither umount nor a lazy umount worked.
-    fn umount(&mut self) -> bool {
+    pub(crate) fn umount(&mut self) -> bool {
         if !self.mounted {
             return true;
         }
@@ -392,7 +397,7 @@ impl FuseMount {
     }
 
     /// Unmounts the FUSE filesystem and reaps nbdfuse; returns false if the unmount failed.
-    fn detach(&mut self) -> bool {
+    pub(crate) fn detach(&mut self) -> bool {
         let mut clean = true;
         if let Some(mut child) = self.nbdfuse.take() {
             let fuse_dir = self.fuse_dir.to_str().unwrap().to_string();
@@ -416,12 +421,26 @@ impl FuseMount {
         clean
     }
 
-    fn detach_all(&mut self) {
+    /// Unmounts the filesystem and detaches nbdfuse; panics if either fails.
+    pub(crate) fn detach_all(&mut self) {
         assert!(self.umount(), "umount {} failed", self.fs_dir.display());
         assert!(
             self.detach(),
             "fusermount3 -u {} failed",
             self.fuse_dir.display()
+        );
+    }
+
+    /// `e2fsck -fn` on the image (read-only, forced); must report a clean filesystem.
+    pub(crate) fn fsck(&self, what: &str) {
+        assert!(!self.mounted, "fsck of a mounted filesystem");
+        let output = run_with_timeout(
+            cmd("e2fsck", &["-fn", &self.image_arg()]),
+            Duration::from_secs(120),
+        );
+        assert!(
+            output.status.success(),
+            "e2fsck -fn {what} found problems: {output}"
         );
     }
 }
@@ -440,7 +459,7 @@ impl Drop for FuseMount {
 }
 
 /// Writes `count` files of `size_bytes` seeded random bytes; returns name → sha-like checksum.
-fn write_files(
+pub(crate) fn write_files(
     dir: &Path,
     prefix: &str,
     count: usize,
@@ -458,7 +477,7 @@ fn write_files(
 }
 
 /// FNV-1a over the whole file, mixed with the length: enough to tell any corruption apart here.
-fn file_checksum(path: &Path) -> u64 {
+pub(crate) fn file_checksum(path: &Path) -> u64 {
     let data = fs::read(path).unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in &data {
@@ -468,9 +487,13 @@ fn file_checksum(path: &Path) -> u64 {
     hash ^ data.len() as u64
 }
 
-fn verify_files(dir: &Path, sums: &BTreeMap<String, u64>) {
+pub(crate) fn verify_files(dir: &Path, sums: &BTreeMap<String, u64>, what: &str) {
     for (name, sum) in sums {
-        assert_eq!(file_checksum(&dir.join(name)), *sum, "file {name} changed");
+        assert_eq!(
+            file_checksum(&dir.join(name)),
+            *sum,
+            "{what}: file {name} changed"
+        );
     }
 }
 
@@ -478,14 +501,7 @@ fn verify_files(dir: &Path, sums: &BTreeMap<String, u64>) {
 fn ext4_over_nbdfuse_survives_clean_restart_and_kill9() {
     if !require_tools(
         "ext4_over_nbdfuse_survives_clean_restart_and_kill9",
-        &[
-            NBDFUSE,
-            MKFS_EXT4,
-            E2FSCK,
-            FUSERMOUNT3,
-            ("mount", "mount"),
-            ("sync", "coreutils"),
-        ],
+        &EXT4_OVER_NBDFUSE,
     ) {
         return;
     }
@@ -496,10 +512,7 @@ fn ext4_over_nbdfuse_survives_clean_restart_and_kill9() {
     let uri = daemon.unix_uri();
 
     mount.attach(&uri);
-    run(cmd(
-        "mkfs.ext4",
-        &["-q", "-F", mount.image().to_str().unwrap()],
-    ));
+    run(cmd("mkfs.ext4", &["-q", "-F", &mount.image_arg()]));
     mount.mount();
     let mut sums = write_files(&mount.fs_dir, "clean", 6, 3 * MIB, seed);
     mount.detach_all();
@@ -509,7 +522,7 @@ fn ext4_over_nbdfuse_survives_clean_restart_and_kill9() {
     daemon.restart();
     mount.attach(&uri);
     mount.mount();
-    verify_files(&mount.fs_dir, &sums);
+    verify_files(&mount.fs_dir, &sums, "after the clean restart");
     sums.extend(write_files(
         &mount.fs_dir,
         "crash",
@@ -529,29 +542,16 @@ fn ext4_over_nbdfuse_survives_clean_restart_and_kill9() {
     // A read-only check first: the image as the daemon recovered it, before the kernel
     // replays ext4's own journal.
     let fsck = run_with_timeout(
-        cmd("e2fsck", &["-fn", mount.image().to_str().unwrap()]),
+        cmd("e2fsck", &["-fn", &mount.image_arg()]),
         Duration::from_secs(120),
     );
     eprintln!("e2fsck -fn right after kill -9 recovery (journal replay may be pending): {fsck}");
     mount.mount();
-    verify_files(&mount.fs_dir, &sums);
+    verify_files(&mount.fs_dir, &sums, "after the kill -9 recovery");
     assert!(mount.umount(), "umount failed");
-    run_timeout(
-        cmd("e2fsck", &["-fn", mount.image().to_str().unwrap()]),
-        Duration::from_secs(120),
-    );
+    mount.fsck("after the kill -9 recovery");
     assert!(mount.detach(), "fusermount3 failed");
     daemon.stop();
-}
-
-fn metric_value(metrics: &str, name: &str, label_filter: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
-        .filter(|line| label_filter.iter().all(|label| line.contains(label)))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .reduce(|a, b| a + b)
 }
 
 #[test]
@@ -616,7 +616,7 @@ fn metrics_and_status_follow_writes() {
     }
 
     let metrics = daemon.metrics_text();
-    let count = metric_value(
+    let count = metric_sum(
         &metrics,
         "ferry_write_latency_seconds_count",
         &["stage=\"total\"", "volume=\"vol0\""],
@@ -650,20 +650,20 @@ fn metrics_and_status_follow_writes() {
         bucket_bounds.iter().any(|le| *le >= 1.0 && le.is_finite()),
         "no bucket at or above 1 s: {bucket_bounds:?}"
     );
-    let writes = metric_value(&metrics, "ferry_io_requests_total", &["op=\"write\""]);
+    let writes = metric_sum(&metrics, "ferry_io_requests_total", &["op=\"write\""]);
     assert!(
         writes.unwrap_or(0.0) >= 64.0,
         "ferry_io_requests_total{{op=\"write\"}} = {writes:?}:\n{metrics}"
     );
     assert!(
-        metric_value(&metrics, "ferry_io_requests_total", &["op=\"flush\""]).unwrap_or(0.0) >= 1.0,
+        metric_sum(&metrics, "ferry_io_requests_total", &["op=\"flush\""]).unwrap_or(0.0) >= 1.0,
         "{metrics}"
     );
     assert!(
-        metric_value(&metrics, "ferry_io_requests_total", &["op=\"read\""]).unwrap_or(0.0) >= 1.0,
+        metric_sum(&metrics, "ferry_io_requests_total", &["op=\"read\""]).unwrap_or(0.0) >= 1.0,
         "{metrics}"
     );
-    let capacity = metric_value(
+    let capacity = metric_sum(
         &metrics,
         "ferry_journal_capacity_bytes",
         &["volume=\"vol0\""],
@@ -674,11 +674,11 @@ fn metrics_and_status_follow_writes() {
         "journal capacity gauge vs status:\n{metrics}"
     );
     assert!(
-        metric_value(&metrics, "ferry_journal_used_bytes", &["volume=\"vol0\""]).is_some(),
+        metric_sum(&metrics, "ferry_journal_used_bytes", &["volume=\"vol0\""]).is_some(),
         "{metrics}"
     );
     assert!(
-        metric_value(&metrics, "ferry_volume_role", &["role=\"primary\""]) == Some(1.0),
+        metric_sum(&metrics, "ferry_volume_role", &["role=\"primary\""]) == Some(1.0),
         "{metrics}"
     );
     assert!(

@@ -6,7 +6,9 @@
 //! - `interop`: third-party NBD clients (nbdinfo, qemu-io, nbdcopy, fio, nbdfuse + ext4),
 //!   metrics, status, config check.
 //! - `wire`: malformed and out-of-range input over raw sockets.
-//! - `crash`: kill -9 under concurrent writes, checked against a model.
+//! - `model`: the write model: concurrent writers, their history, and the check of a region
+//!   read back against it (used by `crash` and `metro`).
+//! - `crash`: kill -9 under concurrent writes, checked against the model.
 //! - `cluster`: the two-node fixture (certificates, configs, optional relay) for replication.
 //! - `metro`: metro replication: initial sync, RPO 0 under kill -9, resync after a secondary
 //!   crash or a link cut, a corrupt frame, foreign certificates, switchover with real clients.
@@ -20,6 +22,7 @@ mod crash;
 mod harness;
 mod interop;
 mod metro;
+mod model;
 #[allow(dead_code)] // the protocol constants are listed whole, used or not
 mod nbd_wire;
 mod relay;

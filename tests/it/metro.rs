@@ -4,22 +4,19 @@
 //! garbage datagrams, and a switchover and failback with third-party clients (qemu-io,
 //! nbdfuse + ext4).
 //!
-//! The model (as in `crash.rs`): writers stamp every 512-byte sector of every 4 KiB block they
-//! write with (seed, round, write id, block, sector), so any block read back names the write it
-//! came from. A logical clock ticks at every issue and every completion. A block may hold write
-//! W unless some write W' to it was issued after W completed and W' completed too (then W is
-//! definitely overwritten); it may hold its pre-round contents unless some write to it
-//! completed. Anything else (a torn block, bytes from no write, a lost completed write) is a
-//! violation. Seeded: FERRY_SEED replays a run; FERRY_LONG=1 runs 50 kill rounds.
+//! The model is `model.rs` (shared with `crash.rs`): writers stamp every 512-byte sector of
+//! every 4 KiB block they write with (seed, round, write id, block, sector), so any block read
+//! back names the write it came from, and every block is checked against the issue and
+//! completion times of the writes to it. Seeded: FERRY_SEED replays a run; FERRY_LONG=1 runs
+//! 50 kill rounds.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::Range;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,10 +28,13 @@ use crate::cluster::{
     NodeId::{A, B},
     VOLUME,
 };
-use crate::harness::{self, cmd, require_tools, run, run_with_timeout, Output};
+use crate::harness::{self, cmd, require_tools, run};
+use crate::interop::{
+    qemu_io, qemu_io_unchecked, verify_files, write_files, FuseMount, EXT4_OVER_NBDFUSE, QEMU_IO,
+};
+use crate::model::{self, History, Stamp, WriteRecord, WriteShape, BLOCK_BYTES};
 use crate::nbd_wire::{NbdConn, NbdError, EPERM, TRANSMIT_READ_ONLY};
 
-const BLOCK_BYTES: usize = 4096;
 const SECTOR_BYTES: usize = 512;
 const MIB: u64 = 1 << 20;
 const STAMP_MAGIC: &[u8; 8] = b"FERRYMET";
@@ -42,8 +42,6 @@ const STAMP_MAGIC: &[u8; 8] = b"FERRYMET";
 const MAX_BLOCKS_PER_WRITE: u64 = 16;
 /// Each writer stops after this many writes even if nobody stops it (bounded loop).
 const WRITES_PER_WRITER_MAX: u64 = 1_000_000;
-/// Blocks read per NBD READ when reading a region back.
-const READ_CHUNK_BLOCKS: u64 = 256;
 
 /// Initial full sync of a 64 MiB volume, on a loaded 2-core machine.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
@@ -57,7 +55,7 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 const DEGRADE_SLACK: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
-// The workload and its model
+// The workload and its model (see `model.rs`)
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
@@ -69,19 +67,44 @@ struct WorkloadSpec {
     region_blocks: u64,
 }
 
-#[derive(Clone, Debug)]
-struct WriteRecord {
-    first_block: u64,
-    block_count: u64,
-    issued_at: u64,
-    /// None while in flight, or when the outcome was never seen (error, connection lost).
-    completed_at: Option<u64>,
-    fua: bool,
+impl WorkloadSpec {
+    /// Round 0 of a test that runs one workload.
+    fn once(seed: u64, writers: u64, region_blocks: u64) -> WorkloadSpec {
+        WorkloadSpec {
+            seed,
+            round: 0,
+            writers,
+            region_blocks,
+        }
+    }
+
+    fn shape(&self) -> WriteShape {
+        WriteShape {
+            region_blocks: self.region_blocks,
+            max_blocks_per_write: MAX_BLOCKS_PER_WRITE,
+            writes_max: WRITES_PER_WRITER_MAX,
+        }
+    }
 }
 
-/// A write's id: writer in the top bits, sequence below; unique within a round.
-fn write_id(writer: u64, sequence: u64) -> u64 {
-    (writer << 48) | sequence
+/// Every 512-byte sector of a block says which (seed, round, write, block) it came from.
+impl Stamp for WorkloadSpec {
+    fn write_of(&self, block: u64, actual: &[u8]) -> Option<u64> {
+        let stamp = &actual[0..48];
+        (&stamp[0..8] == STAMP_MAGIC
+            && le_u64(&stamp[8..]) == self.seed
+            && le_u64(&stamp[16..]) == self.round
+            && le_u64(&stamp[32..]) == block)
+            .then(|| le_u64(&stamp[24..]))
+    }
+
+    fn contents(&self, id: u64, block: u64) -> Vec<u8> {
+        block_contents(self.seed, self.round, id, block)
+    }
+
+    fn describe(&self, actual: &[u8], baseline: &[u8]) -> String {
+        format!("sectors: {}", describe_block(actual, baseline))
+    }
 }
 
 /// The exact bytes of one block of one write: seeded noise, with every 512-byte sector
@@ -137,125 +160,16 @@ fn describe_block(actual: &[u8], baseline: &[u8]) -> String {
         .join(" ")
 }
 
-/// Checks one block against the model; returns a description of the violation if any.
-fn check_block(
-    block: u64,
-    actual: &[u8],
-    baseline: &[u8],
-    writers_of_block: &[(u64, &WriteRecord)],
-    spec: &WorkloadSpec,
-) -> Result<(), String> {
-    let latest_completed = writers_of_block
-        .iter()
-        .filter_map(|(id, record)| record.completed_at.map(|at| (at, *id, record.fua)))
-        .max();
-    if actual == baseline {
-        if let Some((at, id, fua)) = latest_completed {
-            return Err(format!(
-                "block {block}: holds its pre-round contents, but write {id:#x} (fua {fua}) \
-                 completed at {at}"
-            ));
-        }
-        return Ok(());
-    }
-    let stamp = &actual[0..48];
-    if &stamp[0..8] != STAMP_MAGIC
-        || le_u64(&stamp[8..]) != spec.seed
-        || le_u64(&stamp[16..]) != spec.round
-        || le_u64(&stamp[32..]) != block
-    {
-        return Err(format!(
-            "block {block}: contents from no write of this round to this block; sectors: {}",
-            describe_block(actual, baseline)
-        ));
-    }
-    let id = le_u64(&stamp[24..]);
-    let Some((_, record)) = writers_of_block
-        .iter()
-        .find(|(candidate, _)| *candidate == id)
-    else {
-        return Err(format!(
-            "block {block}: stamped by write {id:#x}, which never wrote this block; sectors: {}",
-            describe_block(actual, baseline)
-        ));
-    };
-    if actual != block_contents(spec.seed, spec.round, id, block).as_slice() {
-        return Err(format!(
-            "block {block}: write {id:#x} is there but torn or mixed; sectors: {}",
-            describe_block(actual, baseline)
-        ));
-    }
-    if let Some(completed_at) = record.completed_at {
-        if let Some((newer_id, newer)) = writers_of_block
-            .iter()
-            .find(|(_, other)| other.issued_at > completed_at && other.completed_at.is_some())
-        {
-            return Err(format!(
-                "block {block}: holds write {id:#x} (completed at {completed_at}), but write \
-                 {newer_id:#x} issued at {} after that and completed at {:?} (fua {}) is lost",
-                newer.issued_at, newer.completed_at, newer.fua
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Every violation of the model in `region` (blocks [0, region_blocks)).
-fn verify_region(
-    region: &[u8],
-    baseline: &[u8],
-    records: &HashMap<u64, WriteRecord>,
-    spec: &WorkloadSpec,
-) -> Vec<String> {
-    let mut per_block: HashMap<u64, Vec<(u64, &WriteRecord)>> = HashMap::new();
-    for (id, record) in records {
-        for block in record.first_block..record.first_block + record.block_count {
-            per_block.entry(block).or_default().push((*id, record));
-        }
-    }
-    let mut violations = Vec::new();
-    for block in 0..spec.region_blocks {
-        let range = block as usize * BLOCK_BYTES..(block as usize + 1) * BLOCK_BYTES;
-        let writers_of_block = per_block.get(&block).map(Vec::as_slice).unwrap_or(&[]);
-        if let Err(violation) = check_block(
-            block,
-            &region[range.clone()],
-            &baseline[range],
-            writers_of_block,
-            spec,
-        ) {
-            violations.push(violation);
-        }
-    }
-    violations
-}
-
-struct Shared {
-    clock: AtomicU64,
-    stop: AtomicBool,
-    records: Mutex<HashMap<u64, WriteRecord>>,
-    completed: AtomicU64,
-    /// Errors the writers saw, with when they saw them.
-    errors: Mutex<Vec<(Instant, String)>>,
-}
-
-impl Shared {
-    fn error(&self, text: String) {
-        self.errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((Instant::now(), text));
-    }
-}
-
 /// Concurrent writers on one node's export, each on its own NBD connection.
 struct Workload {
-    shared: Arc<Shared>,
+    spec: WorkloadSpec,
+    history: Arc<History>,
     threads: Vec<JoinHandle<()>>,
 }
 
 /// What the writers did.
 struct Outcome {
+    spec: WorkloadSpec,
     records: HashMap<u64, WriteRecord>,
     errors: Vec<(Instant, String)>,
 }
@@ -266,6 +180,10 @@ impl Outcome {
             .values()
             .filter(|record| record.completed_at.is_some())
             .count()
+    }
+
+    fn assert_no_errors(&self) {
+        assert!(self.errors.is_empty(), "writer errors: {:?}", self.errors);
     }
 
     /// Errors seen before `instant` (a kill at `instant` explains only the later ones).
@@ -291,39 +209,35 @@ impl Outcome {
 
 impl Workload {
     fn start(socket: &Path, spec: WorkloadSpec) -> Workload {
-        let shared = Arc::new(Shared {
-            clock: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            records: Mutex::new(HashMap::new()),
-            completed: AtomicU64::new(0),
-            errors: Mutex::new(Vec::new()),
-        });
+        let history = Arc::new(History::default());
         let threads = (0..spec.writers)
             .map(|writer| {
-                let shared = Arc::clone(&shared);
+                let history = Arc::clone(&history);
                 let socket = socket.to_path_buf();
-                std::thread::spawn(move || writer_loop(&socket, writer, spec, &shared))
+                std::thread::spawn(move || writer_thread(&socket, writer, spec, &history))
             })
             .collect();
-        Workload { shared, threads }
+        Workload {
+            spec,
+            history,
+            threads,
+        }
     }
 
     fn completed(&self) -> u64 {
-        self.shared.completed.load(Ordering::SeqCst)
+        self.history.completed()
     }
 
     /// The logical clock now: writes issued later have a larger `issued_at`.
     fn clock(&self) -> u64 {
-        self.shared.clock.load(Ordering::SeqCst)
+        self.history.clock()
     }
 
     fn errors(&self) -> Vec<String> {
-        self.shared
-            .errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(_, text)| text.clone())
+        self.history
+            .errors()
+            .into_iter()
+            .map(|(_, text)| text)
             .collect()
     }
 
@@ -341,9 +255,20 @@ impl Workload {
         false
     }
 
+    /// Asserts that `more` more writes complete within `timeout` on the primary `a`
+    /// (`what`: when).
+    fn assert_progress(&self, more: u64, timeout: Duration, what: &str, cluster: &Cluster) {
+        assert!(
+            self.wait_progress(more, timeout),
+            "writes do not complete {what}; errors: {:?}; replica: {}",
+            self.errors(),
+            cluster.replica(A)
+        );
+    }
+
     /// Tells the writers to stop and joins them (bounded).
     fn finish(self) -> Outcome {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        self.history.stop();
         let deadline = Instant::now() + JOIN_TIMEOUT;
         for thread in self.threads {
             while !thread.is_finished() {
@@ -357,111 +282,33 @@ impl Workload {
                 std::panic::resume_unwind(panic);
             }
         }
-        let records = self
-            .shared
-            .records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let errors = self
-            .shared
-            .errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        Outcome { records, errors }
+        Outcome {
+            spec: self.spec,
+            records: self.history.records(),
+            errors: self.history.errors(),
+        }
     }
 }
 
-fn writer_loop(socket: &Path, writer: u64, spec: WorkloadSpec, shared: &Shared) {
+fn writer_thread(socket: &Path, writer: u64, spec: WorkloadSpec, history: &History) {
     let mut conn = match NbdConn::connect_unix(socket, VOLUME) {
         Ok(conn) => conn,
         Err(error) => {
-            shared.error(format!("writer {writer}: connect: {error}"));
+            history.error(format!("writer {writer}: connect: {error}"));
             return;
         }
     };
     let mut rng = StdRng::seed_from_u64(
         spec.seed ^ (spec.round << 32) ^ writer.wrapping_mul(0x9e37_79b9) ^ 0x6d65_7472,
     );
-    for sequence in 0..WRITES_PER_WRITER_MAX {
-        if shared.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let block_count = rng.gen_range(1..=MAX_BLOCKS_PER_WRITE);
-        let first_block = rng.gen_range(0..spec.region_blocks - block_count + 1);
-        let fua = rng.gen_ratio(1, 8);
-        let flush_after = rng.gen_ratio(1, 16);
-        let id = write_id(writer, sequence);
-        let mut payload = Vec::with_capacity(block_count as usize * BLOCK_BYTES);
-        for block in first_block..first_block + block_count {
-            payload.extend_from_slice(&block_contents(spec.seed, spec.round, id, block));
-        }
-        let issued_at = shared.clock.fetch_add(1, Ordering::SeqCst);
-        shared
-            .records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                id,
-                WriteRecord {
-                    first_block,
-                    block_count,
-                    issued_at,
-                    completed_at: None,
-                    fua,
-                },
-            );
-        if let Err(error) = conn.write(first_block * BLOCK_BYTES as u64, &payload, fua) {
-            // The write stays "in flight" in the model: it may or may not have happened.
-            shared.error(format!(
-                "writer {writer}: write {id:#x} of blocks {first_block}+{block_count}: {error}"
-            ));
-            return;
-        }
-        let completed_at = shared.clock.fetch_add(1, Ordering::SeqCst);
-        shared
-            .records
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&id)
-            .expect("record")
-            .completed_at = Some(completed_at);
-        shared.completed.fetch_add(1, Ordering::SeqCst);
-        if flush_after {
-            if let Err(error) = conn.flush() {
-                shared.error(format!("writer {writer}: flush: {error}"));
-                return;
-            }
-        }
+    if model::run_writer(&mut conn, writer, &mut rng, spec.shape(), &spec, history) {
+        conn.disconnect();
     }
-    conn.disconnect();
 }
 
 /// Reads blocks [0, blocks) of the volume from a node's export.
 fn read_region(socket: &Path, blocks: u64) -> Vec<u8> {
-    let mut conn = NbdConn::connect_unix(socket, VOLUME)
-        .unwrap_or_else(|error| panic!("connect {} to read back: {error}", socket.display()));
-    let mut region = Vec::with_capacity(blocks as usize * BLOCK_BYTES);
-    let mut first = 0;
-    while first < blocks {
-        let count = READ_CHUNK_BLOCKS.min(blocks - first);
-        let data = conn
-            .read(
-                first * BLOCK_BYTES as u64,
-                (count as usize * BLOCK_BYTES) as u32,
-            )
-            .unwrap_or_else(|error| {
-                panic!(
-                    "read blocks {first}+{count} from {}: {error}",
-                    socket.display()
-                )
-            });
-        region.extend_from_slice(&data);
-        first += count;
-    }
-    conn.disconnect();
-    region
+    model::read_region(socket, VOLUME, blocks)
 }
 
 fn first_difference(left: &[u8], right: &[u8]) -> Option<usize> {
@@ -496,6 +343,84 @@ fn assert_generation_newer(before: &serde_json::Value, after: &serde_json::Value
         }
         _ => assert_ne!(before, after, "{what}: generation did not change"),
     }
+}
+
+/// Starts both nodes, waits for the initial sync and reads blocks [0, region_blocks) on a:
+/// the contents before the test writes.
+fn start_in_sync(options: ClusterOptions, region_blocks: u64) -> (Cluster, Vec<u8>) {
+    let cluster = Cluster::start(options);
+    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    let baseline = read_region(&cluster.nbd_socket(A), region_blocks);
+    (cluster, baseline)
+}
+
+/// Waits until a reports b in-sync with nothing left to send.
+fn wait_in_sync_no_lag(cluster: &Cluster) -> serde_json::Value {
+    cluster.wait_volume(A, "in-sync with no lag", Duration::from_secs(10), |v| {
+        cluster::replica_of(v, "b")
+            .map(|r| r["state"] == "in-sync" && r["lag_bytes"] == 0)
+            .unwrap_or(false)
+    })
+}
+
+/// Waits for a's replica to reach `state` and logs how long that took after `what`.
+fn wait_state_logged(
+    cluster: &Cluster,
+    state: &str,
+    timeout: Duration,
+    what: &str,
+) -> serde_json::Value {
+    let since = Instant::now();
+    let replica = cluster.wait_replica_state(A, state, timeout);
+    eprintln!("{what}; {state} after {:?}: {replica}", since.elapsed());
+    replica
+}
+
+/// Reads the workload's region on node `id` and asserts that it holds what the model allows
+/// after `outcome` (`what`: which copy, when; `states`: for the report). Returns the region.
+fn check_node(
+    cluster: &Cluster,
+    id: NodeId,
+    baseline: &[u8],
+    outcome: &Outcome,
+    what: &str,
+    states: &str,
+) -> Vec<u8> {
+    let spec = &outcome.spec;
+    let region = read_region(&cluster.nbd_socket(id), spec.region_blocks);
+    let violations = model::verify_region(&region, baseline, &outcome.records, spec);
+    assert_no_violations(&violations, what, spec.seed, states);
+    region
+}
+
+/// Checks the region on the primary a, switches over to b, checks it there too, and asserts
+/// that both copies are equal (`after`: what happened before).
+fn switchover_checked(
+    cluster: &Cluster,
+    baseline: &[u8],
+    outcome: &Outcome,
+    states: &str,
+    after: &str,
+) {
+    let what_a = format!("primary a {after}");
+    let region_a = check_node(cluster, A, baseline, outcome, &what_a, states);
+    cluster.switchover(A, B);
+    let what_b = format!("node b, promoted by a switchover {after}");
+    let region_b = check_node(cluster, B, baseline, outcome, &what_b, states);
+    if let Some(at) = first_difference(&region_a, &region_b) {
+        panic!("a and b differ at byte {at} {after}");
+    }
+}
+
+/// Stops both nodes, then fails with the checks that were deferred so that the rest ran.
+fn stop_and_report(cluster: &mut Cluster, deferred_failures: &[String]) {
+    cluster.stop(A);
+    cluster.stop(B);
+    assert!(
+        deferred_failures.is_empty(),
+        "{}",
+        deferred_failures.join("\n")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -557,7 +482,7 @@ fn load_kill_promote_verify(
         "promote --force after kill -9 of the primary",
     );
     let region = read_region(&cluster.nbd_socket(secondary), spec.region_blocks);
-    let violations = verify_region(&region, baseline, &outcome.records, &spec);
+    let violations = model::verify_region(&region, baseline, &outcome.records, &spec);
     eprintln!(
         "round {}: primary {} killed after {:?}, {} writes issued, {completed_at_kill} completed \
          before the kill; promote --force on {} took {promote_took:?}; states on the primary: \
@@ -655,19 +580,15 @@ fn probe_write(socket: &Path, offset: u64) -> Result<(), String> {
 fn metro_rpo_zero_under_kill9() {
     let seed = harness::test_seed("metro_rpo_zero_under_kill9");
     let rounds = if harness::long_mode() { 50 } else { 3 };
-    let mut cluster = Cluster::start(ClusterOptions::default());
-    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    let region_blocks = 4096; // 16 MiB of the 64 MiB volume
+    let (mut cluster, mut baseline) = start_in_sync(ClusterOptions::default(), region_blocks);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x7270_6f30);
     let mut primary = A;
-    let region_blocks = 4096; // 16 MiB of the 64 MiB volume
-    let mut baseline = read_region(&cluster.nbd_socket(primary), region_blocks);
     let mut flaps = Vec::new();
     for round in 0..rounds {
         let spec = WorkloadSpec {
-            seed,
             round,
-            writers: 4,
-            region_blocks,
+            ..WorkloadSpec::once(seed, 4, region_blocks)
         };
         let kill_after = Duration::from_millis(rng.gen_range(300..2500));
         let (region, seen) =
@@ -705,16 +626,9 @@ fn metro_rpo_zero_under_kill9() {
 #[test]
 fn metro_secondary_kill9_degrades_resyncs_then_rpo_zero() {
     let seed = harness::test_seed("metro_secondary_kill9_degrades_resyncs_then_rpo_zero");
-    let mut cluster = Cluster::start(ClusterOptions::default());
-    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    let spec = WorkloadSpec::once(seed, 4, 4096);
+    let (mut cluster, baseline) = start_in_sync(ClusterOptions::default(), spec.region_blocks);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x7365_636b);
-    let spec = WorkloadSpec {
-        seed,
-        round: 0,
-        writers: 4,
-        region_blocks: 4096,
-    };
-    let baseline = read_region(&cluster.nbd_socket(A), spec.region_blocks);
     let before_secondary_kill = Duration::from_millis(rng.gen_range(300..1200));
     let after_in_sync = Duration::from_millis(rng.gen_range(200..1500));
     let degrade_deadline = cluster.peer_timeout() + DEGRADE_SLACK;
@@ -722,18 +636,12 @@ fn metro_secondary_kill9_degrades_resyncs_then_rpo_zero() {
         load_kill_promote_verify(&mut cluster, A, spec, &baseline, |cluster, load| {
             std::thread::sleep(before_secondary_kill);
             cluster.kill9(B);
-            let killed_at = Instant::now();
-            let replica = cluster.wait_replica_state(A, "degraded", degrade_deadline);
-            eprintln!(
-                "secondary killed; primary degraded after {:?}: {replica}",
-                killed_at.elapsed()
-            );
-            assert!(
-                load.wait_progress(20, Duration::from_secs(10)),
-                "writes do not complete while the replica is degraded (on_disconnect = degrade); \
-             errors: {:?}; replica: {}",
-                load.errors(),
-                cluster.replica(A)
+            wait_state_logged(cluster, "degraded", degrade_deadline, "secondary killed");
+            load.assert_progress(
+                20,
+                Duration::from_secs(10),
+                "while the replica is degraded (on_disconnect = degrade)",
+                cluster,
             );
             assert!(
                 load.errors().is_empty(),
@@ -741,17 +649,8 @@ fn metro_secondary_kill9_degrades_resyncs_then_rpo_zero() {
                 load.errors()
             );
             cluster.restart(B);
-            let restarted_at = Instant::now();
-            let replica = cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
-            eprintln!(
-                "secondary restarted; in-sync again after {:?}: {replica}",
-                restarted_at.elapsed()
-            );
-            assert!(
-                load.wait_progress(20, Duration::from_secs(10)),
-                "writes do not complete after the resync; errors: {:?}",
-                load.errors()
-            );
+            wait_state_logged(cluster, "in-sync", RESYNC_TIMEOUT, "secondary restarted");
+            load.assert_progress(20, Duration::from_secs(10), "after the resync", cluster);
             std::thread::sleep(after_in_sync);
         });
     rejoin_old_primary(&mut cluster, A, &region, &spec);
@@ -885,11 +784,7 @@ fn metro_initial_sync_then_writes_reach_the_secondary() {
 
     // Writes while in-sync.
     write_phase(&cluster.nbd_socket(A), &mut image, seed ^ 0xa5a5, 300);
-    let replica = cluster.wait_volume(A, "in-sync with no lag", Duration::from_secs(10), |v| {
-        cluster::replica_of(v, "b")
-            .map(|r| r["state"] == "in-sync" && r["lag_bytes"] == 0)
-            .unwrap_or(false)
-    });
+    let replica = wait_in_sync_no_lag(&cluster);
     eprintln!("after the in-sync writes: {replica}");
     // Reads on the secondary work and see every completed write (checked at the end, so the
     // switchover below still runs and reports).
@@ -956,21 +851,15 @@ fn metro_initial_sync_then_writes_reach_the_secondary() {
 #[test]
 fn metro_link_cut_degrades_then_delta_resync() {
     let seed = harness::test_seed("metro_link_cut_degrades_then_delta_resync");
-    let mut cluster = Cluster::start(ClusterOptions {
+    let spec = WorkloadSpec::once(seed, 4, 2048); // 8 MiB of the 64 MiB volume
+    let options = ClusterOptions {
         relay: true,
         seed,
         ..ClusterOptions::default()
-    });
-    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x0063_7574);
-    let spec = WorkloadSpec {
-        seed,
-        round: 0,
-        writers: 4,
-        region_blocks: 2048, // 8 MiB of the 64 MiB volume
     };
+    let (mut cluster, baseline) = start_in_sync(options, spec.region_blocks);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0063_7574);
     let size = cluster.volume_size_bytes();
-    let baseline = read_region(&cluster.nbd_socket(A), spec.region_blocks);
     let resync_metric_before = cluster.metric(A, "ferry_resync_bytes_total", &[]);
     let monitor = cluster.monitor(A);
     let load = Workload::start(&cluster.nbd_socket(A), spec);
@@ -979,19 +868,14 @@ fn metro_link_cut_degrades_then_delta_resync() {
 
     cluster.relay().both().cut();
     let cut_at = Instant::now();
-    let replica = cluster.wait_replica_state(A, "degraded", cluster.peer_timeout() + DEGRADE_SLACK);
+    wait_state_logged(
+        &cluster,
+        "degraded",
+        cluster.peer_timeout() + DEGRADE_SLACK,
+        &format!("link cut (peer_timeout {})", cluster.options.peer_timeout),
+    );
     let degraded_clock = load.clock();
-    eprintln!(
-        "link cut; degraded after {:?} (peer_timeout {}): {replica}",
-        cut_at.elapsed(),
-        cluster.options.peer_timeout
-    );
-    assert!(
-        load.wait_progress(20, Duration::from_secs(10)),
-        "writes do not complete while degraded; errors {:?}; replica {}",
-        load.errors(),
-        cluster.replica(A)
-    );
+    load.assert_progress(20, Duration::from_secs(10), "while degraded", &cluster);
     std::thread::sleep(Duration::from_millis(1000));
     let while_degraded = cluster.replica(A);
     eprintln!("still cut: {while_degraded}");
@@ -1013,22 +897,13 @@ fn metro_link_cut_degrades_then_delta_resync() {
 
     let restore_clock = load.clock();
     cluster.relay().both().restore();
-    let restored_at = Instant::now();
-    let replica = cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
-    eprintln!(
-        "link restored; in-sync after {:?}: {replica}",
-        restored_at.elapsed()
-    );
+    wait_state_logged(&cluster, "in-sync", RESYNC_TIMEOUT, "link restored");
     assert!(
         monitor.saw("degraded"),
         "the state monitor never saw degraded: {}",
         format_states(&monitor.seen())
     );
-    assert!(
-        load.wait_progress(20, Duration::from_secs(10)),
-        "writes do not complete after the resync; errors {:?}",
-        load.errors()
-    );
+    load.assert_progress(20, Duration::from_secs(10), "after the resync", &cluster);
     let outcome = load.finish();
     let states = format_states(&monitor.stop());
     eprintln!(
@@ -1036,11 +911,7 @@ fn metro_link_cut_degrades_then_delta_resync() {
         outcome.records.len(),
         outcome.completed()
     );
-    assert!(
-        outcome.errors.is_empty(),
-        "writer errors: {:?}",
-        outcome.errors
-    );
+    outcome.assert_no_errors();
     let replica = cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
     let resynced = replica["resynced_bytes"]
         .as_u64()
@@ -1072,32 +943,14 @@ fn metro_link_cut_degrades_then_delta_resync() {
         "ferry_resync_bytes_total grew by {resync_metric}, less than {written_while_degraded}"
     );
 
-    let region_a = read_region(&cluster.nbd_socket(A), spec.region_blocks);
-    assert_no_violations(
-        &verify_region(&region_a, &baseline, &outcome.records, &spec),
-        "primary a after the link cut",
-        seed,
+    switchover_checked(
+        &cluster,
+        &baseline,
+        &outcome,
         &states,
+        "after the link cut and resync",
     );
-    cluster.switchover(A, B);
-    let region_b = read_region(&cluster.nbd_socket(B), spec.region_blocks);
-    assert_no_violations(
-        &verify_region(&region_b, &baseline, &outcome.records, &spec),
-        "node b promoted after the link cut and resync",
-        seed,
-        &states,
-    );
-    assert!(
-        first_difference(&region_a, &region_b).is_none(),
-        "a and b differ after the resync"
-    );
-    cluster.stop(A);
-    cluster.stop(B);
-    assert!(
-        deferred_failures.is_empty(),
-        "{}",
-        deferred_failures.join("\n")
-    );
+    stop_and_report(&mut cluster, &deferred_failures);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1108,32 +961,54 @@ fn metro_link_cut_degrades_then_delta_resync() {
 const SPLIT_BRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Once both report `split-brain`, how long they are watched to stay that way.
 const SPLIT_BRAIN_HOLD: Duration = Duration::from_secs(3);
-/// Blocks written on a while in-sync (present on both copies).
-const SB_COMMON: std::ops::Range<u64> = 0..32;
-/// Blocks written on a alone, after it degraded.
-const SB_A_ONLY: std::ops::Range<u64> = 64..112;
-/// Blocks written on b alone, after `promote --force`; overlaps the a-only blocks 96..112.
-const SB_B_ONLY: std::ops::Range<u64> = 96..144;
-/// Blocks read back from each node (covers every range above).
+/// How long the writes of one split-brain phase may take in all.
+const SB_PHASE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Blocks read back from each node (covers every phase's blocks).
 const SB_REGION_BLOCKS: u64 = 160;
 
-/// Writes each block of `blocks` on the export at `socket` (FUA, one 4 KiB write per block,
-/// then a FLUSH), with contents stamped with (seed, phase, block); every write must complete
-/// within `timeout` in all. Returns block → contents written.
+/// One phase of the split-brain test: blocks written on one node, with contents stamped with
+/// (seed, phase, block).
+struct SbPhase {
+    phase: u64,
+    label: &'static str,
+    blocks: Range<u64>,
+}
+
+/// Written on a while in-sync (present on both copies).
+const SB_COMMON: SbPhase = SbPhase {
+    phase: 1,
+    label: "common",
+    blocks: 0..32,
+};
+/// Written on a alone, after it degraded.
+const SB_A_ONLY: SbPhase = SbPhase {
+    phase: 2,
+    label: "a-only",
+    blocks: 64..112,
+};
+/// Written on b alone, after `promote --force`; overlaps the a-only blocks 96..112.
+const SB_B_ONLY: SbPhase = SbPhase {
+    phase: 3,
+    label: "b-only",
+    blocks: 96..144,
+};
+
+/// Writes each block of `phase` on the export at `socket` (FUA, one 4 KiB write per block,
+/// then a FLUSH); every write must complete within [`SB_PHASE_TIMEOUT`] in all. Returns block
+/// → contents written.
 fn write_phase_blocks(
     socket: &Path,
     seed: u64,
-    phase: u64,
-    blocks: std::ops::Range<u64>,
-    timeout: Duration,
+    phase: &SbPhase,
     what: &str,
 ) -> BTreeMap<u64, Vec<u8>> {
+    let timeout = SB_PHASE_TIMEOUT;
     let started = Instant::now();
     let mut conn = NbdConn::connect_unix(socket, VOLUME)
         .unwrap_or_else(|error| panic!("{what}: connect {}: {error}", socket.display()));
     let mut written = BTreeMap::new();
-    for block in blocks {
-        let data = block_contents(seed, phase, phase, block);
+    for block in phase.blocks.clone() {
+        let data = block_contents(seed, phase.phase, phase.phase, block);
         conn.write(block * BLOCK_BYTES as u64, &data, true)
             .unwrap_or_else(|error| {
                 panic!(
@@ -1159,9 +1034,9 @@ fn write_phase_blocks(
 /// Which phase's contents a block read back holds: `"common"`, `"a-only"`, `"b-only"`, the
 /// `baseline`, or something else (described).
 fn sb_origin(seed: u64, block: u64, actual: &[u8], baseline: &[u8]) -> String {
-    for (phase, name) in [(1, "common"), (2, "a-only"), (3, "b-only")] {
-        if actual == block_contents(seed, phase, phase, block).as_slice() {
-            return name.to_string();
+    for phase in [SB_COMMON, SB_A_ONLY, SB_B_ONLY] {
+        if actual == block_contents(seed, phase.phase, phase.phase, block).as_slice() {
+            return phase.label.to_string();
         }
     }
     if actual == baseline {
@@ -1233,28 +1108,17 @@ fn sb_log_lines(node: &Node) -> String {
 fn metro_split_brain_is_detected_and_never_silent() {
     let seed = harness::test_seed("metro_split_brain_is_detected_and_never_silent");
     let test_started = Instant::now();
-    let mut cluster = Cluster::start(ClusterOptions {
+    let options = ClusterOptions {
         relay: true,
         seed,
         ..ClusterOptions::default()
-    });
-    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
-    let baseline = read_region(&cluster.nbd_socket(A), SB_REGION_BLOCKS);
+    };
+    let (mut cluster, baseline) = start_in_sync(options, SB_REGION_BLOCKS);
 
     // 1. In sync: writes on a reach b.
-    let common = write_phase_blocks(
-        &cluster.nbd_socket(A),
-        seed,
-        1,
-        SB_COMMON,
-        Duration::from_secs(10),
-        "common writes on a (in-sync)",
-    );
-    let replica = cluster.wait_volume(A, "in-sync with no lag", Duration::from_secs(10), |v| {
-        cluster::replica_of(v, "b")
-            .map(|r| r["state"] == "in-sync" && r["lag_bytes"] == 0)
-            .unwrap_or(false)
-    });
+    let socket_a = cluster.nbd_socket(A);
+    let common = write_phase_blocks(&socket_a, seed, &SB_COMMON, "common writes on a (in-sync)");
+    let replica = wait_in_sync_no_lag(&cluster);
     eprintln!(
         "[{:?}] in sync after the common writes: {replica}",
         test_started.elapsed()
@@ -1263,21 +1127,13 @@ fn metro_split_brain_is_detected_and_never_silent() {
 
     // 2. Cut both ways; a degrades and keeps writing alone.
     cluster.relay().both().cut();
-    let cut_at = Instant::now();
-    let replica = cluster.wait_replica_state(A, "degraded", cluster.peer_timeout() + DEGRADE_SLACK);
-    eprintln!(
-        "[{:?}] link cut; a degraded after {:?}: {replica}",
-        test_started.elapsed(),
-        cut_at.elapsed()
+    wait_state_logged(
+        &cluster,
+        "degraded",
+        cluster.peer_timeout() + DEGRADE_SLACK,
+        &format!("[{:?}] link cut", test_started.elapsed()),
     );
-    let a_only = write_phase_blocks(
-        &cluster.nbd_socket(A),
-        seed,
-        2,
-        SB_A_ONLY,
-        Duration::from_secs(10),
-        "a-only writes on a (degraded)",
-    );
+    let a_only = write_phase_blocks(&socket_a, seed, &SB_A_ONLY, "a-only writes on a (degraded)");
 
     // 3. The operator force-promotes b, which writes too (some of a's blocks among them).
     eprintln!(
@@ -1295,9 +1151,7 @@ fn metro_split_brain_is_detected_and_never_silent() {
     let b_only = write_phase_blocks(
         &cluster.nbd_socket(B),
         seed,
-        3,
-        SB_B_ONLY,
-        Duration::from_secs(10),
+        &SB_B_ONLY,
         "b-only writes on b (force-promoted)",
     );
     eprintln!(
@@ -1425,18 +1279,21 @@ fn metro_split_brain_is_detected_and_never_silent() {
     let region_a = read_region(&cluster.nbd_socket(A), SB_REGION_BLOCKS);
     let region_b = read_region(&cluster.nbd_socket(B), SB_REGION_BLOCKS);
     let mut lost = Vec::new();
-    lost.extend(sb_missing(
-        "a", "common", &region_a, &baseline, &common, seed,
-    ));
-    lost.extend(sb_missing(
-        "a", "a-only", &region_a, &baseline, &a_only, seed,
-    ));
-    lost.extend(sb_missing(
-        "b", "common", &region_b, &baseline, &common, seed,
-    ));
-    lost.extend(sb_missing(
-        "b", "b-only", &region_b, &baseline, &b_only, seed,
-    ));
+    for (node, region, phase, written) in [
+        ("a", &region_a, &SB_COMMON, &common),
+        ("a", &region_a, &SB_A_ONLY, &a_only),
+        ("b", &region_b, &SB_COMMON, &common),
+        ("b", &region_b, &SB_B_ONLY, &b_only),
+    ] {
+        lost.extend(sb_missing(
+            node,
+            phase.label,
+            region,
+            &baseline,
+            written,
+            seed,
+        ));
+    }
     // A block that only the other side wrote must not have crossed over either.
     for block in 0..SB_REGION_BLOCKS {
         let range = block as usize * BLOCK_BYTES..(block as usize + 1) * BLOCK_BYTES;
@@ -1529,18 +1386,12 @@ fn metro_split_brain_is_detected_and_never_silent() {
 #[test]
 fn metro_corrupt_frame_detected_and_recovered() {
     let seed = harness::test_seed("metro_corrupt_frame_detected_and_recovered");
-    let mut cluster = Cluster::start(ClusterOptions {
+    let spec = WorkloadSpec::once(seed, 4, 4096);
+    let options = ClusterOptions {
         env_a: vec![("FERRY_FAULT_CORRUPT_FRAME".to_string(), "50".to_string())],
         ..ClusterOptions::default()
-    });
-    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
-    let spec = WorkloadSpec {
-        seed,
-        round: 0,
-        writers: 4,
-        region_blocks: 4096,
     };
-    let baseline = read_region(&cluster.nbd_socket(A), spec.region_blocks);
+    let (mut cluster, baseline) = start_in_sync(options, spec.region_blocks);
     let labels = ["where=\"replication\""];
     let errors_before = cluster.metric(B, "ferry_checksum_errors_total", &labels);
     let monitor = cluster.monitor(A);
@@ -1564,11 +1415,11 @@ fn metro_corrupt_frame_detected_and_recovered() {
         started.elapsed()
     );
     // Keep writing through the recovery.
-    assert!(
-        load.wait_progress(50, Duration::from_secs(30)),
-        "writes stopped completing after the corrupt frame; errors {:?}; replica {}",
-        load.errors(),
-        cluster.replica(A)
+    load.assert_progress(
+        50,
+        Duration::from_secs(30),
+        "after the corrupt frame",
+        &cluster,
     );
     std::thread::sleep(Duration::from_millis(500));
     let outcome = load.finish();
@@ -1578,35 +1429,20 @@ fn metro_corrupt_frame_detected_and_recovered() {
         "{} writes completed; states {states}; replica {replica}",
         outcome.completed()
     );
-    assert!(
-        outcome.errors.is_empty(),
-        "writer errors: {:?}",
-        outcome.errors
-    );
+    outcome.assert_no_errors();
     let b_metrics = cluster.metrics(B);
     eprintln!(
         "b: ferry_checksum_errors_total {:?}",
         cluster::metric_sum(&b_metrics, "ferry_checksum_errors_total", &[])
     );
 
-    let region_a = read_region(&cluster.nbd_socket(A), spec.region_blocks);
-    assert_no_violations(
-        &verify_region(&region_a, &baseline, &outcome.records, &spec),
-        "primary a after the corrupt frame",
-        seed,
+    switchover_checked(
+        &cluster,
+        &baseline,
+        &outcome,
         &states,
+        "after the corrupt frame",
     );
-    cluster.switchover(A, B);
-    let region_b = read_region(&cluster.nbd_socket(B), spec.region_blocks);
-    assert_no_violations(
-        &verify_region(&region_b, &baseline, &outcome.records, &spec),
-        "node b (promoted) after the corrupt frame",
-        seed,
-        &states,
-    );
-    if let Some(at) = first_difference(&region_a, &region_b) {
-        panic!("a and b differ at byte {at} after the corrupt frame");
-    }
     cluster.stop(A);
     cluster.stop(B);
 }
@@ -1721,33 +1557,18 @@ fn impostor_dial(target: SocketAddr, ca: &Path, cert: &Path, key: &Path) -> Stri
 fn metro_rejects_foreign_ca_and_survives_garbage_datagrams() {
     let seed = harness::test_seed("metro_rejects_foreign_ca_and_survives_garbage_datagrams");
     let mut rng = StdRng::seed_from_u64(seed ^ 0x0073_6563);
-    let mut cluster = Cluster::start(ClusterOptions::default());
-    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
-    let spec = WorkloadSpec {
-        seed,
-        round: 0,
-        writers: 2,
-        region_blocks: 2048,
-    };
-    let baseline = read_region(&cluster.nbd_socket(A), spec.region_blocks);
+    let spec = WorkloadSpec::once(seed, 2, 2048);
+    let (mut cluster, baseline) = start_in_sync(ClusterOptions::default(), spec.region_blocks);
     let auth_metric = "ferry_peer_auth_failures_total";
 
     // 1. Garbage at b's QUIC port while a writes: nothing changes.
     let monitor = cluster.monitor(A);
     let load = Workload::start(&cluster.nbd_socket(A), spec);
     send_garbage(cluster.listen_addr(B), &mut rng, 4000);
-    assert!(
-        load.wait_progress(50, Duration::from_secs(10)),
-        "writes stalled during the garbage; errors {:?}",
-        load.errors()
-    );
+    load.assert_progress(50, Duration::from_secs(10), "during the garbage", &cluster);
     let outcome = load.finish();
     let states = monitor.stop();
-    assert!(
-        outcome.errors.is_empty(),
-        "writer errors: {:?}",
-        outcome.errors
-    );
+    outcome.assert_no_errors();
     assert!(
         states.iter().all(|(_, state)| state == "in-sync"),
         "garbage datagrams to b changed a's replica state: {}",
@@ -1893,13 +1714,8 @@ fn metro_rejects_foreign_ca_and_survives_garbage_datagrams() {
     cluster.restart(A);
     cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
     cluster.switchover(A, B);
-    let region_b = read_region(&cluster.nbd_socket(B), spec.region_blocks);
-    assert_no_violations(
-        &verify_region(&region_b, &baseline, &outcome.records, &spec),
-        "node b after the garbage and the impostor",
-        seed,
-        "(see above)",
-    );
+    let what = "node b after the garbage and the impostor";
+    check_node(&cluster, B, &baseline, &outcome, what, "(see above)");
     let mut conn = NbdConn::connect_unix(&cluster.nbd_socket(B), VOLUME).expect("connect b");
     assert_eq!(
         conn.read(extra_offset, 64 * 1024).expect("read extra"),
@@ -1907,268 +1723,55 @@ fn metro_rejects_foreign_ca_and_survives_garbage_datagrams() {
         "the write made while the impostor was refused is not on b"
     );
     conn.disconnect();
-    cluster.stop(A);
-    cluster.stop(B);
-    assert!(
-        deferred_failures.is_empty(),
-        "{}",
-        deferred_failures.join("\n")
-    );
+    stop_and_report(&mut cluster, &deferred_failures);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Switchover and failback with third-party clients
 // ---------------------------------------------------------------------------------------------
 
-const QEMU_IO: (&str, &str) = ("qemu-io", "qemu-utils");
-const NBDFUSE: (&str, &str) = ("nbdfuse", "libnbd-bin");
-const MKFS_EXT4: (&str, &str) = ("mkfs.ext4", "e2fsprogs");
-const E2FSCK: (&str, &str) = ("e2fsck", "e2fsprogs");
-const FUSERMOUNT3: (&str, &str) = ("fusermount3", "fuse3");
-
-/// qemu-io with `-c` commands; fails on a non-zero exit or any sign of a failed command.
-fn qemu_io(uri: &str, commands: &[String]) -> Output {
-    let output = qemu_io_unchecked(uri, commands);
-    let all = format!("{}{}", output.stdout, output.stderr);
-    assert!(output.status.success(), "qemu-io failed: {output}");
-    for bad in ["Pattern verification failed", "failed:", "error", "Error"] {
-        assert!(
-            !all.contains(bad),
-            "qemu-io output contains {bad:?}: {output}"
-        );
-    }
-    output
+/// Switches over `from` → `to`, then attaches nbdfuse to `to`'s export, checks the filesystem,
+/// mounts it and checks the files in `sums` (`what`: when).
+fn switchover_and_mount(
+    cluster: &Cluster,
+    from: NodeId,
+    to: NodeId,
+    sums: &BTreeMap<String, u64>,
+    what: &str,
+) -> FuseMount {
+    cluster.switchover(from, to);
+    cluster.wait_role(from, "secondary", ROLE_TIMEOUT);
+    let mut mount = FuseMount::new();
+    mount.attach(&cluster.nbd_uri(to));
+    mount.fsck(what);
+    mount.mount();
+    verify_files(&mount.fs_dir, sums, what);
+    mount
 }
 
-fn qemu_io_unchecked(uri: &str, commands: &[String]) -> Output {
-    let mut command = Command::new("qemu-io");
-    command.args(["-f", "raw", uri]);
-    for line in commands {
-        command.arg("-c").arg(line);
-    }
-    run_with_timeout(&mut command, harness::COMMAND_TIMEOUT)
-}
-
-/// An ext4 filesystem on an export through nbdfuse and a loop mount (as in interop.rs). Drop
-/// unmounts and stops nbdfuse even when the test panics; if an unmount fails, the directory is
-/// left in place rather than removed through a live mount.
-struct FuseMount {
-    tempdir: Option<tempfile::TempDir>,
-    fuse_dir: PathBuf,
-    fs_dir: PathBuf,
-    nbdfuse: Option<Child>,
-    mounted: bool,
-}
-
-impl FuseMount {
-    /// Attaches nbdfuse to `uri` and waits until the image file appears.
-    fn attach(uri: &str) -> FuseMount {
-        let tempdir = harness::test_tempdir("ferry-metro-fuse-");
-        let fuse_dir = tempdir.path().join("fuse");
-        let fs_dir = tempdir.path().join("fs");
-        fs::create_dir_all(&fuse_dir).expect("mkdir fuse");
-        fs::create_dir_all(&fs_dir).expect("mkdir fs");
-        let mut mount = FuseMount {
-            tempdir: Some(tempdir),
-            fuse_dir,
-            fs_dir,
-            nbdfuse: None,
-            mounted: false,
-        };
-        let child = Command::new("nbdfuse")
-            .arg(mount.image())
-            .arg(uri)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn nbdfuse");
-        mount.nbdfuse = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if mount
-                .image()
-                .metadata()
-                .map(|m| m.len() > 0)
-                .unwrap_or(false)
-            {
-                return mount;
-            }
-            if let Some(status) = mount
-                .nbdfuse
-                .as_mut()
-                .unwrap()
-                .try_wait()
-                .expect("try_wait")
-            {
-                mount.nbdfuse = None;
-                panic!("nbdfuse {uri} exited early with {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nbdfuse file {} did not appear",
-                mount.image().display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn image(&self) -> PathBuf {
-        self.fuse_dir.join("nbd")
-    }
-
-    fn image_arg(&self) -> String {
-        self.image().to_str().expect("utf-8 path").to_string()
-    }
-
-    fn mount(&mut self) {
-        run(cmd(
-            "mount",
-            &[
-                "-o",
-                "loop",
-                &self.image_arg(),
-                self.fs_dir.to_str().unwrap(),
-            ],
-        ));
-        self.mounted = true;
-    }
-
-    fn umount(&mut self) -> bool {
-        if !self.mounted {
-            return true;
-        }
-        let fs_dir = self.fs_dir.to_str().unwrap().to_string();
-        let plain = run_with_timeout(cmd("umount", &[&fs_dir]), harness::COMMAND_TIMEOUT);
-        if plain.status.success() {
-            self.mounted = false;
-            return true;
-        }
-        eprintln!("umount failed, trying lazy: {plain}");
-        let lazy = run_with_timeout(cmd("umount", &["-l", &fs_dir]), harness::COMMAND_TIMEOUT);
-        self.mounted = !lazy.status.success();
-        !self.mounted
-    }
-
-    fn detach(&mut self) -> bool {
-        let mut clean = true;
-        if let Some(mut child) = self.nbdfuse.take() {
-            let fuse_dir = self.fuse_dir.to_str().unwrap().to_string();
-            let unmount = run_with_timeout(
-                cmd("fusermount3", &["-u", &fuse_dir]),
-                harness::COMMAND_TIMEOUT,
-            );
-            if !unmount.status.success() {
-                eprintln!("fusermount3 -u failed, trying lazy: {unmount}");
-                let lazy = run_with_timeout(
-                    cmd("fusermount3", &["-u", "-z", &fuse_dir]),
-                    harness::COMMAND_TIMEOUT,
-                );
-                clean = lazy.status.success();
-            }
-            if harness::wait_child_with_timeout(&mut child, Duration::from_secs(10)).is_none() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        clean
-    }
-
-    /// Unmounts the filesystem and detaches nbdfuse; panics if either fails.
-    fn close(mut self) {
-        assert!(self.umount(), "umount {} failed", self.fs_dir.display());
-        assert!(
-            self.detach(),
-            "fusermount3 -u {} failed",
-            self.fuse_dir.display()
-        );
-    }
-
-    /// `e2fsck -fn` on the image (read-only, forced); must report a clean filesystem.
-    fn fsck(&self, what: &str) {
-        assert!(!self.mounted, "fsck of a mounted filesystem");
-        let output = run_with_timeout(
-            cmd("e2fsck", &["-fn", &self.image_arg()]),
-            Duration::from_secs(120),
-        );
-        assert!(
-            output.status.success(),
-            "e2fsck -fn {what} found problems: {output}"
-        );
-    }
-}
-
-impl Drop for FuseMount {
-    fn drop(&mut self) {
-        let unmounted = self.umount();
-        let detached = self.detach();
-        if !(unmounted && detached) {
-            if let Some(tempdir) = self.tempdir.take() {
-                let path = tempdir.keep();
-                eprintln!("left {} in place: still mounted", path.display());
-            }
-        }
-    }
-}
-
-/// FNV-1a over a file, mixed with its length.
-fn file_checksum(path: &Path) -> u64 {
-    let data = fs::read(path).unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in &data {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash ^ data.len() as u64
-}
-
-fn write_files(
-    dir: &Path,
-    prefix: &str,
-    count: usize,
-    bytes: u64,
-    seed: u64,
-) -> BTreeMap<String, u64> {
-    let mut sums = BTreeMap::new();
-    for index in 0..count {
-        let name = format!("{prefix}-{index}.bin");
-        let path = dir.join(&name);
-        harness::write_random_file(&path, bytes, seed.wrapping_add(index as u64));
-        sums.insert(name, file_checksum(&path));
-    }
-    sums
-}
-
-fn verify_files(dir: &Path, sums: &BTreeMap<String, u64>, what: &str) {
-    for (name, sum) in sums {
-        assert_eq!(
-            file_checksum(&dir.join(name)),
-            *sum,
-            "{what}: file {name} changed"
-        );
-    }
-}
-
-/// `resynced_bytes` of node `id`'s replica (bytes sent by its last completed resync).
-fn resynced_bytes(cluster: &Cluster, id: NodeId) -> u64 {
+/// After a planned role change to primary `id` with identical copies: waits for in-sync, and
+/// defers a failure if `id`'s replica reports a full resync (`what`: which change).
+fn check_delta_resync(cluster: &Cluster, id: NodeId, what: &str, failures: &mut Vec<String>) {
+    cluster.wait_replica_state(id, "in-sync", RESYNC_TIMEOUT);
     let replica = cluster.replica(id);
-    replica["resynced_bytes"]
+    let resynced = replica["resynced_bytes"]
         .as_u64()
-        .unwrap_or_else(|| panic!("node {}: no resynced_bytes: {replica}", id.name()))
+        .unwrap_or_else(|| panic!("node {}: no resynced_bytes: {replica}", id.name()));
+    eprintln!("after {what}: {}'s replica {replica}", id.name());
+    let size = cluster.volume_size_bytes();
+    if resynced > size / 8 {
+        failures.push(format!(
+            "{what}: {} reports resynced_bytes {resynced} for a {size}-byte volume (a full \
+             resync; only what differs should be sent)",
+            id.name()
+        ));
+    }
 }
 
 #[test]
 fn metro_switchover_and_failback_with_real_clients() {
-    if !require_tools(
-        "metro_switchover_and_failback_with_real_clients",
-        &[
-            QEMU_IO,
-            NBDFUSE,
-            MKFS_EXT4,
-            E2FSCK,
-            FUSERMOUNT3,
-            ("mount", "mount"),
-            ("sync", "coreutils"),
-        ],
-    ) {
+    let tools = [&[QEMU_IO][..], &EXT4_OVER_NBDFUSE[..]].concat();
+    if !require_tools("metro_switchover_and_failback_with_real_clients", &tools) {
         return;
     }
     let seed = harness::test_seed("metro_switchover_and_failback_with_real_clients");
@@ -2184,7 +1787,8 @@ fn metro_switchover_and_failback_with_real_clients() {
     ];
 
     // On a: mkfs, files, qemu-io patterns (one with FUA).
-    let mut mount = FuseMount::attach(&cluster.nbd_uri(A));
+    let mut mount = FuseMount::new();
+    mount.attach(&cluster.nbd_uri(A));
     run(cmd(
         "mkfs.ext4",
         &[
@@ -2199,7 +1803,7 @@ fn metro_switchover_and_failback_with_real_clients() {
     mount.mount();
     let mut sums = write_files(&mount.fs_dir, "on-a", 4, 2 * MIB, seed);
     run(cmd::<&str>("sync", &[]));
-    mount.close();
+    mount.detach_all();
     qemu_io(
         &cluster.nbd_uri(A),
         &[
@@ -2225,73 +1829,45 @@ fn metro_switchover_and_failback_with_real_clients() {
         &cluster.nbd_uri(A),
         &[format!("read -P 0 {} 64k", tail + 3 * MIB)],
     );
-    cluster.wait_volume(A, "in-sync with no lag", Duration::from_secs(10), |v| {
-        cluster::replica_of(v, "b")
-            .map(|r| r["state"] == "in-sync" && r["lag_bytes"] == 0)
-            .unwrap_or(false)
-    });
+    wait_in_sync_no_lag(&cluster);
 
     // Switchover a → b.
-    cluster.switchover(A, B);
-    cluster.wait_role(A, "secondary", ROLE_TIMEOUT);
-    let mount = FuseMount::attach(&cluster.nbd_uri(B));
-    mount.fsck("on b after the switchover");
-    let mut mount = mount;
-    mount.mount();
-    verify_files(&mount.fs_dir, &sums, "on b after the switchover");
+    let mut mount = switchover_and_mount(&cluster, A, B, &sums, "on b after the switchover");
     sums.extend(write_files(&mount.fs_dir, "on-b", 3, 2 * MIB, seed ^ 0xb));
     run(cmd::<&str>("sync", &[]));
     assert!(mount.umount(), "umount on b");
     mount.fsck("on b after writing");
-    mount.close();
+    mount.detach_all();
+    // The patterns qemu-io wrote on a, read back on b now and on a after the failback.
+    let patterns_of_a = [
+        format!("read -P 0xa1 {tail} 1M"),
+        format!("read -P 0xa2 {} 64k", tail + MIB),
+    ];
+    let write_on_b = [
+        format!("write -P 0xb1 {} 1M", tail + 2 * MIB),
+        "flush".to_string(),
+    ];
     qemu_io(
         &cluster.nbd_uri(B),
-        &[
-            format!("read -P 0xa1 {tail} 1M"),
-            format!("read -P 0xa2 {} 64k", tail + MIB),
-            format!("write -P 0xb1 {} 1M", tail + 2 * MIB),
-            "flush".to_string(),
-        ],
+        &[patterns_of_a.clone(), write_on_b].concat(),
     );
-    cluster.wait_replica_state(B, "in-sync", RESYNC_TIMEOUT);
-    let resynced_b = resynced_bytes(&cluster, B);
-    eprintln!("after switchover a→b: b's replica {}", cluster.replica(B));
     // Resync volume is checked at the end, so the filesystem checks still run and report.
     let mut deferred_failures = Vec::new();
-    if resynced_b > size / 8 {
-        deferred_failures.push(format!(
-            "switchover a→b: b reports resynced_bytes {resynced_b} for a {size}-byte volume (a \
-             full resync; only what differs should be sent)"
-        ));
-    }
+    check_delta_resync(&cluster, B, "switchover a→b", &mut deferred_failures);
 
     // Failback b → a.
-    cluster.switchover(B, A);
-    cluster.wait_role(B, "secondary", ROLE_TIMEOUT);
-    let mount = FuseMount::attach(&cluster.nbd_uri(A));
-    mount.fsck("on a after the failback");
-    let mut mount = mount;
-    mount.mount();
-    verify_files(&mount.fs_dir, &sums, "on a after the failback");
-    mount.close();
+    let mut mount = switchover_and_mount(&cluster, B, A, &sums, "on a after the failback");
+    mount.detach_all();
+    // b's pattern, and the 64 KiB the secondary refused (still zeros).
+    let patterns_since = [
+        format!("read -P 0xb1 {} 1M", tail + 2 * MIB),
+        format!("read -P 0 {} 64k", tail + 3 * MIB),
+    ];
     qemu_io(
         &cluster.nbd_uri(A),
-        &[
-            format!("read -P 0xa1 {tail} 1M"),
-            format!("read -P 0xa2 {} 64k", tail + MIB),
-            format!("read -P 0xb1 {} 1M", tail + 2 * MIB),
-            format!("read -P 0 {} 64k", tail + 3 * MIB),
-        ],
+        &[patterns_of_a, patterns_since].concat(),
     );
-    cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
-    let resynced_a = resynced_bytes(&cluster, A);
-    eprintln!("after failback b→a: a's replica {}", cluster.replica(A));
-    if resynced_a > size / 8 {
-        deferred_failures.push(format!(
-            "failback b→a: a reports resynced_bytes {resynced_a} for a {size}-byte volume (a \
-             full resync; only what differs should be sent)"
-        ));
-    }
+    check_delta_resync(&cluster, A, "failback b→a", &mut deferred_failures);
     let resync_total = cluster.metric(A, "ferry_resync_bytes_total", &[]) - resync_before[0]
         + cluster.metric(B, "ferry_resync_bytes_total", &[])
         - resync_before[1];
@@ -2302,11 +1878,5 @@ fn metro_switchover_and_failback_with_real_clients() {
              {size}-byte volume whose copies were identical"
         ));
     }
-    cluster.stop(A);
-    cluster.stop(B);
-    assert!(
-        deferred_failures.is_empty(),
-        "{}",
-        deferred_failures.join("\n")
-    );
+    stop_and_report(&mut cluster, &deferred_failures);
 }
