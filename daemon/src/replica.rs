@@ -181,7 +181,6 @@ struct Inner {
     flush_wanted: u64,
     durable_requested: u64,
     flush_running: bool,
-    receiving_resync: bool,
     last_error: Option<String>,
     /// The state last reported to the log and metrics.
     reported_state: ReplicaState,
@@ -297,7 +296,6 @@ impl VolumeReplication {
                     flush_wanted: 0,
                     durable_requested: 0,
                     flush_running: false,
-                    receiving_resync: false,
                     last_error: None,
                     reported_state: ReplicaState::Connecting,
                     peer_role_cache: None,
@@ -521,7 +519,7 @@ impl VolumeReplication {
             let mut inner = replica.lock();
             inner.last_error = Some("this node is shutting down".into());
             inner.session.close("node shutting down", Instant::now());
-            replica.process_events(&mut inner);
+            replica.report_state(&mut inner);
             replica.flush_transmits(&mut inner);
             drop(inner);
             // What was shipped and not durably acknowledged goes into the dirty map now: the
@@ -939,7 +937,7 @@ impl Replica {
         if inner.stream.is_some() {
             inner.session.handle_disconnected(Instant::now());
             inner.stream = None;
-            self.process_events(inner);
+            self.report_state(inner);
         }
         let id = inner.next_stream_id;
         inner.next_stream_id += 1;
@@ -960,7 +958,7 @@ impl Replica {
         inner.stream = None;
         inner.peer_generation = None;
         inner.reopen_at = Some(Instant::now() + REOPEN_DELAY);
-        self.process_events_sync(inner);
+        self.report_state(inner);
         self.wake.notify_one();
     }
 
@@ -1046,16 +1044,6 @@ impl Replica {
             drop(refreshed);
             let _ = self.status();
         }
-    }
-
-    /// Events handled without awaiting (role changes from the control socket).
-    fn process_events_sync(&self, inner: &mut Inner) {
-        self.report_state(inner);
-        self.wake.notify_one();
-    }
-
-    fn process_events(&self, inner: &mut Inner) {
-        self.report_state(inner);
     }
 
     fn report_state(&self, inner: &mut Inner) {
@@ -1273,7 +1261,6 @@ impl Replica {
                 kind, total_bytes, ..
             } => {
                 tracing::info!(volume = %self.volume.name(), peer = %self.peer, ?kind, total_bytes, "receiving a resync");
-                self.lock().receiving_resync = true;
                 self.set_consistent(false);
                 if let Err(error) = self.volume.journal_reset(None).await {
                     self.fail_stream(format!("emptying the journal for a resync: {error}"));
@@ -1805,7 +1792,6 @@ impl Replica {
         }
         self.rebase(lsn);
         let mut inner = self.lock();
-        inner.receiving_resync = false;
         if let Some(peer) = inner.peer_generation.clone() {
             let mut lineage: Lineage = self.volume.lineage();
             lineage.generation.adopt(&peer, lsn);
