@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
+use crate::accept::{serve_bounded, stop_requested};
 use crate::nbd::BoxFuture;
 
 /// Longest request line accepted; a status request is a few dozen bytes.
@@ -282,43 +283,19 @@ fn bind_private(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
 pub async fn serve(
     listener: UnixListener,
     handler: Arc<dyn ControlHandler>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                // The semaphore is never closed; stop rather than spin if it ever is.
-                Err(_) => return,
-            },
-            _ = stop_requested(&mut shutdown) => return,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Typically EMFILE; back off instead of spinning on the error.
-                    tracing::warn!(%error, "control socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stop_requested(&mut shutdown) => return,
-        };
-        let handler = Arc::clone(&handler);
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            serve_connection(stream, handler.as_ref(), shutdown).await;
-        });
-    }
-}
-
-/// Resolves once shutdown is requested, or once nobody can request it any more.
-async fn stop_requested(shutdown: &mut watch::Receiver<bool>) {
-    // The returned guard is not Send; dropping it here keeps the caller's future Send.
-    let _ = shutdown.wait_for(|stop| *stop).await;
+    serve_bounded(
+        listener,
+        CONNECTIONS_MAX,
+        "control socket",
+        shutdown,
+        |stream, shutdown| {
+            let handler = Arc::clone(&handler);
+            async move { serve_connection(stream, handler.as_ref(), shutdown).await }
+        },
+    )
+    .await;
 }
 
 enum LineRead {
@@ -895,6 +872,14 @@ mod tests {
     }
 
     /// Sends raw lines on one connection and returns one parsed reply per line.
+    /// The error code of each reply, "ok" for a success.
+    fn error_codes(replies: &[Value]) -> Vec<&str> {
+        replies
+            .iter()
+            .map(|r| r["error"]["code"].as_str().unwrap_or("ok"))
+            .collect()
+    }
+
     async fn raw_exchange(socket: &Path, lines: &[&[u8]]) -> Vec<Value> {
         let stream = UnixStream::connect(socket).await.expect("connect");
         let (read_half, mut write_half) = stream.into_split();
@@ -952,10 +937,7 @@ mod tests {
             ],
         )
         .await;
-        let codes: Vec<&str> = replies
-            .iter()
-            .map(|r| r["error"]["code"].as_str().unwrap_or("ok"))
-            .collect();
+        let codes = error_codes(&replies);
         assert_eq!(
             codes,
             [
@@ -1171,10 +1153,7 @@ mod tests {
             ],
         )
         .await;
-        let codes: Vec<&str> = replies
-            .iter()
-            .map(|r| r["error"]["code"].as_str().unwrap_or("ok"))
-            .collect();
+        let codes = error_codes(&replies);
         assert_eq!(
             codes,
             [

@@ -1,5 +1,6 @@
 //! Ferry: a block replication daemon. See ARCHITECTURE.md for the map of this crate.
 
+pub mod accept;
 pub mod config;
 pub mod control;
 pub mod daemon;

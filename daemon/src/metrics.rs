@@ -13,7 +13,9 @@ use prometheus::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
+
+use crate::accept::serve_bounded;
 
 /// Smallest latency bucket: a loopback journal write is tens of microseconds.
 const LATENCY_BUCKET_START_SECONDS: f64 = 5e-6;
@@ -474,42 +476,19 @@ pub async fn bind_http(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
 pub async fn serve_http(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let connections = Arc::new(Semaphore::new(HTTP_CONNECTIONS_MAX));
-    loop {
-        let permit = tokio::select! {
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                // The semaphore is never closed; stop rather than spin if it ever is.
-                Err(_) => return,
-            },
-            _ = stop_requested(&mut shutdown) => return,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    // Typically EMFILE; back off instead of spinning on the error.
-                    tracing::warn!(%error, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stop_requested(&mut shutdown) => return,
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let _permit = permit;
-            serve_connection(stream, &metrics).await;
-        });
-    }
-}
-
-/// Resolves once shutdown is requested, or once nobody can request it any more.
-async fn stop_requested(shutdown: &mut watch::Receiver<bool>) {
-    // The returned guard is not Send; dropping it here keeps the caller's future Send.
-    let _ = shutdown.wait_for(|stop| *stop).await;
+    serve_bounded(
+        listener,
+        HTTP_CONNECTIONS_MAX,
+        "metrics",
+        shutdown,
+        |stream, _| {
+            let metrics = Arc::clone(&metrics);
+            async move { serve_connection(stream, &metrics).await }
+        },
+    )
+    .await;
 }
 
 enum Head {

@@ -1036,6 +1036,8 @@ impl Replica {
         self.refresh_settled(&mut inner);
         self.report_state(&mut inner);
         drop(inner);
+        // Once per step: every event that can raise the apply limit (acks, persisted marks)
+        // is handled in a step. Role changes, which can lower it, update it themselves.
         self.update_limits();
         // Keeps the lag gauges current between calls of `status`, a few times a second.
         let mut refreshed = self.metrics_refreshed.lock().expect("metrics lock");
@@ -1125,8 +1127,6 @@ impl Replica {
         let Some(job) = inner.dirty.prepare_persist() else {
             inner.persisted_lsn = inner.persisted_lsn.max(upto);
             self.refresh_settled(&mut inner);
-            drop(inner);
-            self.update_limits();
             return;
         };
         inner.persisting = true;
@@ -1151,7 +1151,7 @@ impl Replica {
                 }
             }
             drop(inner);
-            me.update_limits();
+            // The step this wakes raises the apply limit.
             me.wake.notify_one();
         });
     }
@@ -1197,8 +1197,6 @@ impl Replica {
                 }
                 self.pump_queue(&mut inner);
                 self.refresh_settled(&mut inner);
-                drop(inner);
-                self.update_limits();
             }
             SessionEvent::ResyncNeeded {
                 kind,
