@@ -315,6 +315,49 @@ impl GenerationInfo {
         Ok(())
     }
 
+    /// Learns a generation the primary this copy replicates started, which may cover records
+    /// this copy already holds (the primary relabels its records from `entry.start_lsn` on when
+    /// a peer it shared them with is lost; this copy received them from the same primary, so
+    /// they are the same records). The entry must be newer than the current generation, start
+    /// no earlier than it, and start at most one past this copy's head.
+    pub fn learn_relabel(&mut self, entry: GenerationEntry) -> Result<(), GenerationError> {
+        check_node_name(&entry.promoted_by)?;
+        let follows = !self.is_empty()
+            && entry.generation > self.current_generation()
+            && self
+                .current()
+                .is_some_and(|current| entry.start_lsn >= current.start_lsn)
+            && Some(entry.start_lsn) <= self.head_lsn.checked_add(1);
+        if !follows {
+            return Err(GenerationError::DoesNotFollow {
+                generation: entry.generation,
+                start_lsn: entry.start_lsn,
+                head_lsn: self.head_lsn,
+                current: self.current_generation(),
+            });
+        }
+        self.push(entry);
+        Ok(())
+    }
+
+    /// Drops the newest entries that start past `head_lsn + 1`: a power loss took the journal
+    /// records that a learned generation covered, and a history must not claim a generation
+    /// whose start this copy never reached ([`validate`](Self::validate) refuses it). The copy
+    /// then simply holds a shorter prefix of the older generation. Returns how many went.
+    pub fn trim_to_head(&mut self) -> usize {
+        let mut dropped = 0;
+        while self.history.len() > 1
+            && self
+                .history
+                .last()
+                .is_some_and(|last| last.start_lsn > self.head_lsn.saturating_add(1))
+        {
+            self.history.pop();
+            dropped += 1;
+        }
+        dropped
+    }
+
     /// Takes over the lineage of the copy it was resynced from, holding records up to
     /// `head_lsn`.
     pub fn adopt(&mut self, ahead: &GenerationInfo, head_lsn: u64) {

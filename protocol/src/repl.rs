@@ -3,7 +3,7 @@
 //! Every frame is a fixed 16-byte header followed by the payload:
 //!
 //! ```text
-//! magic u16 (0xFE11) | version u8 (1) | type u8 | flags u16 (0) | reserved u16 (0)
+//! magic u16 (0xFE11) | version u8 (2) | type u8 | flags u16 (0) | reserved u16 (0)
 //! length u32 (payload bytes) | crc u32 (CRC-32 over the header with crc = 0, then the payload)
 //! ```
 //!
@@ -24,7 +24,7 @@ use crate::journal::RecordKind;
 /// First two bytes of every frame.
 pub const MAGIC: u16 = 0xFE11;
 /// The frame format and message set this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes of the fixed frame header.
 pub const HEADER_BYTES: usize = 16;
 /// Largest data block a `Write` or `ResyncData` carries.
@@ -35,6 +35,12 @@ pub const MAX_PAYLOAD_BYTES: usize = MAX_DATA_BYTES + 4096;
 pub const MAX_STRING_BYTES: usize = 1024;
 /// Most ranges in one `DirtyRanges` frame (16 bytes each: 1 MiB).
 pub const MAX_DIRTY_RANGES_PER_FRAME: usize = 65536;
+/// Most peers one `Progress` message lists.
+pub const MAX_PROGRESS_PEERS: usize = 64;
+/// Most digests one `VerifyReply` carries (16 bytes each: 64 KiB).
+pub const MAX_VERIFY_DIGESTS: usize = 4096;
+/// Bytes of one verify digest (a truncated SHA-256 of a block).
+pub const VERIFY_DIGEST_BYTES: usize = 16;
 
 /// Why bytes are not a valid frame, or a message cannot be encoded.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -54,7 +60,7 @@ pub enum FrameError {
     /// The type byte names no message.
     #[error("unknown message type {0}")]
     UnknownType(u8),
-    /// Flags or reserved bits are set that version 1 does not define.
+    /// Flags or reserved bits are set that this version does not define.
     #[error("reserved header bits set: flags {flags:#06x}, reserved {reserved:#06x}")]
     ReservedBits { flags: u16, reserved: u16 },
     /// The payload ends before the message does.
@@ -143,10 +149,25 @@ pub struct Hello {
     pub role: Role,
     /// The sender's lineage: volume id, generation history and journal head LSN.
     pub generation: GenerationInfo,
-    /// The newest LSN durable on the sender.
+    /// The newest LSN durable on the sender (its own records, or its primary's it holds).
     pub durable_lsn: u64,
-    /// The newest LSN applied to the sender's backing device.
-    pub applied_lsn: u64,
+    /// The sender's copy is consistent: no resync into it was interrupted.
+    pub consistent: bool,
+    /// The sender's operator chose to discard its writes since a split brain with the
+    /// receiver (`ferry resolve --discard-local`): a split brain between the two resolves in
+    /// the receiver's favour.
+    pub discarding_local: bool,
+}
+
+/// What a primary knows of one of its other metro peers, for its secondaries' bookkeeping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerProgress {
+    /// The peer's node name.
+    pub node: String,
+    /// The peer holds the primary's records durably up to here; `None` while it is not
+    /// receiving records (disconnected, being resynced): the receivers of this message track
+    /// what they hold for that peer themselves.
+    pub durable_lsn: Option<u64>,
 }
 
 /// A journal record shipped to a secondary.
@@ -205,19 +226,40 @@ pub enum Message {
     ResyncData { offset_bytes: u64, data: Bytes },
     /// A range that reads as zeros, sent as a range rather than data.
     ResyncZero { offset_bytes: u64, len_bytes: u64 },
-    /// Cumulative resync data bytes received (the sender's window).
-    ResyncAck { received_bytes: u64 },
-    /// The resync is complete: the receiver now holds the volume as of `lsn`.
-    ResyncEnd { lsn: u64 },
+    /// Cumulative resync bytes written to the receiver's device (the sender's window).
+    ResyncAck { written_bytes: u64 },
+    /// The resync is complete: the receiver now holds the volume as of `lsn`, in the sender's
+    /// lineage `lineage` (whose head is `lsn`).
+    ResyncEnd { lsn: u64, lineage: GenerationInfo },
     /// Part of the sender's dirty map since the common point; `last` ends the list.
     DirtyRanges { ranges: Vec<DirtyRange>, last: bool },
-    /// The sender changed role; a new primary also names the generation it started.
-    RoleChange {
-        role: Role,
-        generation: Option<GenerationEntry>,
-    },
+    /// The sender changed role.
+    RoleChange { role: Role },
     /// The sender closes the stream on purpose.
     Goodbye { reason: String },
+    /// Primary to secondary: a generation the primary started; it covers the records from its
+    /// start LSN on, some of which the receiver may already hold.
+    NewGeneration { entry: GenerationEntry },
+    /// Primary to secondary: how far the primary itself and its other peers hold its records
+    /// durably (see [`PeerProgress`]).
+    Progress {
+        durable_lsn: u64,
+        peers: Vec<PeerProgress>,
+    },
+    /// Asks for digests of `[offset_bytes, offset_bytes + len_bytes)`, one per `block_bytes`,
+    /// once the receiver holds every record up to `at_lsn` (online verify).
+    VerifyRequest {
+        id: u64,
+        offset_bytes: u64,
+        len_bytes: u64,
+        block_bytes: u64,
+        at_lsn: u64,
+    },
+    /// The digests a `VerifyRequest` asked for, in block order.
+    VerifyReply {
+        id: u64,
+        digests: Vec<[u8; VERIFY_DIGEST_BYTES]>,
+    },
 }
 
 const TYPE_HELLO: u8 = 1;
@@ -236,6 +278,10 @@ const TYPE_RESYNC_END: u8 = 13;
 const TYPE_DIRTY_RANGES: u8 = 14;
 const TYPE_ROLE_CHANGE: u8 = 15;
 const TYPE_GOODBYE: u8 = 16;
+const TYPE_NEW_GENERATION: u8 = 17;
+const TYPE_PROGRESS: u8 = 18;
+const TYPE_VERIFY_REQUEST: u8 = 19;
+const TYPE_VERIFY_REPLY: u8 = 20;
 
 impl Message {
     fn type_byte(&self) -> u8 {
@@ -256,6 +302,10 @@ impl Message {
             Message::DirtyRanges { .. } => TYPE_DIRTY_RANGES,
             Message::RoleChange { .. } => TYPE_ROLE_CHANGE,
             Message::Goodbye { .. } => TYPE_GOODBYE,
+            Message::NewGeneration { .. } => TYPE_NEW_GENERATION,
+            Message::Progress { .. } => TYPE_PROGRESS,
+            Message::VerifyRequest { .. } => TYPE_VERIFY_REQUEST,
+            Message::VerifyReply { .. } => TYPE_VERIFY_REPLY,
         }
     }
 
@@ -283,6 +333,10 @@ fn type_name(type_byte: u8) -> &'static str {
         TYPE_DIRTY_RANGES => "dirty-ranges",
         TYPE_ROLE_CHANGE => "role-change",
         TYPE_GOODBYE => "goodbye",
+        TYPE_NEW_GENERATION => "new-generation",
+        TYPE_PROGRESS => "progress",
+        TYPE_VERIFY_REQUEST => "verify-request",
+        TYPE_VERIFY_REPLY => "verify-reply",
         _ => "unknown",
     }
 }
@@ -316,7 +370,7 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), FrameError> {
     Ok(())
 }
 
-fn put_string(out: &mut BytesMut, value: &str) -> Result<(), FrameError> {
+pub(crate) fn put_string(out: &mut BytesMut, value: &str) -> Result<(), FrameError> {
     if value.len() > MAX_STRING_BYTES {
         return Err(FrameError::StringTooLong {
             len_bytes: value.len(),
@@ -339,7 +393,7 @@ fn put_data(out: &mut BytesMut, data: &[u8]) -> Result<(), FrameError> {
     Ok(())
 }
 
-fn role_byte(role: Role) -> u8 {
+pub(crate) fn role_byte(role: Role) -> u8 {
     match role {
         Role::Primary => 1,
         Role::Secondary => 2,
@@ -354,10 +408,27 @@ fn kind_byte(kind: RecordKind) -> u8 {
     }
 }
 
-fn put_entry(out: &mut BytesMut, entry: &GenerationEntry) -> Result<(), FrameError> {
+pub(crate) fn put_entry(out: &mut BytesMut, entry: &GenerationEntry) -> Result<(), FrameError> {
     out.put_u64_le(entry.generation);
     out.put_u64_le(entry.start_lsn);
     put_string(out, &entry.promoted_by)
+}
+
+pub(crate) fn put_lineage(out: &mut BytesMut, info: &GenerationInfo) -> Result<(), FrameError> {
+    out.put_u64_le(info.volume_id);
+    out.put_u64_le(info.head_lsn);
+    if info.history.len() > MAX_HISTORY_ENTRIES {
+        return Err(FrameError::TooManyEntries {
+            count: info.history.len(),
+            max: MAX_HISTORY_ENTRIES,
+        });
+    }
+    // Cannot truncate: MAX_HISTORY_ENTRIES < 65536.
+    out.put_u16_le(info.history.len() as u16);
+    for entry in &info.history {
+        put_entry(out, entry)?;
+    }
+    Ok(())
 }
 
 fn put_decision(out: &mut BytesMut, decision: Decision) {
@@ -393,21 +464,9 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
             put_string(out, &hello.volume)?;
             out.put_u64_le(hello.size_bytes);
             out.put_u8(role_byte(hello.role));
-            let info = &hello.generation;
-            out.put_u64_le(info.volume_id);
-            out.put_u64_le(info.head_lsn);
             out.put_u64_le(hello.durable_lsn);
-            out.put_u64_le(hello.applied_lsn);
-            if info.history.len() > MAX_HISTORY_ENTRIES {
-                return Err(FrameError::TooManyEntries {
-                    count: info.history.len(),
-                    max: MAX_HISTORY_ENTRIES,
-                });
-            }
-            out.put_u16_le(info.history.len() as u16);
-            for entry in &info.history {
-                put_entry(out, entry)?;
-            }
+            out.put_u8(u8::from(hello.consistent) | (u8::from(hello.discarding_local) << 1));
+            put_lineage(out, &hello.generation)?;
         }
         Message::Welcome { decision } => put_decision(out, *decision),
         Message::Refuse { code, reason } => {
@@ -473,8 +532,11 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
             out.put_u64_le(*offset_bytes);
             out.put_u64_le(*len_bytes);
         }
-        Message::ResyncAck { received_bytes } => out.put_u64_le(*received_bytes),
-        Message::ResyncEnd { lsn } => out.put_u64_le(*lsn),
+        Message::ResyncAck { written_bytes } => out.put_u64_le(*written_bytes),
+        Message::ResyncEnd { lsn, lineage } => {
+            out.put_u64_le(*lsn);
+            put_lineage(out, lineage)?;
+        }
         Message::DirtyRanges { ranges, last } => {
             if ranges.len() > MAX_DIRTY_RANGES_PER_FRAME {
                 return Err(FrameError::TooManyEntries {
@@ -489,17 +551,57 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
                 out.put_u64_le(range.len_bytes);
             }
         }
-        Message::RoleChange { role, generation } => {
-            out.put_u8(role_byte(*role));
-            match generation {
-                None => out.put_u8(0),
-                Some(entry) => {
-                    out.put_u8(1);
-                    put_entry(out, entry)?;
+        Message::RoleChange { role } => out.put_u8(role_byte(*role)),
+        Message::Goodbye { reason } => put_string(out, reason)?,
+        Message::NewGeneration { entry } => put_entry(out, entry)?,
+        Message::Progress { durable_lsn, peers } => {
+            if peers.len() > MAX_PROGRESS_PEERS {
+                return Err(FrameError::TooManyEntries {
+                    count: peers.len(),
+                    max: MAX_PROGRESS_PEERS,
+                });
+            }
+            out.put_u64_le(*durable_lsn);
+            // Cannot truncate: MAX_PROGRESS_PEERS < 256.
+            out.put_u8(peers.len() as u8);
+            for peer in peers {
+                put_string(out, &peer.node)?;
+                match peer.durable_lsn {
+                    None => out.put_u8(0),
+                    Some(lsn) => {
+                        out.put_u8(1);
+                        out.put_u64_le(lsn);
+                    }
                 }
             }
         }
-        Message::Goodbye { reason } => put_string(out, reason)?,
+        Message::VerifyRequest {
+            id,
+            offset_bytes,
+            len_bytes,
+            block_bytes,
+            at_lsn,
+        } => {
+            out.put_u64_le(*id);
+            out.put_u64_le(*offset_bytes);
+            out.put_u64_le(*len_bytes);
+            out.put_u64_le(*block_bytes);
+            out.put_u64_le(*at_lsn);
+        }
+        Message::VerifyReply { id, digests } => {
+            if digests.len() > MAX_VERIFY_DIGESTS {
+                return Err(FrameError::TooManyEntries {
+                    count: digests.len(),
+                    max: MAX_VERIFY_DIGESTS,
+                });
+            }
+            out.put_u64_le(*id);
+            // Cannot truncate: MAX_VERIFY_DIGESTS < 2^32.
+            out.put_u32_le(digests.len() as u32);
+            for digest in digests {
+                out.put_slice(digest);
+            }
+        }
     }
     Ok(())
 }
@@ -556,42 +658,42 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
 }
 
 /// A bounds-checked reader over a payload; every read fails instead of panicking.
-struct Reader {
-    payload: Bytes,
-    message: &'static str,
+pub(crate) struct Reader {
+    pub(crate) payload: Bytes,
+    pub(crate) message: &'static str,
 }
 
 impl Reader {
-    fn truncated(&self) -> FrameError {
+    pub(crate) fn truncated(&self) -> FrameError {
         FrameError::Truncated {
             message: self.message,
         }
     }
-    fn u8(&mut self) -> Result<u8, FrameError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, FrameError> {
         if self.payload.remaining() < 1 {
             return Err(self.truncated());
         }
         Ok(self.payload.get_u8())
     }
-    fn u16(&mut self) -> Result<u16, FrameError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, FrameError> {
         if self.payload.remaining() < 2 {
             return Err(self.truncated());
         }
         Ok(self.payload.get_u16_le())
     }
-    fn u32(&mut self) -> Result<u32, FrameError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, FrameError> {
         if self.payload.remaining() < 4 {
             return Err(self.truncated());
         }
         Ok(self.payload.get_u32_le())
     }
-    fn u64(&mut self) -> Result<u64, FrameError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, FrameError> {
         if self.payload.remaining() < 8 {
             return Err(self.truncated());
         }
         Ok(self.payload.get_u64_le())
     }
-    fn bool(&mut self) -> Result<bool, FrameError> {
+    pub(crate) fn bool(&mut self) -> Result<bool, FrameError> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
@@ -599,13 +701,13 @@ impl Reader {
         }
     }
     /// Zero-copy: a slice of the frame.
-    fn bytes(&mut self, len: usize) -> Result<Bytes, FrameError> {
+    pub(crate) fn bytes(&mut self, len: usize) -> Result<Bytes, FrameError> {
         if self.payload.remaining() < len {
             return Err(self.truncated());
         }
         Ok(self.payload.split_to(len))
     }
-    fn string(&mut self) -> Result<String, FrameError> {
+    pub(crate) fn string(&mut self) -> Result<String, FrameError> {
         let len = usize::from(self.u16()?);
         if len > MAX_STRING_BYTES {
             return Err(FrameError::StringTooLong { len_bytes: len });
@@ -613,7 +715,7 @@ impl Reader {
         let raw = self.bytes(len)?;
         String::from_utf8(raw.to_vec()).map_err(|_| FrameError::BadUtf8)
     }
-    fn data(&mut self) -> Result<Bytes, FrameError> {
+    pub(crate) fn data(&mut self) -> Result<Bytes, FrameError> {
         let len = self.u32()?;
         if len as usize > MAX_DATA_BYTES {
             return Err(FrameError::BadDataLength {
@@ -622,21 +724,41 @@ impl Reader {
         }
         self.bytes(len as usize)
     }
-    fn role(&mut self) -> Result<Role, FrameError> {
+    pub(crate) fn role(&mut self) -> Result<Role, FrameError> {
         match self.u8()? {
             1 => Ok(Role::Primary),
             2 => Ok(Role::Secondary),
             _ => Err(FrameError::Invalid("role")),
         }
     }
-    fn entry(&mut self) -> Result<GenerationEntry, FrameError> {
+    pub(crate) fn entry(&mut self) -> Result<GenerationEntry, FrameError> {
         Ok(GenerationEntry {
             generation: self.u64()?,
             start_lsn: self.u64()?,
             promoted_by: self.string()?,
         })
     }
-    fn finish(self) -> Result<(), FrameError> {
+    pub(crate) fn lineage(&mut self) -> Result<GenerationInfo, FrameError> {
+        let volume_id = self.u64()?;
+        let head_lsn = self.u64()?;
+        let count = usize::from(self.u16()?);
+        if count > MAX_HISTORY_ENTRIES {
+            return Err(FrameError::TooManyEntries {
+                count,
+                max: MAX_HISTORY_ENTRIES,
+            });
+        }
+        let mut history = Vec::with_capacity(count);
+        for _ in 0..count {
+            history.push(self.entry()?);
+        }
+        Ok(GenerationInfo {
+            volume_id,
+            history,
+            head_lsn,
+        })
+    }
+    pub(crate) fn finish(self) -> Result<(), FrameError> {
         if self.payload.has_remaining() {
             return Err(FrameError::TrailingBytes {
                 message: self.message,
@@ -659,26 +781,12 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
             let volume = r.string()?;
             let size_bytes = r.u64()?;
             let role = r.role()?;
-            let volume_id = r.u64()?;
-            let head_lsn = r.u64()?;
             let durable_lsn = r.u64()?;
-            let applied_lsn = r.u64()?;
-            let count = usize::from(r.u16()?);
-            if count > MAX_HISTORY_ENTRIES {
-                return Err(FrameError::TooManyEntries {
-                    count,
-                    max: MAX_HISTORY_ENTRIES,
-                });
+            let flags = r.u8()?;
+            if flags & !0b11 != 0 {
+                return Err(FrameError::Invalid("hello flags"));
             }
-            let mut history = Vec::with_capacity(count);
-            for _ in 0..count {
-                history.push(r.entry()?);
-            }
-            let generation = GenerationInfo {
-                volume_id,
-                history,
-                head_lsn,
-            };
+            let generation = r.lineage()?;
             Message::Hello(Hello {
                 protocol_version,
                 node,
@@ -687,7 +795,8 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
                 role,
                 generation,
                 durable_lsn,
-                applied_lsn,
+                consistent: flags & 1 != 0,
+                discarding_local: flags & 2 != 0,
             })
         }
         TYPE_WELCOME => {
@@ -794,9 +903,12 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
             len_bytes: r.u64()?,
         },
         TYPE_RESYNC_ACK => Message::ResyncAck {
-            received_bytes: r.u64()?,
+            written_bytes: r.u64()?,
         },
-        TYPE_RESYNC_END => Message::ResyncEnd { lsn: r.u64()? },
+        TYPE_RESYNC_END => Message::ResyncEnd {
+            lsn: r.u64()?,
+            lineage: r.lineage()?,
+        },
         TYPE_DIRTY_RANGES => {
             let last = r.bool()?;
             let count = r.u32()? as usize;
@@ -816,14 +928,53 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
             }
             Message::DirtyRanges { ranges, last }
         }
-        TYPE_ROLE_CHANGE => {
-            let role = r.role()?;
-            let generation = if r.bool()? { Some(r.entry()?) } else { None };
-            Message::RoleChange { role, generation }
-        }
+        TYPE_ROLE_CHANGE => Message::RoleChange { role: r.role()? },
         TYPE_GOODBYE => Message::Goodbye {
             reason: r.string()?,
         },
+        TYPE_NEW_GENERATION => Message::NewGeneration { entry: r.entry()? },
+        TYPE_PROGRESS => {
+            let durable_lsn = r.u64()?;
+            let count = usize::from(r.u8()?);
+            if count > MAX_PROGRESS_PEERS {
+                return Err(FrameError::TooManyEntries {
+                    count,
+                    max: MAX_PROGRESS_PEERS,
+                });
+            }
+            let mut peers = Vec::with_capacity(count);
+            for _ in 0..count {
+                let node = r.string()?;
+                let durable_lsn = if r.bool()? { Some(r.u64()?) } else { None };
+                peers.push(PeerProgress { node, durable_lsn });
+            }
+            Message::Progress { durable_lsn, peers }
+        }
+        TYPE_VERIFY_REQUEST => Message::VerifyRequest {
+            id: r.u64()?,
+            offset_bytes: r.u64()?,
+            len_bytes: r.u64()?,
+            block_bytes: r.u64()?,
+            at_lsn: r.u64()?,
+        },
+        TYPE_VERIFY_REPLY => {
+            let id = r.u64()?;
+            let count = r.u32()? as usize;
+            if count > MAX_VERIFY_DIGESTS {
+                return Err(FrameError::TooManyEntries {
+                    count,
+                    max: MAX_VERIFY_DIGESTS,
+                });
+            }
+            let mut digests = Vec::with_capacity(count.min(r.payload.remaining() / VERIFY_DIGEST_BYTES));
+            for _ in 0..count {
+                let raw = r.bytes(VERIFY_DIGEST_BYTES)?;
+                let mut digest = [0u8; VERIFY_DIGEST_BYTES];
+                digest.copy_from_slice(&raw);
+                digests.push(digest);
+            }
+            Message::VerifyReply { id, digests }
+        }
         other => return Err(FrameError::UnknownType(other)),
     };
     r.finish()?;
@@ -852,7 +1003,7 @@ mod tests {
     /// frame decodes back to `message`, consuming all of it.
     fn check(type_byte: u8, payload_hex: &str, message: Message) {
         let payload = unhex(payload_hex);
-        let mut expected = vec![0x11, 0xfe, 0x01, type_byte, 0, 0, 0, 0];
+        let mut expected = vec![0x11, 0xfe, VERSION, type_byte, 0, 0, 0, 0];
         expected.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         let mut crc = crc32fast::Hasher::new();
         crc.update(&expected);
@@ -890,7 +1041,8 @@ mod tests {
                 head_lsn: 9,
             },
             durable_lsn: 8,
-            applied_lsn: 7,
+            consistent: true,
+            discarding_local: false,
         }
     }
 
@@ -904,10 +1056,10 @@ mod tests {
             "766f6c",
             "0010000000000000",
             "01", // version, node, volume, size, role
-            "2211000000000000",
-            "0900000000000000",
             "0800000000000000",
-            "0700000000000000", // id, head, durable, applied
+            "01", // durable, flags (consistent)
+            "2211000000000000",
+            "0900000000000000", // volume id, head
             "0100",
             "0500010000000000",
             "0100000000000000",
@@ -1025,18 +1177,52 @@ mod tests {
         );
         check(
             TYPE_ROLE_CHANGE,
-            "02 00",
+            "02",
             Message::RoleChange {
                 role: Role::Secondary,
-                generation: None,
             },
         );
         check(
-            TYPE_ROLE_CHANGE,
-            "01 01 0100020000000000 0a00000000000000 0100 62",
-            Message::RoleChange {
-                role: Role::Primary,
-                generation: Some(entry(0x20001, 10, "b")),
+            TYPE_NEW_GENERATION,
+            "0100020000000000 0a00000000000000 0100 62",
+            Message::NewGeneration {
+                entry: entry(0x20001, 10, "b"),
+            },
+        );
+        check(
+            TYPE_PROGRESS,
+            "0900000000000000 02 0100 62 01 0700000000000000 0100 63 00",
+            Message::Progress {
+                durable_lsn: 9,
+                peers: vec![
+                    PeerProgress {
+                        node: "b".into(),
+                        durable_lsn: Some(7),
+                    },
+                    PeerProgress {
+                        node: "c".into(),
+                        durable_lsn: None,
+                    },
+                ],
+            },
+        );
+        check(
+            TYPE_VERIFY_REQUEST,
+            "0300000000000000 0000100000000000 0000100000000000 0010000000000000 0500000000000000",
+            Message::VerifyRequest {
+                id: 3,
+                offset_bytes: 1 << 20,
+                len_bytes: 1 << 20,
+                block_bytes: 4096,
+                at_lsn: 5,
+            },
+        );
+        check(
+            TYPE_VERIFY_REPLY,
+            "0300000000000000 01000000 000102030405060708090a0b0c0d0e0f",
+            Message::VerifyReply {
+                id: 3,
+                digests: vec![[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]],
             },
         );
     }
@@ -1071,12 +1257,19 @@ mod tests {
         check(
             TYPE_RESYNC_ACK,
             "0200000000000000",
-            Message::ResyncAck { received_bytes: 2 },
+            Message::ResyncAck { written_bytes: 2 },
         );
         check(
             TYPE_RESYNC_END,
-            "2a00000000000000",
-            Message::ResyncEnd { lsn: 42 },
+            "2a00000000000000 2211000000000000 2a00000000000000 0100 0500010000000000 0100000000000000 0100 61",
+            Message::ResyncEnd {
+                lsn: 42,
+                lineage: GenerationInfo {
+                    volume_id: 0x1122,
+                    history: vec![entry(0x10005, 1, "a")],
+                    head_lsn: 42,
+                },
+            },
         );
         let ranges = vec![DirtyRange {
             offset_bytes: 4096,
@@ -1120,7 +1313,7 @@ mod tests {
 
     #[test]
     fn oversized_and_malformed_frames_are_refused() {
-        let mut header = BytesMut::from(&unhex("11fe 01 05 0000 0000 00008100 00000000")[..]);
+        let mut header = BytesMut::from(&unhex("11fe 02 05 0000 0000 00008100 00000000")[..]);
         assert_eq!(
             decode(&mut header),
             Err(FrameError::FrameTooLarge {
@@ -1203,24 +1396,22 @@ mod tests {
                 arb_string(),
                 any::<u64>(),
                 arb_role(),
-                any::<[u64; 5]>(),
-                proptest::collection::vec(arb_entry(), 0..4)
+                any::<[u64; 3]>(),
+                arb_lineage(),
+                any::<[bool; 2]>(),
             )
                 .prop_map(
-                    |(protocol_version, node, volume, size_bytes, role, n, history)| Message::Hello(
+                    |(protocol_version, node, volume, size_bytes, role, n, generation, flags)| Message::Hello(
                         Hello {
                             protocol_version,
                             node,
                             volume,
                             size_bytes,
                             role,
-                            generation: GenerationInfo {
-                                volume_id: n[0],
-                                history,
-                                head_lsn: n[1]
-                            },
+                            generation,
                             durable_lsn: n[2],
-                            applied_lsn: n[3],
+                            consistent: flags[0],
+                            discarding_local: flags[1],
                         }
                     )
                 ),
@@ -1282,8 +1473,8 @@ mod tests {
                     len_bytes,
                 }
             }),
-            any::<u64>().prop_map(|received_bytes| Message::ResyncAck { received_bytes }),
-            any::<u64>().prop_map(|lsn| Message::ResyncEnd { lsn }),
+            any::<u64>().prop_map(|written_bytes| Message::ResyncAck { written_bytes }),
+            (any::<u64>(), arb_lineage()).prop_map(|(lsn, lineage)| Message::ResyncEnd { lsn, lineage }),
             (
                 proptest::collection::vec((any::<u64>(), any::<u64>()), 0..10),
                 any::<bool>()
@@ -1298,10 +1489,40 @@ mod tests {
                         .collect(),
                     last
                 }),
-            (arb_role(), proptest::option::of(arb_entry()))
-                .prop_map(|(role, generation)| Message::RoleChange { role, generation }),
+            arb_role().prop_map(|role| Message::RoleChange { role }),
             arb_string().prop_map(|reason| Message::Goodbye { reason }),
+            arb_entry().prop_map(|entry| Message::NewGeneration { entry }),
+            (
+                any::<u64>(),
+                proptest::collection::vec((arb_string(), proptest::option::of(any::<u64>())), 0..4)
+            )
+                .prop_map(|(durable_lsn, peers)| Message::Progress {
+                    durable_lsn,
+                    peers: peers
+                        .into_iter()
+                        .map(|(node, durable_lsn)| PeerProgress { node, durable_lsn })
+                        .collect()
+                }),
+            any::<[u64; 5]>().prop_map(|n| Message::VerifyRequest {
+                id: n[0],
+                offset_bytes: n[1],
+                len_bytes: n[2],
+                block_bytes: n[3],
+                at_lsn: n[4]
+            }),
+            (any::<u64>(), proptest::collection::vec(any::<[u8; 16]>(), 0..5))
+                .prop_map(|(id, digests)| Message::VerifyReply { id, digests }),
         ]
+    }
+
+    fn arb_lineage() -> impl Strategy<Value = GenerationInfo> {
+        (any::<u64>(), any::<u64>(), proptest::collection::vec(arb_entry(), 0..4)).prop_map(
+            |(volume_id, head_lsn, history)| GenerationInfo {
+                volume_id,
+                history,
+                head_lsn,
+            },
+        )
     }
 
     proptest! {
@@ -1323,7 +1544,7 @@ mod tests {
             let mut bytes = bytes;
             if valid_header && bytes.len() >= 4 {
                 // Give the payload parsers a chance: a valid magic and version.
-                bytes[..3].copy_from_slice(&[0x11, 0xfe, 0x01]);
+                bytes[..3].copy_from_slice(&[0x11, 0xfe, VERSION]);
             }
             let mut buf = BytesMut::from(&bytes[..]);
             let given = buf.len();
@@ -1335,8 +1556,8 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_payloads_with_valid_crc_never_panic(type_byte in 0u8..20, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let mut frame = vec![0x11, 0xfe, 0x01, type_byte, 0, 0, 0, 0];
+        fn arbitrary_payloads_with_valid_crc_never_panic(type_byte in 0u8..24, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut frame = vec![0x11, 0xfe, VERSION, type_byte, 0, 0, 0, 0];
             frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
             let mut crc = crc32fast::Hasher::new();
             crc.update(&frame);

@@ -1,0 +1,151 @@
+//! What a completed handshake sets in motion: the plan (see `plan.rs`) applied to this copy.
+
+use super::{Plan, Replicator, Side};
+use crate::generation::{Decision, Role};
+use crate::repl::Hello;
+
+impl Replicator {
+    pub(super) fn on_ready(&mut self, p: usize, decision: Decision, peer_hello: &Hello) {
+        let Some(sent) = self.peers[p].session.sent_hello().cloned() else {
+            return;
+        };
+        let local_first = sent.node < peer_hello.node;
+        let local = Side {
+            role: sent.role,
+            head_lsn: sent.generation.head_lsn,
+            consistent: sent.consistent,
+            discarding_local: sent.discarding_local,
+            name_rank: u8::from(!local_first),
+        };
+        let remote = Side {
+            role: peer_hello.role,
+            head_lsn: peer_hello.generation.head_lsn,
+            consistent: peer_hello.consistent,
+            discarding_local: peer_hello.discarding_local,
+            name_rank: u8::from(local_first),
+        };
+        let plan = super::plan::plan(decision, &local, &remote);
+        {
+            let peer = &mut self.peers[p];
+            peer.knows_generation = peer
+                .knows_generation
+                .max(peer_hello.generation.current_generation());
+        }
+        // The decision was made over the hellos as sent. If this copy changed since (a write
+        // in a new generation, a role change) and the plan would discard its data, the
+        // decision is stale: decide again rather than lose the write.
+        let discards_local = match plan {
+            Plan::Demote => true,
+            Plan::Receive { from_lsn, .. } => self.head_lsn > from_lsn,
+            _ => false,
+        };
+        let changed = self.role != sent.role
+            || self.persisted_lineage().history != sent.generation.history
+            || (self.role == Role::Primary && self.head_lsn != sent.generation.head_lsn);
+        if (discards_local && changed) || (self.role != sent.role) {
+            return self.close_link(p, "this copy changed during the handshake; deciding again");
+        }
+        if matches!(plan, Plan::Receive { .. }) {
+            // One primary at a time (two only exist in a split brain): the second waits
+            // until this copy no longer follows the first.
+            if let Some(other) = self
+                .peers
+                .iter()
+                .enumerate()
+                .find(|(q, peer)| {
+                    *q != p && ((peer.is_my_primary && peer.session.is_up()) || peer.resync_in.is_some())
+                })
+                .map(|(_, peer)| peer.name().to_owned())
+            {
+                return self.close_link(p, &format!("this copy already follows {other}"));
+            }
+        }
+        self.peers[p].plan = Some(plan);
+        self.peers[p].peer_consistent = peer_hello.consistent;
+        if !matches!(plan, Plan::SplitBrain { .. }) {
+            self.peers[p].split_brain = false;
+        }
+        match plan {
+            Plan::Ship {
+                resync,
+                full,
+                from_lsn,
+            } => {
+                let durable = peer_hello.durable_lsn.min(from_lsn);
+                self.peers[p]
+                    .session
+                    .set_mode(super::Mode::Ship, from_lsn, durable);
+                self.peers[p].contacted = true;
+                self.peers[p].split_brain = false;
+                self.peers[p].last_error = None;
+                if !resync {
+                    // The peer holds this copy's records up to `from_lsn` (its head).
+                    self.peers[p].acked_journal_lsn = from_lsn;
+                    self.peers[p].confirm(durable);
+                }
+                if resync {
+                    let out = self.new_resync_out(full, true);
+                    self.peers[p].resync_out = Some(out);
+                } else if self.head_lsn > from_lsn {
+                    // Records tapped during the handshake were marked, not queued: they go
+                    // in a resync the peer did not have to report anything for.
+                    let out = self.new_resync_out(false, false);
+                    self.peers[p].resync_out = Some(out);
+                } else if self.meta.protecting(self.peers[p].name()) {
+                    // In sync at once.
+                } else {
+                    let name = self.peers[p].config.name.clone();
+                    self.meta.set_protecting(&name, true);
+                }
+            }
+            Plan::Receive {
+                resync,
+                full,
+                from_lsn,
+            } => {
+                let durable = self.local_durable_lsn.min(from_lsn);
+                self.peers[p]
+                    .session
+                    .set_mode(super::Mode::Receive, from_lsn.min(self.head_lsn), durable);
+                self.peers[p].is_my_primary = true;
+                self.peers[p].split_brain = false;
+                self.peers[p].last_error = None;
+                // The two copies share a lineage from now on: a restart of either as primary
+                // must hear from the other first.
+                let name = self.peers[p].config.name.clone();
+                self.meta.set_protecting(&name, true);
+                if resync {
+                    let resync_in = self.new_resync_in(full);
+                    self.peers[p].resync_in = Some(resync_in);
+                }
+            }
+            Plan::Idle => {
+                self.peers[p].session.set_mode(super::Mode::Idle, 0, 0);
+                self.peers[p].last_error = if self.role == Role::Primary {
+                    Some("the peer is primary too and must demote first".into())
+                } else {
+                    None
+                };
+            }
+            Plan::Demote => {
+                self.peers[p].session.set_mode(super::Mode::Idle, 0, 0);
+                self.peers[p].last_error =
+                    Some("the peer holds newer data: this copy demotes".into());
+                self.demote_required(p);
+            }
+            Plan::SplitBrain { .. } => {
+                self.peers[p].session.set_mode(super::Mode::Idle, 0, 0);
+                self.peers[p].split_brain = true;
+                self.peers[p].last_error = Some(format!(
+                    "split brain: both copies were written since they split; run `ferry resolve {} --discard-local` on the copy whose writes should go",
+                    self.volume()
+                ));
+            }
+            Plan::Refuse => {
+                let reason = format!("the copies cannot replicate: {}", decision.as_str());
+                self.close_link(p, &reason);
+            }
+        }
+        self.flush_transmits(p);
+    }
+}

@@ -1,0 +1,437 @@
+//! Operator commands that change roles: promote, demote, resolve. Each is started by a
+//! `begin_*` call, moves on in [`Replicator::advance`], and ends with a result the daemon
+//! collects with [`Replicator::take_op_result`].
+
+use std::time::Instant;
+
+use super::{Action, OpError, OpOutcome, PendingOp, Plan, Replicator};
+use crate::generation::Role;
+
+impl Replicator {
+    /// The result of the operator command in progress, once it has one.
+    pub fn take_op_result(&mut self) -> Option<Result<OpOutcome, OpError>> {
+        self.op_result.take()
+    }
+
+    /// Whether an operator command (or a demotion the peer required) is in progress.
+    pub fn op_in_progress(&self) -> bool {
+        self.op.is_some()
+    }
+
+    fn busy(&self) -> Option<OpError> {
+        if let Some(reason) = &self.failed {
+            return Some(OpError::Failed {
+                volume: self.volume().to_owned(),
+                reason: reason.clone(),
+            });
+        }
+        self.op.as_ref().map(|_| OpError::Busy {
+            volume: self.volume().to_owned(),
+        })
+    }
+
+    /// `ferry promote` (SPEC §3).
+    pub fn begin_promote(&mut self, force: bool, now: Instant) -> Result<(), OpError> {
+        self.now = now;
+        if let Some(error) = self.busy() {
+            return Err(error);
+        }
+        if self.role == Role::Primary {
+            if self.fenced {
+                // The operator asserts that no peer was promoted meanwhile: like any
+                // promotion, the writes from here on are in a generation of their own.
+                self.op = Some(PendingOp::Unfence {
+                    generation_started: false,
+                });
+            } else {
+                self.op_result = Some(Ok(OpOutcome::Promoted {
+                    generation: self.meta_persisted.lineage.current_generation(),
+                }));
+            }
+            return Ok(());
+        }
+        if self.meta.lineage.is_empty() {
+            return Err(OpError::NeverSynced {
+                volume: self.volume().to_owned(),
+            });
+        }
+        if !self.meta.consistent || !self.meta_persisted.consistent {
+            return Err(OpError::NotConsistent {
+                volume: self.volume().to_owned(),
+            });
+        }
+        let wait = self
+            .peers
+            .iter()
+            .map(|p| p.config.peer_timeout)
+            .max()
+            .unwrap_or_default();
+        self.op = Some(PendingOp::Promote {
+            force,
+            deadline: now + wait,
+            closed: false,
+            generation_started: false,
+        });
+        Ok(())
+    }
+
+    /// `ferry demote` (SPEC §3). Admission closes at once; the daemon drains the writes in
+    /// flight ([`Action::Drain`]) and the role is stored after.
+    pub fn begin_demote(&mut self) -> Result<(), OpError> {
+        if let Some(error) = self.busy() {
+            return Err(error);
+        }
+        if self.role == Role::Secondary {
+            self.op_result = Some(Ok(OpOutcome::Demoted));
+            return Ok(());
+        }
+        self.start_demote(None);
+        Ok(())
+    }
+
+    fn start_demote(&mut self, resolve_with: Option<String>) {
+        self.demoting = true;
+        self.op = Some(PendingOp::Demote {
+            drained: false,
+            resolve_with,
+            stored: false,
+        });
+        self.actions.push_back(Action::Drain);
+    }
+
+    /// A handshake found the peer ahead of this primary: it demotes itself.
+    pub(super) fn demote_required(&mut self, _p: usize) {
+        if self.role == Role::Primary && self.op.is_none() {
+            self.start_demote(None);
+        }
+    }
+
+    /// The daemon drained the writes [`Action::Drain`] asked for.
+    pub fn writes_drained(&mut self) {
+        if let Some(PendingOp::Demote { drained, .. }) = &mut self.op {
+            *drained = true;
+        }
+    }
+
+    /// `ferry resolve VOLUME --discard-local [--peer NAME]` (SPEC §3): this copy gives up
+    /// its writes since the split brain with `peer` and is resynced from it, by the blocks
+    /// either side changed since their common point.
+    pub fn begin_resolve(&mut self, peer: Option<&str>) -> Result<(), OpError> {
+        if let Some(error) = self.busy() {
+            return Err(error);
+        }
+        if let Some(winner) = &self.meta.resolving_with {
+            self.op_result = Some(Ok(OpOutcome::Resolving {
+                peer: winner.clone(),
+            }));
+            return Ok(());
+        }
+        // A copy a resync left inconsistent has nothing of its own to keep: it may give way to
+        // any peer (the primary, when it is connected).
+        let inconsistent = !self.meta.consistent || !self.meta_persisted.consistent;
+        let split: Vec<usize> = (0..self.peers.len())
+            .filter(|p| {
+                self.peers[*p].split_brain
+                    || (inconsistent
+                        && self.peers[*p]
+                            .session
+                            .peer()
+                            .is_some_and(|(hello, _)| hello.role == Role::Primary))
+            })
+            .collect();
+        let chosen = match peer {
+            Some(name) => {
+                let Some(p) = self.peers.iter().position(|q| q.name() == name) else {
+                    return Err(OpError::UnknownPeer {
+                        peer: name.to_owned(),
+                        volume: self.volume().to_owned(),
+                    });
+                };
+                if !self.peers[p].split_brain && !inconsistent {
+                    return Err(OpError::NoSplitBrain {
+                        volume: self.volume().to_owned(),
+                    });
+                }
+                p
+            }
+            None => match split.as_slice() {
+                [] => {
+                    return Err(OpError::NoSplitBrain {
+                        volume: self.volume().to_owned(),
+                    })
+                }
+                [only] => *only,
+                several => {
+                    return Err(OpError::WhichPeer {
+                        volume: self.volume().to_owned(),
+                        peers: several
+                            .iter()
+                            .map(|p| self.peers[*p].name())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })
+                }
+            },
+        };
+        if !self.peers[chosen].peer_consistent {
+            return Err(OpError::WinnerInconsistent {
+                peer: self.peers[chosen].name().to_owned(),
+                volume: self.volume().to_owned(),
+            });
+        }
+        if let Some(primary) = self
+            .peers
+            .iter()
+            .enumerate()
+            .find(|(q, p)| *q != chosen && p.is_my_primary && p.session.is_up())
+        {
+            return Err(OpError::FollowsPrimary {
+                primary: primary.1.name().to_owned(),
+                volume: self.volume().to_owned(),
+            });
+        }
+        // A peer this copy ships to holds these writes too: discarding them only here would
+        // leave that peer in the same split brain, with data nobody can resync from.
+        if let Some(other) = (0..self.peers.len()).find(|q| {
+            *q != chosen && matches!(self.peers[*q].plan, Some(Plan::Ship { .. }))
+        }) {
+            return Err(OpError::WouldLoseData {
+                peer: self.peers[other].name().to_owned(),
+                volume: self.volume().to_owned(),
+            });
+        }
+        let winner = self.peers[chosen].name().to_owned();
+        if self.role == Role::Primary {
+            self.start_demote(Some(winner));
+        } else {
+            self.meta.resolving_with = Some(winner.clone());
+            self.op = Some(PendingOp::Resolve { peer: winner });
+        }
+        Ok(())
+    }
+
+    /// Moves the command in progress on (called from `advance`).
+    pub(super) fn advance_op(&mut self, now: Instant) {
+        let Some(op) = self.op.take() else {
+            return;
+        };
+        self.op = match op {
+            PendingOp::Promote {
+                force,
+                deadline,
+                closed,
+                generation_started,
+            } => self.advance_promote(force, deadline, closed, generation_started, now),
+            PendingOp::Demote {
+                drained,
+                resolve_with,
+                stored,
+            } => self.advance_demote(drained, resolve_with, stored),
+            PendingOp::Resolve { peer } => {
+                if self.meta_settled() {
+                    // Every link decides again with this copy discarding its writes.
+                    for p in 0..self.peers.len() {
+                        self.close_link(p, "resolving a split brain: this copy discards its writes");
+                    }
+                    self.op_result = Some(Ok(OpOutcome::Resolving { peer }));
+                    None
+                } else {
+                    Some(PendingOp::Resolve { peer })
+                }
+            }
+            PendingOp::Unfence { generation_started } => {
+                if !generation_started {
+                    if self.local_durable_lsn < self.head_lsn {
+                        self.flush_wanted_lsn = self.flush_wanted_lsn.max(self.head_lsn);
+                        Some(PendingOp::Unfence {
+                            generation_started: false,
+                        })
+                    } else {
+                        self.start_own_generation();
+                        Some(PendingOp::Unfence {
+                            generation_started: true,
+                        })
+                    }
+                } else if self.meta_settled() {
+                    self.fenced = false;
+                    self.op_result = Some(Ok(OpOutcome::Promoted {
+                        generation: self.meta_persisted.lineage.current_generation(),
+                    }));
+                    None
+                } else {
+                    Some(PendingOp::Unfence {
+                        generation_started: true,
+                    })
+                }
+            }
+        };
+        if self.failed.is_some() {
+            if let Some(_op) = self.op.take() {
+                let reason = self.failed.clone().unwrap_or_default();
+                self.op_result = Some(Err(OpError::Failed {
+                    volume: self.volume().to_owned(),
+                    reason,
+                }));
+                self.demoting = false;
+            }
+        }
+    }
+
+    /// Starts a generation of this node at head + 1 (the journal is durable up to the head).
+    fn start_own_generation(&mut self) {
+        let highest_seen = self
+            .peers
+            .iter()
+            .map(|p| p.knows_generation)
+            .max()
+            .unwrap_or(0);
+        let mut lineage = self.lineage();
+        match lineage.start_generation(&self.config.node, highest_seen) {
+            Ok(_) => {
+                lineage.head_lsn = 0;
+                self.meta.lineage = lineage;
+            }
+            Err(error) => self.fail(format!("cannot start a generation: {error}")),
+        }
+    }
+
+    fn advance_promote(
+        &mut self,
+        force: bool,
+        deadline: Instant,
+        mut closed: bool,
+        mut generation_started: bool,
+        now: Instant,
+    ) -> Option<PendingOp> {
+        if !closed {
+            // A peer that still looks like a live primary may just have died: give the link
+            // `peer_timeout` to notice. --force skips the wait (the operator knows).
+            let primary = self.peers.iter().find(|p| {
+                p.session
+                    .peer()
+                    .is_some_and(|(hello, _)| hello.role == Role::Primary)
+            });
+            if let (Some(peer), false) = (primary, force) {
+                if now < deadline {
+                    return Some(PendingOp::Promote {
+                        force,
+                        deadline,
+                        closed,
+                        generation_started,
+                    });
+                }
+                self.op_result = Some(Err(OpError::PeerIsPrimary {
+                    peer: peer.name().to_owned(),
+                    volume: self.volume().to_owned(),
+                }));
+                return None;
+            }
+            // Stop receiving: nothing from the old primary may land after the promotion.
+            for p in 0..self.peers.len() {
+                self.close_link(p, "this node is being promoted");
+            }
+            closed = true;
+        }
+        if !self.appends.is_empty()
+            || !self.device_ops.is_empty()
+            || self.reset_in_flight
+            || self.device_sync_in_flight
+            || self.peers.iter().any(|p| p.resync_in.is_some())
+        {
+            // What this copy received lands first (a resync whose end arrived finishes).
+            return Some(PendingOp::Promote {
+                force,
+                deadline,
+                closed,
+                generation_started,
+            });
+        }
+        if !self.meta.consistent || !self.meta_persisted.consistent {
+            // A resync wrote this copy after the checks.
+            self.op_result = Some(Err(OpError::NotConsistent {
+                volume: self.volume().to_owned(),
+            }));
+            return None;
+        }
+        if !generation_started {
+            if self.local_durable_lsn < self.head_lsn {
+                self.flush_wanted_lsn = self.flush_wanted_lsn.max(self.head_lsn);
+                return Some(PendingOp::Promote {
+                    force,
+                    deadline,
+                    closed,
+                    generation_started,
+                });
+            }
+            self.start_own_generation();
+            self.meta.role = Role::Primary;
+            // A promotion overrides a pending `resolve --discard-local`: the writes this copy
+            // takes from now on are not the ones the operator chose to discard.
+            self.meta.resolving_with = None;
+            generation_started = true;
+        }
+        if !self.meta_settled() {
+            return Some(PendingOp::Promote {
+                force,
+                deadline,
+                closed,
+                generation_started,
+            });
+        }
+        self.role = Role::Primary;
+        self.fenced = false;
+        self.appended_up_to = self.head_lsn;
+        // This copy's client writes start after the head; what it published before (as a
+        // primary of another lineage, or at start) says nothing about them.
+        self.settled_published = (self.head_lsn, self.head_lsn);
+        for peer in &mut self.peers {
+            peer.third_durable_lsn = None;
+            peer.is_my_primary = false;
+        }
+        self.op_result = Some(Ok(OpOutcome::Promoted {
+            generation: self.meta_persisted.lineage.current_generation(),
+        }));
+        None
+    }
+
+    fn advance_demote(
+        &mut self,
+        drained: bool,
+        resolve_with: Option<String>,
+        mut stored: bool,
+    ) -> Option<PendingOp> {
+        if !drained {
+            return Some(PendingOp::Demote {
+                drained,
+                resolve_with,
+                stored,
+            });
+        }
+        if !stored {
+            self.meta.role = Role::Secondary;
+            if let Some(winner) = &resolve_with {
+                self.meta.resolving_with = Some(winner.clone());
+            }
+            stored = true;
+        }
+        if !self.meta_settled() {
+            return Some(PendingOp::Demote {
+                drained,
+                resolve_with,
+                stored,
+            });
+        }
+        self.role = Role::Secondary;
+        self.demoting = false;
+        self.fenced = false;
+        self.holding = false;
+        for p in 0..self.peers.len() {
+            self.close_link(p, "this node demoted");
+        }
+        self.op_result = Some(Ok(match resolve_with {
+            Some(peer) => OpOutcome::Resolving { peer },
+            None => OpOutcome::Demoted,
+        }));
+        None
+    }
+}

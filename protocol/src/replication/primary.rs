@@ -1,0 +1,437 @@
+//! The primary's side: records as they get their LSN, shipping, acknowledgements, progress
+//! reports, the generation rule and the resyncs it sends.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{
+    Action, Peer, Plan, RangeSet, Replicator, ResyncOut, TailRecord, HANDOVER_HOLD_BYTES,
+    RESYNC_CHUNK_BYTES, RESYNC_READS_MAX, ZERO_RUN_BYTES_MAX,
+};
+use crate::generation::Role;
+use crate::repl::{DirtyRange, Message, PeerProgress, ResyncKind, WriteRecord};
+
+impl Replicator {
+    /// A record got its LSN in the primary's journal (called by the journal writer, in LSN
+    /// order, as it assigns the LSN). Ships it to every peer receiving records; for the
+    /// others it is marked at the next [`advance`](Self::advance).
+    pub fn tap(&mut self, record: WriteRecord) {
+        assert!(
+            self.role == Role::Primary,
+            "only a primary's journal is tapped"
+        );
+        assert_eq!(record.lsn, self.head_lsn + 1, "records are tapped in LSN order");
+        self.head_lsn = record.lsn;
+        self.appended_up_to = record.lsn;
+        let len_bytes = u64::from(record.len_bytes);
+        self.tail.push_back(TailRecord {
+            lsn: record.lsn,
+            offset_bytes: record.offset_bytes,
+            len_bytes,
+        });
+        for p in 0..self.peers.len() {
+            if self.shipping_records(p) {
+                self.peers[p].queue.push_back(record.clone());
+                self.pump_queue(p);
+                self.flush_transmits(p);
+            } else if let Some(resync) = self.peers[p].resync_out.as_mut() {
+                if resync.started && resync.ended_at.is_none() {
+                    // Its blocks are read again: the read that sends them may predate it.
+                    resync.todo.insert(record.offset_bytes, len_bytes);
+                }
+            }
+            if let Some(verify) = self.peers[p].verify.as_mut() {
+                verify.written(record.offset_bytes, len_bytes);
+            }
+        }
+    }
+
+    /// Whether records ship to peer `p` as they are tapped.
+    pub(super) fn shipping_records(&self, p: usize) -> bool {
+        let peer = &self.peers[p];
+        self.role == Role::Primary
+            && peer.session.is_up()
+            && matches!(peer.plan, Some(Plan::Ship { .. }))
+            && peer
+                .resync_out
+                .as_ref()
+                .is_none_or(|r| r.ended_at.is_some())
+    }
+
+    /// Sends queued records while the window has room.
+    pub(super) fn pump_queue(&mut self, p: usize) {
+        let now = self.now;
+        while let Some(record) = self.peers[p].queue.front() {
+            let len_bytes = record.data.len() as u64;
+            if !self.peers[p].session.can_send(len_bytes) {
+                break;
+            }
+            let record = self.peers[p].queue.pop_front().expect("checked");
+            if let Err(error) = self.peers[p].session.send_record(record, now) {
+                self.close_for(p, error);
+                return;
+            }
+        }
+    }
+
+    pub(super) fn on_ack(&mut self, p: usize, journal_lsn: u64, durable_lsn: u64) {
+        let peer = &mut self.peers[p];
+        peer.acked_journal_lsn = peer.acked_journal_lsn.max(journal_lsn);
+        peer.confirm(durable_lsn);
+        let ended = peer
+            .resync_out
+            .as_ref()
+            .and_then(|r| r.ended_at)
+            .is_some_and(|end| durable_lsn >= end);
+        if ended {
+            let resync = peer.resync_out.take().expect("checked");
+            // The peer holds this copy as of the end, durably: every mark is stale.
+            peer.map.clear_all();
+            peer.map_state = super::MapState::default();
+            peer.resynced_bytes = resync.sent_bytes;
+            peer.split_brain = false;
+            peer.last_error = None;
+            let name = peer.config.name.clone();
+            self.meta.set_protecting(&name, true);
+        }
+        self.pump_queue(p);
+    }
+
+    /// Tells each peer receiving records how far this copy and its other peers hold them.
+    pub(super) fn send_progress(&mut self) {
+        for p in 0..self.peers.len() {
+            if !self.shipping_records(p) {
+                continue;
+            }
+            let peers: Vec<PeerProgress> = (0..self.peers.len())
+                .filter(|q| *q != p)
+                .map(|q| PeerProgress {
+                    node: self.peers[q].config.name.clone(),
+                    durable_lsn: self
+                        .confirming(q)
+                        .then_some(self.peers[q].acked_durable_lsn),
+                })
+                .collect();
+            // Only what the peer itself was sent: its acks bound what it may confirm.
+            let durable_lsn = self.local_durable_lsn.min(self.peers[p].session.sent_lsn());
+            let progress = (durable_lsn, peers);
+            if self.peers[p].progress_sent.as_ref() == Some(&progress) {
+                continue;
+            }
+            self.peers[p].progress_sent = Some(progress.clone());
+            let (durable_lsn, peers) = progress;
+            if let Err(error) = self.peers[p]
+                .session
+                .send(Message::Progress { durable_lsn, peers })
+            {
+                self.close_for(p, error);
+            }
+        }
+    }
+
+    /// The generation rule (module doc): when a peer that may hold the current generation
+    /// stops confirming records of it, start a new one, once the journal is durable.
+    pub(super) fn maybe_start_generation(&mut self) {
+        if self.role != Role::Primary || self.failed.is_some() {
+            return;
+        }
+        let (generation, start) = self.persisted_generation();
+        if self.meta.lineage.current_generation() != generation {
+            return; // one is being stored
+        }
+        let needed = (0..self.peers.len()).any(|p| {
+            let peer = &self.peers[p];
+            !self.confirming(p)
+                && peer.knows_generation >= generation
+                && self.head_lsn >= start
+                && self.head_lsn > peer.acked_durable_lsn
+        });
+        if !needed {
+            return;
+        }
+        if self.local_durable_lsn < self.head_lsn {
+            // A generation never starts past the durable head: a power loss must not leave
+            // a history naming records this copy lost.
+            self.flush_wanted_lsn = self.flush_wanted_lsn.max(self.head_lsn);
+            return;
+        }
+        // Records up to what completion has published are done; every later one may yet
+        // complete by marks, so the new generation starts right after.
+        let first_unsettled = self.settled().1.saturating_add(1);
+        let start_lsn = first_unsettled.clamp(start, self.head_lsn + 1);
+        let highest_seen = self
+            .peers
+            .iter()
+            .map(|p| p.knows_generation)
+            .max()
+            .unwrap_or(0);
+        let mut lineage = self.meta.lineage.clone();
+        lineage.head_lsn = start_lsn - 1;
+        if let Err(error) = lineage.start_generation(&self.config.node, highest_seen) {
+            self.fail(format!("cannot start a generation: {error}"));
+            return;
+        }
+        lineage.head_lsn = 0;
+        self.meta.lineage = lineage;
+    }
+
+    /// Peers receiving records learn a generation this copy started (so that a promotion of
+    /// one of them meets this copy as related, not as a split brain).
+    pub(super) fn announce_generation(&mut self) {
+        if self.role != Role::Primary {
+            return;
+        }
+        let Some(entry) = self.meta_persisted.lineage.current().cloned() else {
+            return;
+        };
+        for p in 0..self.peers.len() {
+            if !self.shipping_records(p)
+                || self.peers[p].knows_generation >= entry.generation
+                || entry.start_lsn > self.peers[p].session.sent_lsn() + 1
+            {
+                continue;
+            }
+            self.peers[p].knows_generation = entry.generation;
+            let message = Message::NewGeneration {
+                entry: entry.clone(),
+            };
+            if let Err(error) = self.peers[p].session.send(message) {
+                self.close_for(p, error);
+            }
+        }
+    }
+
+    /// A fenced primary is released once every peer that protects it has answered.
+    pub(super) fn update_fence(&mut self) {
+        if self.fenced
+            && self
+                .peers
+                .iter()
+                .all(|p| p.contacted || !self.meta.protecting(p.name()))
+        {
+            self.fenced = false;
+        }
+    }
+
+    /// A resync near its end holds new writes so the hand-over converges under load.
+    pub(super) fn update_holding(&mut self) {
+        self.holding = self.peers.iter().any(|peer| {
+            peer.resync_out.as_ref().is_some_and(|r| {
+                r.started
+                    && r.ended_at.is_none()
+                    && !r.waiting_for_ranges
+                    && r.sent_bytes >= r.first_pass_bytes
+                    && r.todo.bytes() <= HANDOVER_HOLD_BYTES
+            })
+        });
+    }
+
+    // ---- the resync this copy sends ------------------------------------------------------
+
+    pub(super) fn new_resync_out(&self, full: bool, waiting_for_ranges: bool) -> ResyncOut {
+        ResyncOut {
+            full,
+            waiting_for_ranges,
+            started: false,
+            todo: RangeSet::default(),
+            reads: Default::default(),
+            zero_run: None,
+            sent_bytes: 0,
+            data_bytes: 0,
+            started_at: self.now,
+            first_pass_bytes: 0,
+            ended_at: None,
+        }
+    }
+
+    pub(super) fn on_dirty_ranges(&mut self, p: usize, ranges: &[DirtyRange], last: bool) {
+        let peer = &mut self.peers[p];
+        let Some(resync) = peer.resync_out.as_mut() else {
+            return;
+        };
+        if !resync.waiting_for_ranges {
+            return;
+        }
+        for range in ranges {
+            peer.map.mark(range.offset_bytes, range.len_bytes);
+        }
+        if !ranges.is_empty() {
+            // The peer's own changes: only a resync explains them.
+            peer.map_state.resync_only = true;
+        }
+        if last {
+            resync.waiting_for_ranges = false;
+        }
+    }
+
+    /// When the rate cap lets the resync read next, if it is waiting for it.
+    pub(super) fn resync_due(&self, peer: &Peer, resync: &ResyncOut) -> Option<Instant> {
+        let rate = peer.config.resync_max_rate_bytes_per_s?;
+        if !resync.started || resync.ended_at.is_some() || self.holding {
+            return None;
+        }
+        let due = resync.started_at + Duration::from_secs_f64(resync.data_bytes as f64 / rate as f64);
+        (due > self.now).then_some(due)
+    }
+
+    pub(super) fn pump_resync(&mut self, p: usize, now: Instant) {
+        if self.role != Role::Primary || !self.peers[p].session.is_up() {
+            return;
+        }
+        let Some(resync) = self.peers[p].resync_out.as_ref() else {
+            return;
+        };
+        if resync.waiting_for_ranges || resync.ended_at.is_some() {
+            return;
+        }
+        if !resync.started {
+            self.begin_resync(p);
+            return;
+        }
+        let due = self.resync_due(&self.peers[p], self.peers[p].resync_out.as_ref().expect("checked"));
+        let peer = &mut self.peers[p];
+        let resync = peer.resync_out.as_mut().expect("checked");
+        if due.is_none() {
+            while resync.reads.len() < RESYNC_READS_MAX
+                && peer.session.can_send_resync(RESYNC_CHUNK_BYTES)
+            {
+                let Some((offset_bytes, len_bytes)) = resync.todo.pop(RESYNC_CHUNK_BYTES) else {
+                    break;
+                };
+                let id = self.next_id;
+                self.next_id += 1;
+                resync.reads.insert(id, (offset_bytes, len_bytes));
+                self.actions.push_back(Action::Read {
+                    id,
+                    offset_bytes,
+                    len_bytes,
+                });
+            }
+        }
+        let _ = now;
+        if resync.todo.is_empty() && resync.reads.is_empty() {
+            self.end_resync(p);
+        }
+    }
+
+    fn begin_resync(&mut self, p: usize) {
+        let head = self.head_lsn;
+        let peer = &mut self.peers[p];
+        let resync = peer.resync_out.as_mut().expect("a resync to begin");
+        if resync.full {
+            peer.map.mark_all();
+            peer.map_state.resync_only = true;
+        }
+        let mut todo = RangeSet::default();
+        for (offset, len) in peer.map.all_ranges() {
+            todo.insert(offset, len);
+        }
+        let total = todo.bytes();
+        resync.todo = todo;
+        resync.first_pass_bytes = total;
+        resync.started = true;
+        resync.started_at = self.now;
+        let kind = if resync.full {
+            ResyncKind::Full
+        } else {
+            ResyncKind::Delta
+        };
+        if let Err(error) = peer.session.send_resync_begin(kind, total, head) {
+            self.close_for(p, error);
+        }
+    }
+
+    /// Sends the merged zero range, if any.
+    fn flush_zero_run(&mut self, p: usize) -> bool {
+        let Some(resync) = self.peers[p].resync_out.as_mut() else {
+            return false;
+        };
+        let Some((offset_bytes, len_bytes)) = resync.zero_run.take() else {
+            return true;
+        };
+        let message = Message::ResyncZero {
+            offset_bytes,
+            len_bytes,
+        };
+        match self.peers[p].session.send(message) {
+            Ok(()) => true,
+            Err(error) => {
+                self.close_for(p, error);
+                false
+            }
+        }
+    }
+
+    /// Nothing left to send: every record up to the head is at the peer. Ends at the head,
+    /// in the stored lineage (waiting for a generation being stored).
+    fn end_resync(&mut self, p: usize) {
+        if !self.meta_settled() {
+            return;
+        }
+        if !self.flush_zero_run(p) {
+            return;
+        }
+        let lsn = self.head_lsn;
+        let lineage = self.persisted_lineage();
+        let generation = lineage.current_generation();
+        let peer = &mut self.peers[p];
+        if let Err(error) = peer.session.send_resync_end(lsn, lineage) {
+            self.close_for(p, error);
+            return;
+        }
+        peer.knows_generation = peer.knows_generation.max(generation);
+        if let Some(resync) = peer.resync_out.as_mut() {
+            resync.ended_at = Some(lsn);
+        }
+        self.holding = false;
+    }
+
+    /// A [`Action::Read`] completed.
+    pub fn read_done(&mut self, id: u64, result: Result<Bytes, String>) {
+        let Some(p) = self.peers.iter().position(|peer| {
+            peer.resync_out
+                .as_ref()
+                .is_some_and(|r| r.reads.contains_key(&id))
+        }) else {
+            return; // the resync it was for is gone
+        };
+        let resync = self.peers[p].resync_out.as_mut().expect("found above");
+        let (offset_bytes, len_bytes) = resync.reads.remove(&id).expect("found above");
+        let data = match result {
+            Ok(data) if data.len() as u64 == len_bytes => data,
+            Ok(_) | Err(_) => {
+                // A read error is the volume's (it fails on its own); try the range again.
+                resync.todo.insert(offset_bytes, len_bytes);
+                return;
+            }
+        };
+        resync.sent_bytes += len_bytes;
+        if data.iter().all(|b| *b == 0) {
+            match &mut resync.zero_run {
+                Some((at, run)) if *at + *run == offset_bytes && *run + len_bytes <= ZERO_RUN_BYTES_MAX => {
+                    *run += len_bytes;
+                    return;
+                }
+                _ => {}
+            }
+            if !self.flush_zero_run(p) {
+                return;
+            }
+            if let Some(resync) = self.peers[p].resync_out.as_mut() {
+                resync.zero_run = Some((offset_bytes, len_bytes));
+            }
+            return;
+        }
+        if !self.flush_zero_run(p) {
+            return;
+        }
+        if let Some(resync) = self.peers[p].resync_out.as_mut() {
+            resync.data_bytes += len_bytes;
+        }
+        if let Err(error) = self.peers[p].session.send_resync_data(offset_bytes, data) {
+            self.close_for(p, error);
+        }
+        self.flush_transmits(p);
+    }
+}
