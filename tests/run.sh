@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every Ferry test: unit, property, crash and interop tests against real NBD clients.
+# Runs every Ferry test: unit, property, crash, power-loss and interop tests against real NBD
+# clients.
 # The interop tests drive third-party tools (shared/TOOLS.md); when some are missing this script
 # installs them (as root, with apt-get) or names exactly what to install, and stops.
 set -euo pipefail
@@ -29,4 +30,5 @@ fi
 # FUSE needs its device; loop mounts need loop devices (both present on the project's machines).
 [ -e /dev/fuse ] || { echo "/dev/fuse is missing: the ext4-through-nbdfuse test cannot run" >&2; exit 1; }
 
-exec cargo test --release --workspace "$@"
+# The power-loss tests drive a daemon built with fault injection (off in production builds).
+exec cargo test --release --workspace --features ferry/fault-injection "$@"

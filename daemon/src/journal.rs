@@ -548,6 +548,13 @@ async fn recover(
         path: name.to_string(),
         reason,
     };
+    // A process killed before its last fdatasync leaves batches in the page cache, and this
+    // scan replays them. Made durable first (the write-ahead rule), so that a power loss
+    // during the replay cannot leave device blocks torn by records the journal then lacks.
+    journal
+        .sync()
+        .await
+        .map_err(io_err("fdatasync of the journal before recovery"))?;
     let slots = read_block(journal, 0, 2 * BLOCK_BYTES).await?;
     let superblock = [
         Superblock::decode(&slots[..BLOCK_BYTES]),
@@ -1501,6 +1508,16 @@ impl Applier {
         wave: usize,
     ) -> Result<(), JournalError> {
         let records: Vec<&ApplyRecord> = round.iter().flat_map(|b| b.records.iter()).collect();
+        // The write-ahead rule: no record reaches the device before it is durable in the
+        // journal. Completed batches may still be in the disk's (or the page) cache; applied
+        // early, a power loss before the device's fdatasync could tear device blocks between
+        // their old contents and a record whose batch was lost, which no replay repairs. Every
+        // batch of the round is written, so one fdatasync per round covers them all (most
+        // often a FUA or FLUSH already did, and it finds nothing to write).
+        self.journal
+            .sync()
+            .await
+            .map_err(io_err("fdatasync of the journal before applying"))?;
         write_coalesced(&*self.device, records.iter().map(|r| (r.lsn, &r.op)), wave)
             .await
             .map_err(io_err("applying the journal to the device"))?;
@@ -1633,7 +1650,9 @@ enum DeviceWrite {
 }
 
 /// Polls every future to completion concurrently. Small enough not to need the futures crate.
-async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+pub(crate) async fn join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
     let mut futures: Vec<_> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
     let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {

@@ -204,6 +204,8 @@ impl Volume {
             },
         )
         .map_err(io_error("cannot open device", &config.device))?;
+        let device = storage::maybe_device_write_delay(device)
+            .map_err(io_error("cannot open device", &config.device))?;
         if let Some(size) = config.size_bytes {
             if size != device.len_bytes() {
                 tracing::warn!(volume = %name, configured = size, actual = device.len_bytes(), "device size differs from config; using the device's size");

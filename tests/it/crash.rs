@@ -17,19 +17,22 @@ use crate::nbd_wire::NbdConn;
 
 const EXPORT: &str = "vol0";
 /// Writes land in the first 16 MiB so that blocks are overwritten often; each writer stops
-/// after 200 000 writes even if the kill comes late (bounded loop).
-const SHAPE: WriteShape = WriteShape {
+/// after 200 000 writes even if the kill comes late (bounded loop). One write in 8 has FUA,
+/// one in 16 is followed by a FLUSH.
+pub(crate) const SHAPE: WriteShape = WriteShape {
     region_blocks: 4096,
     max_blocks_per_write: 4,
     writes_max: 200_000,
+    fua_one_in: 8,
+    flush_one_in: 16,
 };
 const WRITERS: u64 = 4;
 const HEADER_MAGIC: &[u8; 8] = b"FERRYCRT";
 
 /// A block of round `round` starts with a header naming the write, then seeded noise.
-struct CrashStamp {
-    seed: u64,
-    round: u64,
+pub(crate) struct CrashStamp {
+    pub(crate) seed: u64,
+    pub(crate) round: u64,
 }
 
 impl Stamp for CrashStamp {
@@ -63,8 +66,8 @@ fn writer_loop(
     daemon_socket: std::path::PathBuf,
     tcp_addr: String,
     writer: u64,
-    seed: u64,
-    round: u64,
+    (seed, round): (u64, u64),
+    shape: WriteShape,
     history: &History,
 ) {
     let connection = if writer.is_multiple_of(2) {
@@ -79,14 +82,33 @@ fn writer_loop(
     let mut rng =
         rand::rngs::StdRng::seed_from_u64(seed ^ (round << 32) ^ writer.wrapping_mul(0x9e37_79b9));
     let stamp = CrashStamp { seed, round };
-    model::run_writer(&mut conn, writer, &mut rng, SHAPE, &stamp, history);
+    model::run_writer(&mut conn, writer, &mut rng, shape, &stamp, history);
 }
 
-fn read_region(daemon: &Daemon) -> Vec<u8> {
+/// Reads back the region the writers write to.
+pub(crate) fn read_region(daemon: &Daemon) -> Vec<u8> {
     model::read_region(&daemon.nbd_socket, EXPORT, SHAPE.region_blocks)
 }
 
-fn crash_round(daemon: &mut Daemon, seed: u64, round: u64, baseline: &[u8]) -> Vec<u8> {
+/// The volume the crash tests write to: small, so that a round overwrites blocks often and
+/// the journal wraps.
+pub(crate) fn volume_options() -> VolumeOptions {
+    VolumeOptions {
+        size: "64MiB".to_string(),
+        journal_size: "32MiB".to_string(),
+        ..VolumeOptions::default()
+    }
+}
+
+/// Runs the writers of round `round` (writes of `shape`) against `daemon`, kills it with
+/// SIGKILL at a seeded moment and waits for the writers to notice. Returns what they did and
+/// when the kill came.
+pub(crate) fn write_until_killed(
+    daemon: &mut Daemon,
+    seed: u64,
+    round: u64,
+    shape: WriteShape,
+) -> (Arc<History>, Duration) {
     let history = Arc::new(History::default());
     let mut round_rng =
         rand::rngs::StdRng::seed_from_u64(seed ^ round.wrapping_mul(0x5851_f42d_4c95_7f2d));
@@ -96,7 +118,9 @@ fn crash_round(daemon: &mut Daemon, seed: u64, round: u64, baseline: &[u8]) -> V
             let history = Arc::clone(&history);
             let socket = daemon.nbd_socket.clone();
             let tcp = daemon.tcp_addr();
-            std::thread::spawn(move || writer_loop(socket, tcp, writer, seed, round, &history))
+            std::thread::spawn(move || {
+                writer_loop(socket, tcp, writer, (seed, round), shape, &history)
+            })
         })
         .collect();
     std::thread::sleep(kill_after);
@@ -107,14 +131,21 @@ fn crash_round(daemon: &mut Daemon, seed: u64, round: u64, baseline: &[u8]) -> V
         assert!(Instant::now() < deadline, "writers did not stop");
         thread.join().expect("writer thread panicked");
     }
-    daemon.restart();
+    (history, kill_after)
+}
 
-    let records = history.records();
-    let completed = history.completed();
+/// After the restart: prints what the round did and checks that the status reports recovery.
+pub(crate) fn report_recovery(
+    daemon: &Daemon,
+    round: u64,
+    history: &History,
+    kill_after: Duration,
+) {
     let status = daemon.volume_status();
     eprintln!(
-        "round {round}: killed after {kill_after:?}, {} writes issued, {completed} completed; recovery {}",
-        records.len(),
+        "round {round}: killed after {kill_after:?}, {} writes issued, {} completed; recovery {}",
+        history.records().len(),
+        history.completed(),
         status["recovery"]
     );
     for key in ["records_replayed", "bytes_replayed", "torn_tail_bytes"] {
@@ -127,15 +158,30 @@ fn crash_round(daemon: &mut Daemon, seed: u64, round: u64, baseline: &[u8]) -> V
         status["recovery"].get("stopped_reason").is_some(),
         "status.recovery.stopped_reason missing: {status}"
     );
+}
 
-    let region = read_region(daemon);
-    let violations = model::verify_region(&region, baseline, &records, &CrashStamp { seed, round });
+/// Panics with the first violations, if any, naming the seed that replays them.
+pub(crate) fn assert_no_violations(violations: &[String], seed: u64, round: u64, what: &str) {
     assert!(
         violations.is_empty(),
-        "seed {seed} round {round}: {} blocks violate crash consistency (replay with FERRY_SEED={seed}); first ones:\n{}",
+        "seed {seed} round {round}: {} blocks violate {what} (replay with FERRY_SEED={seed}); first ones:\n{}",
         violations.len(),
         violations.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
     );
+}
+
+fn crash_round(daemon: &mut Daemon, seed: u64, round: u64, baseline: &[u8]) -> Vec<u8> {
+    let (history, kill_after) = write_until_killed(daemon, seed, round, SHAPE);
+    daemon.restart();
+    report_recovery(daemon, round, &history, kill_after);
+    let region = read_region(daemon);
+    let violations = model::verify_region(
+        &region,
+        baseline,
+        &history.records(),
+        &CrashStamp { seed, round },
+    );
+    assert_no_violations(&violations, seed, round, "crash consistency");
     region
 }
 
@@ -143,11 +189,7 @@ fn crash_round(daemon: &mut Daemon, seed: u64, round: u64, baseline: &[u8]) -> V
 fn kill9_under_concurrent_writes_keeps_completed_writes() {
     let seed = harness::test_seed("kill9_under_concurrent_writes_keeps_completed_writes");
     let rounds = if harness::long_mode() { 50 } else { 3 };
-    let mut daemon = Daemon::start_with(VolumeOptions {
-        size: "64MiB".to_string(),
-        journal_size: "32MiB".to_string(),
-        ..VolumeOptions::default()
-    });
+    let mut daemon = Daemon::start_with(volume_options());
     let mut baseline = read_region(&daemon);
     assert!(
         baseline.iter().all(|byte| *byte == 0),

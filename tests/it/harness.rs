@@ -22,6 +22,14 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default timeout of a short helper command (status, nbdinfo, ...).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The daemon's fault switches. `ferry run` gets them only when a test asks, never from the
+/// environment the tests run in.
+pub const FAULT_ENV_VARS: [&str; 3] = [
+    "FERRY_FAULT_POWER_LOSS",
+    "FERRY_FAULT_DEVICE_WRITE_DELAY_US",
+    "FERRY_FAULT_CORRUPT_FRAME",
+];
+
 /// Unix socket paths are limited to 108 bytes (sun_path); keep well below it.
 const SOCKET_PATH_LEN_MAX: usize = 90;
 
@@ -97,6 +105,8 @@ pub struct Daemon {
     pub volume: VolumeOptions,
     pub device_path: PathBuf,
     stderr_path: PathBuf,
+    /// Extra environment of every `ferry run` (fault switches).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     /// How many times `ferry run` was spawned; printed in the log to tell runs apart.
     spawn_count: u32,
@@ -109,7 +119,17 @@ impl Daemon {
     }
 
     pub fn start_with(volume: VolumeOptions) -> Daemon {
+        Daemon::start_with_env(volume, &[])
+    }
+
+    /// Like [`Daemon::start_with`], with extra environment variables for every `ferry run`
+    /// of this fixture (restarts included).
+    pub fn start_with_env(volume: VolumeOptions, env: &[(&str, &str)]) -> Daemon {
         let mut daemon = Daemon::configure(volume);
+        daemon.env = env
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
         daemon.spawn_and_wait_ready();
         daemon
     }
@@ -136,6 +156,7 @@ impl Daemon {
             metrics_port,
             volume,
             device_path,
+            env: Vec::new(),
             child: None,
             spawn_count: 0,
         };
@@ -212,11 +233,16 @@ journal_size = "{journal_size}"
             .open(&self.stderr_path)
             .expect("open stderr log");
         writeln!(log, "===== ferry run #{} =====", self.spawn_count).expect("write log marker");
-        let child = Command::new(FERRY_BIN)
+        let mut command = Command::new(FERRY_BIN);
+        for key in FAULT_ENV_VARS {
+            command.env_remove(key);
+        }
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_BACKTRACE", "1")
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log fd"))
             .stderr(log)

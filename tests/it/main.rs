@@ -9,6 +9,9 @@
 //! - `model`: the write model: concurrent writers, their history, and the check of a region
 //!   read back against it (used by `crash` and `metro`).
 //! - `crash`: kill -9 under concurrent writes, checked against the model.
+//! - `power_loss` (with the `fault-injection` feature, which `tests/run.sh` turns on): kill -9
+//!   plus the loss of every write the daemon had not made durable, replayed from the undo logs
+//!   the daemon keeps with `FERRY_FAULT_POWER_LOSS=1`; the fault switches themselves.
 //! - `cluster`: the two-node fixture (certificates, configs, optional relay) for replication.
 //! - `metro`: metro replication: initial sync, RPO 0 under kill -9, resync after a secondary
 //!   crash or a link cut, a corrupt frame, foreign certificates, switchover with real clients.
@@ -25,5 +28,7 @@ mod metro;
 mod model;
 #[allow(dead_code)] // the protocol constants are listed whole, used or not
 mod nbd_wire;
+#[cfg(feature = "fault-injection")]
+mod power_loss;
 mod relay;
 mod wire;

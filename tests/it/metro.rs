@@ -83,6 +83,8 @@ impl WorkloadSpec {
             region_blocks: self.region_blocks,
             max_blocks_per_write: MAX_BLOCKS_PER_WRITE,
             writes_max: WRITES_PER_WRITER_MAX,
+            fua_one_in: 8,
+            flush_one_in: 16,
         }
     }
 }

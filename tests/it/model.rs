@@ -7,7 +7,9 @@
 //! A block may hold the contents of write W unless some write W' to the same block was issued
 //! after W completed and W' completed too (then W is definitely overwritten). A block may hold
 //! its pre-round contents unless some write to it completed. Anything else (a torn block, bytes
-//! from no write, a lost completed write) is a violation.
+//! from no write, a lost completed write) is a violation. After a power loss (`power_loss`)
+//! the same rule holds with "made durable" (FUA, or a later completed FLUSH) in place of
+//! "completed": FLUSHes are recorded on the same clock for that.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,6 +25,14 @@ use crate::nbd_wire::NbdConn;
 pub(crate) const BLOCK_BYTES: usize = 4096;
 /// Blocks read per NBD READ when reading a region back.
 const READ_CHUNK_BLOCKS: u64 = 256;
+
+/// A FLUSH on the same clock as the writes.
+#[derive(Clone, Debug)]
+pub(crate) struct FlushRecord {
+    pub(crate) issued_at: u64,
+    /// None while in flight, or when the outcome was never seen.
+    pub(crate) completed_at: Option<u64>,
+}
 
 #[derive(Clone, Debug)]
 pub(crate) struct WriteRecord {
@@ -58,6 +68,10 @@ pub(crate) struct WriteShape {
     pub(crate) max_blocks_per_write: u64,
     /// A writer stops after this many writes even if nobody stops it (bounded loop).
     pub(crate) writes_max: u64,
+    /// One write in this many (seeded) has FUA; 0 for none.
+    pub(crate) fua_one_in: u32,
+    /// One write in this many (seeded) is followed by a FLUSH; 0 for none.
+    pub(crate) flush_one_in: u32,
 }
 
 /// What concurrent writers share: the logical clock, the record of every write, a stop flag,
@@ -67,6 +81,7 @@ pub(crate) struct History {
     clock: AtomicU64,
     stop: AtomicBool,
     records: Mutex<HashMap<u64, WriteRecord>>,
+    flushes: Mutex<Vec<FlushRecord>>,
     completed: AtomicU64,
     /// Errors the writers saw, with when they saw them.
     errors: Mutex<Vec<(Instant, String)>>,
@@ -107,6 +122,31 @@ impl History {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+    pub(crate) fn flushes(&self) -> Vec<FlushRecord> {
+        self.flushes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Ticks the clock and records a FLUSH as issued; returns its index.
+    fn issue_flush(&self) -> usize {
+        let mut flushes = self.flushes.lock().unwrap_or_else(|p| p.into_inner());
+        let issued_at = self.clock.fetch_add(1, Ordering::SeqCst);
+        flushes.push(FlushRecord {
+            issued_at,
+            completed_at: None,
+        });
+        flushes.len() - 1
+    }
+
+    /// Ticks the clock and records FLUSH `index` as completed.
+    fn complete_flush(&self, index: usize) {
+        let mut flushes = self.flushes.lock().unwrap_or_else(|p| p.into_inner());
+        flushes[index].completed_at = Some(self.clock.fetch_add(1, Ordering::SeqCst));
     }
 
     /// Ticks the clock and records write `id` as issued (in flight).
@@ -158,8 +198,8 @@ pub(crate) fn run_writer(
         }
         let block_count = rng.gen_range(1..=shape.max_blocks_per_write);
         let first_block = rng.gen_range(0..shape.region_blocks - block_count + 1);
-        let fua = rng.gen_ratio(1, 8);
-        let flush_after = rng.gen_ratio(1, 16);
+        let fua = shape.fua_one_in > 0 && rng.gen_ratio(1, shape.fua_one_in);
+        let flush_after = shape.flush_one_in > 0 && rng.gen_ratio(1, shape.flush_one_in);
         let id = write_id(writer, sequence);
         let mut payload = Vec::with_capacity(block_count as usize * BLOCK_BYTES);
         for block in first_block..first_block + block_count {
@@ -174,10 +214,12 @@ pub(crate) fn run_writer(
         }
         history.complete(id);
         if flush_after {
+            let flush = history.issue_flush();
             if let Err(error) = conn.flush() {
                 history.error(format!("writer {writer}: flush: {error}"));
                 return false;
             }
+            history.complete_flush(flush);
         }
     }
     true
@@ -210,12 +252,59 @@ pub(crate) fn read_region(socket: &Path, export: &str, blocks: u64) -> Vec<u8> {
 }
 
 /// Every violation of the model in `region` (read back after a round whose writes are
-/// `records`; `baseline` is the same blocks before the round), one line per block.
+/// `records`; `baseline` is the same blocks before the round), one line per block. The crash
+/// rule: every write whose completion a client saw must survive.
 pub(crate) fn verify_region(
     region: &[u8],
     baseline: &[u8],
     records: &HashMap<u64, WriteRecord>,
     stamp: &impl Stamp,
+) -> Vec<String> {
+    verify_region_with(region, baseline, records, stamp, "completed", |record| {
+        record.completed_at.is_some()
+    })
+}
+
+/// Like [`verify_region`] with the power-loss rule: only writes made durable must survive. A
+/// write is durable when it completed with FUA, or completed before a FLUSH was issued that
+/// completed (Ferry advertises multi-connection consistency, so a FLUSH on any connection
+/// covers the writes completed on every connection).
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+pub(crate) fn verify_region_after_power_loss(
+    region: &[u8],
+    baseline: &[u8],
+    records: &HashMap<u64, WriteRecord>,
+    flushes: &[FlushRecord],
+    stamp: &impl Stamp,
+) -> Vec<String> {
+    let last_flush_issued_at = flushes
+        .iter()
+        .filter(|flush| flush.completed_at.is_some())
+        .map(|flush| flush.issued_at)
+        .max();
+    verify_region_with(
+        region,
+        baseline,
+        records,
+        stamp,
+        "was made durable",
+        |record| {
+            record.completed_at.is_some_and(|completed_at| {
+                record.fua || last_flush_issued_at.is_some_and(|issued_at| issued_at > completed_at)
+            })
+        },
+    )
+}
+
+/// The check shared by both rules: `must_survive` says which writes a block must not lose;
+/// `why` names it in violation messages.
+fn verify_region_with(
+    region: &[u8],
+    baseline: &[u8],
+    records: &HashMap<u64, WriteRecord>,
+    stamp: &impl Stamp,
+    why: &str,
+    must_survive: impl Fn(&WriteRecord) -> bool,
 ) -> Vec<String> {
     assert_eq!(region.len(), baseline.len(), "region and baseline sizes");
     let mut per_block: HashMap<u64, Vec<(u64, &WriteRecord)>> = HashMap::new();
@@ -234,6 +323,8 @@ pub(crate) fn verify_region(
             &baseline[range],
             writers_of_block,
             stamp,
+            why,
+            &must_survive,
         ) {
             violations.push(violation);
         }
@@ -241,23 +332,28 @@ pub(crate) fn verify_region(
     violations
 }
 
-/// Checks one block against the model; returns a description of the violation if any.
+/// Checks one block against the model; returns a description of the violation if any. A block
+/// may hold write W unless some write W' to it that must survive was issued after W completed;
+/// it may hold its pre-round contents unless some write to it must survive.
 fn check_block(
     block: u64,
     actual: &[u8],
     baseline: &[u8],
     writers_of_block: &[(u64, &WriteRecord)],
     stamp: &impl Stamp,
+    why: &str,
+    must_survive: &impl Fn(&WriteRecord) -> bool,
 ) -> Result<(), String> {
-    let latest_completed = writers_of_block
+    let latest_surviving = writers_of_block
         .iter()
+        .filter(|(_, record)| must_survive(record))
         .filter_map(|(id, record)| record.completed_at.map(|at| (at, *id, record.fua)))
         .max();
     if actual == baseline {
-        if let Some((at, id, fua)) = latest_completed {
+        if let Some((at, id, fua)) = latest_surviving {
             return Err(format!(
-                "block {block}: holds its pre-round contents, but write {id:#x} (fua {fua}) \
-                 completed at {at}"
+                "block {block}: holds its pre-round contents, but write {id:#x} (fua {fua}, \
+                 completed at {at}) {why}"
             ));
         }
         return Ok(());
@@ -286,11 +382,12 @@ fn check_block(
     if let Some(completed_at) = record.completed_at {
         if let Some((newer_id, newer)) = writers_of_block
             .iter()
-            .find(|(_, other)| other.issued_at > completed_at && other.completed_at.is_some())
+            .find(|(_, other)| other.issued_at > completed_at && must_survive(other))
         {
             return Err(format!(
                 "block {block}: holds write {id:#x} (completed at {completed_at}), but write \
-                 {newer_id:#x} issued at {} after that and completed at {:?} (fua {}) is lost",
+                 {newer_id:#x} issued at {} after that, completed at {:?} (fua {}), {why} and \
+                 is lost",
                 newer.issued_at, newer.completed_at, newer.fua
             ));
         }

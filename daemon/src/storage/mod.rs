@@ -12,6 +12,14 @@
 //! - [`FaultDisk`]: a simulated disk with a page cache, failing or tearing the Nth write,
 //!   failing the Nth sync, and simulating process crashes and power loss.
 //!
+//! With the `fault-injection` feature (tests of real processes; off in production builds),
+//! two wrappers go around any of them: `power_loss` keeps an undo log beside a file so that a
+//! test can take back, after killing the process, every write it had not made durable
+//! ([`maybe_power_loss`], switched on by `FERRY_FAULT_POWER_LOSS=1` for every file [`open`]
+//! opens), and `delay` makes writes slower ([`maybe_device_write_delay`], switched on by
+//! `FERRY_FAULT_DEVICE_WRITE_DELAY_US` for volumes' backing devices). Without the feature
+//! neither is compiled and no fault environment variable is read.
+//!
 //! Invariants shared by every implementation:
 //! - The size is fixed when the storage is opened. Writing or zeroing past it is an
 //!   `InvalidInput` error and reading past it an `UnexpectedEof` error, both raised before any
@@ -22,10 +30,14 @@
 //!   them, even if the caller's future is dropped first.
 
 mod buf;
+#[cfg(feature = "fault-injection")]
+pub mod delay;
 mod fault;
 mod file;
 mod mem;
 mod posix;
+#[cfg(feature = "fault-injection")]
+pub mod power_loss;
 #[cfg(test)]
 mod tests;
 mod uring;
@@ -93,17 +105,49 @@ pub fn open_posix(path: &Path, opts: &OpenOptions) -> io::Result<Arc<dyn Storage
 }
 
 /// io_uring, falling back to posix with a warning when the kernel refuses io_uring
-/// (ENOSYS: not built in or disabled; EPERM: forbidden by sysctl or seccomp).
+/// (ENOSYS: not built in or disabled; EPERM: forbidden by sysctl or seccomp). Goes through
+/// [`maybe_power_loss`].
 pub fn open(path: &Path, opts: &OpenOptions) -> io::Result<Arc<dyn Storage>> {
     let opened = file::open_file(path, opts)?;
-    match uring::new_ring() {
-        Ok(ring) => Ok(Arc::new(uring::UringStorage::new(opened, ring)?)),
+    let storage: Arc<dyn Storage> = match uring::new_ring() {
+        Ok(ring) => Arc::new(uring::UringStorage::new(opened, ring)?),
         Err(error) if matches!(error.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)) => {
             tracing::warn!(path = %path.display(), %error, "io_uring unavailable, using pread/pwrite");
-            Ok(Arc::new(posix::PosixStorage::new(opened)))
+            Arc::new(posix::PosixStorage::new(opened))
         }
-        Err(error) => Err(error),
+        Err(error) => return Err(error),
+    };
+    maybe_power_loss(storage, path)
+}
+
+/// `inner`, the storage of the file at `path`, behind an undo log (`power_loss::wrap`) when
+/// built with the `fault-injection` feature and run with `FERRY_FAULT_POWER_LOSS=1`; `inner`
+/// itself otherwise. Files Ferry opens by other means than [`open`] call this to be covered
+/// by power-loss tests too. Without the feature it reads no environment variable.
+pub fn maybe_power_loss(inner: Arc<dyn Storage>, path: &Path) -> io::Result<Arc<dyn Storage>> {
+    #[cfg(feature = "fault-injection")]
+    {
+        if power_loss::enabled_by_env()? {
+            return power_loss::wrap(inner, path);
+        }
     }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = path;
+    Ok(inner)
+}
+
+/// `device`, a volume's backing device, with every write delayed by
+/// `FERRY_FAULT_DEVICE_WRITE_DELAY_US` microseconds when built with the `fault-injection`
+/// feature and the variable is set; `device` itself otherwise. Without the feature it reads no
+/// environment variable.
+pub fn maybe_device_write_delay(device: Arc<dyn Storage>) -> io::Result<Arc<dyn Storage>> {
+    #[cfg(feature = "fault-injection")]
+    {
+        if let Some(delay) = delay::device_write_delay_from_env()? {
+            return Ok(delay::with_write_delay(device, delay));
+        }
+    }
+    Ok(device)
 }
 
 /// Checks that a write or zeroing of `len` bytes at `offset` stays inside `len_bytes`.
