@@ -212,14 +212,17 @@ journal_size = "{journal_size}"
             .open(&self.stderr_path)
             .expect("open stderr log");
         writeln!(log, "===== ferry run #{} =====", self.spawn_count).expect("write log marker");
-        let child = Command::new(FERRY_BIN)
+        let mut command = Command::new(FERRY_BIN);
+        command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log fd"))
-            .stderr(log)
+            .stderr(log);
+        set_daemon_log_filter(&mut command);
+        let child = command
             .spawn()
             .unwrap_or_else(|error| panic!("spawn {FERRY_BIN} run: {error}"));
         self.child = Some(child);
@@ -378,6 +381,16 @@ impl Drop for Daemon {
                 eprintln!("kept test directory {}", path.display());
             }
         }
+    }
+}
+
+/// Makes a daemon log at info unless the test run sets a filter of its own. The log is the
+/// first thing a failed test needs, and an empty `RUST_LOG` (which some environments export)
+/// is a valid filter that keeps errors only.
+pub fn set_daemon_log_filter(command: &mut Command) {
+    let run_has_filter = std::env::var("RUST_LOG").is_ok_and(|filter| !filter.trim().is_empty());
+    if !run_has_filter {
+        command.env("RUST_LOG", "info");
     }
 }
 

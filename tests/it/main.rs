@@ -9,9 +9,12 @@
 //! - `model`: the write model: concurrent writers, their history, and the check of a region
 //!   read back against it (used by `crash` and `metro`).
 //! - `crash`: kill -9 under concurrent writes, checked against the model.
-//! - `cluster`: the two-node fixture (certificates, configs, optional relay) for replication.
+//! - `cluster`: the two- or three-node fixture (certificates, configs, an optional relay per
+//!   link) for replication.
 //! - `metro`: metro replication: initial sync, RPO 0 under kill -9, resync after a secondary
 //!   crash or a link cut, a corrupt frame, foreign certificates, switchover with real clients.
+//! - `metro3`: three metro copies: the secondaries never resync each other, a copy that was
+//!   away catches up, the third copy follows a promoted secondary.
 //!
 //! Environment: FERRY_SKIP_INTEROP=1 skips the third-party tool tests (printed), FERRY_SEED
 //! replays a randomized test, FERRY_LONG=1 runs the long variants, FERRY_KEEP=1 keeps the
@@ -22,6 +25,7 @@ mod crash;
 mod harness;
 mod interop;
 mod metro;
+mod metro3;
 mod model;
 #[allow(dead_code)] // the protocol constants are listed whole, used or not
 mod nbd_wire;
