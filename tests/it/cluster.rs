@@ -754,6 +754,16 @@ impl Cluster {
         self.pair_relay(x, y).both()
     }
 
+    /// One direction of the link between two nodes: datagrams from `from` to `to`.
+    pub fn link_from(&self, from: NodeId, to: NodeId) -> Link {
+        let relay = self.pair_relay(from, to);
+        if from < to {
+            relay.a_to_b()
+        } else {
+            relay.b_to_a()
+        }
+    }
+
     /// A node's own QUIC listen address (not the relay's).
     pub fn listen_addr(&self, id: NodeId) -> SocketAddr {
         self.node(id).spec.listen

@@ -13,6 +13,9 @@
 //!   link) for replication.
 //! - `metro`: metro replication: initial sync, RPO 0 under kill -9, resync after a secondary
 //!   crash or a link cut, a corrupt frame, foreign certificates, switchover with real clients.
+//! - `metro_roles`: role changes under faults: a link lost while a demotion drains, an old
+//!   primary restarted behind a partition (fencing), `on_disconnect = "suspend"` after a
+//!   restart.
 //! - `metro3`: three metro copies: the secondaries never resync each other, a copy that was
 //!   away catches up, the third copy follows a promoted secondary.
 //!
@@ -26,6 +29,7 @@ mod harness;
 mod interop;
 mod metro;
 mod metro3;
+mod metro_roles;
 mod model;
 #[allow(dead_code)] // the protocol constants are listed whole, used or not
 mod nbd_wire;

@@ -276,6 +276,12 @@ impl Workload {
         );
     }
 
+    /// Writes issued and not answered yet: in flight (each writer stops at its first error).
+    pub(crate) fn in_flight(&self) -> u64 {
+        let issued = self.history.records().len() as u64;
+        issued - self.completed() - self.history.errors().len() as u64
+    }
+
     /// Tells the writers to stop and joins them (bounded).
     pub(crate) fn finish(self) -> Outcome {
         self.history.stop();
