@@ -1,7 +1,26 @@
-//! The replication fixture: two `ferry run` processes, `a` (initially primary) and `b`
-//! (initially secondary), sharing one metro-replicated volume, each in its own directory under
-//! one temporary directory, with certificates made by the real `ferry cert init`, and
-//! optionally a [`Relay`] between their QUIC listeners so a test can cut or impair the link.
+//! The replication fixture: two or three `ferry run` processes, `a` (initially primary) and `b`
+//! (and `c`), initially secondaries, sharing one metro-replicated volume, each in its own
+//! directory under one temporary directory, with certificates made by the real `ferry cert
+//! init`, and optionally one [`Relay`] per pair of nodes between their QUIC listeners so a test
+//! can cut or impair one link (a–b) and keep another (a–c).
+//!
+//! Configs are symmetric (SPEC §4): every node lists every other node in `[[peers]]` and has
+//! one metro `[[volumes.replicas]]` per other node, all with the same `on_disconnect` and
+//! `peer_timeout`.
+//!
+//! A three-node test reads like this:
+//!
+//! ```text
+//! let options = ClusterOptions { node_count: 3, relay: true, ..ClusterOptions::default() };
+//! let mut cluster = Cluster::start(options);
+//! cluster.wait_replica_state_to(A, C, "in-sync", timeout);  // a's replica towards c
+//! cluster.link(A, C).cut();                                 // both directions of a–c only
+//! cluster.kill9(C);  cluster.restart(C);                    // or stop (SIGTERM, exit 0)
+//! cluster.metric(B, "ferry_resync_bytes_total", &["peer=\"c\""]);
+//! ```
+//!
+//! The two-node helpers that name no peer (`replica`, `wait_replica_state`, `monitor`, `relay`)
+//! mean "the other node" and refuse a three-node cluster, where that is ambiguous.
 //!
 //! Everything is bounded and cleaned up like [`crate::harness::Daemon`]: every wait has a
 //! deadline; every daemon is killed and reaped on drop (also when the test panics) and is
@@ -14,6 +33,7 @@
 //! polling loops (cheap); the client commands that the operator runs (`promote`, `demote`,
 //! `status --json`) go through the real `ferry` CLI, so their exit codes are tested too.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -32,7 +52,7 @@ use crate::harness::{
     self, cmd, run, run_with_timeout, wait_child_with_timeout, Output, COMMAND_TIMEOUT, FERRY_BIN,
     READY_TIMEOUT, STOP_TIMEOUT,
 };
-use crate::relay::Relay;
+use crate::relay::{Link, Relay};
 
 /// The volume every cluster exports.
 pub const VOLUME: &str = "vol";
@@ -46,18 +66,25 @@ const LOG_TAIL_BYTES: u64 = 48 << 10;
 /// change travels (see [`Cluster::switchover`]).
 pub const SWITCHOVER_PROMOTE_RETRY: Duration = Duration::from_secs(10);
 
-/// One of the two nodes of a [`Cluster`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One node of a [`Cluster`]: `a` starts as primary, `b` and `c` as secondaries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum NodeId {
     A,
     B,
+    C,
 }
 
 impl NodeId {
+    /// Every node a cluster can have, in the order they are created and started.
+    pub const ALL: [NodeId; 3] = [NodeId::A, NodeId::B, NodeId::C];
+
+    /// The other node of a two-node cluster. Node c exists only in three-node clusters, where
+    /// "the other node" is ambiguous, so it has none.
     pub fn other(self) -> NodeId {
         match self {
             NodeId::A => NodeId::B,
             NodeId::B => NodeId::A,
+            NodeId::C => panic!("node c has no single other node: name the peer"),
         }
     }
 
@@ -66,6 +93,7 @@ impl NodeId {
         match self {
             NodeId::A => "a",
             NodeId::B => "b",
+            NodeId::C => "c",
         }
     }
 
@@ -73,6 +101,7 @@ impl NodeId {
         match self {
             NodeId::A => 0,
             NodeId::B => 1,
+            NodeId::C => 2,
         }
     }
 }
@@ -80,25 +109,30 @@ impl NodeId {
 /// How a [`Cluster`] is set up.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
+    /// How many nodes: 2 (a, b) or 3 (a, b, c).
+    pub node_count: usize,
     pub size: String,
     pub journal_size: String,
     /// Metro `peer_timeout`, as written in the config (`"2s"`).
     pub peer_timeout: String,
     /// Metro `on_disconnect`: `"degrade"` or `"suspend"`.
     pub on_disconnect: String,
-    /// Put a [`Relay`] between the two nodes' QUIC listeners.
+    /// Put a [`Relay`] between the QUIC listeners of every pair of nodes.
     pub relay: bool,
-    /// Seed of the relay's randomness (loss, jitter).
+    /// Seed of the relays' randomness (loss, jitter); the a–b relay uses it as is.
     pub seed: u64,
     /// Extra environment of node a's daemon, e.g. fault hooks.
     pub env_a: Vec<(String, String)>,
     /// Extra environment of node b's daemon.
     pub env_b: Vec<(String, String)>,
+    /// Extra environment of node c's daemon (three-node clusters).
+    pub env_c: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
+            node_count: 2,
             size: "64MiB".to_string(),
             journal_size: "32MiB".to_string(),
             peer_timeout: "2s".to_string(),
@@ -107,8 +141,17 @@ impl Default for ClusterOptions {
             seed: 0,
             env_a: Vec::new(),
             env_b: Vec::new(),
+            env_c: Vec::new(),
         }
     }
+}
+
+/// One `[[peers]]` entry of a node's config; the node also has a metro replica on it.
+#[derive(Clone, Debug)]
+pub struct PeerSpec {
+    pub name: String,
+    /// Where this node dials the peer: its listener, or the relay in front of it.
+    pub address: SocketAddr,
 }
 
 /// Everything one node's config says, and where its files live. Public so that a test can
@@ -119,8 +162,8 @@ pub struct NodeSpec {
     pub dir: PathBuf,
     pub listen: SocketAddr,
     pub metrics_port: u16,
-    pub peer_name: String,
-    pub peer_address: SocketAddr,
+    /// Every other node, each also a metro replica of the volume.
+    pub peers: Vec<PeerSpec>,
     pub tls_ca: PathBuf,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
@@ -188,10 +231,11 @@ impl NodeSpec {
         volume_of(&status, &self.volume)
     }
 
-    /// The config of SPEC §4 for this node: one peer, one volume, one metro replica.
+    /// The config of SPEC §4 for this node: one volume, and per peer a `[[peers]]` entry and a
+    /// metro replica.
     pub fn config_text(&self) -> String {
         let dir = self.dir.display();
-        format!(
+        let mut text = format!(
             r#"[node]
 name = "{name}"
 data_dir = "{dir}/data"
@@ -206,23 +250,6 @@ listen = ["unix:{nbd_socket}"]
 ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
-
-[[peers]]
-name = "{peer}"
-address = "{peer_address}"
-
-[[volumes]]
-name = "{volume}"
-device = "{device}"
-size = "{size}"
-journal_size = "{journal_size}"
-initial_role = "{initial_role}"
-
-[[volumes.replicas]]
-peer = "{peer}"
-mode = "metro"
-on_disconnect = "{on_disconnect}"
-peer_timeout = "{peer_timeout}"
 "#,
             name = self.name,
             control_socket = self.control_socket().display(),
@@ -232,16 +259,43 @@ peer_timeout = "{peer_timeout}"
             ca = self.tls_ca.display(),
             cert = self.tls_cert.display(),
             key = self.tls_key.display(),
-            peer = self.peer_name,
-            peer_address = self.peer_address,
+        );
+        for peer in &self.peers {
+            text.push_str(&format!(
+                "\n[[peers]]\nname = \"{}\"\naddress = \"{}\"\n",
+                peer.name, peer.address
+            ));
+        }
+        text.push_str(&format!(
+            r#"
+[[volumes]]
+name = "{volume}"
+device = "{device}"
+size = "{size}"
+journal_size = "{journal_size}"
+initial_role = "{initial_role}"
+"#,
             volume = self.volume,
             device = self.device_path().display(),
             size = self.size,
             journal_size = self.journal_size,
             initial_role = self.initial_role,
-            on_disconnect = self.on_disconnect,
-            peer_timeout = self.peer_timeout,
-        )
+        ));
+        for peer in &self.peers {
+            text.push_str(&format!(
+                r#"
+[[volumes.replicas]]
+peer = "{peer}"
+mode = "metro"
+on_disconnect = "{on_disconnect}"
+peer_timeout = "{peer_timeout}"
+"#,
+                peer = peer.name,
+                on_disconnect = self.on_disconnect,
+                peer_timeout = self.peer_timeout,
+            ));
+        }
+        text
     }
 }
 
@@ -308,6 +362,7 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log fd"))
             .stderr(log);
+        harness::set_daemon_log_filter(&mut command);
         for (key, value) in &self.spec.env {
             command.env(key, value);
         }
@@ -504,81 +559,116 @@ pub fn metric_sum(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .reduce(|a, b| a + b)
 }
 
-/// Two nodes replicating one volume in metro mode. See the module documentation.
+/// Two or three nodes replicating one volume in metro mode. See the module documentation.
 pub struct Cluster {
-    // Field order is drop order: nodes (killed, logs printed), then the relay, then the
+    // Field order is drop order: nodes (killed, logs printed), then the relays, then the
     // directory, so that the logs still exist when they are printed.
-    nodes: [Node; 2],
-    relay: Option<Relay>,
+    nodes: Vec<Node>,
+    /// One relay per pair of nodes when the options ask for relays, keyed by the pair in id
+    /// order; the smaller id is the relay's side "a".
+    relays: BTreeMap<(NodeId, NodeId), Relay>,
     pub dir: PathBuf,
-    /// `ferry cert init` output: ca.pem, a.pem, a.key, b.pem, b.key.
+    /// `ferry cert init` output: ca.pem, ca.key, and NAME.pem, NAME.key per node.
     pub certs: PathBuf,
     pub options: ClusterOptions,
     tempdir: Option<tempfile::TempDir>,
 }
 
 impl Cluster {
-    /// Configures both nodes (certificates, configs, relay) and starts them: a, then b.
+    /// Configures every node (certificates, configs, relays) and starts them in order: a, b,
+    /// then c.
     pub fn start(options: ClusterOptions) -> Cluster {
         let mut cluster = Cluster::configure(options);
-        cluster.start_node(NodeId::A);
-        cluster.start_node(NodeId::B);
+        for id in cluster.ids() {
+            cluster.start_node(id);
+        }
         cluster
     }
 
-    /// Certificates, configs and the relay (if asked for); no daemon is started.
+    /// Certificates, configs and the relays (if asked for); no daemon is started.
     pub fn configure(options: ClusterOptions) -> Cluster {
+        let count = options.node_count;
+        assert!(
+            (2..=NodeId::ALL.len()).contains(&count),
+            "a cluster has 2 or 3 nodes, not {count}"
+        );
+        let ids = &NodeId::ALL[..count];
         let tempdir = harness::test_tempdir("ferry-metro-");
         let dir = tempdir.path().to_path_buf();
         eprintln!("cluster directory: {}", dir.display());
         let certs = dir.join("certs");
-        cert_init(&certs, &["a", "b"]);
-        let listen = [free_udp_addr(), free_udp_addr()];
-        let relay = options
-            .relay
-            .then(|| Relay::start(listen[0], listen[1], options.seed));
-        let peer_address = match &relay {
-            // A reaches B through addr_for_a; B reaches A through addr_for_b.
-            Some(relay) => [relay.addr_for_a(), relay.addr_for_b()],
-            None => [listen[1], listen[0]],
-        };
-        let mut metrics_ports = [harness::free_port(), harness::free_port()];
-        while metrics_ports[1] == metrics_ports[0] {
-            metrics_ports[1] = harness::free_port();
-        }
-        let nodes = [NodeId::A, NodeId::B].map(|id| {
-            let i = id.index();
-            Node::new(NodeSpec {
-                name: id.name().to_string(),
-                dir: dir.join(id.name()),
-                listen: listen[i],
-                metrics_port: metrics_ports[i],
-                peer_name: id.other().name().to_string(),
-                peer_address: peer_address[i],
-                tls_ca: certs.join("ca.pem"),
-                tls_cert: certs.join(format!("{}.pem", id.name())),
-                tls_key: certs.join(format!("{}.key", id.name())),
-                volume: VOLUME.to_string(),
-                size: options.size.clone(),
-                journal_size: options.journal_size.clone(),
-                initial_role: if id == NodeId::A {
-                    "primary"
-                } else {
-                    "secondary"
+        let names: Vec<&str> = ids.iter().map(|id| id.name()).collect();
+        cert_init(&certs, &names);
+        let listen = distinct(count, free_udp_addr);
+        let metrics_ports = distinct(count, harness::free_port);
+        let mut relays = BTreeMap::new();
+        if options.relay {
+            for (i, &low) in ids.iter().enumerate() {
+                for &high in &ids[i + 1..] {
+                    // The a–b relay keeps the options' seed as is, as it did when clusters had
+                    // only that one link; the other pairs get seeds of their own.
+                    let seed = if (low, high) == (NodeId::A, NodeId::B) {
+                        options.seed
+                    } else {
+                        options.seed ^ (((low.index() as u64) << 8) | high.index() as u64)
+                    };
+                    let relay = Relay::start(listen[low.index()], listen[high.index()], seed);
+                    relays.insert((low, high), relay);
                 }
-                .to_string(),
-                on_disconnect: options.on_disconnect.clone(),
-                peer_timeout: options.peer_timeout.clone(),
-                env: if id == NodeId::A {
-                    options.env_a.clone()
-                } else {
-                    options.env_b.clone()
-                },
+            }
+        }
+        // Where node `from` dials node `to`: the relay's side facing `from`, or `to` itself.
+        let address = |from: NodeId, to: NodeId| -> SocketAddr {
+            let pair = (from.min(to), from.max(to));
+            match relays.get(&pair) {
+                Some(relay) if from < to => relay.addr_for_a(),
+                Some(relay) => relay.addr_for_b(),
+                None => listen[to.index()],
+            }
+        };
+        let nodes = ids
+            .iter()
+            .map(|&id| {
+                let i = id.index();
+                let peers = ids
+                    .iter()
+                    .filter(|&&peer| peer != id)
+                    .map(|&peer| PeerSpec {
+                        name: peer.name().to_string(),
+                        address: address(id, peer),
+                    })
+                    .collect();
+                Node::new(NodeSpec {
+                    name: id.name().to_string(),
+                    dir: dir.join(id.name()),
+                    listen: listen[i],
+                    metrics_port: metrics_ports[i],
+                    peers,
+                    tls_ca: certs.join("ca.pem"),
+                    tls_cert: certs.join(format!("{}.pem", id.name())),
+                    tls_key: certs.join(format!("{}.key", id.name())),
+                    volume: VOLUME.to_string(),
+                    size: options.size.clone(),
+                    journal_size: options.journal_size.clone(),
+                    initial_role: if id == NodeId::A {
+                        "primary"
+                    } else {
+                        "secondary"
+                    }
+                    .to_string(),
+                    on_disconnect: options.on_disconnect.clone(),
+                    peer_timeout: options.peer_timeout.clone(),
+                    env: match id {
+                        NodeId::A => options.env_a.clone(),
+                        NodeId::B => options.env_b.clone(),
+                        NodeId::C => options.env_c.clone(),
+                    },
+                })
             })
-        });
+            .collect();
         Cluster {
             nodes,
-            relay,
+            relays,
             dir,
             certs,
             options,
@@ -586,12 +676,40 @@ impl Cluster {
         }
     }
 
+    /// The nodes of this cluster, in start order.
+    pub fn ids(&self) -> Vec<NodeId> {
+        NodeId::ALL[..self.nodes.len()].to_vec()
+    }
+
+    /// Every node of this cluster but `id`.
+    pub fn peers_of(&self, id: NodeId) -> Vec<NodeId> {
+        self.ids().into_iter().filter(|&peer| peer != id).collect()
+    }
+
+    /// The other node of a two-node cluster; panics in a larger one, where a test must name
+    /// the peer it means.
+    pub fn only_peer(&self, id: NodeId) -> NodeId {
+        assert_eq!(
+            self.nodes.len(),
+            2,
+            "node {}: \"the other node\" is ambiguous in a {}-node cluster; name the peer",
+            id.name(),
+            self.nodes.len()
+        );
+        id.other()
+    }
+
     pub fn node(&self, id: NodeId) -> &Node {
-        &self.nodes[id.index()]
+        self.nodes
+            .get(id.index())
+            .unwrap_or_else(|| panic!("node {} is not in this cluster", id.name()))
     }
 
     pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
-        &mut self.nodes[id.index()]
+        let count = self.nodes.len();
+        self.nodes
+            .get_mut(id.index())
+            .unwrap_or_else(|| panic!("node {} is not in this {count}-node cluster", id.name()))
     }
 
     pub fn volume_size_bytes(&self) -> u64 {
@@ -610,9 +728,40 @@ impl Cluster {
         }
     }
 
-    /// The relay between the nodes; panics if the cluster was configured without one.
+    /// The relay between the two nodes of a two-node cluster; panics if the cluster was
+    /// configured without relays or has three nodes (use [`Cluster::pair_relay`] there).
     pub fn relay(&self) -> &Relay {
-        self.relay.as_ref().expect("cluster configured with relay")
+        self.pair_relay(NodeId::A, self.only_peer(NodeId::A))
+    }
+
+    /// The relay between nodes `x` and `y` (in either order). Its side "a" is the node that
+    /// comes first in id order, so prefer [`Cluster::link`] and [`Cluster::link_from`], which
+    /// need no such care.
+    pub fn pair_relay(&self, x: NodeId, y: NodeId) -> &Relay {
+        assert_ne!(x, y, "a relay joins two different nodes");
+        self.relays.get(&(x.min(y), x.max(y))).unwrap_or_else(|| {
+            panic!(
+                "no relay between {} and {}: configure the cluster with relay = true",
+                x.name(),
+                y.name()
+            )
+        })
+    }
+
+    /// Both directions of the link between `x` and `y`: `cluster.link(A, C).cut()` partitions
+    /// a from c and leaves every other link alone.
+    pub fn link(&self, x: NodeId, y: NodeId) -> Link {
+        self.pair_relay(x, y).both()
+    }
+
+    /// One direction of the link between two nodes: datagrams from `from` to `to`.
+    pub fn link_from(&self, from: NodeId, to: NodeId) -> Link {
+        let relay = self.pair_relay(from, to);
+        if from < to {
+            relay.a_to_b()
+        } else {
+            relay.b_to_a()
+        }
     }
 
     /// A node's own QUIC listen address (not the relay's).
@@ -660,15 +809,26 @@ impl Cluster {
         self.node(id).volume_status()
     }
 
-    /// The replica object on node `id` for the other node.
+    /// The replica object on node `id` for the other node of a two-node cluster.
     pub fn replica(&self, id: NodeId) -> Value {
+        self.replica_to(id, self.only_peer(id))
+    }
+
+    /// The replica object on node `id` for node `peer`.
+    pub fn replica_to(&self, id: NodeId, peer: NodeId) -> Value {
         let volume = self.volume_status(id);
-        replica_of(&volume, id.other().name())
+        replica_of(&volume, peer.name())
             .unwrap_or_else(|error| panic!("node {}: {error}", id.name()))
     }
 
+    /// The state of node `id`'s replica for the other node of a two-node cluster.
     pub fn replica_state(&self, id: NodeId) -> String {
-        let replica = self.replica(id);
+        self.replica_state_to(id, self.only_peer(id))
+    }
+
+    /// The state of node `id`'s replica for node `peer`.
+    pub fn replica_state_to(&self, id: NodeId, peer: NodeId) -> String {
+        let replica = self.replica_to(id, peer);
         replica["state"]
             .as_str()
             .unwrap_or_else(|| panic!("node {}: replica without a state: {replica}", id.name()))
@@ -696,34 +856,55 @@ impl Cluster {
         timeout: Duration,
         predicate: impl Fn(&Value) -> bool,
     ) -> Value {
-        let started = Instant::now();
-        let deadline = started + timeout;
-        let mut last;
-        loop {
-            match self.node(id).try_volume_status() {
-                Ok(volume) => {
-                    if predicate(&volume) {
-                        return volume;
-                    }
-                    last = volume.to_string();
-                }
-                Err(error) => last = error,
-            }
-            if Instant::now() >= deadline {
+        self.poll_volume(id, timeout, predicate)
+            .unwrap_or_else(|last| {
                 panic!(
                     "node {}: not {what} after {timeout:?}; last volume status: {last}",
                     id.name()
-                );
+                )
+            })
+    }
+
+    /// Like [`Cluster::wait_volume`], but returns the last status seen (or why none was) as
+    /// the error instead of panicking, for checks a test reports at its end.
+    pub fn poll_volume(
+        &self,
+        id: NodeId,
+        timeout: Duration,
+        predicate: impl Fn(&Value) -> bool,
+    ) -> Result<Value, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.node(id).try_volume_status() {
+                Ok(volume) if predicate(&volume) => return Ok(volume),
+                Ok(volume) => volume.to_string(),
+                Err(error) => error,
+            };
+            if Instant::now() >= deadline {
+                return Err(last);
             }
             std::thread::sleep(POLL_INTERVAL);
         }
     }
 
-    /// Waits until node `id`'s replica (towards the other node) is in `state`; returns the
-    /// replica object.
+    /// Waits until node `id`'s replica towards the other node of a two-node cluster is in
+    /// `state`; returns the replica object.
     pub fn wait_replica_state(&self, id: NodeId, state: &str, timeout: Duration) -> Value {
-        let peer = id.other().name();
-        let volume = self.wait_volume(id, &format!("replica state {state}"), timeout, |volume| {
+        self.wait_replica_state_to(id, self.only_peer(id), state, timeout)
+    }
+
+    /// Waits until node `id`'s replica towards node `peer` is in `state`; returns the replica
+    /// object.
+    pub fn wait_replica_state_to(
+        &self,
+        id: NodeId,
+        peer: NodeId,
+        state: &str,
+        timeout: Duration,
+    ) -> Value {
+        let peer = peer.name();
+        let what = format!("replica state {state} towards {peer}");
+        let volume = self.wait_volume(id, &what, timeout, |volume| {
             replica_of(volume, peer)
                 .map(|replica| replica["state"] == state)
                 .unwrap_or(false)
@@ -821,9 +1002,64 @@ impl Cluster {
         metric_sum(&self.metrics(id), name, labels).unwrap_or(0.0)
     }
 
-    /// Records node `id`'s replica state every few tens of milliseconds until stopped.
+    /// Records node `id`'s replica state (towards the other node of a two-node cluster) every
+    /// few tens of milliseconds until stopped.
     pub fn monitor(&self, id: NodeId) -> StateMonitor {
-        StateMonitor::start(self.node(id), id.other().name())
+        self.monitor_to(id, self.only_peer(id))
+    }
+
+    /// Records the state of node `id`'s replica towards node `peer` every few tens of
+    /// milliseconds until stopped.
+    pub fn monitor_to(&self, id: NodeId, peer: NodeId) -> StateMonitor {
+        StateMonitor::start(self.node(id), peer.name())
+    }
+
+    /// The lines of node `id`'s log (all its runs) about roles, generations, handshakes,
+    /// resyncs and held writes, at most the last `lines_max`; a line repeated with only its
+    /// timestamp changed is shown once with a count. For failure reports.
+    pub fn replication_log(&self, id: NodeId, lines_max: usize) -> String {
+        const WORDS: [&str; 14] = [
+            "resync",
+            "generation",
+            "handshake",
+            "promot",
+            "demot",
+            "split",
+            "rollback",
+            "cannot replicate",
+            "peer_timeout",
+            "peer lost",
+            "replica state",
+            "holds",
+            "error",
+            "=====",
+        ];
+        let mut lines: Vec<(String, usize)> = Vec::new();
+        for line in self.node(id).log_tail().lines() {
+            let lower = line.to_lowercase();
+            if !WORDS.iter().any(|word| lower.contains(word)) {
+                continue;
+            }
+            // The first word is the timestamp; repeats are compared without it.
+            let text = line.split_once(' ').map_or(line, |(_, rest)| rest).trim();
+            match lines.last_mut() {
+                Some((last, count))
+                    if last.split_once(' ').map(|(_, rest)| rest.trim()) == Some(text) =>
+                {
+                    *count += 1
+                }
+                _ => lines.push((line.to_string(), 1)),
+            }
+        }
+        let skip = lines.len().saturating_sub(lines_max);
+        lines[skip..]
+            .iter()
+            .map(|(line, count)| match count {
+                1 => line.clone(),
+                _ => format!("{line}   (×{count})"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// A node spec like node a's (same volume, peer b) but in `self.dir/subdir`, listening on
@@ -840,7 +1076,10 @@ impl Cluster {
         spec.dir = self.dir.join(subdir);
         spec.listen = listen;
         spec.metrics_port = harness::free_port();
-        spec.peer_address = self.listen_addr(NodeId::B);
+        spec.peers = vec![PeerSpec {
+            name: NodeId::B.name().to_string(),
+            address: self.listen_addr(NodeId::B),
+        }];
         spec.tls_ca = ca.to_path_buf();
         spec.tls_cert = cert_dir.join("a.pem");
         spec.tls_key = cert_dir.join("a.key");
@@ -868,6 +1107,28 @@ impl Drop for Cluster {
         }
         // The nodes are killed and their logs printed when the fields drop, right after this.
     }
+}
+
+/// `count` distinct values of `pick` (free ports are picked one at a time, and the kernel may
+/// hand out the same one twice once the probe socket is closed). Bounded: gives up after a
+/// hundred tries per value.
+fn distinct<T: PartialEq>(count: usize, pick: impl Fn() -> T) -> Vec<T> {
+    let mut values: Vec<T> = Vec::with_capacity(count);
+    for _ in 0..count * 100 {
+        if values.len() == count {
+            break;
+        }
+        let value = pick();
+        if !values.contains(&value) {
+            values.push(value);
+        }
+    }
+    assert_eq!(
+        values.len(),
+        count,
+        "could not pick {count} distinct free ports"
+    );
+    values
 }
 
 /// `ferry cert init --dir DIR --node N...` (the real command).

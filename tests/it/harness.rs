@@ -237,7 +237,7 @@ journal_size = "{journal_size}"
         for key in FAULT_ENV_VARS {
             command.env_remove(key);
         }
-        let child = command
+        command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
@@ -245,7 +245,9 @@ journal_size = "{journal_size}"
             .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log fd"))
-            .stderr(log)
+            .stderr(log);
+        set_daemon_log_filter(&mut command);
+        let child = command
             .spawn()
             .unwrap_or_else(|error| panic!("spawn {FERRY_BIN} run: {error}"));
         self.child = Some(child);
@@ -404,6 +406,16 @@ impl Drop for Daemon {
                 eprintln!("kept test directory {}", path.display());
             }
         }
+    }
+}
+
+/// Makes a daemon log at info unless the test run sets a filter of its own. The log is the
+/// first thing a failed test needs, and an empty `RUST_LOG` (which some environments export)
+/// is a valid filter that keeps errors only.
+pub fn set_daemon_log_filter(command: &mut Command) {
+    let run_has_filter = std::env::var("RUST_LOG").is_ok_and(|filter| !filter.trim().is_empty());
+    if !run_has_filter {
+        command.env("RUST_LOG", "info");
     }
 }
 

@@ -12,9 +12,15 @@
 //! - `power_loss` (with the `fault-injection` feature, which `tests/run.sh` turns on): kill -9
 //!   plus the loss of every write the daemon had not made durable, replayed from the undo logs
 //!   the daemon keeps with `FERRY_FAULT_POWER_LOSS=1`; the fault switches themselves.
-//! - `cluster`: the two-node fixture (certificates, configs, optional relay) for replication.
+//! - `cluster`: the two- or three-node fixture (certificates, configs, an optional relay per
+//!   link) for replication.
 //! - `metro`: metro replication: initial sync, RPO 0 under kill -9, resync after a secondary
 //!   crash or a link cut, a corrupt frame, foreign certificates, switchover with real clients.
+//! - `metro_roles`: role changes under faults: a link lost while a demotion drains, an old
+//!   primary restarted behind a partition (fencing), `on_disconnect = "suspend"` after a
+//!   restart.
+//! - `metro3`: three metro copies: the secondaries never resync each other, a copy that was
+//!   away catches up, the third copy follows a promoted secondary.
 //!
 //! Environment: FERRY_SKIP_INTEROP=1 skips the third-party tool tests (printed), FERRY_SEED
 //! replays a randomized test, FERRY_LONG=1 runs the long variants, FERRY_KEEP=1 keeps the
@@ -25,6 +31,8 @@ mod crash;
 mod harness;
 mod interop;
 mod metro;
+mod metro3;
+mod metro_roles;
 mod model;
 #[allow(dead_code)] // the protocol constants are listed whole, used or not
 mod nbd_wire;

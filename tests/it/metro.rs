@@ -36,7 +36,7 @@ use crate::model::{self, History, Stamp, WriteRecord, WriteShape, BLOCK_BYTES};
 use crate::nbd_wire::{NbdConn, NbdError, EPERM, TRANSMIT_READ_ONLY};
 
 const SECTOR_BYTES: usize = 512;
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 const STAMP_MAGIC: &[u8; 8] = b"FERRYMET";
 /// Writes are 4 KiB to 64 KiB.
 const MAX_BLOCKS_PER_WRITE: u64 = 16;
@@ -44,32 +44,32 @@ const MAX_BLOCKS_PER_WRITE: u64 = 16;
 const WRITES_PER_WRITER_MAX: u64 = 1_000_000;
 
 /// Initial full sync of a 64 MiB volume, on a loaded 2-core machine.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// A delta resync, or a reconnect plus delta resync.
-const RESYNC_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const RESYNC_TIMEOUT: Duration = Duration::from_secs(60);
 /// A role change reported after restart or promote.
-const ROLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const ROLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Writer threads finish within this after being told to stop (each NBD call is bounded).
 const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Beyond peer_timeout, how long the primary may take to report `degraded`.
-const DEGRADE_SLACK: Duration = Duration::from_secs(10);
+pub(crate) const DEGRADE_SLACK: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // The workload and its model (see `model.rs`)
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
-struct WorkloadSpec {
-    seed: u64,
-    round: u64,
-    writers: u64,
+pub(crate) struct WorkloadSpec {
+    pub(crate) seed: u64,
+    pub(crate) round: u64,
+    pub(crate) writers: u64,
     /// Writes land in blocks [0, region_blocks) so that overwrites are common.
-    region_blocks: u64,
+    pub(crate) region_blocks: u64,
 }
 
 impl WorkloadSpec {
     /// Round 0 of a test that runs one workload.
-    fn once(seed: u64, writers: u64, region_blocks: u64) -> WorkloadSpec {
+    pub(crate) fn once(seed: u64, writers: u64, region_blocks: u64) -> WorkloadSpec {
         WorkloadSpec {
             seed,
             round: 0,
@@ -111,7 +111,7 @@ impl Stamp for WorkloadSpec {
 
 /// The exact bytes of one block of one write: seeded noise, with every 512-byte sector
 /// stamped with (magic, seed, round, write id, block, sector).
-fn block_contents(seed: u64, round: u64, id: u64, block: u64) -> Vec<u8> {
+pub(crate) fn block_contents(seed: u64, round: u64, id: u64, block: u64) -> Vec<u8> {
     let mut bytes = vec![0u8; BLOCK_BYTES];
     let mut rng = StdRng::seed_from_u64(
         seed ^ round.rotate_left(40)
@@ -137,7 +137,7 @@ fn le_u64(bytes: &[u8]) -> u64 {
 }
 
 /// What each sector of a block says about its origin, for violation messages.
-fn describe_block(actual: &[u8], baseline: &[u8]) -> String {
+pub(crate) fn describe_block(actual: &[u8], baseline: &[u8]) -> String {
     (0..BLOCK_BYTES / SECTOR_BYTES)
         .map(|sector| {
             let range = sector * SECTOR_BYTES..(sector + 1) * SECTOR_BYTES;
@@ -163,33 +163,33 @@ fn describe_block(actual: &[u8], baseline: &[u8]) -> String {
 }
 
 /// Concurrent writers on one node's export, each on its own NBD connection.
-struct Workload {
+pub(crate) struct Workload {
     spec: WorkloadSpec,
     history: Arc<History>,
     threads: Vec<JoinHandle<()>>,
 }
 
 /// What the writers did.
-struct Outcome {
-    spec: WorkloadSpec,
-    records: HashMap<u64, WriteRecord>,
-    errors: Vec<(Instant, String)>,
+pub(crate) struct Outcome {
+    pub(crate) spec: WorkloadSpec,
+    pub(crate) records: HashMap<u64, WriteRecord>,
+    pub(crate) errors: Vec<(Instant, String)>,
 }
 
 impl Outcome {
-    fn completed(&self) -> usize {
+    pub(crate) fn completed(&self) -> usize {
         self.records
             .values()
             .filter(|record| record.completed_at.is_some())
             .count()
     }
 
-    fn assert_no_errors(&self) {
+    pub(crate) fn assert_no_errors(&self) {
         assert!(self.errors.is_empty(), "writer errors: {:?}", self.errors);
     }
 
     /// Errors seen before `instant` (a kill at `instant` explains only the later ones).
-    fn errors_before(&self, instant: Instant) -> Vec<String> {
+    pub(crate) fn errors_before(&self, instant: Instant) -> Vec<String> {
         self.errors
             .iter()
             .filter(|(at, _)| *at < instant)
@@ -198,7 +198,7 @@ impl Outcome {
     }
 
     /// Bytes of the distinct blocks written by completed writes issued in (after, before).
-    fn distinct_bytes_issued_between(&self, after: u64, before: u64) -> u64 {
+    pub(crate) fn distinct_bytes_issued_between(&self, after: u64, before: u64) -> u64 {
         let blocks: HashSet<u64> = self
             .records
             .values()
@@ -210,7 +210,7 @@ impl Outcome {
 }
 
 impl Workload {
-    fn start(socket: &Path, spec: WorkloadSpec) -> Workload {
+    pub(crate) fn start(socket: &Path, spec: WorkloadSpec) -> Workload {
         let history = Arc::new(History::default());
         let threads = (0..spec.writers)
             .map(|writer| {
@@ -226,16 +226,16 @@ impl Workload {
         }
     }
 
-    fn completed(&self) -> u64 {
+    pub(crate) fn completed(&self) -> u64 {
         self.history.completed()
     }
 
     /// The logical clock now: writes issued later have a larger `issued_at`.
-    fn clock(&self) -> u64 {
+    pub(crate) fn clock(&self) -> u64 {
         self.history.clock()
     }
 
-    fn errors(&self) -> Vec<String> {
+    pub(crate) fn errors(&self) -> Vec<String> {
         self.history
             .errors()
             .into_iter()
@@ -245,7 +245,7 @@ impl Workload {
 
     /// Waits until `more` writes completed beyond what had completed at the call; false after
     /// `timeout`.
-    fn wait_progress(&self, more: u64, timeout: Duration) -> bool {
+    pub(crate) fn wait_progress(&self, more: u64, timeout: Duration) -> bool {
         let target = self.completed() + more;
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -258,18 +258,34 @@ impl Workload {
     }
 
     /// Asserts that `more` more writes complete within `timeout` on the primary `a`
-    /// (`what`: when).
-    fn assert_progress(&self, more: u64, timeout: Duration, what: &str, cluster: &Cluster) {
+    /// (`what`: when); a failure shows a's replicas (all of them, in a three-node cluster).
+    pub(crate) fn assert_progress(
+        &self,
+        more: u64,
+        timeout: Duration,
+        what: &str,
+        cluster: &Cluster,
+    ) {
         assert!(
             self.wait_progress(more, timeout),
-            "writes do not complete {what}; errors: {:?}; replica: {}",
+            "writes do not complete {what}; errors: {:?}; replicas of a: {}",
             self.errors(),
-            cluster.replica(A)
+            cluster
+                .node(A)
+                .try_volume_status()
+                .map(|volume| volume["replicas"].to_string())
+                .unwrap_or_else(|error| error)
         );
     }
 
+    /// Writes issued and not answered yet: in flight (each writer stops at its first error).
+    pub(crate) fn in_flight(&self) -> u64 {
+        let issued = self.history.records().len() as u64;
+        issued - self.completed() - self.history.errors().len() as u64
+    }
+
     /// Tells the writers to stop and joins them (bounded).
-    fn finish(self) -> Outcome {
+    pub(crate) fn finish(self) -> Outcome {
         self.history.stop();
         let deadline = Instant::now() + JOIN_TIMEOUT;
         for thread in self.threads {
@@ -309,11 +325,11 @@ fn writer_thread(socket: &Path, writer: u64, spec: WorkloadSpec, history: &Histo
 }
 
 /// Reads blocks [0, blocks) of the volume from a node's export.
-fn read_region(socket: &Path, blocks: u64) -> Vec<u8> {
+pub(crate) fn read_region(socket: &Path, blocks: u64) -> Vec<u8> {
     model::read_region(socket, VOLUME, blocks)
 }
 
-fn first_difference(left: &[u8], right: &[u8]) -> Option<usize> {
+pub(crate) fn first_difference(left: &[u8], right: &[u8]) -> Option<usize> {
     if left.len() != right.len() {
         return Some(left.len().min(right.len()));
     }
@@ -321,7 +337,7 @@ fn first_difference(left: &[u8], right: &[u8]) -> Option<usize> {
 }
 
 /// Panics with the first violations, the seed and the replica states seen.
-fn assert_no_violations(violations: &[String], what: &str, seed: u64, states: &str) {
+pub(crate) fn assert_no_violations(violations: &[String], what: &str, seed: u64, states: &str) {
     assert!(
         violations.is_empty(),
         "{what}: {} blocks violate the model (replay with FERRY_SEED={seed}); replica states \
@@ -349,7 +365,7 @@ fn assert_generation_newer(before: &serde_json::Value, after: &serde_json::Value
 
 /// Starts both nodes, waits for the initial sync and reads blocks [0, region_blocks) on a:
 /// the contents before the test writes.
-fn start_in_sync(options: ClusterOptions, region_blocks: u64) -> (Cluster, Vec<u8>) {
+pub(crate) fn start_in_sync(options: ClusterOptions, region_blocks: u64) -> (Cluster, Vec<u8>) {
     let cluster = Cluster::start(options);
     cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
     let baseline = read_region(&cluster.nbd_socket(A), region_blocks);
@@ -357,7 +373,7 @@ fn start_in_sync(options: ClusterOptions, region_blocks: u64) -> (Cluster, Vec<u
 }
 
 /// Waits until a reports b in-sync with nothing left to send.
-fn wait_in_sync_no_lag(cluster: &Cluster) -> serde_json::Value {
+pub(crate) fn wait_in_sync_no_lag(cluster: &Cluster) -> serde_json::Value {
     cluster.wait_volume(A, "in-sync with no lag", Duration::from_secs(10), |v| {
         cluster::replica_of(v, "b")
             .map(|r| r["state"] == "in-sync" && r["lag_bytes"] == 0)
@@ -366,7 +382,7 @@ fn wait_in_sync_no_lag(cluster: &Cluster) -> serde_json::Value {
 }
 
 /// Waits for a's replica to reach `state` and logs how long that took after `what`.
-fn wait_state_logged(
+pub(crate) fn wait_state_logged(
     cluster: &Cluster,
     state: &str,
     timeout: Duration,
@@ -380,7 +396,7 @@ fn wait_state_logged(
 
 /// Reads the workload's region on node `id` and asserts that it holds what the model allows
 /// after `outcome` (`what`: which copy, when; `states`: for the report). Returns the region.
-fn check_node(
+pub(crate) fn check_node(
     cluster: &Cluster,
     id: NodeId,
     baseline: &[u8],
@@ -433,7 +449,7 @@ fn stop_and_report(cluster: &mut Cluster, deferred_failures: &[String]) {
 /// `primary` with -9, force-promotes the other node and checks every block of the region
 /// against the model. Returns the region as read from the promoted node, and the replica
 /// states the primary reported while the workload ran.
-fn load_kill_promote_verify(
+pub(crate) fn load_kill_promote_verify(
     cluster: &mut Cluster,
     primary: NodeId,
     spec: WorkloadSpec,
@@ -561,7 +577,7 @@ fn rejoin_old_primary(cluster: &mut Cluster, old: NodeId, region: &[u8], spec: &
 
 /// Tries one 4 KiB write on a fresh connection with short timeouts; Ok if the server
 /// completed it.
-fn probe_write(socket: &Path, offset: u64) -> Result<(), String> {
+pub(crate) fn probe_write(socket: &Path, offset: u64) -> Result<(), String> {
     let stream = UnixStream::connect(socket).map_err(|error| format!("connect: {error}"))?;
     let timeout = Some(Duration::from_secs(5));
     stream
@@ -666,7 +682,7 @@ fn metro_secondary_kill9_degrades_resyncs_then_rpo_zero() {
 
 /// Sequential writes of seeded data at seeded 4 KiB-aligned offsets over the whole volume,
 /// mirrored into `image` (the expected contents). Some FUA, some followed by FLUSH.
-fn write_phase(socket: &Path, image: &mut [u8], seed: u64, writes: usize) {
+pub(crate) fn write_phase(socket: &Path, image: &mut [u8], seed: u64, writes: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut conn = NbdConn::connect_unix(socket, VOLUME).expect("connect to the primary");
     let volume_blocks = (image.len() / BLOCK_BYTES) as u64;
@@ -693,7 +709,7 @@ fn write_phase(socket: &Path, image: &mut [u8], seed: u64, writes: usize) {
 }
 
 /// Compares a whole node's volume with `image`; returns the first difference, described.
-fn compare_volume(socket: &Path, image: &[u8]) -> Option<String> {
+pub(crate) fn compare_volume(socket: &Path, image: &[u8]) -> Option<String> {
     let actual = read_region(socket, (image.len() / BLOCK_BYTES) as u64);
     first_difference(&actual, image).map(|at| {
         format!(
