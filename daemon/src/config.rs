@@ -99,27 +99,10 @@ pub struct VolumeConfig {
     pub replicas: Vec<ReplicaConfig>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    Primary,
-    Secondary,
-}
-
-impl Role {
-    /// The spelling used in the config, the control socket and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Primary => "primary",
-            Role::Secondary => "secondary",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// A copy's role: one type across the config, the replicator and the control socket.
+pub use ferry_protocol::generation::Role;
+/// What a metro primary does when a peer is unreachable: one type for config and replicator.
+pub use ferry_protocol::replication::OnDisconnect;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaConfig {
@@ -140,14 +123,6 @@ pub enum ReplicaMode {
         max_rate_bytes_per_s: Option<u64>,
         compression: Compression,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnDisconnect {
-    /// Track dirty blocks and keep serving.
-    Degrade,
-    /// Hold I/O until the peer is back.
-    Suspend,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,6 +18,8 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufR
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use ferry_protocol::replication::OpError;
+
 use crate::accept::{serve_bounded, stop_requested};
 use crate::nbd::BoxFuture;
 
@@ -34,9 +36,15 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the client waits for the daemon's reply to `status` (and to ops not listed in
 /// [`client_timeout`]) before giving up.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long the client waits for `promote` and `demote`: demote drains in-flight I/O and
-/// promote may wait on the peer, so both can take far longer than a status snapshot.
+/// Refusal code of `promote`: a peer is still primary and reachable (SPEC §3); the same as
+/// the daemon's `OpError::PeerIsPrimary`.
+pub const PEER_IS_PRIMARY: &str = "peer-is-primary";
+
+/// How long the client waits for `promote`, `demote` and `resolve`: demote drains in-flight
+/// I/O and promote may wait on the peer, so both can take far longer than a status snapshot.
 const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the client waits for `verify`, which reads the whole volume at a capped rate.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// `sun_path` holds 107 bytes plus the terminating NUL.
 const UNIX_SOCKET_PATH_LENGTH_MAX: usize = 107;
 
@@ -50,7 +58,7 @@ pub enum ControlError {
     UnknownVolume { volume: String },
     /// The request's op is not one this daemon knows.
     #[error(
-        "unknown op `{op}`; this daemon knows: status, promote, demote (is the ferry binary newer than the daemon?)"
+        "unknown op `{op}`; this daemon knows: status, promote, demote, resolve, verify (is the ferry binary newer than the daemon?)"
     )]
     UnknownOp { op: String },
     /// The request is not a JSON object with a string "op", or a field has the wrong type.
@@ -62,10 +70,13 @@ pub enum ControlError {
     /// The daemon failed while handling a valid request.
     #[error("internal error: {message}; see the daemon's log")]
     Internal { message: String },
-    /// An error reply whose code has no variant of its own (client side), or an op-specific
-    /// refusal like `peer-is-primary` (server side).
+    /// An error reply whose code has no variant of its own (client side).
     #[error("{message}")]
     Remote { code: String, message: String },
+    /// A role change, resolve or verify the replicator refused or could not finish (server
+    /// side); its code is the refusal's.
+    #[error(transparent)]
+    Refused(#[from] OpError),
     /// Another daemon answers on the control socket path.
     #[error("another ferry daemon is running on {}; stop it first or give this one another control_socket", path.display())]
     SocketInUse { path: PathBuf },
@@ -98,6 +109,7 @@ impl ControlError {
             ControlError::BadRequest { .. } => "bad-request",
             ControlError::RequestTooLarge => "request-too-large",
             ControlError::Remote { code, .. } => code,
+            ControlError::Refused(error) => error.code(),
             ControlError::Internal { .. }
             | ControlError::SocketInUse { .. }
             | ControlError::NotASocket { .. }
@@ -110,31 +122,22 @@ impl ControlError {
     }
 }
 
-/// Refusal code of `promote`: a peer is still primary and reachable (SPEC §3).
-pub const PEER_IS_PRIMARY: &str = "peer-is-primary";
-/// Refusal code of `promote`: this node's copy is not consistent (mid-resync, split brain, ...).
-pub const NOT_CONSISTENT: &str = "not-consistent";
-/// Refusal code of `promote`: this node's copy is already primary.
-pub const ALREADY_PRIMARY: &str = "already-primary";
-
 /// What the daemon answers to control requests. Implementations are called on the runtime's
 /// threads: `status` takes a snapshot and must not block for long; the role changes are async
 /// and may take as long as they need (the client waits up to 120 s for them).
 ///
-/// A refusal of a role change is [`ControlError::Remote`] with a stable kebab-case `code`
-/// (such as [`PEER_IS_PRIMARY`], [`NOT_CONSISTENT`], [`ALREADY_PRIMARY`]) and a `message` that
-/// says what to do; `ferry` prints the message and exits 1. An unknown volume is
-/// [`ControlError::UnknownVolume`].
+/// A refusal is [`ControlError::Refused`] carrying the replicator's [`OpError`], whose stable
+/// kebab-case code and message (which says what to do) go on the wire; `ferry` prints the
+/// message and exits 1. An unknown volume is [`ControlError::UnknownVolume`].
 pub trait ControlHandler: Send + Sync + 'static {
     /// Status of one volume, or of all when `volume` is None. An unknown volume is
     /// [`ControlError::UnknownVolume`].
     fn status(&self, volume: Option<&str>) -> Result<StatusResult, ControlError>;
 
     /// Makes this node's copy of `volume` primary (SPEC §3). Returns a JSON result object like
-    /// `{"volume": "pg-data", "role": "primary", "generation": N}`; refusals are
-    /// [`ControlError::Remote`] with codes like `peer-is-primary`, `not-consistent`,
-    /// `already-primary`. `force` overrides an unreachable peer at once, without waiting for
-    /// `peer_timeout`.
+    /// `{"volume": "pg-data", "role": "primary", "generation": N}`; refusals carry codes like
+    /// `peer-is-primary` and `not-consistent`. `force` overrides an unreachable peer at once,
+    /// without waiting for `peer_timeout`.
     fn promote(&self, volume: &str, force: bool) -> BoxFuture<'_, Result<Value, ControlError>> {
         let _ = (volume, force);
         Box::pin(async move {
@@ -156,6 +159,38 @@ pub trait ControlHandler: Send + Sync + 'static {
             })
         })
     }
+
+    /// `ferry resolve VOLUME --discard-local [--peer NAME]`: this copy gives up its writes
+    /// since a split brain and is resynced from `peer` (SPEC §3). Returns
+    /// `{"volume": ..., "role": "secondary", "resolving_with": PEER}`.
+    fn resolve(
+        &self,
+        volume: &str,
+        peer: Option<&str>,
+    ) -> BoxFuture<'_, Result<Value, ControlError>> {
+        let _ = (volume, peer);
+        Box::pin(async move {
+            Err(ControlError::UnknownOp {
+                op: "resolve".into(),
+            })
+        })
+    }
+
+    /// `ferry verify VOLUME [--peer NAME] [--repair]` (SPEC §3): returns a [`VerifyReport`]
+    /// once the comparison (and the repair) is over.
+    fn verify(
+        &self,
+        volume: &str,
+        peer: Option<&str>,
+        repair: bool,
+    ) -> BoxFuture<'_, Result<Value, ControlError>> {
+        let _ = (volume, peer, repair);
+        Box::pin(async move {
+            Err(ControlError::UnknownOp {
+                op: "verify".into(),
+            })
+        })
+    }
 }
 
 /// The `result` of `status` (SPEC §5).
@@ -173,6 +208,15 @@ pub struct VolumeStatus {
     pub size_bytes: u64,
     pub journal: JournalStatus,
     pub generation: u64,
+    /// False while a resync into this copy has not finished: it may not be promoted.
+    pub consistent: bool,
+    /// Why client writes are held (fencing after a restart, with the command that overrides
+    /// it; a resync's hand-over), or None.
+    pub writes_held: Option<String>,
+    /// The peer this copy receives from, when it is a secondary following a primary.
+    pub following: Option<String>,
+    /// `ferry resolve --discard-local` named this peer; cleared when its resync completes.
+    pub resolving_with: Option<String>,
     pub replicas: Vec<ReplicaStatus>,
     pub recovery: RecoveryStatus,
     /// The backing device path.
@@ -207,6 +251,31 @@ pub struct ReplicaStatus {
     pub resynced_bytes: u64,
     /// Why the replica is not in sync, or None.
     pub last_error: Option<String>,
+    /// Bytes of the volume the dirty map kept for this peer marks.
+    pub dirty_bytes: u64,
+    /// The peer has been in sync with this copy (it may hold its data: fencing and
+    /// `on_disconnect = "suspend"` wait for it).
+    pub protecting: bool,
+    /// The last `ferry verify` against this peer.
+    pub verify: Option<VerifyReport>,
+}
+
+/// What a `ferry verify` found (the `verify` reply, and `verify` in a replica's status).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub volume: String,
+    pub peer: String,
+    pub running: bool,
+    pub repair: bool,
+    pub total_bytes: u64,
+    pub checked_bytes: u64,
+    pub differing_bytes: u64,
+    /// The first differing ranges, `[offset, length]` in bytes.
+    pub differing_ranges: Vec<(u64, u64)>,
+    /// Bytes not compared because writes kept changing them.
+    pub busy_bytes: u64,
+    /// `--repair` resynced the differing ranges.
+    pub repaired: bool,
 }
 
 /// What the last start's journal replay did.
@@ -417,23 +486,62 @@ async fn dispatch(line: &[u8], handler: &dyn ControlHandler) -> Result<Value, Co
         }
         "promote" => {
             let volume = required_volume(&fields, op)?;
-            let force = match fields.get("force") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(force)) => *force,
-                Some(_) => {
-                    return Err(ControlError::BadRequest {
-                        reason: "\"force\" must be true or false".to_string(),
-                    })
-                }
-            };
+            let force = optional_bool(&fields, "force")?;
             handler.promote(volume, force).await
         }
         "demote" => {
             let volume = required_volume(&fields, op)?;
             handler.demote(volume).await
         }
+        "resolve" => {
+            let volume = required_volume(&fields, op)?;
+            let peer = optional_string(&fields, "peer")?;
+            match fields.get("discard_local") {
+                Some(Value::Bool(true)) => {}
+                _ => {
+                    return Err(ControlError::BadRequest {
+                        reason: "\"resolve\" needs \"discard_local\": true: it throws away this copy's writes since the split brain".to_string(),
+                    })
+                }
+            }
+            handler.resolve(volume, peer).await
+        }
+        "verify" => {
+            let volume = required_volume(&fields, op)?;
+            let peer = optional_string(&fields, "peer")?;
+            let repair = optional_bool(&fields, "repair")?;
+            handler.verify(volume, peer, repair).await
+        }
         other => Err(ControlError::UnknownOp {
             op: other.to_string(),
+        }),
+    }
+}
+
+/// An optional boolean field (absent or null: false).
+fn optional_bool(
+    fields: &serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<bool, ControlError> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(value)) => Ok(*value),
+        Some(_) => Err(ControlError::BadRequest {
+            reason: format!("\"{name}\" must be true or false"),
+        }),
+    }
+}
+
+/// An optional string field (absent or null: None).
+fn optional_string<'a>(
+    fields: &'a serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<Option<&'a str>, ControlError> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(value)) => Ok(Some(value)),
+        Some(_) => Err(ControlError::BadRequest {
+            reason: format!("\"{name}\" must be a string"),
         }),
     }
 }
@@ -480,11 +588,13 @@ pub async fn request_with_timeout(
         })?
 }
 
-/// How long the client waits for the reply to `op`: 120 s for `promote` and `demote` (they
-/// drain I/O and may wait on the peer), 60 s for everything else.
+/// How long the client waits for the reply to `op`: 120 s for `promote`, `demote` and
+/// `resolve` (they drain I/O and may wait on the peer), a week for `verify` (it reads the
+/// whole volume), 60 s for everything else.
 pub fn client_timeout(op: &str) -> Duration {
     match op {
-        "promote" | "demote" => ROLE_CHANGE_TIMEOUT,
+        "promote" | "demote" | "resolve" => ROLE_CHANGE_TIMEOUT,
+        "verify" => VERIFY_TIMEOUT,
         _ => CLIENT_TIMEOUT,
     }
 }
@@ -672,6 +782,26 @@ pub fn render_status(s: &StatusResult) -> String {
                 volume.name
             );
         }
+        if let Some(held) = &volume.writes_held {
+            let _ = writeln!(out, "{}: WRITES HELD: {held}", volume.name);
+        }
+        if !volume.consistent {
+            let _ = writeln!(
+                out,
+                "{}: not consistent (a resync into it has not finished); it cannot be promoted",
+                volume.name
+            );
+        }
+        if let Some(peer) = &volume.resolving_with {
+            let _ = writeln!(
+                out,
+                "{}: resolving a split brain: this copy's writes are discarded and resynced from {peer}",
+                volume.name
+            );
+        }
+        if let Some(primary) = &volume.following {
+            let _ = writeln!(out, "{}: following {primary}", volume.name);
+        }
         if volume.replicas.is_empty() {
             let _ = writeln!(out, "{}: no replicas", volume.name);
             continue;
@@ -717,8 +847,59 @@ pub fn render_status(s: &StatusResult) -> String {
             replica_rows.push(row);
         }
         render_table(&replica_rows, &mut out);
+        for replica in &volume.replicas {
+            if let Some(verify) = &replica.verify {
+                let _ = writeln!(out, "  {}", render_verify(verify));
+            }
+        }
     }
     out
+}
+
+/// One line about a verify, for `ferry status` and `ferry verify`.
+pub fn render_verify(v: &VerifyReport) -> String {
+    let mut line = format!(
+        "verify of {} against {}: {} of {} compared",
+        v.volume,
+        v.peer,
+        human_bytes(v.checked_bytes),
+        human_bytes(v.total_bytes)
+    );
+    if v.running {
+        line.push_str(", running");
+    }
+    if v.differing_bytes == 0 {
+        line.push_str(", no difference");
+    } else {
+        let ranges: Vec<String> = v
+            .differing_ranges
+            .iter()
+            .take(8)
+            .map(|(offset, len)| format!("{offset}+{len}"))
+            .collect();
+        let _ = write!(
+            line,
+            ", {} DIFFER (bytes {}{})",
+            human_bytes(v.differing_bytes),
+            ranges.join(", "),
+            if v.differing_ranges.len() > 8 {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+        if v.repaired {
+            line.push_str(", repaired");
+        }
+    }
+    if v.busy_bytes > 0 {
+        let _ = write!(
+            line,
+            ", {} not compared (written throughout)",
+            human_bytes(v.busy_bytes)
+        );
+    }
+    line
 }
 
 #[cfg(test)]
@@ -757,6 +938,10 @@ mod tests {
                 full_waits: 2,
             },
             generation: 3,
+            consistent: true,
+            writes_held: None,
+            following: None,
+            resolving_with: None,
             replicas: Vec::new(),
             recovery: RecoveryStatus {
                 records_replayed: 12,
@@ -1033,6 +1218,9 @@ mod tests {
             resync_remaining_bytes: 0,
             resynced_bytes: 0,
             last_error: None,
+            dirty_bytes: 0,
+            protecting: true,
+            verify: None,
         });
         status.volumes[0].replicas.push(ReplicaStatus {
             peer: "site-c".to_string(),
@@ -1044,6 +1232,20 @@ mod tests {
             resync_remaining_bytes: 512 << 20,
             resynced_bytes: 1 << 30,
             last_error: Some("timed out after 10 s".to_string()),
+            dirty_bytes: 3 << 20,
+            protecting: true,
+            verify: Some(VerifyReport {
+                volume: "pg-data".into(),
+                peer: "site-c".into(),
+                running: false,
+                repair: false,
+                total_bytes: 10 << 30,
+                checked_bytes: 10 << 30,
+                differing_bytes: 8192,
+                differing_ranges: vec![(4096, 8192)],
+                busy_bytes: 0,
+                repaired: false,
+            }),
         });
         let text = render_status(&status);
         for wanted in [
@@ -1055,6 +1257,7 @@ mod tests {
             "  site-c  regional  resyncing  1100       3.0 MiB / 12.500 s  512.0 MiB    1.0 GiB   timed out after 10 s",
             "RESYNC LEFT  RESYNCED  LAST ERROR",
             "logs: no replicas",
+            "verify of pg-data against site-c: 10.0 GiB of 10.0 GiB compared, 8.0 KiB DIFFER (bytes 4096+8192)",
         ] {
             assert!(text.contains(wanted), "missing {wanted:?} in:\n{text}");
         }

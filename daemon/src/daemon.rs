@@ -11,17 +11,21 @@ use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::sync::watch;
 
+use ferry_protocol::replication::{self as ledger, OpOutcome, StartPeer};
+
 use crate::config::ReplicaMode;
-use crate::config::{Config, ListenAddr, Role};
+use crate::config::{Config, ListenAddr, VolumeConfig};
 use crate::control::{
     self, ControlError, ControlHandler, JournalStatus, RecoveryStatus, StatusResult, VolumeStatus,
 };
-use crate::dirty::DirtyMap;
+use crate::datadir::{DataDir, DataDirError};
 use crate::metrics::{self, Metrics};
 use crate::nbd::{self, BoxFuture, Export, ExportLookup, Listener};
-use crate::replica::VolumeReplication;
-use crate::tls::{RefusedBy, TlsIdentity};
-use crate::transport::{self, PeerOrAddr, Transport, TransportEvent};
+use crate::replication::tls::{RefusedBy, TlsIdentity};
+use crate::replication::transport::{self, PeerOrAddr, Transport, TransportEvent};
+use crate::replication::{
+    self, DirtyFile, MetaError, MetaFile, Missing, Opened, VolumeReplication,
+};
 use crate::volume::{Volume, VolumeError, VolumeOpenHook};
 
 #[derive(Debug, Error)]
@@ -43,17 +47,17 @@ pub enum DaemonError {
     #[error("[node] listen is required when peers are configured")]
     NoListen,
     #[error("TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::replication::tls::TlsError),
     #[error("replication transport: {0}")]
-    Transport(#[from] crate::transport::TransportError),
+    Transport(#[from] crate::replication::transport::TransportError),
     #[error("volume {volume}: dirty map: {source}")]
     DirtyMap { volume: String, source: io::Error },
+    #[error("volume {volume}: {source}")]
+    Meta { volume: String, source: MetaError },
     #[error("cannot install the signal handler: {0}")]
     Signal(io::Error),
-    #[error(
-        "data directory {path} is in use by another ferry daemon (or cannot be locked: {source})"
-    )]
-    DataDirLocked { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
 }
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
@@ -92,17 +96,15 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 /// The node's volumes, as NBD exports and as the subject of control requests.
 pub struct Node {
     name: String,
-    volumes: Vec<Arc<Volume>>,
-    /// One per volume, in the same order (empty replica lists for standalone volumes).
-    replication: Vec<Arc<VolumeReplication>>,
+    /// One per volume, in config order (standalone volumes have no peers).
+    volumes: Vec<Arc<VolumeReplication>>,
 }
 
 impl Node {
-    fn replication(&self, volume: &str) -> Result<&Arc<VolumeReplication>, ControlError> {
+    fn volume(&self, volume: &str) -> Result<&Arc<VolumeReplication>, ControlError> {
         self.volumes
             .iter()
-            .position(|v| v.name() == volume)
-            .map(|i| &self.replication[i])
+            .find(|v| v.name() == volume)
             .ok_or_else(|| ControlError::UnknownVolume {
                 volume: volume.to_string(),
             })
@@ -114,7 +116,7 @@ impl ExportLookup for Node {
         self.volumes
             .iter()
             .find(|v| v.name() == name)
-            .map(|v| v.clone() as Arc<dyn Export>)
+            .map(|v| v.volume().clone() as Arc<dyn Export>)
     }
 
     fn names(&self) -> Vec<String> {
@@ -124,69 +126,85 @@ impl ExportLookup for Node {
 
 impl ControlHandler for Node {
     fn status(&self, volume: Option<&str>) -> Result<StatusResult, ControlError> {
-        let selected: Vec<&Arc<Volume>> = match volume {
+        let selected: Vec<&Arc<VolumeReplication>> = match volume {
             None => self.volumes.iter().collect(),
-            Some(name) => match self.volumes.iter().find(|v| v.name() == name) {
-                Some(v) => vec![v],
-                None => {
-                    return Err(ControlError::UnknownVolume {
-                        volume: name.to_string(),
-                    })
-                }
-            },
+            Some(name) => vec![self.volume(name)?],
         };
         Ok(StatusResult {
             node: self.name.clone(),
-            volumes: selected
-                .into_iter()
-                .map(|v| {
-                    let replication = self.replication(v.name()).ok();
-                    volume_status(v, replication.map(|r| &**r))
-                })
-                .collect(),
+            volumes: selected.into_iter().map(|v| volume_status(v)).collect(),
         })
     }
 
     fn promote(&self, volume: &str, force: bool) -> BoxFuture<'_, Result<Value, ControlError>> {
         let volume = volume.to_string();
         Box::pin(async move {
-            let replication = self.replication(&volume)?;
-            let generation = replication
-                .promote(force)
-                .await
-                .map_err(|(code, message)| ControlError::Remote {
-                    code: code.to_string(),
-                    message,
-                })?;
-            Ok(json!({"volume": volume, "role": "primary", "generation": generation}))
+            let outcome = self.volume(&volume)?.promote(force).await?;
+            Ok(outcome_json(&volume, &outcome))
         })
     }
 
     fn demote(&self, volume: &str) -> BoxFuture<'_, Result<Value, ControlError>> {
         let volume = volume.to_string();
         Box::pin(async move {
-            let replication = self.replication(&volume)?;
-            replication
-                .demote()
-                .await
-                .map_err(|(code, message)| ControlError::Remote {
-                    code: code.to_string(),
-                    message,
-                })?;
-            Ok(json!({"volume": volume, "role": "secondary"}))
+            let outcome = self.volume(&volume)?.demote().await?;
+            Ok(outcome_json(&volume, &outcome))
+        })
+    }
+
+    fn resolve(
+        &self,
+        volume: &str,
+        peer: Option<&str>,
+    ) -> BoxFuture<'_, Result<Value, ControlError>> {
+        let volume = volume.to_string();
+        let peer = peer.map(str::to_owned);
+        Box::pin(async move {
+            let outcome = self.volume(&volume)?.resolve(peer.as_deref()).await?;
+            Ok(outcome_json(&volume, &outcome))
+        })
+    }
+
+    fn verify(
+        &self,
+        volume: &str,
+        peer: Option<&str>,
+        repair: bool,
+    ) -> BoxFuture<'_, Result<Value, ControlError>> {
+        let volume = volume.to_string();
+        let peer = peer.map(str::to_owned);
+        Box::pin(async move {
+            let report = self
+                .volume(&volume)?
+                .verify(peer.as_deref(), repair)
+                .await?;
+            serde_json::to_value(report).map_err(|error| ControlError::Internal {
+                message: format!("encoding the verify report: {error}"),
+            })
         })
     }
 }
 
-fn volume_status(volume: &Volume, replication: Option<&VolumeReplication>) -> VolumeStatus {
+fn outcome_json(volume: &str, outcome: &OpOutcome) -> Value {
+    match outcome {
+        OpOutcome::Promoted { generation } => {
+            json!({"volume": volume, "role": "primary", "generation": generation})
+        }
+        OpOutcome::Demoted => json!({"volume": volume, "role": "secondary"}),
+        OpOutcome::Resolving { peer } => {
+            json!({"volume": volume, "role": "secondary", "resolving_with": peer})
+        }
+    }
+}
+
+fn volume_status(replication: &VolumeReplication) -> VolumeStatus {
+    let (status, replicas) = replication.status();
+    let volume = replication.volume();
     let journal = volume.journal_stats();
     let recovery = volume.recovery();
     VolumeStatus {
         name: volume.name().to_string(),
-        role: match volume.role() {
-            Role::Primary => "primary".into(),
-            Role::Secondary => "secondary".into(),
-        },
+        role: status.role.as_str().into(),
         size_bytes: volume.size_bytes(),
         journal: JournalStatus {
             used_bytes: journal.used_bytes,
@@ -196,8 +214,12 @@ fn volume_status(volume: &Volume, replication: Option<&VolumeReplication>) -> Vo
             unapplied_bytes: journal.unapplied_bytes,
             full_waits: journal.full_waits,
         },
-        generation: volume.generation(),
-        replicas: replication.map(|r| r.status()).unwrap_or_default(),
+        generation: status.generation,
+        consistent: status.consistent,
+        writes_held: status.writes_held,
+        following: status.following,
+        resolving_with: status.resolving_with,
+        replicas,
         recovery: RecoveryStatus {
             records_replayed: recovery.records_replayed,
             bytes_replayed: recovery.bytes_replayed,
@@ -205,8 +227,84 @@ fn volume_status(volume: &Volume, replication: Option<&VolumeReplication>) -> Vo
             stopped_reason: recovery.stopped_reason.clone(),
         },
         device: volume.device_label().to_string(),
-        failure: volume.failure(),
+        failure: volume.failure().or(status.failed),
     }
+}
+
+/// Opens one volume: its meta, its device and journal (replaying the journal, and marking
+/// what it replayed in every peer's dirty map before the journal forgets it), then its
+/// replication.
+async fn open_volume(
+    config: &VolumeConfig,
+    data_dir: &DataDir,
+    node: &str,
+    metrics: &Metrics,
+) -> Result<Arc<VolumeReplication>, DaemonError> {
+    let name = config.name.clone();
+    let (meta_file, meta) = MetaFile::open_or_create(&data_dir.meta(&name), || {
+        replication::first_meta(config.initial_role, node)
+    })
+    .await
+    .map_err(|source| DaemonError::Meta {
+        volume: name.clone(),
+        source,
+    })?;
+    let peers: Vec<(String, std::path::PathBuf)> = replication::metro_peers(config)
+        .into_iter()
+        .map(|p| {
+            let path = data_dir.dirty_map(&name, &p.name);
+            (p.name, path)
+        })
+        .collect();
+    // A peer without a map may lack anything this copy holds; a copy that holds nothing yet
+    // owes nobody anything.
+    let missing = if meta.lineage.is_empty() {
+        Missing::Clean
+    } else {
+        Missing::AllDirty
+    };
+    let maps: Arc<std::sync::Mutex<Vec<(DirtyFile, StartPeer)>>> = Arc::default();
+    let hook: VolumeOpenHook = {
+        let maps = maps.clone();
+        Box::new(move |size_bytes, ranges, head| {
+            Box::pin(async move {
+                let mut opened = Vec::new();
+                for (_, path) in &peers {
+                    let (file, mut bitmap, mut state) =
+                        DirtyFile::open(path, size_bytes, missing).await?;
+                    ledger::mark_replayed(&mut bitmap, &mut state, &ranges, head);
+                    if bitmap.has_changes() {
+                        file.persist(&bitmap.take_changes(), state).await?;
+                    }
+                    opened.push((file, StartPeer { bitmap, state }));
+                }
+                *maps.lock().expect("maps lock") = opened;
+                Ok(())
+            })
+        })
+    };
+    let volume = Volume::open(
+        config,
+        &data_dir.journal(&name),
+        meta.role,
+        metrics.volume(&name),
+        Some(hook),
+    )
+    .await?;
+    tracing::info!(volume = %name, size_bytes = volume.size_bytes(), role = %meta.role, generation = meta.lineage.current_generation(), "volume ready");
+    let maps = std::mem::take(&mut *maps.lock().expect("maps lock"));
+    Ok(VolumeReplication::new(
+        Arc::new(volume),
+        config,
+        node,
+        Opened {
+            meta_file,
+            meta,
+            maps,
+        },
+        metrics.volume(&name),
+        |peer| metrics.replica(&name, peer),
+    ))
 }
 
 /// Opens the volumes, binds the listeners and serves until `stop` resolves.
@@ -215,69 +313,17 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     // One daemon per data directory: a second one must fail before it touches any journal.
-    let _lock = lock_data_dir(&config.node.data_dir)?;
+    let data_dir = DataDir::lock(&config.node.data_dir)?;
     // The control socket is bound first for the same reason: a live daemon answers on it.
     let control_listener = control::bind(&config.node.control_socket)?;
     let metrics = Metrics::new();
     let mut volumes = Vec::with_capacity(config.volumes.len());
-    let mut replication = Vec::with_capacity(config.volumes.len());
     for volume in &config.volumes {
-        let peers: Vec<String> = volume
-            .replicas
-            .iter()
-            .filter(|r| matches!(r.mode, ReplicaMode::Metro { .. }))
-            .map(|r| r.peer.clone())
-            .collect();
-        let maps: Arc<std::sync::Mutex<Vec<(String, DirtyMap)>>> = Arc::default();
-        let hook: Option<VolumeOpenHook> = if peers.is_empty() {
-            None
-        } else {
-            let maps = maps.clone();
-            let dir = config.node.data_dir.clone();
-            let name = volume.name.clone();
-            Some(Box::new(move |size_bytes, role, ranges: &[(u64, u64)]| {
-                let mut opened = Vec::new();
-                for peer in &peers {
-                    let path = dir.join(format!("{name}.{peer}.dirty"));
-                    // A primary that has no map yet cannot know what its peer holds.
-                    let mut map = DirtyMap::open(&path, size_bytes, role == Role::Primary)?;
-                    for &(offset, len) in ranges {
-                        map.mark(offset, len);
-                    }
-                    map.persist()?;
-                    opened.push((peer.clone(), map));
-                }
-                *maps.lock().expect("maps lock") = opened;
-                Ok(())
-            }))
-        };
-        let opened = Volume::open(
-            volume,
-            &config.node.data_dir,
-            &config.node.name,
-            metrics.volume(&volume.name),
-            hook,
-        )
-        .await?;
-        tracing::info!(volume = %volume.name, size_bytes = opened.size_bytes(), role = ?opened.role(), "volume ready");
-        let opened = Arc::new(opened);
-        let maps = std::mem::take(&mut *maps.lock().expect("maps lock"));
-        let repl = VolumeReplication::new(
-            opened.clone(),
-            volume,
-            &config.node.name,
-            maps,
-            metrics.volume(&volume.name),
-            |peer| metrics.replica(&volume.name, peer),
-        );
-        repl.arm_generation_at_start();
-        volumes.push(opened);
-        replication.push(repl);
+        volumes.push(open_volume(volume, &data_dir, &config.node.name, &metrics).await?);
     }
     let node = Arc::new(Node {
         name: config.node.name.clone(),
         volumes,
-        replication,
     });
 
     // Replication: one QUIC endpoint on [node] listen, only when peers are configured.
@@ -302,8 +348,8 @@ pub async fn serve(
         tracing::info!(listen = %listen, peers = config.peers.len(), "replication endpoint ready");
         Some((transport, events))
     };
-    for repl in &node.replication {
-        repl.start();
+    for volume in &node.volumes {
+        volume.start();
     }
     let (transport, transport_task) = match transport {
         Some((transport, events)) => {
@@ -360,9 +406,9 @@ pub async fn serve(
         tracing::warn!("NBD connections did not drain within 30 s; closing anyway");
         nbd_task.abort();
     }
-    for (volume, repl) in node.volumes.iter().zip(&node.replication) {
-        repl.close().await;
+    for volume in &node.volumes {
         volume.close().await;
+        volume.volume().close().await;
         tracing::info!(volume = %volume.name(), "journal applied and synced");
     }
     if let Some(task) = transport_task {
@@ -394,19 +440,15 @@ async fn route_transport_events(
         match event {
             TransportEvent::PeerConnected { peer, connection } => {
                 tracing::info!(%peer, "peer connected");
-                for repl in &node.replication {
-                    for replica in repl.replicas().iter().filter(|r| r.peer() == peer) {
-                        replica.set_connection(Some(connection.clone()));
-                    }
+                for volume in &node.volumes {
+                    volume.set_connection(&peer, Some(connection.clone()));
                 }
                 tokio::spawn(accept_streams(node.clone(), peer, connection));
             }
             TransportEvent::PeerDisconnected { peer, reason } => {
                 tracing::info!(%peer, %reason, "peer disconnected");
-                for repl in &node.replication {
-                    for replica in repl.replicas().iter().filter(|r| r.peer() == peer) {
-                        replica.set_connection(None);
-                    }
+                for volume in &node.volumes {
+                    volume.set_connection(&peer, None);
                 }
             }
             TransportEvent::AuthRefused {
@@ -427,10 +469,8 @@ async fn route_transport_events(
                 }
                 let why = format!("TLS handshake with {peer_or_addr} refused: {reason}");
                 if let Some(peer) = peer {
-                    for repl in &node.replication {
-                        for replica in repl.replicas().iter().filter(|r| r.peer() == peer) {
-                            replica.auth_refused(why.clone());
-                        }
+                    for volume in &node.volumes {
+                        volume.auth_refused(&peer, why.clone());
                     }
                 }
             }
@@ -443,19 +483,12 @@ async fn accept_streams(node: Arc<Node>, peer: String, connection: quinn::Connec
     loop {
         match transport::accept_volume_stream(&connection).await {
             Ok((volume, send, recv)) => {
-                let replica = node
+                match node
                     .volumes
                     .iter()
-                    .position(|v| v.name() == volume)
-                    .and_then(|i| {
-                        node.replication[i]
-                            .replicas()
-                            .iter()
-                            .find(|r| r.peer() == peer)
-                            .cloned()
-                    });
-                match replica {
-                    Some(replica) => replica.accept_stream(send, recv),
+                    .find(|v| v.name() == volume && v.peer_names().any(|p| p == peer))
+                {
+                    Some(replication) => replication.accept_stream(&peer, send, recv),
                     None => {
                         tracing::warn!(%peer, %volume, "the peer opened a stream for a volume not replicated with it here; refused");
                         drop((send, recv));
@@ -510,26 +543,4 @@ fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-/// Takes an exclusive `flock` on `DATA_DIR/ferry.lock` for the daemon's lifetime (the kernel
-/// drops it when the process dies, even by SIGKILL, so there is no stale lock to clean up).
-fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, DaemonError> {
-    use std::os::fd::AsRawFd;
-    let path = data_dir.join("ferry.lock");
-    let locked = |source| DaemonError::DataDirLocked {
-        path: path.clone(),
-        source,
-    };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(locked)?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(locked(io::Error::last_os_error()));
-    }
-    Ok(file)
 }

@@ -682,7 +682,7 @@ async fn scenario(dir: &Path) -> Result<(), DemoError> {
     // Certificates, ports, configs.
     let certs = dir.join("certs");
     std::fs::create_dir(&certs).map_err(setup("certificate directory"))?;
-    crate::tls::cert_init(&certs, &["a".to_string(), "b".to_string()])
+    crate::replication::tls::cert_init(&certs, &["a".to_string(), "b".to_string()])
         .map_err(setup("making certificates"))?;
     let (udp_a, udp_b, tcp_a, tcp_b) = (free_udp()?, free_udp()?, free_tcp()?, free_tcp()?);
     let addr = |r: std::io::Result<SocketAddr>| r.map_err(setup("local address"));

@@ -146,8 +146,11 @@ impl Op {
     }
 }
 
-/// Sees the (offset, length) of every record recovery replayed; see [`Journal::open`].
-pub type RecoveryHook = Box<dyn FnOnce(&[(u64, u64)]) -> std::io::Result<()> + Send>;
+/// Sees the (offset, length) of every record recovery replayed, merged where adjacent, and the
+/// LSN of the last one (the head); see [`Journal::open`].
+pub type RecoveryHook = Box<
+    dyn FnOnce(Vec<(u64, u64)>, u64) -> crate::nbd::BoxFuture<'static, std::io::Result<()>> + Send,
+>;
 
 /// What recovery found when the journal was opened.
 #[derive(Debug, Clone, Default)]
@@ -675,7 +678,9 @@ async fn recover(
         .await
         .map_err(io_err("syncing the device after replay"))?;
     if let Some(hook) = on_replayed {
-        hook(&replayed_ranges).map_err(io_err("recording the replayed ranges"))?;
+        hook(replayed_ranges, lsn - 1)
+            .await
+            .map_err(io_err("recording the replayed ranges"))?;
     }
     // Destroy the block where the scan stopped: a torn batch there keeps a valid header, and a
     // later batch torn at the same place must not make its old payload look whole again.

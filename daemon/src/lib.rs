@@ -4,17 +4,15 @@ pub mod accept;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod datadir;
 pub mod demo;
-pub mod dirty;
 pub mod index;
 pub mod journal;
 pub mod metrics;
 pub mod nbd;
 pub mod nbd_client;
-pub mod replica;
+pub mod replication;
 pub mod storage;
-pub mod tls;
-pub mod transport;
 pub mod volume;
 
 #[cfg(test)]

@@ -64,6 +64,30 @@ enum Command {
         /// The volume, as named in the config.
         volume: String,
     },
+    /// Resolve a split brain on the copy whose writes lose: throw away this node's writes
+    /// since the split and resync, by the blocks either side changed, from the peer.
+    Resolve {
+        /// The volume, as named in the config.
+        volume: String,
+        /// Required: you confirm that this copy's divergent writes are discarded.
+        #[arg(long, required = true)]
+        discard_local: bool,
+        /// The peer whose copy wins (needed when the split brain is with several peers).
+        #[arg(long, value_name = "NAME")]
+        peer: Option<String>,
+    },
+    /// Compare this copy with a peer's online, by hashes (only hashes cross the network);
+    /// print the differing ranges; exit 1 when the copies differ (and were not repaired).
+    Verify {
+        /// The volume, as named in the config.
+        volume: String,
+        /// The peer to compare with (needed when the volume has several).
+        #[arg(long, value_name = "NAME")]
+        peer: Option<String>,
+        /// Resync just the differing ranges.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -119,6 +143,20 @@ fn main() -> ExitCode {
             &volume,
             json!({ "op": "demote", "volume": volume }),
         ),
+        Command::Resolve {
+            volume,
+            discard_local,
+            peer,
+        } => role_change(
+            &cli.socket,
+            &volume,
+            json!({ "op": "resolve", "volume": volume, "discard_local": discard_local, "peer": peer }),
+        ),
+        Command::Verify {
+            volume,
+            peer,
+            repair,
+        } => verify(&cli.socket, &volume, peer, repair),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
@@ -138,7 +176,7 @@ fn main() -> ExitCode {
 }
 
 fn cert_init(dir: &Path, nodes: &[String]) -> ExitCode {
-    match ferry::tls::cert_init(dir, nodes) {
+    match ferry::replication::tls::cert_init(dir, nodes) {
         Ok(report) => {
             if report.ca_reused {
                 println!("reused the CA in {}", dir.display());
@@ -219,10 +257,43 @@ fn describe_role_change(volume: &str, result: &Value) -> String {
         .get("volume")
         .and_then(Value::as_str)
         .unwrap_or(volume);
+    if let Some(peer) = result.get("resolving_with").and_then(Value::as_str) {
+        return format!(
+            "{name}: now {role}; this copy's writes since the split brain are discarded and resynced from {peer}"
+        );
+    }
     match result.get("generation").and_then(Value::as_u64) {
         Some(generation) => format!("{name}: now {role} (generation {generation:#x})"),
         None => format!("{name}: now {role}"),
     }
+}
+
+/// `ferry verify`: the report on one line; exit 1 when the copies differ and were not
+/// repaired, or when the verify could not compare everything.
+fn verify(socket: &Path, volume: &str, peer: Option<String>, repair: bool) -> ExitCode {
+    let result = match call(
+        socket,
+        json!({ "op": "verify", "volume": volume, "peer": peer, "repair": repair }),
+    ) {
+        Ok(result) => result,
+        Err(code) => return code,
+    };
+    let report: control::VerifyReport = match serde_json::from_value(result) {
+        Ok(report) => report,
+        Err(error) => {
+            return fail(&format!(
+                "the daemon's verify report is not understood ({error})"
+            ))
+        }
+    };
+    println!("{}", control::render_verify(&report));
+    if report.differing_bytes > 0 && !report.repaired {
+        return ExitCode::from(EXIT_FAILED);
+    }
+    if report.checked_bytes + report.busy_bytes < report.total_bytes {
+        return fail("the verify stopped before comparing everything (the link to the peer was lost); run it again");
+    }
+    ExitCode::SUCCESS
 }
 
 fn status(socket: &Path, volume: Option<String>, json: bool) -> ExitCode {
@@ -284,6 +355,23 @@ mod tests {
             .expect("parse");
         assert!(matches!(cli.command, Command::Demote { ref volume } if volume == "pg-data"));
         assert_eq!(cli.socket, PathBuf::from("/tmp/s"));
+        let cli =
+            Cli::try_parse_from(["ferry", "resolve", "pg-data", "--discard-local"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Resolve {
+                discard_local: true,
+                peer: None,
+                ..
+            }
+        ));
+        // Resolve without --discard-local is a usage error: it must be said out loud.
+        assert!(Cli::try_parse_from(["ferry", "resolve", "pg-data"]).is_err());
+        let cli = Cli::try_parse_from(["ferry", "verify", "pg-data", "--peer", "b", "--repair"])
+            .expect("parse");
+        assert!(
+            matches!(cli.command, Command::Verify { repair: true, peer: Some(ref p), .. } if p == "b")
+        );
         // A missing volume is a usage error (exit 2).
         let error = Cli::try_parse_from(["ferry", "promote"])
             .err()

@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use ferry_protocol::replication::ReplicaState;
+
 use crate::accept::serve_bounded;
 
 /// Smallest latency bucket: a loopback journal write is tens of microseconds.
@@ -35,18 +37,17 @@ const HTTP_CONNECTIONS_MAX: usize = 16;
 
 /// NBD ops that get a pre-resolved counter; others fall back to a label lookup.
 const COMMON_OPS: [&str; 6] = ["read", "write", "flush", "trim", "write_zeroes", "disc"];
-/// The states of SPEC §5; `ferry_replica_state` is 1 for the current one, 0 for the others.
-pub const REPLICA_STATES: [&str; 9] = [
-    "connecting",
-    "syncing",
-    "resyncing",
-    "in-sync",
-    "lagging",
-    "degraded",
-    "suspended",
-    "paused",
-    "split-brain",
-];
+/// The states of SPEC §5 (and `standby`: two secondaries of one primary, connected);
+/// `ferry_replica_state` is 1 for the current one, 0 for the others.
+pub const REPLICA_STATES: [&str; ReplicaState::ALL.len()] = {
+    let mut names = [""; ReplicaState::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = ReplicaState::ALL[i].as_str();
+        i += 1;
+    }
+    names
+};
 
 /// Errors of the metrics endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +92,9 @@ pub struct Metrics {
     recovery_replayed_bytes: IntGaugeVec,
     recovery_torn_tail_bytes: IntGaugeVec,
     volume_failed: IntGaugeVec,
+    volume_writes_held: IntGaugeVec,
+    volume_consistent: IntGaugeVec,
+    verify_differing_bytes: IntGaugeVec,
 }
 
 /// Handles for one volume. Cloning is cheap (reference counts).
@@ -118,6 +122,10 @@ pub struct VolumeMetrics {
     /// `ferry_volume_failed`: 1 once a journal or device I/O failed and the volume stopped
     /// serving writes (until restart).
     pub volume_failed: IntGauge,
+    /// `ferry_volume_writes_held`: 1 while client writes are held (fencing, a hand-over).
+    pub writes_held: IntGauge,
+    /// `ferry_volume_consistent`: 0 while a resync into this copy has not finished.
+    pub volume_consistent: IntGauge,
     role_primary: IntGauge,
     role_secondary: IntGauge,
     role_vec: IntGaugeVec,
@@ -143,6 +151,8 @@ pub struct ReplicaMetrics {
     pub wire_bytes_total: IntCounter,
     pub resync_remaining_bytes: IntGauge,
     pub resync_bytes_total: IntCounter,
+    /// `ferry_verify_differing_bytes`: what the last verify against the peer found.
+    pub verify_differing_bytes: IntGauge,
     states: [IntGauge; REPLICA_STATES.len()],
 }
 
@@ -324,6 +334,21 @@ impl Metrics {
                 "1 when a journal or device I/O failed and the volume serves no writes until restart.",
                 &["volume"],
             ),
+            volume_writes_held: int_gauge(
+                "ferry_volume_writes_held",
+                "1 while client writes are held (a restarted primary fenced until its peers answer, a resync's hand-over).",
+                &["volume"],
+            ),
+            volume_consistent: int_gauge(
+                "ferry_volume_consistent",
+                "0 while a resync into this copy has not finished (it cannot be promoted).",
+                &["volume"],
+            ),
+            verify_differing_bytes: int_gauge(
+                "ferry_verify_differing_bytes",
+                "Bytes the last verify found different between this copy and the peer's.",
+                &["volume", "peer"],
+            ),
             registry,
         };
         Arc::new(metrics)
@@ -352,6 +377,12 @@ impl Metrics {
             recovery_replayed_bytes: v(&self.recovery_replayed_bytes),
             recovery_torn_tail_bytes: v(&self.recovery_torn_tail_bytes),
             volume_failed: v(&self.volume_failed),
+            writes_held: v(&self.volume_writes_held),
+            volume_consistent: {
+                let gauge = v(&self.volume_consistent);
+                gauge.set(1);
+                gauge
+            },
             role_primary: self.volume_role.with_label_values(&[name, "primary"]),
             role_secondary: self.volume_role.with_label_values(&[name, "secondary"]),
             role_vec: self.volume_role.clone(),
@@ -380,6 +411,7 @@ impl Metrics {
                 .with_label_values(&[volume, peer, "wire"]),
             resync_remaining_bytes: self.resync_remaining_bytes.with_label_values(&pair),
             resync_bytes_total: self.resync_bytes.with_label_values(&pair),
+            verify_differing_bytes: self.verify_differing_bytes.with_label_values(&pair),
             states: REPLICA_STATES
                 .map(|state| self.replica_state.with_label_values(&[volume, peer, state])),
         }

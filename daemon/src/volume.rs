@@ -7,13 +7,10 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use ferry_protocol::generation::{GenerationEntry, GenerationInfo};
-
 use bytes::{Bytes, BytesMut};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::{Role, VolumeConfig};
@@ -39,12 +36,6 @@ pub enum VolumeError {
         volume: String,
         source: JournalError,
     },
-    #[error("volume {volume}: metadata {path} is unreadable: {reason}; restore it or move it away to start from the config's initial_role")]
-    Meta {
-        volume: String,
-        path: PathBuf,
-        reason: String,
-    },
     #[error("volume {volume}: device {path} has {size_bytes} bytes, not a multiple of 512")]
     BadSize {
         volume: String,
@@ -53,106 +44,26 @@ pub enum VolumeError {
     },
 }
 
-/// What survives restarts besides the journal: the role the operator last gave the volume,
-/// the lineage of its contents (generation history, SPEC §3 promote) and whether the copy is
-/// consistent (false while a resync is writing it out of order).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Meta {
-    role: String,
-    #[serde(default)]
-    volume_id: u64,
-    #[serde(default)]
-    history: Vec<MetaGeneration>,
-    #[serde(default = "yes")]
-    consistent: bool,
-}
+/// Sees, at open, the volume size, the ranges of every record journal recovery replayed
+/// (merged where adjacent) and the LSN of the last one, before the journal forgets them (see
+/// [`Journal::open`]); what it returns must be durable when it completes.
+pub type VolumeOpenHook =
+    Box<dyn FnOnce(u64, Vec<(u64, u64)>, u64) -> BoxFuture<'static, io::Result<()>> + Send>;
 
-fn yes() -> bool {
-    true
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct MetaGeneration {
-    generation: u64,
-    start_lsn: u64,
-    promoted_by: String,
-}
-
-/// The persisted state besides the journal, as the daemon uses it.
-#[derive(Debug, Clone)]
-pub struct Lineage {
-    pub role: Role,
-    /// Generation history; `head_lsn` is not stored (the journal knows it) and is 0 here.
-    pub generation: GenerationInfo,
-    pub consistent: bool,
-}
-
-impl Lineage {
-    fn to_meta(&self) -> Meta {
-        Meta {
-            role: role_name(self.role).into(),
-            volume_id: self.generation.volume_id,
-            history: self
-                .generation
-                .history
-                .iter()
-                .map(|e| MetaGeneration {
-                    generation: e.generation,
-                    start_lsn: e.start_lsn,
-                    promoted_by: e.promoted_by.clone(),
-                })
-                .collect(),
-            consistent: self.consistent,
-        }
-    }
-
-    fn from_meta(meta: &Meta) -> Result<Lineage, String> {
-        let role = match meta.role.as_str() {
-            "primary" => Role::Primary,
-            "secondary" => Role::Secondary,
-            other => return Err(format!("unknown role {other:?}")),
-        };
-        Ok(Lineage {
-            role,
-            generation: GenerationInfo {
-                volume_id: meta.volume_id,
-                history: meta
-                    .history
-                    .iter()
-                    .map(|e| GenerationEntry {
-                        generation: e.generation,
-                        start_lsn: e.start_lsn,
-                        promoted_by: e.promoted_by.clone(),
-                    })
-                    .collect(),
-                head_lsn: 0,
-            },
-            consistent: meta.consistent,
-        })
-    }
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Primary => "primary",
-        Role::Secondary => "secondary",
-    }
-}
-
-/// Sees, at open, the volume size, its stored role and the ranges of every record journal
-/// recovery replayed, before the journal forgets them (see [`Journal::open`]).
-pub type VolumeOpenHook = Box<dyn FnOnce(u64, Role, &[(u64, u64)]) -> io::Result<()> + Send>;
-
-/// What a replicated volume's writes wait for besides the local journal (see `replica.rs`).
+/// What a replicated volume's writes wait for besides the local journal (see `replication/`).
 pub trait WriteGate: Send + Sync {
-    /// Completes when the record `lsn` may be reported complete: journaled (or, with
-    /// `durable`, durable) at every metro peer that is in sync, or recorded for a resync.
+    /// Completes when the record `lsn` may be reported complete (see "Completion" in
+    /// `ferry_protocol::replication`); `durable` for FUA writes and FLUSH.
     fn settled(&self, lsn: u64, durable: bool) -> BoxFuture<'_, Result<(), ExportError>>;
 
-    /// Completes when a new write may enter the journal: held while a restarted primary has
-    /// not yet heard from its peers (it may have been replaced) and during a resync's final
-    /// hand-over.
-    fn admit(&self) -> BoxFuture<'_, ()>;
+    /// A client FLUSH made the local journal durable up to `lsn`: the peers are asked for the
+    /// same before [`settled`](Self::settled) is awaited.
+    fn flushed(&self, lsn: u64);
+
+    /// Completes when a new write may enter the journal, or refuses it: held while a
+    /// restarted primary is fenced and during a resync's final hand-over; refused once the
+    /// volume failed or a demotion started.
+    fn admit(&self) -> BoxFuture<'_, Result<(), ExportError>>;
 }
 
 pub struct Volume {
@@ -167,9 +78,6 @@ pub struct Volume {
     device_label: String,
     metrics: VolumeMetrics,
     recovery: RecoveryReport,
-    lineage: Mutex<Lineage>,
-    /// Where `lineage` is persisted; None for volumes opened on test storage.
-    meta_path: Option<PathBuf>,
     gate: OnceLock<Arc<dyn WriteGate>>,
     /// Writes started and not yet answered, so that a demote can drain them.
     writes_in_flight: tokio::sync::watch::Sender<u64>,
@@ -180,8 +88,8 @@ impl Volume {
     /// configured volume, and replays the journal.
     pub async fn open(
         config: &VolumeConfig,
-        data_dir: &Path,
-        node: &str,
+        journal_path: &Path,
+        role: Role,
         metrics: VolumeMetrics,
         on_replayed: Option<VolumeOpenHook>,
     ) -> Result<Volume, VolumeError> {
@@ -211,39 +119,24 @@ impl Volume {
                 tracing::warn!(volume = %name, configured = size, actual = device.len_bytes(), "device size differs from config; using the device's size");
             }
         }
-        let journal_path = data_dir.join(format!("{name}.journal"));
         if !journal_path.exists() {
-            create_journal(&journal_path, config.journal_size_bytes, device.len_bytes())
+            create_journal(journal_path, config.journal_size_bytes, device.len_bytes())
                 .await
-                .map_err(|e| match e {
-                    CreateError::Io(source) => VolumeError::Io {
-                        volume: name.clone(),
-                        what: "cannot create journal",
-                        path: journal_path.clone(),
-                        source,
-                    },
-                    CreateError::Journal(source) => VolumeError::Journal {
-                        volume: name.clone(),
-                        source,
-                    },
-                })?;
+                .map_err(io_error("cannot create journal", journal_path))?;
         }
         let journal = storage::open(
-            &journal_path,
+            journal_path,
             &OpenOptions {
                 direct: true,
                 create_len_bytes: None,
             },
         )
-        .map_err(io_error("cannot open journal", &journal_path))?;
-        let meta_path = data_dir.join(format!("{name}.meta"));
-        let lineage = load_or_create_meta(&meta_path, config.initial_role, &name, node)?;
+        .map_err(io_error("cannot open journal", journal_path))?;
         Volume::open_inner(
             &name,
             device,
             journal,
-            lineage,
-            Some(meta_path),
+            role,
             metrics,
             config.device.display().to_string(),
             on_replayed,
@@ -261,36 +154,18 @@ impl Volume {
         metrics: VolumeMetrics,
         device_label: String,
     ) -> Result<Volume, VolumeError> {
-        let lineage = Lineage {
-            role,
-            generation: GenerationInfo::empty(),
-            consistent: true,
-        };
-        Volume::open_inner(
-            name,
-            device,
-            journal,
-            lineage,
-            None,
-            metrics,
-            device_label,
-            None,
-        )
-        .await
+        Volume::open_inner(name, device, journal, role, metrics, device_label, None).await
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn open_inner(
         name: &str,
         device: Arc<dyn Storage>,
         journal: Arc<dyn Storage>,
-        lineage: Lineage,
-        meta_path: Option<PathBuf>,
+        role: Role,
         metrics: VolumeMetrics,
         device_label: String,
         on_replayed: Option<VolumeOpenHook>,
     ) -> Result<Volume, VolumeError> {
-        let role = lineage.role;
         // NBD's minimum block size is 512: a tail smaller than that could never be addressed.
         let size_bytes = device.len_bytes() / 512 * 512;
         if size_bytes == 0 {
@@ -301,7 +176,7 @@ impl Volume {
             });
         }
         let on_replayed = on_replayed.map(|hook| -> RecoveryHook {
-            Box::new(move |ranges: &[(u64, u64)]| hook(size_bytes, role, ranges))
+            Box::new(move |ranges, head| hook(size_bytes, ranges, head))
         });
         let (journal, recovery, _superblock) =
             Journal::open(journal, device.clone(), metrics.clone(), name, on_replayed)
@@ -320,7 +195,7 @@ impl Volume {
             .recovery_torn_tail_bytes
             .set(recovery.torn_tail_bytes as i64);
         let primary = role == Role::Primary;
-        metrics.set_role(if primary { "primary" } else { "secondary" });
+        metrics.set_role(role.as_str());
         Ok(Volume {
             name: name.to_string(),
             size_bytes,
@@ -330,8 +205,6 @@ impl Volume {
             device_label,
             metrics,
             recovery,
-            lineage: Mutex::new(lineage),
-            meta_path,
             gate: OnceLock::new(),
             writes_in_flight: tokio::sync::watch::channel(0).0,
         })
@@ -341,54 +214,16 @@ impl Volume {
         &self.name
     }
 
-    pub fn role(&self) -> Role {
-        if self.primary.load(Ordering::Relaxed) {
-            Role::Primary
-        } else {
-            Role::Secondary
-        }
+    /// Whether the export takes writes (primary, and not demoting).
+    pub fn writable(&self) -> bool {
+        self.primary.load(Ordering::SeqCst)
     }
 
-    /// The current generation number (0 for a copy that holds no lineage yet).
-    pub fn generation(&self) -> u64 {
-        self.lineage().generation.current_generation()
-    }
-
-    /// Role, generation history (with the journal's head LSN) and consistency.
-    pub fn lineage(&self) -> Lineage {
-        let mut lineage = self.lineage.lock().expect("lineage lock").clone();
-        lineage.generation.head_lsn = self.journal.stats().head_lsn;
-        lineage
-    }
-
-    /// The stored lineage without the journal's head (`head_lsn` is 0): usable where the
-    /// journal's index lock is held (the journal tap).
-    pub fn stored_lineage(&self) -> Lineage {
-        self.lineage.lock().expect("lineage lock").clone()
-    }
-
-    /// Replaces and persists the lineage (and the role it carries); the export follows the
-    /// role at once. Persisting is an atomic replace of the metadata file, fsynced.
-    pub fn set_lineage(&self, lineage: Lineage) -> Result<(), VolumeError> {
-        if let Some(path) = &self.meta_path {
-            save_meta(path, &lineage.to_meta()).map_err(|e| VolumeError::Meta {
-                volume: self.name.clone(),
-                path: path.clone(),
-                reason: format!("cannot save: {e}"),
-            })?;
-        }
-        let primary = lineage.role == Role::Primary;
-        *self.lineage.lock().expect("lineage lock") = lineage;
-        self.primary.store(primary, Ordering::SeqCst);
-        self.metrics
-            .set_role(if primary { "primary" } else { "secondary" });
-        Ok(())
-    }
-
-    /// Refuses new writes (the export turns read-only) without changing the stored role:
-    /// the first step of a demotion, before in-flight writes are drained.
-    pub fn refuse_writes(&self) {
-        self.primary.store(false, Ordering::SeqCst);
+    /// Follows the replicator's role: `writable` while primary and not demoting. New writes
+    /// are refused at once when it turns false; those in flight finish.
+    pub fn set_role(&self, role: Role, writable: bool) {
+        self.primary.store(writable, Ordering::SeqCst);
+        self.metrics.set_role(role.as_str());
     }
 
     /// Makes every further write wait for `gate` as well (replicated volumes).
@@ -434,7 +269,7 @@ impl Volume {
     }
 
     /// Secondary resync: writes straight to the device (the journal is empty meanwhile).
-    pub async fn write_device(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    pub async fn write_device(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.device
             .write_at(offset, vec![AlignedBuf::copy_from(data).freeze()], false)
             .await
@@ -519,7 +354,7 @@ impl Volume {
         }
         let started = Instant::now();
         if let Some(gate) = self.gate.get() {
-            gate.admit().await;
+            gate.admit().await?;
             // The volume may have been demoted while the write waited.
             if !self.primary.load(Ordering::SeqCst) {
                 return Err(ExportError::ReadOnly);
@@ -585,7 +420,10 @@ impl Volume {
         let _in_flight = InFlight::enter(&self.writes_in_flight);
         let result = match self.journal.flush().await {
             Ok(lsn) => match self.gate.get() {
-                Some(gate) => gate.settled(lsn, true).await,
+                Some(gate) => {
+                    gate.flushed(lsn);
+                    gate.settled(lsn, true).await
+                }
                 None => Ok(()),
             },
             Err(error) => Err(journal_to_export(error)),
@@ -695,97 +533,24 @@ impl Export for Volume {
     }
 }
 
-enum CreateError {
-    Io(io::Error),
-    Journal(JournalError),
-}
-
-/// Formats a new journal under a temporary name and renames it into place, so that a crash
-/// during creation never leaves a half-formatted file that would look like a corrupt journal.
-async fn create_journal(
-    path: &Path,
-    file_bytes: u64,
-    volume_bytes: u64,
-) -> Result<(), CreateError> {
-    let tmp = path.with_extension("journal.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let storage = storage::open(
-        &tmp,
-        &OpenOptions {
-            direct: true,
-            create_len_bytes: Some(file_bytes),
-        },
-    )
-    .map_err(CreateError::Io)?;
-    Journal::format(&*storage, volume_bytes)
-        .await
-        .map_err(CreateError::Journal)?;
-    drop(storage);
-    std::fs::rename(&tmp, path).map_err(CreateError::Io)?;
-    sync_dir(path).map_err(CreateError::Io)
-}
-
-fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all()
-}
-
-fn load_or_create_meta(
-    path: &Path,
-    initial_role: Role,
-    volume: &str,
-    node: &str,
-) -> Result<Lineage, VolumeError> {
-    let meta_error = |reason: String| VolumeError::Meta {
-        volume: volume.into(),
-        path: path.to_path_buf(),
-        reason,
-    };
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let meta: Meta =
-                serde_json::from_slice(&bytes).map_err(|e| meta_error(e.to_string()))?;
-            Lineage::from_meta(&meta).map_err(meta_error)
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            // A first start: the primary founds the lineage; a secondary holds none until its
-            // first sync.
-            let generation = if initial_role == Role::Primary {
-                let volume_id = loop {
-                    let id: u64 = rand::random();
-                    if id != 0 {
-                        break id;
-                    }
-                };
-                GenerationInfo::create(volume_id, node).map_err(|e| meta_error(e.to_string()))?
-            } else {
-                GenerationInfo::empty()
-            };
-            let lineage = Lineage {
-                role: initial_role,
-                generation,
-                consistent: true,
-            };
-            save_meta(path, &lineage.to_meta()).map_err(|e| meta_error(e.to_string()))?;
-            Ok(lineage)
-        }
-        Err(e) => Err(meta_error(e.to_string())),
-    }
-}
-
-/// Replaces the metadata file atomically: a temporary file, fsynced, renamed, directory synced.
-fn save_meta(path: &Path, meta: &Meta) -> io::Result<()> {
-    let bytes = serde_json::to_vec_pretty(meta).expect("meta serializes");
-    let tmp = path.with_extension("meta.tmp");
-    use std::io::Write;
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path)
+/// Formats a new journal whole or not at all ([`crate::datadir::create_durably`]), so that a
+/// crash during creation never leaves a half-formatted file that would look like a corrupt
+/// journal.
+async fn create_journal(path: &Path, file_bytes: u64, volume_bytes: u64) -> io::Result<()> {
+    crate::datadir::create_durably(path, |tmp| async move {
+        let storage = storage::open(
+            &tmp,
+            &OpenOptions {
+                direct: true,
+                create_len_bytes: Some(file_bytes),
+            },
+        )?;
+        Journal::format(&*storage, volume_bytes)
+            .await
+            .map_err(io::Error::other)?;
+        Ok(())
+    })
+    .await
 }
 
 /// Whether O_DIRECT on `path` accepts what NBD clients may send: 512-byte aligned offsets,

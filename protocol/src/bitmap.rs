@@ -343,7 +343,12 @@ impl BlockBitmap {
     /// Checks the invariants of the module doc.
     pub fn check(&self) -> Result<(), String> {
         let tail = self.blocks % 64;
-        if tail != 0 && self.words.last().is_some_and(|w| w & !bit_mask(0, tail) != 0) {
+        if tail != 0
+            && self
+                .words
+                .last()
+                .is_some_and(|w| w & !bit_mask(0, tail) != 0)
+        {
             return Err("bits set past the last block".into());
         }
         let counted: u64 = self.words.iter().map(|w| u64::from(w.count_ones())).sum();

@@ -100,12 +100,18 @@ pub enum Role {
 }
 
 impl Role {
-    /// The name used by `ferry status`.
+    /// The spelling used by the config, `ferry status` and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Primary => "primary",
             Role::Secondary => "secondary",
         }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

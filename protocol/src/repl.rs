@@ -966,7 +966,8 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
                     max: MAX_VERIFY_DIGESTS,
                 });
             }
-            let mut digests = Vec::with_capacity(count.min(r.payload.remaining() / VERIFY_DIGEST_BYTES));
+            let mut digests =
+                Vec::with_capacity(count.min(r.payload.remaining() / VERIFY_DIGEST_BYTES));
             for _ in 0..count {
                 let raw = r.bytes(VERIFY_DIGEST_BYTES)?;
                 let mut digest = [0u8; VERIFY_DIGEST_BYTES];
@@ -1401,8 +1402,8 @@ mod tests {
                 any::<[bool; 2]>(),
             )
                 .prop_map(
-                    |(protocol_version, node, volume, size_bytes, role, n, generation, flags)| Message::Hello(
-                        Hello {
+                    |(protocol_version, node, volume, size_bytes, role, n, generation, flags)| {
+                        Message::Hello(Hello {
                             protocol_version,
                             node,
                             volume,
@@ -1412,8 +1413,8 @@ mod tests {
                             durable_lsn: n[2],
                             consistent: flags[0],
                             discarding_local: flags[1],
-                        }
-                    )
+                        })
+                    }
                 ),
             arb_decision().prop_map(|decision| Message::Welcome { decision }),
             arb_string().prop_map(|reason| Message::Refuse {
@@ -1474,7 +1475,8 @@ mod tests {
                 }
             }),
             any::<u64>().prop_map(|written_bytes| Message::ResyncAck { written_bytes }),
-            (any::<u64>(), arb_lineage()).prop_map(|(lsn, lineage)| Message::ResyncEnd { lsn, lineage }),
+            (any::<u64>(), arb_lineage())
+                .prop_map(|(lsn, lineage)| Message::ResyncEnd { lsn, lineage }),
             (
                 proptest::collection::vec((any::<u64>(), any::<u64>()), 0..10),
                 any::<bool>()
@@ -1510,19 +1512,25 @@ mod tests {
                 block_bytes: n[3],
                 at_lsn: n[4]
             }),
-            (any::<u64>(), proptest::collection::vec(any::<[u8; 16]>(), 0..5))
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<[u8; 16]>(), 0..5)
+            )
                 .prop_map(|(id, digests)| Message::VerifyReply { id, digests }),
         ]
     }
 
     fn arb_lineage() -> impl Strategy<Value = GenerationInfo> {
-        (any::<u64>(), any::<u64>(), proptest::collection::vec(arb_entry(), 0..4)).prop_map(
-            |(volume_id, head_lsn, history)| GenerationInfo {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(arb_entry(), 0..4),
+        )
+            .prop_map(|(volume_id, head_lsn, history)| GenerationInfo {
                 volume_id,
                 history,
                 head_lsn,
-            },
-        )
+            })
     }
 
     proptest! {

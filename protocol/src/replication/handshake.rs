@@ -53,7 +53,9 @@ impl Replicator {
                 .iter()
                 .enumerate()
                 .find(|(q, peer)| {
-                    *q != p && ((peer.is_my_primary && peer.session.is_up()) || peer.resync_in.is_some())
+                    *q != p
+                        && ((peer.is_my_primary && peer.session.is_up())
+                            || peer.resync_in.is_some())
                 })
                 .map(|(_, peer)| peer.name().to_owned())
             {
@@ -104,9 +106,11 @@ impl Replicator {
                 from_lsn,
             } => {
                 let durable = self.local_durable_lsn.min(from_lsn);
-                self.peers[p]
-                    .session
-                    .set_mode(super::Mode::Receive, from_lsn.min(self.head_lsn), durable);
+                self.peers[p].session.set_mode(
+                    super::Mode::Receive,
+                    from_lsn.min(self.head_lsn),
+                    durable,
+                );
                 self.peers[p].is_my_primary = true;
                 self.peers[p].split_brain = false;
                 self.peers[p].last_error = None;

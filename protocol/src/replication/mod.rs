@@ -132,7 +132,8 @@ const _: () = assert!(VERIFY_REQUEST_BYTES % VERIFY_COARSE_BLOCK_BYTES == 0);
 const _: () = assert!(
     VERIFY_REQUEST_BYTES / VERIFY_COARSE_BLOCK_BYTES <= crate::repl::MAX_VERIFY_DIGESTS as u64
 );
-const _: () = assert!(VERIFY_COARSE_BLOCK_BYTES / BLOCK_BYTES <= crate::repl::MAX_VERIFY_DIGESTS as u64);
+const _: () =
+    assert!(VERIFY_COARSE_BLOCK_BYTES / BLOCK_BYTES <= crate::repl::MAX_VERIFY_DIGESTS as u64);
 const _: () = assert!(RESYNC_CHUNK_BYTES as usize <= crate::repl::MAX_DATA_BYTES);
 
 /// What a metro primary does when a peer that protects it is unreachable.
@@ -191,7 +192,7 @@ pub enum ReplicaState {
 
 impl ReplicaState {
     /// The name used by `ferry status` and the `state` metric label.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             ReplicaState::Connecting => "connecting",
             ReplicaState::Syncing => "syncing",
@@ -366,6 +367,8 @@ pub enum OpError {
     UnknownPeer { peer: String, volume: String },
     #[error("volume {volume} has failed: {reason}")]
     Failed { volume: String, reason: String },
+    #[error("the link to {peer} was lost while the demotion of {volume} drained its writes: this copy stays primary (the writes in flight complete as degraded writes, tracked for {peer}); run ferry demote again once {peer} is back")]
+    PeerLost { peer: String, volume: String },
     #[error("verify of {volume} needs this node to be primary and {peer} in sync; it is {state}")]
     CannotVerify {
         volume: String,
@@ -389,6 +392,7 @@ impl OpError {
             OpError::WinnerInconsistent { .. } => "would-lose-data",
             OpError::UnknownPeer { .. } => "unknown-peer",
             OpError::Failed { .. } => "volume-failed",
+            OpError::PeerLost { .. } => "peer-lost",
             OpError::CannotVerify { .. } => "cannot-verify",
         }
     }
@@ -441,6 +445,10 @@ struct ResyncOut {
     todo: RangeSet,
     /// Reads in flight: id → (offset, len).
     reads: BTreeMap<u64, (u64, u64)>,
+    /// Reads in flight that a record overlapped after they were issued: they may hold older
+    /// data than a later read of the same blocks and complete after it, so their data is
+    /// dropped and the range read again.
+    stale_reads: std::collections::BTreeSet<u64>,
     /// Zero chunks completed in order and not sent yet, merged into one range.
     zero_run: Option<(u64, u64)>,
     /// Bytes covered by what was sent (data and zero ranges).
@@ -462,11 +470,16 @@ enum InPhase {
     AwaitingBegin,
     /// The journal's records are being marked for every peer and the journal emptied before
     /// the device is written directly.
-    Preparing { reset_issued: bool },
+    Preparing {
+        reset_issued: bool,
+    },
     Receiving,
     /// The end arrived: writes drain, the device is synced, the journal restarts at `lsn`,
     /// the maps and then the lineage are stored, and only then is the end acknowledged.
-    Ending { lsn: u64, step: EndStep },
+    Ending {
+        lsn: u64,
+        step: EndStep,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -546,6 +559,8 @@ pub struct PeerStatus {
     pub state: ReplicaState,
     /// Highest LSN the peer acknowledged into its journal (this copy's records).
     pub acked_lsn: u64,
+    /// Highest LSN the peer holds durably, as far as this copy knows on the current link.
+    pub durable_lsn: u64,
     /// Bytes of completed writes the peer may lack: records not confirmed durable, plus the
     /// dirty map when it is not in sync.
     pub lag_bytes: u64,
@@ -607,6 +622,10 @@ struct Peer {
     pending_generation: Option<GenerationEntry>,
     /// Secondary: durability the primary asked for.
     flush_wanted_lsn: u64,
+    /// Primary: durability a client FLUSH asked of this peer, and what was asked of it on
+    /// the current link.
+    flush_request_lsn: u64,
+    flush_sent_lsn: u64,
     /// Primary: the last progress sent (durable LSN, peers' part).
     progress_sent: Option<(u64, Vec<PeerProgress>)>,
     verify: Option<Verify>,
@@ -623,6 +642,10 @@ struct Peer {
     map_state_persisted: MapState,
     /// Heartbeat round trips not yet collected by the daemon.
     rtts: Vec<Duration>,
+    /// A demotion started while this peer confirmed records: the writes it drains complete
+    /// only by the peer's acknowledgements (a planned switchover never completes a write
+    /// the new primary lacks), and losing the peer aborts the demotion.
+    demotion_hold: bool,
 }
 
 /// Metro replication of one volume. See the module doc.
@@ -764,6 +787,8 @@ impl Replicator {
                     third_durable_lsn: None,
                     pending_generation: None,
                     flush_wanted_lsn: 0,
+                    flush_request_lsn: 0,
+                    flush_sent_lsn: 0,
                     progress_sent: None,
                     verify: None,
                     resynced_bytes: 0,
@@ -773,11 +798,11 @@ impl Replicator {
                     peer_consistent: true,
                     map_state_persisted: start.state,
                     rtts: Vec::new(),
+                    demotion_hold: false,
                 }
             })
             .collect();
-        let fenced =
-            role == Role::Primary && peers.iter().any(|p| meta.protecting(&p.config.name));
+        let fenced = role == Role::Primary && peers.iter().any(|p| meta.protecting(&p.config.name));
         Replicator {
             meta_persisted,
             meta,
@@ -833,7 +858,11 @@ impl Peer {
 
     /// Whether a resync between this copy and the peer is under way on the current link.
     fn resyncing(&self) -> bool {
-        self.resync_in.is_some() || self.resync_out.as_ref().is_some_and(|r| r.ended_at.is_none())
+        self.resync_in.is_some()
+            || self
+                .resync_out
+                .as_ref()
+                .is_some_and(|r| r.ended_at.is_none())
     }
 }
 
@@ -845,7 +874,8 @@ impl Replicator {
     /// Moves what a peer's session wants sent into actions, in order.
     fn flush_transmits(&mut self, p: usize) {
         while let Some(message) = self.peers[p].session.poll_transmit() {
-            self.actions.push_back(Action::Transmit { peer: p, message });
+            self.actions
+                .push_back(Action::Transmit { peer: p, message });
         }
     }
 
@@ -892,9 +922,10 @@ impl Replicator {
                     return true;
                 }
                 peer.third_durable_lsn.is_some()
-                    && self.peers.iter().any(|q| {
-                        q.is_my_primary && q.session.is_up() && !q.resyncing()
-                    })
+                    && self
+                        .peers
+                        .iter()
+                        .any(|q| q.is_my_primary && q.session.is_up() && !q.resyncing())
             }
         }
     }
@@ -920,6 +951,7 @@ impl Replicator {
         peer.deferred.clear();
         peer.pending_generation = None;
         peer.flush_wanted_lsn = 0;
+        peer.flush_sent_lsn = 0;
         peer.progress_sent = None;
         // What the peer acknowledged says what it held on this link: once the link is gone
         // it may change its copy (take another lineage) without this copy hearing of it.
@@ -1007,7 +1039,9 @@ impl Replicator {
             }
         }
         if let Some(PendingOp::Promote {
-            deadline, closed: false, ..
+            deadline,
+            closed: false,
+            ..
         }) = &self.op
         {
             earliest(Some(*deadline));
@@ -1322,7 +1356,10 @@ impl Replicator {
 
     fn maybe_persist_map(&mut self, p: usize) {
         let peer = &mut self.peers[p];
-        if peer.map_persist.is_some() {
+        // A failed volume stores nothing more (fail-stop): what the files hold is the last
+        // state that was whole, and a change half made when it failed (a promotion's role
+        // without its generation) must not reach them later.
+        if peer.map_persist.is_some() || self.failed.is_some() {
             return;
         }
         let state_changed = peer.map_state != peer.map_state_persisted;
@@ -1344,7 +1381,10 @@ impl Replicator {
     }
 
     fn maybe_persist_meta(&mut self) {
-        if self.meta_in_flight.is_some() || self.meta == self.meta_persisted {
+        if self.meta_in_flight.is_some()
+            || self.meta == self.meta_persisted
+            || self.failed.is_some()
+        {
             return;
         }
         let meta = self.meta.clone();
@@ -1373,7 +1413,10 @@ impl Replicator {
             );
         }
         if let Some(first) = self.tail.front() {
-            assert!(first.lsn > self.apply_limit(), "the tail starts above the limit");
+            assert!(
+                first.lsn > self.apply_limit(),
+                "the tail starts above the limit"
+            );
             assert_eq!(
                 self.tail.back().map(|r| r.lsn),
                 Some(self.head_lsn),
@@ -1391,6 +1434,22 @@ impl Replicator {
             .map(|p| p.covered_persisted_lsn)
             .min()
             .unwrap_or(u64::MAX)
+    }
+
+    /// Whether client writes are refused outright (rather than held): the volume failed, or
+    /// this copy is not primary, or a demotion is draining.
+    pub fn refuses_writes(&self) -> bool {
+        self.failed.is_some() || self.role != Role::Primary || self.demoting
+    }
+
+    /// A demotion is draining writes (the role is still primary).
+    pub fn demoting(&self) -> bool {
+        self.demoting
+    }
+
+    /// Why the volume stopped taking writes, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
     }
 
     /// Whether new client writes may enter the journal now.
@@ -1449,7 +1508,7 @@ impl Replicator {
     /// cannot hold the generation and suspend does not hold writes.
     fn completion(&self, peer: &Peer) -> (u64, u64) {
         let mut by_marks = peer.covered_persisted_lsn;
-        if self.suspend_holds(peer) {
+        if self.suspend_holds(peer) || (self.demoting && peer.demotion_hold) {
             by_marks = peer.acked_durable_lsn;
         }
         let (generation, start) = self.persisted_generation();
@@ -1524,8 +1583,11 @@ impl Replicator {
         }
         let full = peer.resync_out.as_ref().is_some_and(|r| r.full)
             || peer.resync_in.as_ref().is_some_and(|r| r.full);
+        // A resync whose end is sent is over for shipping, but the peer is in sync only once
+        // it holds the end durably (and the map is cleared).
+        let resync_pending = peer.resync_out.is_some() || peer.resync_in.is_some();
         match peer.plan {
-            Some(Plan::Ship { .. }) | Some(Plan::Receive { .. }) if peer.resyncing() => {
+            Some(Plan::Ship { .. }) | Some(Plan::Receive { .. }) if resync_pending => {
                 if full {
                     ReplicaState::Syncing
                 } else {
@@ -1552,14 +1614,14 @@ impl Replicator {
         } else {
             unconfirmed + peer.map.dirty_bytes()
         };
-        let resync_remaining_bytes = peer
-            .resync_out
-            .as_ref()
-            .map_or(0, |r| r.todo.bytes() + r.reads.values().map(|(_, len)| len).sum::<u64>());
+        let resync_remaining_bytes = peer.resync_out.as_ref().map_or(0, |r| {
+            r.todo.bytes() + r.reads.values().map(|(_, len)| len).sum::<u64>()
+        });
         PeerStatus {
             peer: peer.name().to_owned(),
             state,
             acked_lsn: peer.acked_journal_lsn,
+            durable_lsn: peer.acked_durable_lsn,
             lag_bytes,
             resync_remaining_bytes,
             resynced_bytes: peer.resynced_bytes,
@@ -1596,7 +1658,10 @@ impl Replicator {
 
     /// What peer `p` acknowledged: (journal, durable).
     pub(crate) fn acked_by(&self, p: usize) -> (u64, u64) {
-        (self.peers[p].acked_journal_lsn, self.peers[p].acked_durable_lsn)
+        (
+            self.peers[p].acked_journal_lsn,
+            self.peers[p].acked_durable_lsn,
+        )
     }
 
     /// Whether peer `p`'s map marks the block at `offset_bytes` (memory, persisted-through).

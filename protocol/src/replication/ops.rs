@@ -91,6 +91,10 @@ impl Replicator {
 
     fn start_demote(&mut self, resolve_with: Option<String>) {
         self.demoting = true;
+        for p in 0..self.peers.len() {
+            let hold = self.confirming(p);
+            self.peers[p].demotion_hold = hold;
+        }
         self.op = Some(PendingOp::Demote {
             drained: false,
             resolve_with,
@@ -192,9 +196,9 @@ impl Replicator {
         }
         // A peer this copy ships to holds these writes too: discarding them only here would
         // leave that peer in the same split brain, with data nobody can resync from.
-        if let Some(other) = (0..self.peers.len()).find(|q| {
-            *q != chosen && matches!(self.peers[*q].plan, Some(Plan::Ship { .. }))
-        }) {
+        if let Some(other) = (0..self.peers.len())
+            .find(|q| *q != chosen && matches!(self.peers[*q].plan, Some(Plan::Ship { .. })))
+        {
             return Err(OpError::WouldLoseData {
                 peer: self.peers[other].name().to_owned(),
                 volume: self.volume().to_owned(),
@@ -231,7 +235,10 @@ impl Replicator {
                 if self.meta_settled() {
                     // Every link decides again with this copy discarding its writes.
                     for p in 0..self.peers.len() {
-                        self.close_link(p, "resolving a split brain: this copy discards its writes");
+                        self.close_link(
+                            p,
+                            "resolving a split brain: this copy discards its writes",
+                        );
                     }
                     self.op_result = Some(Ok(OpOutcome::Resolving { peer }));
                     None
@@ -401,6 +408,20 @@ impl Replicator {
         mut stored: bool,
     ) -> Option<PendingOp> {
         if !drained {
+            if let Some(p) = (0..self.peers.len())
+                .find(|p| self.peers[*p].demotion_hold && !self.peers[*p].session.is_up())
+            {
+                // The switchover lost its peer: abort, and stay the primary.
+                self.demoting = false;
+                for peer in &mut self.peers {
+                    peer.demotion_hold = false;
+                }
+                self.op_result = Some(Err(OpError::PeerLost {
+                    peer: self.peers[p].name().to_owned(),
+                    volume: self.volume().to_owned(),
+                }));
+                return None;
+            }
             return Some(PendingOp::Demote {
                 drained,
                 resolve_with,
@@ -423,6 +444,9 @@ impl Replicator {
         }
         self.role = Role::Secondary;
         self.demoting = false;
+        for peer in &mut self.peers {
+            peer.demotion_hold = false;
+        }
         self.fenced = false;
         self.holding = false;
         for p in 0..self.peers.len() {

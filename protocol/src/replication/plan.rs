@@ -192,7 +192,11 @@ mod tests {
     fn arb_side() -> impl Strategy<Value = Side> {
         (any::<bool>(), 0u64..4, any::<bool>(), any::<bool>()).prop_map(
             |(primary, head_lsn, consistent, discarding_local)| Side {
-                role: if primary { Role::Primary } else { Role::Secondary },
+                role: if primary {
+                    Role::Primary
+                } else {
+                    Role::Secondary
+                },
                 head_lsn,
                 consistent,
                 discarding_local,

@@ -21,10 +21,17 @@ impl Replicator {
             self.role == Role::Primary,
             "only a primary's journal is tapped"
         );
-        assert_eq!(record.lsn, self.head_lsn + 1, "records are tapped in LSN order");
+        assert_eq!(
+            record.lsn,
+            self.head_lsn + 1,
+            "records are tapped in LSN order"
+        );
         self.head_lsn = record.lsn;
         self.appended_up_to = record.lsn;
         let len_bytes = u64::from(record.len_bytes);
+        if self.peers.is_empty() {
+            return; // a standalone volume: nobody to ship to or mark for
+        }
         self.tail.push_back(TailRecord {
             lsn: record.lsn,
             offset_bytes: record.offset_bytes,
@@ -39,6 +46,12 @@ impl Replicator {
                 if resync.started && resync.ended_at.is_none() {
                     // Its blocks are read again: the read that sends them may predate it.
                     resync.todo.insert(record.offset_bytes, len_bytes);
+                    let end = record.offset_bytes + len_bytes;
+                    for (id, (offset, len)) in &resync.reads {
+                        if *offset < end && record.offset_bytes < offset + len {
+                            resync.stale_reads.insert(*id);
+                        }
+                    }
                 }
             }
             if let Some(verify) = self.peers[p].verify.as_mut() {
@@ -59,7 +72,28 @@ impl Replicator {
                 .is_none_or(|r| r.ended_at.is_some())
     }
 
-    /// Sends queued records while the window has room.
+    /// A client FLUSH made the local journal durable up to `lsn`: asks every peer receiving
+    /// records for the same (they otherwise make theirs durable every [`DURABLE_INTERVAL`]).
+    ///
+    /// [`DURABLE_INTERVAL`]: super::DURABLE_INTERVAL
+    pub fn request_durable(&mut self, lsn: u64) {
+        self.local_durable(lsn);
+        if self.role != Role::Primary {
+            return;
+        }
+        let lsn = lsn.min(self.head_lsn);
+        for p in 0..self.peers.len() {
+            let peer = &mut self.peers[p];
+            peer.flush_request_lsn = peer.flush_request_lsn.max(lsn);
+            if self.shipping_records(p) {
+                self.pump_queue(p);
+                self.flush_transmits(p);
+            }
+        }
+    }
+
+    /// Sends queued records while the window has room, then the durability a FLUSH asked
+    /// for, as far as it was sent.
     pub(super) fn pump_queue(&mut self, p: usize) {
         let now = self.now;
         while let Some(record) = self.peers[p].queue.front() {
@@ -71,6 +105,15 @@ impl Replicator {
             if let Err(error) = self.peers[p].session.send_record(record, now) {
                 self.close_for(p, error);
                 return;
+            }
+        }
+        let shipping = self.shipping_records(p);
+        let peer = &mut self.peers[p];
+        let upto = peer.flush_request_lsn.min(peer.session.sent_lsn());
+        if shipping && upto > peer.flush_sent_lsn && upto > peer.acked_durable_lsn {
+            peer.flush_sent_lsn = upto;
+            if let Err(error) = peer.session.send(Message::Flush { upto_lsn: upto }) {
+                self.close_for(p, error);
             }
         }
     }
@@ -157,8 +200,14 @@ impl Replicator {
             return;
         }
         // Records up to what completion has published are done; every later one may yet
-        // complete by marks, so the new generation starts right after.
+        // complete by marks, so the new generation starts right after. With no such record
+        // yet, it waits for the first: a generation that holds nothing would only outrank,
+        // in a handshake, a copy an operator promoted meanwhile (a restarted primary, fenced,
+        // must give way to it).
         let first_unsettled = self.settled().1.saturating_add(1);
+        if first_unsettled > self.head_lsn {
+            return;
+        }
         let start_lsn = first_unsettled.clamp(start, self.head_lsn + 1);
         let highest_seen = self
             .peers
@@ -236,6 +285,7 @@ impl Replicator {
             started: false,
             todo: RangeSet::default(),
             reads: Default::default(),
+            stale_reads: Default::default(),
             zero_run: None,
             sent_bytes: 0,
             data_bytes: 0,
@@ -271,7 +321,8 @@ impl Replicator {
         if !resync.started || resync.ended_at.is_some() || self.holding {
             return None;
         }
-        let due = resync.started_at + Duration::from_secs_f64(resync.data_bytes as f64 / rate as f64);
+        let due =
+            resync.started_at + Duration::from_secs_f64(resync.data_bytes as f64 / rate as f64);
         (due > self.now).then_some(due)
     }
 
@@ -289,7 +340,10 @@ impl Replicator {
             self.begin_resync(p);
             return;
         }
-        let due = self.resync_due(&self.peers[p], self.peers[p].resync_out.as_ref().expect("checked"));
+        let due = self.resync_due(
+            &self.peers[p],
+            self.peers[p].resync_out.as_ref().expect("checked"),
+        );
         let peer = &mut self.peers[p];
         let resync = peer.resync_out.as_mut().expect("checked");
         if due.is_none() {
@@ -398,6 +452,12 @@ impl Replicator {
         };
         let resync = self.peers[p].resync_out.as_mut().expect("found above");
         let (offset_bytes, len_bytes) = resync.reads.remove(&id).expect("found above");
+        if resync.stale_reads.remove(&id) {
+            // A record overlapped it: a later read sends the range (never older data after
+            // newer).
+            resync.todo.insert(offset_bytes, len_bytes);
+            return;
+        }
         let data = match result {
             Ok(data) if data.len() as u64 == len_bytes => data,
             Ok(_) | Err(_) => {
@@ -409,7 +469,9 @@ impl Replicator {
         resync.sent_bytes += len_bytes;
         if data.iter().all(|b| *b == 0) {
             match &mut resync.zero_run {
-                Some((at, run)) if *at + *run == offset_bytes && *run + len_bytes <= ZERO_RUN_BYTES_MAX => {
+                Some((at, run))
+                    if *at + *run == offset_bytes && *run + len_bytes <= ZERO_RUN_BYTES_MAX =>
+                {
                     *run += len_bytes;
                     return;
                 }

@@ -20,7 +20,11 @@ impl Replicator {
             self.peers[p].deferred.push_back(record);
             return;
         }
-        assert_eq!(record.lsn, self.appended_up_to + 1, "the session checked the order");
+        assert_eq!(
+            record.lsn,
+            self.appended_up_to + 1,
+            "the session checked the order"
+        );
         self.appended_up_to = record.lsn;
         self.appends.push_back(PendingAppend {
             lsn: record.lsn,
@@ -122,7 +126,9 @@ impl Replicator {
                 // Write-ahead marking: the blocks are marked for every peer now, and written
                 // once the marks are durable (see `Replicator::mark_seq`).
                 let range = match &message {
-                    Message::ResyncData { offset_bytes, data } => Some((*offset_bytes, data.len() as u64)),
+                    Message::ResyncData { offset_bytes, data } => {
+                        Some((*offset_bytes, data.len() as u64))
+                    }
                     Message::ResyncZero {
                         offset_bytes,
                         len_bytes,
@@ -237,12 +243,16 @@ impl Replicator {
             return; // `journal_reset` moves on
         }
         let head = self.head_lsn;
-        let all_covered = self.peers.iter().all(|peer| peer.covered_persisted_lsn >= head);
+        let all_covered = self
+            .peers
+            .iter()
+            .all(|peer| peer.covered_persisted_lsn >= head);
         if !all_covered || !self.appends.is_empty() || self.reset_in_flight {
             return;
         }
         self.reset_in_flight = true;
-        self.actions.push_back(Action::JournalReset { next_lsn: head + 1 });
+        self.actions
+            .push_back(Action::JournalReset { next_lsn: head + 1 });
         if let Some(resync) = self.peers[p].resync_in.as_mut() {
             resync.phase = InPhase::Preparing { reset_issued: true };
         }
@@ -322,7 +332,9 @@ impl Replicator {
                     // on the same blocks: they finish first.
                     let current = resync.id;
                     let (offset, len) = match message {
-                        Message::ResyncData { offset_bytes, data } => (*offset_bytes, data.len() as u64),
+                        Message::ResyncData { offset_bytes, data } => {
+                            (*offset_bytes, data.len() as u64)
+                        }
                         Message::ResyncZero {
                             offset_bytes,
                             len_bytes,
@@ -431,7 +443,8 @@ impl Replicator {
                     return;
                 }
                 self.reset_in_flight = true;
-                self.actions.push_back(Action::JournalReset { next_lsn: lsn + 1 });
+                self.actions
+                    .push_back(Action::JournalReset { next_lsn: lsn + 1 });
                 return; // `journal_reset` moves on to Maps
             }
             EndStep::Maps => {
@@ -453,7 +466,11 @@ impl Replicator {
                 if pending {
                     return; // persisted by this step's `maybe_persist_map`, checked again
                 }
-                let Some(lineage) = self.peers[p].resync_in.as_ref().and_then(|r| r.lineage.clone()) else {
+                let Some(lineage) = self.peers[p]
+                    .resync_in
+                    .as_ref()
+                    .and_then(|r| r.lineage.clone())
+                else {
                     return;
                 };
                 let mut adopted = self.meta.lineage.clone();

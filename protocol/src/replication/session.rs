@@ -172,7 +172,10 @@ pub enum Incoming {
     /// Nothing for the replicator (liveness, or a handshake step).
     Nothing,
     /// The handshake completed: pick a mode with [`Session::set_mode`].
-    Ready { decision: Decision, peer: Box<Hello> },
+    Ready {
+        decision: Decision,
+        peer: Box<Hello>,
+    },
     /// A valid message for the replicator.
     Message(Message),
     /// A heartbeat round trip completed.
@@ -643,7 +646,10 @@ impl Session {
         Ok(self.maybe_ready())
     }
 
-    fn on_welcome(&mut self, decision: crate::generation::Decision) -> Result<Incoming, SessionError> {
+    fn on_welcome(
+        &mut self,
+        decision: crate::generation::Decision,
+    ) -> Result<Incoming, SessionError> {
         let Link::Handshake { theirs, .. } = &mut self.link else {
             return Err(self.unexpected(&Message::Welcome { decision }));
         };
@@ -749,7 +755,11 @@ impl Session {
         self.config.window_bytes.saturating_mul(WINDOW_SLACK_FACTOR)
     }
 
-    fn on_replication(&mut self, message: Message, _now: Instant) -> Result<Incoming, SessionError> {
+    fn on_replication(
+        &mut self,
+        message: Message,
+        _now: Instant,
+    ) -> Result<Incoming, SessionError> {
         let mode = self.mode;
         match &message {
             Message::Ack {
@@ -856,7 +866,9 @@ impl Session {
             } if mode == Mode::Receive && self.receiving_resync => {
                 self.check_range(*offset_bytes, *len_bytes)?;
             }
-            Message::ResyncEnd { lsn, lineage } if mode == Mode::Receive && self.receiving_resync => {
+            Message::ResyncEnd { lsn, lineage }
+                if mode == Mode::Receive && self.receiving_resync =>
+            {
                 Self::check_lsn(*lsn)?;
                 if *lsn < self.received_lsn || lineage.head_lsn != *lsn {
                     return Err(self.unexpected(&message));
@@ -929,7 +941,10 @@ impl Session {
         if self.resync_end_sent.is_some_and(|lsn| journal_lsn >= lsn) {
             self.resync_end_sent = None;
         }
-        assert!(self.acked_journal_lsn <= self.sent_lsn, "acked never exceeds sent");
+        assert!(
+            self.acked_journal_lsn <= self.sent_lsn,
+            "acked never exceeds sent"
+        );
         Ok(())
     }
 
@@ -937,7 +952,11 @@ impl Session {
 
     /// Ships one record; the caller checked [`can_send`](Self::can_send) and sends consecutive
     /// LSNs. Returns the error that closed the session if the peer stopped reading.
-    pub fn send_record(&mut self, record: crate::repl::WriteRecord, now: Instant) -> Result<(), SessionError> {
+    pub fn send_record(
+        &mut self,
+        record: crate::repl::WriteRecord,
+        now: Instant,
+    ) -> Result<(), SessionError> {
         assert_eq!(self.mode, Mode::Ship, "records ship in ship mode");
         assert_eq!(record.lsn, self.sent_lsn + 1, "records ship in LSN order");
         let cost_bytes = record.data.len() as u64 + RECORD_OVERHEAD_BYTES;
@@ -981,7 +1000,11 @@ impl Session {
     }
 
     /// Sends resync data, counted against the resync window.
-    pub fn send_resync_data(&mut self, offset_bytes: u64, data: bytes::Bytes) -> Result<(), SessionError> {
+    pub fn send_resync_data(
+        &mut self,
+        offset_bytes: u64,
+        data: bytes::Bytes,
+    ) -> Result<(), SessionError> {
         assert_eq!(self.mode, Mode::Ship, "resync data ships in ship mode");
         self.resync_sent_bytes += data.len() as u64;
         self.send(Message::ResyncData { offset_bytes, data })
@@ -989,9 +1012,16 @@ impl Session {
 
     /// Ends a resync at `lsn` (the peer then holds the volume as of `lsn`): records after it
     /// ship next. Its acknowledgement is an `Ack` of `lsn`.
-    pub fn send_resync_end(&mut self, lsn: u64, lineage: crate::generation::GenerationInfo) -> Result<(), SessionError> {
+    pub fn send_resync_end(
+        &mut self,
+        lsn: u64,
+        lineage: crate::generation::GenerationInfo,
+    ) -> Result<(), SessionError> {
         assert_eq!(self.mode, Mode::Ship, "a resync ends in ship mode");
-        assert!(lsn >= self.sent_lsn, "a resync never ends before what was sent");
+        assert!(
+            lsn >= self.sent_lsn,
+            "a resync never ends before what was sent"
+        );
         self.sent_lsn = lsn;
         self.resync_end_sent = Some(lsn);
         self.send(Message::ResyncEnd { lsn, lineage })

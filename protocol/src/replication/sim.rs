@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{
-    Action, Meta, OnDisconnect, OpOutcome, PeerConfig, ReplicaState, Replicator,
-    ReplicatorConfig, StartPeer, Startup, WINDOW_BYTES,
+    Action, Meta, OnDisconnect, OpOutcome, PeerConfig, ReplicaState, Replicator, ReplicatorConfig,
+    StartPeer, Startup, WINDOW_BYTES,
 };
 use crate::bitmap::{BlockBitmap, BLOCK_BYTES};
 use crate::generation::{GenerationInfo, Role};
@@ -231,17 +231,41 @@ enum Event {
 
 #[derive(Debug, Clone)]
 enum Io {
-    JournalWrite { lsn: u64 },
-    Append { lsn: u64 },
+    JournalWrite {
+        lsn: u64,
+    },
+    Append {
+        lsn: u64,
+    },
     Flush,
-    Reset { next_lsn: u64 },
+    Reset {
+        next_lsn: u64,
+    },
     Meta,
-    Map { peer: usize },
-    DeviceWrite { id: u64, first_block: u64, contents: Vec<Content> },
+    Map {
+        peer: usize,
+    },
+    DeviceWrite {
+        id: u64,
+        first_block: u64,
+        contents: Vec<Content>,
+    },
     DeviceSync,
-    Read { id: u64, offset: u64, len: u64 },
-    Digest { id: u64, offset: u64, len: u64, block: u64 },
-    ClientFlush { flush: usize },
+    /// The contents are taken when the read is issued and delivered later: a real read may
+    /// take its snapshot at any point in between, and the earliest is the hardest case.
+    Read {
+        id: u64,
+        data: Bytes,
+    },
+    Digest {
+        id: u64,
+        offset: u64,
+        len: u64,
+        block: u64,
+    },
+    ClientFlush {
+        flush: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -332,7 +356,11 @@ impl Sim {
         };
         let lineage = GenerationInfo::create(0x7777, "a").expect("a lineage");
         for i in 0..nodes {
-            let mut meta = Meta::empty(if i == 0 { Role::Primary } else { Role::Secondary });
+            let mut meta = Meta::empty(if i == 0 {
+                Role::Primary
+            } else {
+                Role::Secondary
+            });
             if i == 0 {
                 meta.lineage = lineage.clone();
             }
@@ -544,7 +572,13 @@ impl Sim {
         if self.nodes[i].process.is_none() {
             return;
         }
-        self.trace(|| format!("{} {}", node_name(i), if power { "POWER LOSS" } else { "kill -9" }));
+        self.trace(|| {
+            format!(
+                "{} {}",
+                node_name(i),
+                if power { "POWER LOSS" } else { "kill -9" }
+            )
+        });
         let node = &mut self.nodes[i];
         node.process = None;
         let disks = &mut node.disks;
@@ -666,15 +700,53 @@ impl Sim {
         if self.trace {
             let text = match &action {
                 Action::Transmit { peer, message } => match message {
-                    Message::Write(r) => format!("-> {} write {}", node_name(Self::node_of_peer(i, *peer)), r.lsn),
-                    Message::ResyncData { offset_bytes, .. } => format!("-> {} resync data at {}", node_name(Self::node_of_peer(i, *peer)), offset_bytes / BLOCK_BYTES),
+                    Message::Write(r) => format!(
+                        "-> {} write {}",
+                        node_name(Self::node_of_peer(i, *peer)),
+                        r.lsn
+                    ),
+                    Message::ResyncData { offset_bytes, .. } => format!(
+                        "-> {} resync data at {}",
+                        node_name(Self::node_of_peer(i, *peer)),
+                        offset_bytes / BLOCK_BYTES
+                    ),
                     Message::Heartbeat { .. } | Message::HeartbeatReply { .. } => String::new(),
-                    Message::Hello(h) => format!("-> {} hello {:?} head {} durable {} gen {:?} consistent {}", node_name(Self::node_of_peer(i, *peer)), h.role, h.generation.head_lsn, h.durable_lsn, h.generation.history.iter().map(|g| (g.generation, g.start_lsn)).collect::<Vec<_>>(), h.consistent),
+                    Message::Hello(h) => format!(
+                        "-> {} hello {:?} head {} durable {} gen {:?} consistent {}",
+                        node_name(Self::node_of_peer(i, *peer)),
+                        h.role,
+                        h.generation.head_lsn,
+                        h.durable_lsn,
+                        h.generation
+                            .history
+                            .iter()
+                            .map(|g| (g.generation, g.start_lsn))
+                            .collect::<Vec<_>>(),
+                        h.consistent
+                    ),
                     other => format!("-> {} {:?}", node_name(Self::node_of_peer(i, *peer)), other),
                 },
                 Action::Append { record } => format!("append {}", record.lsn),
-                Action::DeviceWrite { id, offset_bytes, data } => format!("device write {id} at block {} of {} blocks", offset_bytes / BLOCK_BYTES, data.len() as u64 / BLOCK_BYTES),
-                Action::PersistMeta { meta } => format!("persist meta {:?} gen {:?} consistent {} resolving {:?}", meta.role, meta.lineage.history.iter().map(|g| (g.generation, g.start_lsn)).collect::<Vec<_>>(), meta.consistent, meta.resolving_with),
+                Action::DeviceWrite {
+                    id,
+                    offset_bytes,
+                    data,
+                } => format!(
+                    "device write {id} at block {} of {} blocks",
+                    offset_bytes / BLOCK_BYTES,
+                    data.len() as u64 / BLOCK_BYTES
+                ),
+                Action::PersistMeta { meta } => format!(
+                    "persist meta {:?} gen {:?} consistent {} resolving {:?}",
+                    meta.role,
+                    meta.lineage
+                        .history
+                        .iter()
+                        .map(|g| (g.generation, g.start_lsn))
+                        .collect::<Vec<_>>(),
+                    meta.consistent,
+                    meta.resolving_with
+                ),
                 Action::PersistMap { peer, state, .. } => format!("persist map {peer} {state:?}"),
                 other => format!("{other:?}"),
             };
@@ -778,15 +850,10 @@ impl Sim {
                 len_bytes,
             } => {
                 let after = self.latency(i, 1, 3);
-                self.io(
-                    i,
-                    after,
-                    Io::Read {
-                        id,
-                        offset: offset_bytes,
-                        len: len_bytes,
-                    },
-                );
+                let contents =
+                    self.read_volume(i, offset_bytes / BLOCK_BYTES, len_bytes / BLOCK_BYTES);
+                let data = encode_blocks(&contents);
+                self.io(i, after, Io::Read { id, data });
             }
             Action::Digest {
                 id,
@@ -838,7 +905,10 @@ impl Sim {
             }
         };
         let journal = &mut self.nodes[i].disks.journal;
-        assert_eq!(record.lsn, journal.next_lsn, "the journal takes the next LSN");
+        assert_eq!(
+            record.lsn, journal.next_lsn,
+            "the journal takes the next LSN"
+        );
         journal.next_lsn += 1;
         journal.records.insert(
             record.lsn,
@@ -969,7 +1039,8 @@ impl Sim {
                     return;
                 };
                 if fail {
-                    self.rep(i).map_persisted(peer, Err("injected failure".into()));
+                    self.rep(i)
+                        .map_persisted(peer, Err("injected failure".into()));
                 } else {
                     for (page, words) in pages {
                         let start = page * crate::bitmap::WORDS_PER_PAGE;
@@ -998,9 +1069,8 @@ impl Sim {
                 self.nodes[i].disks.device.sync();
                 self.rep(i).device_synced(Ok(()));
             }
-            Io::Read { id, offset, len } => {
-                let contents = self.read_volume(i, offset / BLOCK_BYTES, len / BLOCK_BYTES);
-                self.rep(i).read_done(id, Ok(encode_blocks(&contents)));
+            Io::Read { id, data } => {
+                self.rep(i).read_done(id, Ok(data));
             }
             Io::Digest {
                 id,
@@ -1039,7 +1109,7 @@ impl Sim {
                 if durable >= target {
                     self.flushes[flush].journal_flushed = true;
                 }
-                self.rep(i).local_durable(durable);
+                self.rep(i).request_durable(durable);
             }
         }
     }
@@ -1121,13 +1191,18 @@ impl Sim {
             }
         }
         for flush in &mut self.flushes {
-            if flush.node == i && flush.boot == boot && flush.journal_flushed && settled.1 >= flush.lsn {
+            if flush.node == i
+                && flush.boot == boot
+                && flush.journal_flushed
+                && settled.1 >= flush.lsn
+            {
                 // A completed flush makes every earlier write durable: record who holds them.
                 let lsn = flush.lsn;
                 flush.journal_flushed = false;
                 flush.lsn = u64::MAX;
                 for write in self.writes.iter_mut() {
-                    if write.node == i && write.boot == boot && write.completed && write.lsn <= lsn {
+                    if write.node == i && write.boot == boot && write.completed && write.lsn <= lsn
+                    {
                         write.fua = true;
                         for (p, (_, durable)) in acks.iter().enumerate() {
                             if *durable >= write.lsn {
@@ -1144,7 +1219,13 @@ impl Sim {
             if let Some(process) = &self.nodes[i].process {
                 for p in 0..self.nodes.len() - 1 {
                     let why = process.rep.explain(p);
-                    self.trace(|| format!("   {} for {}: {why}", node_name(i), node_name(Self::node_of_peer(i, p))));
+                    self.trace(|| {
+                        format!(
+                            "   {} for {}: {why}",
+                            node_name(i),
+                            node_name(Self::node_of_peer(i, p))
+                        )
+                    });
                 }
             }
         }
@@ -1163,7 +1244,14 @@ impl Sim {
             self.links[link].up = false;
             self.links[link].epoch += 1;
             self.schedule(Duration::from_millis(2), Event::Closed { link, epoch, to });
-            self.schedule(Duration::from_millis(2), Event::Closed { link, epoch, to: from });
+            self.schedule(
+                Duration::from_millis(2),
+                Event::Closed {
+                    link,
+                    epoch,
+                    to: from,
+                },
+            );
             self.schedule_reopen(link);
             return;
         }
@@ -1262,7 +1350,13 @@ impl Sim {
                 self.run_node(to);
             }
             Event::Closed { link, epoch, to } => {
-                self.trace(|| format!("link {link} closed at {} (epoch {epoch}, now {})", node_name(to), self.links[link].epoch));
+                self.trace(|| {
+                    format!(
+                        "link {link} closed at {} (epoch {epoch}, now {})",
+                        node_name(to),
+                        self.links[link].epoch
+                    )
+                });
                 if self.nodes[to].process.is_none() || self.links[link].epoch > epoch + 1 {
                     // A close of an older stream than the current one.
                     return true;
@@ -1274,7 +1368,8 @@ impl Sim {
                 };
                 let p = Self::peer_index(to, from);
                 let now = self.now;
-                self.rep(to).disconnected(p, "the peer closed the stream", now);
+                self.rep(to)
+                    .disconnected(p, "the peer closed the stream", now);
                 self.run_node(to);
                 self.schedule_reopen(link);
             }
@@ -1288,7 +1383,11 @@ impl Sim {
         let mut guard = 0u64;
         loop {
             guard += 1;
-            assert!(guard < 5_000_000, "seed {}: the simulation does not advance", self.seed);
+            assert!(
+                guard < 5_000_000,
+                "seed {}: the simulation does not advance",
+                self.seed
+            );
             // Timers of every node, the applier, drains, restarts.
             let mut next = until;
             for i in 0..self.nodes.len() {
@@ -1311,9 +1410,23 @@ impl Sim {
             }
             if next >= until {
                 if std::env::var_os("FERRY_TRACE_LOOP").is_some() {
-                    eprintln!("run_until: jump to {:?} (next {:?}, events {})", until - self.base, next - self.base, self.events.len());
+                    eprintln!(
+                        "run_until: jump to {:?} (next {:?}, events {})",
+                        until - self.base,
+                        next - self.base,
+                        self.events.len()
+                    );
                     for (i, n) in self.nodes.iter().enumerate() {
-                        eprintln!("  node {i}: process {} restart {:?} timeout {:?} apply {:?}", n.process.is_some(), n.restart_at.map(|t| t - self.base), n.process.as_ref().and_then(|p| p.rep.poll_timeout()).map(|t| t.saturating_duration_since(self.base)), n.process.as_ref().map(|p| p.next_apply - self.base));
+                        eprintln!(
+                            "  node {i}: process {} restart {:?} timeout {:?} apply {:?}",
+                            n.process.is_some(),
+                            n.restart_at.map(|t| t - self.base),
+                            n.process
+                                .as_ref()
+                                .and_then(|p| p.rep.poll_timeout())
+                                .map(|t| t.saturating_duration_since(self.base)),
+                            n.process.as_ref().map(|p| p.next_apply - self.base)
+                        );
                     }
                 }
                 self.now = until.max(self.now);
@@ -1354,7 +1467,14 @@ impl Sim {
                     if let Some(p) = &self.nodes[i].process {
                         for peer in 0..self.nodes.len() - 1 {
                             let (m, covered, acked, state) = p.rep.marked(peer, b * BLOCK_BYTES);
-                            line.push_str(&format!("[{}:{} c{} a{} t{}]", node_name(Self::node_of_peer(i, peer)), u8::from(m), covered, acked, state.marked_through_lsn.min(9999)));
+                            line.push_str(&format!(
+                                "[{}:{} c{} a{} t{}]",
+                                node_name(Self::node_of_peer(i, peer)),
+                                u8::from(m),
+                                covered,
+                                acked,
+                                state.marked_through_lsn.min(9999)
+                            ));
                         }
                     }
                 }
@@ -1383,10 +1503,12 @@ impl Sim {
             return;
         }
         let boot = process.boot;
-        let in_flight = self
-            .writes
-            .iter()
-            .any(|w| w.node == i && w.boot == boot && !w.completed && w.lsn <= self.nodes[i].disks.journal.next_lsn);
+        let in_flight = self.writes.iter().any(|w| {
+            w.node == i
+                && w.boot == boot
+                && !w.completed
+                && w.lsn <= self.nodes[i].disks.journal.next_lsn
+        });
         if in_flight {
             return;
         }
@@ -1640,7 +1762,12 @@ impl Sim {
 
     fn resolve(&mut self, victim: usize, winner: usize) -> bool {
         let winner_name = node_name(winner);
-        self.trace(|| format!("operator: resolve on {} in favour of {winner_name}", node_name(victim)));
+        self.trace(|| {
+            format!(
+                "operator: resolve on {} in favour of {winner_name}",
+                node_name(victim)
+            )
+        });
         let result = self.rep(victim).begin_resolve(Some(&winner_name));
         self.trace(|| format!("  -> {result:?}"));
         let ok = result.is_ok();
@@ -1652,7 +1779,13 @@ impl Sim {
     }
 
     fn operator_promote(&mut self, i: usize, force: bool) {
-        self.trace(|| format!("operator: promote {}{}", node_name(i), if force { " --force" } else { "" }));
+        self.trace(|| {
+            format!(
+                "operator: promote {}{}",
+                node_name(i),
+                if force { " --force" } else { "" }
+            )
+        });
         let now = self.now;
         let _ = self.rep(i).begin_promote(force, now);
         self.run_node(i);
@@ -1722,7 +1855,12 @@ impl Sim {
         for i in 0..self.nodes.len() {
             let process = self.nodes[i].process.as_ref().expect("all up");
             let status = process.rep.status();
-            assert!(status.consistent, "seed {seed}: {} is not consistent: {}", node_name(i), describe(self));
+            assert!(
+                status.consistent,
+                "seed {seed}: {} is not consistent: {}",
+                node_name(i),
+                describe(self)
+            );
             for peer in &status.peers {
                 let expected = if i == primary || node_name(primary) == peer.peer {
                     ReplicaState::InSync
@@ -1788,7 +1926,11 @@ impl Sim {
         let by_id: BTreeMap<u64, &ClientWrite> = self.writes.iter().map(|w| (w.id, w)).collect();
         for id in &self.nodes[i].history {
             let w = by_id.get(id).unwrap_or_else(|| {
-                panic!("seed {}: history of {} names an unknown write {id}", self.seed, node_name(i))
+                panic!(
+                    "seed {}: history of {} names an unknown write {id}",
+                    self.seed,
+                    node_name(i)
+                )
             });
             for b in w.first_block..w.first_block + w.blocks {
                 blocks[b as usize] = self.write_content(w);
@@ -1805,8 +1947,6 @@ impl Sim {
         }
     }
 }
-
-
 
 impl Sim {
     /// Applies the resyncs nodes received to the model, checking that none silently drops a
@@ -1843,9 +1983,9 @@ impl Sim {
                 }
                 // Giving up a write another copy still holds loses nothing yet: that copy
                 // meets this lineage as a split brain, or gives it up itself (checked then).
-                let elsewhere = (0..self.nodes.len())
-                    .any(|j| j != i && self.nodes[j].history.get(w.lsn as usize - 1) == Some(&w.id))
-                    || (self.lost.contains(&w.id) && !w.fua);
+                let elsewhere = (0..self.nodes.len()).any(|j| {
+                    j != i && self.nodes[j].history.get(w.lsn as usize - 1) == Some(&w.id)
+                }) || (self.lost.contains(&w.id) && !w.fua);
                 assert!(
                     !held || kept || elsewhere,
                     "seed {}: {} drops completed write {} (LSN {}, written on {}) by taking {}'s copy up to {lsn} at {} ms: a silent loss",
@@ -1858,7 +1998,13 @@ impl Sim {
                     self.ms()
                 );
             }
-            self.trace(|| format!("{} resynced from {} up to {lsn}", node_name(i), node_name(from)));
+            self.trace(|| {
+                format!(
+                    "{} resynced from {} up to {lsn}",
+                    node_name(i),
+                    node_name(from)
+                )
+            });
             // What this copy acknowledged and now gives up lives on elsewhere (checked above):
             // its acknowledgement no longer says it holds it.
             for w in &mut self.writes {
@@ -1910,11 +2056,19 @@ impl Sim {
             if !cut {
                 self.schedule_reopen(link);
             }
-        } else if roll < 680 + (f.kill_percent + f.power_percent + f.partition_percent + f.slow_percent) * 3 {
+        } else if roll
+            < 680 + (f.kill_percent + f.power_percent + f.partition_percent + f.slow_percent) * 3
+        {
             let i = self.rng.below(n as u64) as usize;
             self.nodes[i].slow = if self.nodes[i].slow == 1 { 20 } else { 1 };
-        } else if roll < 680
-            + (f.kill_percent + f.power_percent + f.partition_percent + f.slow_percent + f.persist_fail_percent) * 3
+        } else if roll
+            < 680
+                + (f.kill_percent
+                    + f.power_percent
+                    + f.partition_percent
+                    + f.slow_percent
+                    + f.persist_fail_percent)
+                    * 3
         {
             let i = self.rng.below(n as u64) as usize;
             self.nodes[i].fail_persist = !self.nodes[i].fail_persist;
@@ -1927,7 +2081,9 @@ impl Sim {
 
     fn operator_event(&mut self) {
         let n = self.nodes.len();
-        let up: Vec<usize> = (0..n).filter(|i| self.nodes[*i].process.is_some()).collect();
+        let up: Vec<usize> = (0..n)
+            .filter(|i| self.nodes[*i].process.is_some())
+            .collect();
         if up.is_empty() {
             return;
         }
@@ -1948,7 +2104,9 @@ impl Sim {
                     p.rep.role() == Role::Secondary && !p.rep.op_in_progress()
                 })
                 .collect();
-            if let Some(&i) = candidates.get(self.rng.below(candidates.len().max(1) as u64) as usize) {
+            if let Some(&i) =
+                candidates.get(self.rng.below(candidates.len().max(1) as u64) as usize)
+            {
                 let force = !primary_alive || self.rng.chance(50);
                 self.operator_promote(i, force);
             }
@@ -1976,7 +2134,9 @@ impl Sim {
             if let Some(i) = up.iter().copied().find(|i| {
                 self.nodes[*i].process.as_ref().is_some_and(|p| {
                     p.rep.role() == Role::Primary
-                        && p.rep.writes_held().is_some_and(|why| why.starts_with("fenced"))
+                        && p.rep
+                            .writes_held()
+                            .is_some_and(|why| why.starts_with("fenced"))
                 })
             }) {
                 self.operator_promote(i, false);

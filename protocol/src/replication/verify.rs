@@ -106,10 +106,9 @@ impl Replicator {
 
     pub(super) fn verify_status(&self, verify: &Verify) -> VerifyStatus {
         let repairing = verify.repair_started
-            && self
-                .peers
-                .iter()
-                .any(|p| p.verify.as_ref().is_some_and(|v| std::ptr::eq(v, verify)) && p.resync_out.is_some());
+            && self.peers.iter().any(|p| {
+                p.verify.as_ref().is_some_and(|v| std::ptr::eq(v, verify)) && p.resync_out.is_some()
+            });
         VerifyStatus {
             running: !verify.done || repairing,
             repair: verify.repair,
@@ -346,7 +345,9 @@ impl Replicator {
                     verify.checked_bytes += request.len_bytes;
                 }
             } else if request.block_bytes == BLOCK_BYTES {
-                verify.fine_todo.insert(request.offset_bytes, request.len_bytes);
+                verify
+                    .fine_todo
+                    .insert(request.offset_bytes, request.len_bytes);
             } else {
                 verify.todo.insert(request.offset_bytes, request.len_bytes);
             }
@@ -375,4 +376,3 @@ impl Replicator {
         }
     }
 }
-

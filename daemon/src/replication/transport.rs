@@ -1,5 +1,5 @@
 //! The replication transport: one quinn endpoint on `[node] listen` (UDP), mutual TLS from
-//! [`crate::tls`], and exactly one live connection per peer node, carrying one bidirectional
+//! [`crate::replication::tls`], and exactly one live connection per peer node, carrying one bidirectional
 //! stream per volume. The replication framing on those streams belongs to
 //! `ferry_protocol::repl`; this module only carries bytes.
 //!
@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::PeerConfig;
-use crate::tls::{self, AuthRefusal, RefusedBy, TlsError, TlsIdentity};
+use crate::replication::tls::{self, AuthRefusal, RefusedBy, TlsError, TlsIdentity};
 
 /// UDP socket buffers asked of the kernel. The default (rmem_default ≈ 208 KiB) drops packets
 /// when a bulk resync fills a long fat pipe (1 Gbit/s × 40 ms ≈ 5 MB in flight).
@@ -825,7 +825,7 @@ async fn dial(shared: &Shared, peer: &PeerConfig) -> Result<Connection, Connecti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::{cert_init, AuthRefusalKind};
+    use crate::replication::tls::{cert_init, AuthRefusalKind};
     use std::path::Path;
     use tokio::io::AsyncWriteExt;
 

@@ -1,0 +1,154 @@
+//! The two tasks of one (volume, peer) stream: the writer encodes what the replicator asks to
+//! transmit, the reader decodes frames and hands them in, no faster than the replicator can take
+//! them ([`Replicator::can_receive`]): a secondary whose disk is behind stops reading, QUIC's
+//! flow control stops the sender, and the sender's windows fill. Nothing a peer sends grows
+//! memory here beyond one read buffer and one batch of decoded messages.
+//!
+//! [`Replicator::can_receive`]: ferry_protocol::replication::Replicator::can_receive
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use ferry_protocol::repl::{self, Message};
+use quinn::{RecvStream, SendStream};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use super::VolumeReplication;
+
+/// Most bytes the writer coalesces into one stream write.
+const WRITE_COALESCE_BYTES_MAX: usize = 4 << 20;
+/// Most messages the reader hands in at once.
+const DELIVER_BATCH_MAX: usize = 256;
+/// Bytes the reader asks for at a time.
+const READ_CHUNK_BYTES: usize = 1 << 20;
+
+/// Set to N to corrupt the N-th write frame this node sends, after its CRC is computed (QUIC's
+/// own integrity checks never let a flipped bit through a real network). Read only by builds
+/// with the `fault-injection` feature.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_CORRUPT_FRAME_ENV: &str = "FERRY_FAULT_CORRUPT_FRAME";
+
+fn corrupt_frame_at() -> Option<u64> {
+    #[cfg(feature = "fault-injection")]
+    {
+        std::env::var(FAULT_CORRUPT_FRAME_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        None
+    }
+}
+
+/// Encodes messages onto the stream, coalescing what is queued. Ends when the replication
+/// drops the sender (the stream closes after what was queued is written) or a write fails.
+pub(super) async fn write_loop(
+    replication: Arc<VolumeReplication>,
+    peer: usize,
+    id: u64,
+    mut send: SendStream,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+) {
+    let corrupt_at = corrupt_frame_at();
+    let metrics = replication.peer_metrics(peer).clone();
+    let mut writes_sent = 0u64;
+    let mut buf = BytesMut::new();
+    let result: Result<(), String> = async {
+        while let Some(message) = rx.recv().await {
+            let mut next = Some(message);
+            while let Some(message) = next.take() {
+                let start = buf.len();
+                repl::encode(&message, &mut buf).map_err(|e| e.to_string())?;
+                match &message {
+                    Message::Write(record) => {
+                        writes_sent += 1;
+                        metrics
+                            .logical_bytes_total
+                            .inc_by(u64::from(record.len_bytes));
+                        if corrupt_at == Some(writes_sent) && buf.len() > start + 20 {
+                            let at = buf.len() - 1;
+                            buf[at] ^= 0x5a;
+                            tracing::warn!(volume = %replication.name(), peer = %replication.peer_name(peer), "fault injection: corrupted write frame {writes_sent}");
+                        }
+                    }
+                    Message::ResyncData { data, .. } => {
+                        metrics.resync_bytes_total.inc_by(data.len() as u64);
+                    }
+                    _ => {}
+                }
+                if buf.len() < WRITE_COALESCE_BYTES_MAX {
+                    next = rx.try_recv().ok();
+                }
+            }
+            let frame = buf.split().freeze();
+            metrics.wire_bytes_total.inc_by(frame.len() as u64);
+            send.write_chunk(frame).await.map_err(|e| e.to_string())?;
+        }
+        let _ = send.finish();
+        Ok(())
+    }
+    .await;
+    if let Err(why) = result {
+        replication.stream_closed(peer, id, format!("stream write failed: {why}"));
+    }
+}
+
+/// Decodes frames from the stream and hands them to the replicator in batches, waiting while
+/// it cannot take more. A bad frame (CRC, length, unknown type) closes the stream.
+pub(super) async fn read_loop(
+    replication: Arc<VolumeReplication>,
+    peer: usize,
+    id: u64,
+    mut recv: RecvStream,
+) {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut batch = Vec::with_capacity(DELIVER_BATCH_MAX);
+    let why = 'outer: loop {
+        // Hand in every whole frame buffered, a batch at a time.
+        loop {
+            let mut bad = None;
+            let mut drained = false;
+            while batch.len() < DELIVER_BATCH_MAX {
+                match repl::decode(&mut buf) {
+                    Ok(Some(message)) => batch.push(message),
+                    Ok(None) => {
+                        drained = true;
+                        break;
+                    }
+                    Err(error) => {
+                        if error.is_checksum_error() {
+                            replication.volume_metrics().checksum_error("replication");
+                        }
+                        bad = Some(error);
+                        break;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                replication.wait_for_room(peer).await;
+                if !replication.deliver(peer, id, &mut batch) {
+                    return; // the stream was replaced or closed meanwhile
+                }
+            }
+            if let Some(error) = bad {
+                tracing::warn!(volume = %replication.name(), peer = %replication.peer_name(peer), %error, "bad replication frame; closing the stream");
+                let _ = recv.stop(quinn::VarInt::from_u32(1));
+                break 'outer format!("bad frame from the peer: {error}");
+            }
+            if drained {
+                break;
+            }
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK_BYTES / 16 {
+            buf.reserve(READ_CHUNK_BYTES);
+        }
+        match recv.read_buf(&mut buf).await {
+            Ok(0) => break "the peer closed the stream".to_string(),
+            Ok(_) => {}
+            Err(error) => break format!("stream read failed: {error}"),
+        }
+    };
+    replication.stream_closed(peer, id, why);
+}
