@@ -27,6 +27,8 @@ pub const MIN_JOURNAL_SIZE_BYTES: u64 = 16 << 20;
 pub const SIZE_ALIGNMENT_BYTES: u64 = 4096;
 /// Metro default of SPEC §4.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most replicas of one volume: what a copy's `VOLUME.meta` records of its peers.
+pub const METRO_PEERS_MAX: usize = ferry_protocol::replication::meta::MAX_META_PEERS;
 /// Regional default of SPEC §4.
 pub const DEFAULT_REGIONAL_INTERVAL: Duration = Duration::from_secs(30);
 /// Names end up in file names, export names and metric labels; this keeps them readable.
@@ -653,6 +655,14 @@ impl Checker<'_> {
                 self.error(
                     replica.peer.span(),
                     format!("peer `{peer}` is a replica of this volume twice; keep one entry"),
+                );
+            }
+            if seen.len() == METRO_PEERS_MAX + 1 {
+                self.error(
+                    replica.peer.span(),
+                    format!(
+                        "a volume has at most {METRO_PEERS_MAX} replicas (each copy keeps a dirty                          map and a link per peer, and its metadata records at most that many)"
+                    ),
                 );
             }
             let mode = match replica.mode.get_ref().as_str() {

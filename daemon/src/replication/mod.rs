@@ -60,6 +60,10 @@ const TICK: Duration = Duration::from_millis(50);
 const REPORT_INTERVAL: Duration = Duration::from_millis(100);
 /// Bytes one digest read covers at most.
 const DIGEST_READ_BYTES_MAX: u64 = 1 << 20;
+/// Bytes queued for one stream's writer at most: both windows (records and resync data) and
+/// room for small messages. An honest peer reads, so the queue drains as QUIC sends; one that
+/// sends (heartbeats, verify requests) without reading the answers is cut off here.
+const QUEUED_BYTES_MAX: u64 = 2 * WINDOW_BYTES + (64 << 20);
 /// Records are stamped with their time at most this often, for `lag_seconds`.
 const LAG_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
 
@@ -102,6 +106,24 @@ struct StreamHandle {
     id: u64,
     tx: mpsc::UnboundedSender<Message>,
     reader: tokio::task::AbortHandle,
+    /// Bytes queued for the writer and not yet written (see [`QUEUED_BYTES_MAX`]).
+    queued: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StreamHandle {
+    /// Queues `message` for the writer; false when the peer has stopped reading what this
+    /// node sends (the queue would pass its bound): the stream must close.
+    fn send(&self, message: Message) -> bool {
+        let cost = stream::cost(&message);
+        let queued = self
+            .queued
+            .fetch_add(cost, std::sync::atomic::Ordering::Relaxed);
+        if queued + cost > QUEUED_BYTES_MAX {
+            return false;
+        }
+        let _ = self.tx.send(message);
+        true
+    }
 }
 
 struct State {
@@ -328,8 +350,23 @@ impl VolumeReplication {
         while let Some(action) = state.replicator.poll_action() {
             match action {
                 Action::Transmit { peer, message } => {
-                    if let Some(stream) = &state.links[peer].stream {
-                        let _ = stream.tx.send(message);
+                    let sent = state.links[peer]
+                        .stream
+                        .as_ref()
+                        .is_none_or(|stream| stream.send(message));
+                    if !sent {
+                        let link = &mut state.links[peer];
+                        if let Some(stream) = link.stream.take() {
+                            stream.reader.abort();
+                        }
+                        link.reopen_at = Some(Instant::now() + REOPEN_DELAY);
+                        tracing::warn!(volume = %self.name(), peer = %self.peers[peer].name, "the peer does not read what this node sends; closing the stream");
+                        let now = Instant::now();
+                        state.replicator.disconnected(
+                            peer,
+                            "the peer does not read what this node sends",
+                            now,
+                        );
                     }
                 }
                 Action::CloseStream { peer, reason } => {
@@ -748,9 +785,15 @@ impl VolumeReplication {
         link.next_stream_id += 1;
         link.auth_error = None;
         let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reader = tokio::spawn(stream::read_loop(me.clone(), p, id, recv)).abort_handle();
-        tokio::spawn(stream::write_loop(me, p, id, send, rx));
-        link.stream = Some(StreamHandle { id, tx, reader });
+        tokio::spawn(stream::write_loop(me, p, id, send, rx, queued.clone()));
+        link.stream = Some(StreamHandle {
+            id,
+            tx,
+            reader,
+            queued,
+        });
         if let Some(old) = replaced {
             old.reader.abort();
             state

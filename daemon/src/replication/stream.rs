@@ -6,6 +6,7 @@
 //!
 //! [`Replicator::can_receive`]: ferry_protocol::replication::Replicator::can_receive
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -42,6 +43,20 @@ fn corrupt_frame_at() -> Option<u64> {
     }
 }
 
+/// What a queued message counts against the stream's queue bound: its payload and a fixed
+/// overhead (so that floods of small messages count too).
+pub(super) fn cost(message: &Message) -> u64 {
+    const OVERHEAD_BYTES: u64 = 64;
+    let payload = match message {
+        Message::Write(record) => record.data.len(),
+        Message::ResyncData { data, .. } => data.len(),
+        Message::DirtyRanges { ranges, .. } => ranges.len() * 16,
+        Message::VerifyReply { digests, .. } => digests.len() * 16,
+        _ => 0,
+    };
+    payload as u64 + OVERHEAD_BYTES
+}
+
 /// Encodes messages onto the stream, coalescing what is queued. Ends when the replication
 /// drops the sender (the stream closes after what was queued is written) or a write fails.
 pub(super) async fn write_loop(
@@ -50,6 +65,7 @@ pub(super) async fn write_loop(
     id: u64,
     mut send: SendStream,
     mut rx: mpsc::UnboundedReceiver<Message>,
+    queued: Arc<AtomicU64>,
 ) {
     let corrupt_at = corrupt_frame_at();
     let metrics = replication.peer_metrics(peer).clone();
@@ -58,7 +74,9 @@ pub(super) async fn write_loop(
     let result: Result<(), String> = async {
         while let Some(message) = rx.recv().await {
             let mut next = Some(message);
+            let mut taken = 0;
             while let Some(message) = next.take() {
+                taken += cost(&message);
                 let start = buf.len();
                 repl::encode(&message, &mut buf).map_err(|e| e.to_string())?;
                 match &message {
@@ -85,6 +103,7 @@ pub(super) async fn write_loop(
             let frame = buf.split().freeze();
             metrics.wire_bytes_total.inc_by(frame.len() as u64);
             send.write_chunk(frame).await.map_err(|e| e.to_string())?;
+            queued.fetch_sub(taken, Ordering::Relaxed);
         }
         let _ = send.finish();
         Ok(())

@@ -74,6 +74,8 @@
 //! lock, then the replicator's lock. Nothing here calls back into the journal; the daemon runs
 //! every [`Action`] after releasing the replicator's lock.
 
+#[cfg(test)]
+mod fuzz;
 mod handshake;
 pub mod meta;
 mod ops;

@@ -523,7 +523,10 @@ impl Session {
         match self.on_message(message, now) {
             Ok(incoming) => incoming,
             Err(error) => {
+                // What is queued (a `Refuse` saying why) still goes out before the close.
+                let transmits = std::mem::take(&mut self.transmits);
                 self.disconnect();
+                self.transmits = transmits;
                 Incoming::Closed(error)
             }
         }
@@ -1085,5 +1088,420 @@ impl Session {
     /// Whether a resync is being received.
     pub fn receiving_resync(&self) -> bool {
         self.receiving_resync
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What a peer can send, honest or not: every message that breaks a rule closes the
+    //! session with the error that names it, and nothing panics or grows without bound.
+
+    use super::*;
+    use crate::generation::GenerationInfo;
+    use crate::journal::RecordKind;
+    use crate::repl::{DirtyRange, ResyncKind, WriteRecord};
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    const SIZE: u64 = 64 << 20;
+    const WINDOW: u64 = 1 << 20;
+
+    fn config(node: &str, peer: &str) -> SessionConfig {
+        SessionConfig {
+            node: node.into(),
+            peer: peer.into(),
+            volume: "vol".into(),
+            size_bytes: SIZE,
+            peer_timeout: Duration::from_secs(5),
+            window_bytes: WINDOW,
+        }
+    }
+
+    fn hello(node: &str, role: Role, head_lsn: u64) -> Hello {
+        let mut generation = GenerationInfo::create(7, "a").expect("lineage");
+        generation.head_lsn = head_lsn;
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node: node.into(),
+            volume: "vol".into(),
+            size_bytes: SIZE,
+            role,
+            generation,
+            durable_lsn: head_lsn,
+            consistent: true,
+            discarding_local: false,
+        }
+    }
+
+    /// A receiving session (this side is b, the peer a ships) up to `set_mode`.
+    fn receiver(now: Instant) -> Session {
+        let mut b = Session::new(config("b", "a"), now);
+        b.connect(hello("b", Role::Secondary, 10), now);
+        while b.poll_transmit().is_some() {}
+        let incoming = b.handle_message(Message::Hello(hello("a", Role::Primary, 10)), now);
+        assert_eq!(incoming, Incoming::Nothing);
+        let incoming = b.handle_message(
+            Message::Welcome {
+                decision: Decision::Same,
+            },
+            now,
+        );
+        assert!(matches!(incoming, Incoming::Ready { .. }), "{incoming:?}");
+        b.set_mode(Mode::Receive, 10, 10);
+        while b.poll_transmit().is_some() {}
+        b
+    }
+
+    /// A shipping session (this side is a) with records 11..=`sent` sent.
+    fn shipper(now: Instant, sent: u64) -> Session {
+        let mut a = Session::new(config("a", "b"), now);
+        a.connect(hello("a", Role::Primary, 10), now);
+        a.handle_message(Message::Hello(hello("b", Role::Secondary, 10)), now);
+        let incoming = a.handle_message(
+            Message::Welcome {
+                decision: Decision::Same,
+            },
+            now,
+        );
+        assert!(matches!(incoming, Incoming::Ready { .. }), "{incoming:?}");
+        a.set_mode(Mode::Ship, 10, 10);
+        for lsn in 11..=sent {
+            a.send_record(record(lsn, 0, 4096), now).expect("sent");
+        }
+        while a.poll_transmit().is_some() {}
+        a
+    }
+
+    fn record(lsn: u64, offset_bytes: u64, len: usize) -> WriteRecord {
+        WriteRecord {
+            lsn,
+            kind: RecordKind::Write,
+            fua: false,
+            offset_bytes,
+            len_bytes: u32::try_from(len).expect("small"),
+            data: Bytes::from(vec![0xab; len]),
+        }
+    }
+
+    fn closed(incoming: Incoming) -> SessionError {
+        match incoming {
+            Incoming::Closed(error) => error,
+            other => panic!("expected the session to close, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn records_that_break_a_limit_close_the_session() {
+        let now = Instant::now();
+        let cases: Vec<(WriteRecord, &str)> = vec![
+            (record(12, 0, 4096), "received LSN 12, expected 11"),
+            (record(11, SIZE - 512, 4096), "outside the"),
+            (record(11, 100, 4096), "not 512-byte aligned"),
+            (record(11, 0, MAX_RECORD_BYTES + 4096), "exceeds"),
+            (record(LSN_MAX + 1, 0, 4096), "out of range"),
+            (record(u64::MAX, 0, 512), "out of range"),
+        ];
+        for (record, wanted) in cases {
+            let mut b = receiver(now);
+            let error = closed(b.handle_message(Message::Write(record), now));
+            assert!(
+                error.to_string().contains(wanted),
+                "{error} (wanted {wanted})"
+            );
+            assert!(!b.is_connected(), "a protocol error drops the link");
+        }
+    }
+
+    #[test]
+    fn a_sender_past_its_window_is_cut_off() {
+        let now = Instant::now();
+        let mut b = receiver(now);
+        let per = 64 << 10;
+        let mut lsn = 11;
+        let error = loop {
+            match b.handle_message(Message::Write(record(lsn, 0, per)), now) {
+                Incoming::Message(_) => lsn += 1,
+                other => break closed(other),
+            }
+            assert!(lsn < 1000, "the window never closed");
+        };
+        assert!(
+            matches!(error, SessionError::WindowExceeded { .. }),
+            "{error}"
+        );
+        // Twice the window, not more: an honest sender never gets there.
+        let accepted = (lsn - 11) * (per as u64 + RECORD_OVERHEAD_BYTES);
+        assert!(accepted <= 2 * WINDOW, "{accepted}");
+    }
+
+    #[test]
+    fn acknowledgements_the_shipper_cannot_have_earned_close_the_session() {
+        let now = Instant::now();
+        let cases = [
+            (
+                Message::Ack {
+                    journal_lsn: 16,
+                    durable_lsn: 10,
+                },
+                "only 15 sent",
+            ),
+            (
+                Message::Ack {
+                    journal_lsn: 12,
+                    durable_lsn: 13,
+                },
+                "beyond journal",
+            ),
+            (
+                Message::Ack {
+                    journal_lsn: 9,
+                    durable_lsn: 9,
+                },
+                "went backwards",
+            ),
+            (Message::ResyncAck { written_bytes: 1 }, "only 0 sent"),
+            (
+                Message::DirtyRanges {
+                    ranges: vec![DirtyRange {
+                        offset_bytes: SIZE,
+                        len_bytes: 4096,
+                    }],
+                    last: true,
+                },
+                "outside the",
+            ),
+            (
+                Message::Write(record(11, 0, 4096)),
+                "unexpected write while shipping",
+            ),
+        ];
+        for (message, wanted) in cases {
+            let mut a = shipper(now, 15);
+            let error = closed(a.handle_message(message, now));
+            assert!(
+                error.to_string().contains(wanted),
+                "{error} (wanted {wanted})"
+            );
+        }
+    }
+
+    #[test]
+    fn resync_and_flush_messages_out_of_place_close_the_session() {
+        let now = Instant::now();
+        let cases = [
+            (
+                Message::ResyncData {
+                    offset_bytes: 0,
+                    data: Bytes::from(vec![0; 4096]),
+                },
+                "unexpected resync-data",
+            ),
+            (Message::Flush { upto_lsn: 11 }, "only 10 received"),
+            (
+                Message::VerifyRequest {
+                    id: 1,
+                    offset_bytes: 0,
+                    len_bytes: SIZE,
+                    block_bytes: 4096,
+                    at_lsn: 10,
+                },
+                "block size",
+            ),
+            (
+                Message::Progress {
+                    durable_lsn: u64::MAX,
+                    peers: Vec::new(),
+                },
+                "out of range",
+            ),
+        ];
+        for (message, wanted) in cases {
+            let mut b = receiver(now);
+            let error = closed(b.handle_message(message, now));
+            assert!(
+                error.to_string().contains(wanted),
+                "{error} (wanted {wanted})"
+            );
+        }
+        // Resync data past the resync window.
+        let mut b = receiver(now);
+        let begin = Message::ResyncBegin {
+            kind: ResyncKind::Delta,
+            total_bytes: SIZE,
+            target_lsn: 10,
+        };
+        assert!(matches!(b.handle_message(begin, now), Incoming::Message(_)));
+        let mut offset = 0;
+        let error = loop {
+            let data = Message::ResyncData {
+                offset_bytes: offset,
+                data: Bytes::from(vec![1; 1 << 20]),
+            };
+            match b.handle_message(data, now) {
+                Incoming::Message(_) => offset += 1 << 20,
+                other => break closed(other),
+            }
+        };
+        assert!(
+            matches!(error, SessionError::WindowExceeded { .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn hellos_from_the_wrong_peer_are_refused_with_a_reason() {
+        let now = Instant::now();
+        let cases: Vec<(Box<dyn Fn(&mut Hello)>, RefuseCode)> = vec![
+            (
+                Box::new(|h| h.node = "mallory".into()),
+                RefuseCode::WrongNode,
+            ),
+            (
+                Box::new(|h| h.volume = "other".into()),
+                RefuseCode::UnknownVolume,
+            ),
+            (Box::new(|h| h.size_bytes += 4096), RefuseCode::SizeMismatch),
+            (
+                Box::new(|h| h.protocol_version = 99),
+                RefuseCode::VersionMismatch,
+            ),
+            (
+                Box::new(|h| h.durable_lsn = h.generation.head_lsn + 1),
+                RefuseCode::BadGeneration,
+            ),
+            (
+                Box::new(|h| h.generation.head_lsn = LSN_MAX + 1),
+                RefuseCode::BadGeneration,
+            ),
+        ];
+        for (tamper, code) in cases {
+            let mut b = Session::new(config("b", "a"), now);
+            b.connect(hello("b", Role::Secondary, 10), now);
+            while b.poll_transmit().is_some() {}
+            let mut peer = hello("a", Role::Primary, 10);
+            tamper(&mut peer);
+            let error = closed(b.handle_message(Message::Hello(peer), now));
+            assert!(
+                matches!(&error, SessionError::RefusedPeer { code: got, .. } if *got == code),
+                "{error}"
+            );
+            assert!(
+                matches!(b.poll_transmit(), Some(Message::Refuse { code: sent, .. }) if sent == code),
+                "the peer is told why"
+            );
+        }
+    }
+
+    #[test]
+    fn a_peer_that_floods_and_never_reads_is_dropped_not_buffered() {
+        let now = Instant::now();
+        let mut b = receiver(now);
+        let mut sent = 0usize;
+        let error = loop {
+            let heartbeat = Message::Heartbeat {
+                sent_at_us: 1,
+                seq: sent as u64,
+            };
+            match b.handle_message(heartbeat, now) {
+                Incoming::Nothing => sent += 1,
+                other => break closed(other),
+            }
+            assert!(sent <= TRANSMITS_MAX, "the reply queue grew past its bound");
+        };
+        assert!(matches!(error, SessionError::NotReading { .. }), "{error}");
+        // Replies to heartbeats never sent are a protocol error, not an RTT.
+        let mut b = receiver(now);
+        let reply = Message::HeartbeatReply {
+            sent_at_us: 0,
+            seq: 1_000_000,
+        };
+        assert!(matches!(b.handle_message(reply, now), Incoming::Closed(_)));
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let lsn = prop_oneof![0u64..40, Just(LSN_MAX), Just(u64::MAX)];
+        let offset = prop_oneof![0u64..(SIZE + 8192), Just(u64::MAX - 511)];
+        prop_oneof![
+            (lsn.clone(), offset.clone(), 0usize..3).prop_map(|(lsn, offset, size)| {
+                Message::Write(record(lsn, offset, [0, 512, 4096][size]))
+            }),
+            (lsn.clone(), lsn.clone()).prop_map(|(journal_lsn, durable_lsn)| Message::Ack {
+                journal_lsn,
+                durable_lsn
+            }),
+            lsn.clone().prop_map(|upto_lsn| Message::Flush { upto_lsn }),
+            (any::<u64>(), 0u64..5)
+                .prop_map(|(sent_at_us, seq)| Message::Heartbeat { sent_at_us, seq }),
+            (any::<u64>(), 0u64..5)
+                .prop_map(|(sent_at_us, seq)| Message::HeartbeatReply { sent_at_us, seq }),
+            lsn.clone().prop_map(|target_lsn| Message::ResyncBegin {
+                kind: ResyncKind::Delta,
+                total_bytes: 4096,
+                target_lsn
+            }),
+            offset.clone().prop_map(|offset_bytes| Message::ResyncData {
+                offset_bytes,
+                data: Bytes::from(vec![2; 4096])
+            }),
+            (offset.clone(), offset.clone()).prop_map(|(offset_bytes, len_bytes)| {
+                Message::ResyncZero {
+                    offset_bytes,
+                    len_bytes,
+                }
+            }),
+            any::<u64>().prop_map(|written_bytes| Message::ResyncAck { written_bytes }),
+            (offset.clone(), offset).prop_map(|(offset_bytes, len_bytes)| {
+                Message::DirtyRanges {
+                    ranges: vec![DirtyRange {
+                        offset_bytes,
+                        len_bytes,
+                    }],
+                    last: true,
+                }
+            }),
+            (lsn.clone(), any::<u64>(), any::<u64>()).prop_map(
+                |(at_lsn, len_bytes, block_bytes)| {
+                    Message::VerifyRequest {
+                        id: 1,
+                        offset_bytes: 0,
+                        len_bytes,
+                        block_bytes,
+                        at_lsn,
+                    }
+                }
+            ),
+            (0usize..5000).prop_map(|n| Message::VerifyReply {
+                id: 1,
+                digests: vec![[0; 16]; n]
+            }),
+            lsn.prop_map(|durable_lsn| Message::Progress {
+                durable_lsn,
+                peers: Vec::new()
+            }),
+            Just(Message::Welcome {
+                decision: Decision::Same
+            }),
+            Just(Message::Hello(hello("a", Role::Primary, 3))),
+        ]
+    }
+
+    proptest! {
+        /// Whatever an authenticated peer sends, in any order, the session answers with a
+        /// message, nothing, or a close; it never panics and its queue stays bounded.
+        #[test]
+        fn no_sequence_of_messages_panics(
+            messages in proptest::collection::vec(arb_message(), 1..60),
+            shipping in any::<bool>(),
+        ) {
+            let now = Instant::now();
+            let mut session = if shipping { shipper(now, 15) } else { receiver(now) };
+            for message in messages {
+                let _ = session.handle_message(message, now);
+                prop_assert!(session.queued_transmits() <= TRANSMITS_MAX);
+                if !session.is_connected() {
+                    break;
+                }
+            }
+        }
     }
 }
