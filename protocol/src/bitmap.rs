@@ -19,7 +19,7 @@ pub const PAGE_BYTES: u64 = 4096;
 /// 64-bit words in one page.
 pub const WORDS_PER_PAGE: usize = (PAGE_BYTES / 8) as usize;
 
-const _: () = assert!(PAGE_BYTES % 8 == 0);
+const _: () = assert!(PAGE_BYTES.is_multiple_of(8));
 const _: () = assert!(BLOCK_BYTES.is_power_of_two());
 
 /// The pages one persist must write: their indexes and contents, in page order.

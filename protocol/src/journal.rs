@@ -25,6 +25,9 @@ use thiserror::Error;
 
 /// Every I/O unit of the journal.
 pub const BLOCK_BYTES: usize = 4096;
+/// [`BLOCK_BYTES`] as the superblock stores it.
+const BLOCK_BYTES_U32: u32 = 4096;
+const _: () = assert!(BLOCK_BYTES_U32 as usize == BLOCK_BYTES);
 /// Two superblock slots precede the ring.
 pub const RING_START_BYTES: u64 = 2 * BLOCK_BYTES as u64;
 /// The largest payload one record carries; larger writes are split into several records.
@@ -102,7 +105,7 @@ impl Superblock {
         w.bytes(SUPERBLOCK_MAGIC);
         w.u16(FORMAT_VERSION);
         w.u16(0);
-        w.u32(BLOCK_BYTES as u32);
+        w.u32(BLOCK_BYTES_U32);
         w.u64(self.sequence);
         w.u64(self.journal_id);
         w.u64(self.file_bytes);
@@ -367,14 +370,15 @@ impl BatchHeader {
             );
             record.encode_into(&mut block[BATCH_FIXED_BYTES + i * DESCRIPTOR_BYTES..]);
         }
-        let payload_blocks = (self.batch_bytes() / BLOCK_BYTES as u64 - 1) as u32;
+        let payload_blocks = u32::try_from(self.batch_bytes() / BLOCK_BYTES as u64 - 1)
+            .expect("a batch is far smaller than 2^32 blocks");
         let mut w = Writer::new(&mut block);
         w.u32(BATCH_MAGIC);
         w.u16(FORMAT_VERSION);
         w.u16(kind);
         w.u64(journal_id);
         w.u64(lsn);
-        w.u32(records.len() as u32);
+        w.u32(u32::try_from(records.len()).expect("at most MAX_RECORDS_PER_BATCH records"));
         w.u32(payload_blocks);
         w.u32(0); // crc, filled below
         w.u32(0);

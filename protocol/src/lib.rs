@@ -4,6 +4,15 @@
 //! file or a socket: time, bytes and I/O completions come in as arguments.
 
 #![forbid(unsafe_code)]
+// Tests build fixtures with plain casts and long scenario functions; the code they test may not.
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        clippy::too_many_lines,
+        clippy::type_complexity
+    )
+)]
 
 pub mod bitmap;
 pub mod generation;

@@ -885,8 +885,7 @@ pub fn encode_chunk_offset_hole(
 /// An ERROR chunk; it is always the final chunk of a Ferry reply, so DONE is set.
 pub fn encode_chunk_error(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
     let message = truncate_str(message, MAX_STRING_BYTES);
-    // message is at most 4096 bytes, so both conversions are exact.
-    let message_len = message.len() as u16;
+    let message_len = u16::try_from(message.len()).expect("truncated to MAX_STRING_BYTES");
     let length_bytes = 6 + u32::from(message_len);
     encode_chunk_header(
         out,

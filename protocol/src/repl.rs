@@ -362,12 +362,21 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), FrameError> {
             length_bytes: payload_bytes as u64,
         });
     }
-    // Cannot truncate: checked against MAX_PAYLOAD_BYTES (< 4 GiB) just above.
-    let length = payload_bytes as u32;
+    let Ok(length) = u32::try_from(payload_bytes) else {
+        out.truncate(start);
+        return Err(FrameError::FrameTooLarge {
+            length_bytes: payload_bytes as u64,
+        });
+    };
     out[start + 8..start + 12].copy_from_slice(&length.to_le_bytes());
     let crc = crc32fast::hash(&out[start..]);
     out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+/// A count as the integer type of its field, refused like any count over its cap.
+pub(crate) fn count_field<T: TryFrom<usize>>(count: usize, max: usize) -> Result<T, FrameError> {
+    T::try_from(count).map_err(|_| FrameError::TooManyEntries { count, max })
 }
 
 pub(crate) fn put_string(out: &mut BytesMut, value: &str) -> Result<(), FrameError> {
@@ -376,8 +385,10 @@ pub(crate) fn put_string(out: &mut BytesMut, value: &str) -> Result<(), FrameErr
             len_bytes: value.len(),
         });
     }
-    // Cannot truncate: MAX_STRING_BYTES < 65536.
-    out.put_u16_le(value.len() as u16);
+    let len = u16::try_from(value.len()).map_err(|_| FrameError::StringTooLong {
+        len_bytes: value.len(),
+    })?;
+    out.put_u16_le(len);
     out.put_slice(value.as_bytes());
     Ok(())
 }
@@ -388,7 +399,10 @@ fn put_data(out: &mut BytesMut, data: &[u8]) -> Result<(), FrameError> {
             len_bytes: data.len() as u64,
         });
     }
-    out.put_u32_le(data.len() as u32);
+    let len = u32::try_from(data.len()).map_err(|_| FrameError::BadDataLength {
+        len_bytes: data.len() as u64,
+    })?;
+    out.put_u32_le(len);
     out.put_slice(data);
     Ok(())
 }
@@ -423,8 +437,7 @@ pub(crate) fn put_lineage(out: &mut BytesMut, info: &GenerationInfo) -> Result<(
             max: MAX_HISTORY_ENTRIES,
         });
     }
-    // Cannot truncate: MAX_HISTORY_ENTRIES < 65536.
-    out.put_u16_le(info.history.len() as u16);
+    out.put_u16_le(count_field(info.history.len(), MAX_HISTORY_ENTRIES)?);
     for entry in &info.history {
         put_entry(out, entry)?;
     }
@@ -456,18 +469,87 @@ fn put_decision(out: &mut BytesMut, decision: Decision) {
     out.put_u64_le(lsn);
 }
 
+fn put_hello(out: &mut BytesMut, hello: &Hello) -> Result<(), FrameError> {
+    out.put_u16_le(hello.protocol_version);
+    put_string(out, &hello.node)?;
+    put_string(out, &hello.volume)?;
+    out.put_u64_le(hello.size_bytes);
+    out.put_u8(role_byte(hello.role));
+    out.put_u64_le(hello.durable_lsn);
+    out.put_u8(u8::from(hello.consistent) | (u8::from(hello.discarding_local) << 1));
+    put_lineage(out, &hello.generation)
+}
+
+fn put_record(out: &mut BytesMut, record: &WriteRecord) -> Result<(), FrameError> {
+    let data_ok = if record.kind.has_payload() {
+        record.data.len() == record.len_bytes as usize
+    } else {
+        record.data.is_empty()
+    };
+    if !data_ok || record.data.len() > MAX_DATA_BYTES {
+        return Err(FrameError::BadDataLength {
+            len_bytes: record.data.len() as u64,
+        });
+    }
+    out.put_u64_le(record.lsn);
+    out.put_u8(kind_byte(record.kind));
+    out.put_u8(u8::from(record.fua));
+    out.put_u64_le(record.offset_bytes);
+    out.put_u32_le(record.len_bytes);
+    out.put_slice(&record.data);
+    Ok(())
+}
+
+fn put_dirty_ranges(
+    out: &mut BytesMut,
+    ranges: &[DirtyRange],
+    last: bool,
+) -> Result<(), FrameError> {
+    let count = count_field::<u32>(ranges.len(), MAX_DIRTY_RANGES_PER_FRAME)?;
+    if ranges.len() > MAX_DIRTY_RANGES_PER_FRAME {
+        return Err(FrameError::TooManyEntries {
+            count: ranges.len(),
+            max: MAX_DIRTY_RANGES_PER_FRAME,
+        });
+    }
+    out.put_u8(u8::from(last));
+    out.put_u32_le(count);
+    for range in ranges {
+        out.put_u64_le(range.offset_bytes);
+        out.put_u64_le(range.len_bytes);
+    }
+    Ok(())
+}
+
+fn put_progress(
+    out: &mut BytesMut,
+    durable_lsn: u64,
+    peers: &[PeerProgress],
+) -> Result<(), FrameError> {
+    if peers.len() > MAX_PROGRESS_PEERS {
+        return Err(FrameError::TooManyEntries {
+            count: peers.len(),
+            max: MAX_PROGRESS_PEERS,
+        });
+    }
+    out.put_u64_le(durable_lsn);
+    out.put_u8(count_field(peers.len(), MAX_PROGRESS_PEERS)?);
+    for peer in peers {
+        put_string(out, &peer.node)?;
+        match peer.durable_lsn {
+            None => out.put_u8(0),
+            Some(lsn) => {
+                out.put_u8(1);
+                out.put_u64_le(lsn);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameError> {
     match message {
-        Message::Hello(hello) => {
-            out.put_u16_le(hello.protocol_version);
-            put_string(out, &hello.node)?;
-            put_string(out, &hello.volume)?;
-            out.put_u64_le(hello.size_bytes);
-            out.put_u8(role_byte(hello.role));
-            out.put_u64_le(hello.durable_lsn);
-            out.put_u8(u8::from(hello.consistent) | (u8::from(hello.discarding_local) << 1));
-            put_lineage(out, &hello.generation)?;
-        }
+        Message::Hello(hello) => put_hello(out, hello)?,
         Message::Welcome { decision } => put_decision(out, *decision),
         Message::Refuse { code, reason } => {
             out.put_u8(match code {
@@ -479,24 +561,7 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
             });
             put_string(out, reason)?;
         }
-        Message::Write(record) => {
-            let data_ok = if record.kind.has_payload() {
-                record.data.len() == record.len_bytes as usize
-            } else {
-                record.data.is_empty()
-            };
-            if !data_ok || record.data.len() > MAX_DATA_BYTES {
-                return Err(FrameError::BadDataLength {
-                    len_bytes: record.data.len() as u64,
-                });
-            }
-            out.put_u64_le(record.lsn);
-            out.put_u8(kind_byte(record.kind));
-            out.put_u8(u8::from(record.fua));
-            out.put_u64_le(record.offset_bytes);
-            out.put_u32_le(record.len_bytes);
-            out.put_slice(&record.data);
-        }
+        Message::Write(record) => put_record(out, record)?,
         Message::Ack {
             journal_lsn,
             durable_lsn,
@@ -537,44 +602,11 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
             out.put_u64_le(*lsn);
             put_lineage(out, lineage)?;
         }
-        Message::DirtyRanges { ranges, last } => {
-            if ranges.len() > MAX_DIRTY_RANGES_PER_FRAME {
-                return Err(FrameError::TooManyEntries {
-                    count: ranges.len(),
-                    max: MAX_DIRTY_RANGES_PER_FRAME,
-                });
-            }
-            out.put_u8(u8::from(*last));
-            out.put_u32_le(ranges.len() as u32);
-            for range in ranges {
-                out.put_u64_le(range.offset_bytes);
-                out.put_u64_le(range.len_bytes);
-            }
-        }
+        Message::DirtyRanges { ranges, last } => put_dirty_ranges(out, ranges, *last)?,
         Message::RoleChange { role } => out.put_u8(role_byte(*role)),
         Message::Goodbye { reason } => put_string(out, reason)?,
         Message::NewGeneration { entry } => put_entry(out, entry)?,
-        Message::Progress { durable_lsn, peers } => {
-            if peers.len() > MAX_PROGRESS_PEERS {
-                return Err(FrameError::TooManyEntries {
-                    count: peers.len(),
-                    max: MAX_PROGRESS_PEERS,
-                });
-            }
-            out.put_u64_le(*durable_lsn);
-            // Cannot truncate: MAX_PROGRESS_PEERS < 256.
-            out.put_u8(peers.len() as u8);
-            for peer in peers {
-                put_string(out, &peer.node)?;
-                match peer.durable_lsn {
-                    None => out.put_u8(0),
-                    Some(lsn) => {
-                        out.put_u8(1);
-                        out.put_u64_le(lsn);
-                    }
-                }
-            }
-        }
+        Message::Progress { durable_lsn, peers } => put_progress(out, *durable_lsn, peers)?,
         Message::VerifyRequest {
             id,
             offset_bytes,
@@ -596,8 +628,7 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
                 });
             }
             out.put_u64_le(*id);
-            // Cannot truncate: MAX_VERIFY_DIGESTS < 2^32.
-            out.put_u32_le(digests.len() as u32);
+            out.put_u32_le(count_field(digests.len(), MAX_VERIFY_DIGESTS)?);
             for digest in digests {
                 out.put_slice(digest);
             }
@@ -769,62 +800,145 @@ impl Reader {
     }
 }
 
+fn read_hello(r: &mut Reader) -> Result<Message, FrameError> {
+    Ok({
+        let protocol_version = r.u16()?;
+        let node = r.string()?;
+        let volume = r.string()?;
+        let size_bytes = r.u64()?;
+        let role = r.role()?;
+        let durable_lsn = r.u64()?;
+        let flags = r.u8()?;
+        if flags & !0b11 != 0 {
+            return Err(FrameError::Invalid("hello flags"));
+        }
+        let generation = r.lineage()?;
+        Message::Hello(Hello {
+            protocol_version,
+            node,
+            volume,
+            size_bytes,
+            role,
+            generation,
+            durable_lsn,
+            consistent: flags & 1 != 0,
+            discarding_local: flags & 2 != 0,
+        })
+    })
+}
+
+fn read_welcome(r: &mut Reader) -> Result<Message, FrameError> {
+    Ok({
+        let tag = r.u8()?;
+        let common_generation = r.u64()?;
+        let common_lsn = r.u64()?;
+        let decision = match (tag, common_generation, common_lsn) {
+            (1, 0, 0) => Decision::Same,
+            (2, ..) => Decision::LocalAhead {
+                common_generation,
+                common_lsn,
+            },
+            (3, ..) => Decision::RemoteAhead {
+                common_generation,
+                common_lsn,
+            },
+            (4, ..) => Decision::SplitBrain {
+                common_generation,
+                common_lsn,
+            },
+            (5, 0, 0) => Decision::Unrelated,
+            (6, 0, 0) => Decision::LocalEmpty,
+            (7, 0, 0) => Decision::RemoteEmpty,
+            (8, 0, 0) => Decision::BothPrimary,
+            _ => return Err(FrameError::Invalid("decision")),
+        };
+        Message::Welcome { decision }
+    })
+}
+
+fn read_record(r: &mut Reader) -> Result<Message, FrameError> {
+    Ok({
+        let lsn = r.u64()?;
+        let kind = match r.u8()? {
+            1 => RecordKind::Write,
+            2 => RecordKind::Zero,
+            3 => RecordKind::Punch,
+            _ => return Err(FrameError::Invalid("record kind")),
+        };
+        let fua = r.bool()?;
+        let offset_bytes = r.u64()?;
+        let len_bytes = r.u32()?;
+        let data = if kind.has_payload() {
+            if len_bytes as usize > MAX_DATA_BYTES {
+                return Err(FrameError::BadDataLength {
+                    len_bytes: u64::from(len_bytes),
+                });
+            }
+            r.bytes(len_bytes as usize)?
+        } else {
+            Bytes::new()
+        };
+        Message::Write(WriteRecord {
+            lsn,
+            kind,
+            fua,
+            offset_bytes,
+            len_bytes,
+            data,
+        })
+    })
+}
+
+fn read_dirty_ranges(r: &mut Reader) -> Result<Message, FrameError> {
+    Ok({
+        let last = r.bool()?;
+        let count = r.u32()? as usize;
+        if count > MAX_DIRTY_RANGES_PER_FRAME {
+            return Err(FrameError::TooManyEntries {
+                count,
+                max: MAX_DIRTY_RANGES_PER_FRAME,
+            });
+        }
+        // Allocate only what the payload can actually hold, whatever the count says.
+        let mut ranges = Vec::with_capacity(count.min(r.payload.remaining() / 16));
+        for _ in 0..count {
+            ranges.push(DirtyRange {
+                offset_bytes: r.u64()?,
+                len_bytes: r.u64()?,
+            });
+        }
+        Message::DirtyRanges { ranges, last }
+    })
+}
+
+fn read_progress(r: &mut Reader) -> Result<Message, FrameError> {
+    Ok({
+        let durable_lsn = r.u64()?;
+        let count = usize::from(r.u8()?);
+        if count > MAX_PROGRESS_PEERS {
+            return Err(FrameError::TooManyEntries {
+                count,
+                max: MAX_PROGRESS_PEERS,
+            });
+        }
+        let mut peers = Vec::with_capacity(count);
+        for _ in 0..count {
+            let node = r.string()?;
+            let durable_lsn = if r.bool()? { Some(r.u64()?) } else { None };
+            peers.push(PeerProgress { node, durable_lsn });
+        }
+        Message::Progress { durable_lsn, peers }
+    })
+}
+
 fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> {
     let mut r = Reader {
         payload,
         message: type_name(type_byte),
     };
     let message = match type_byte {
-        TYPE_HELLO => {
-            let protocol_version = r.u16()?;
-            let node = r.string()?;
-            let volume = r.string()?;
-            let size_bytes = r.u64()?;
-            let role = r.role()?;
-            let durable_lsn = r.u64()?;
-            let flags = r.u8()?;
-            if flags & !0b11 != 0 {
-                return Err(FrameError::Invalid("hello flags"));
-            }
-            let generation = r.lineage()?;
-            Message::Hello(Hello {
-                protocol_version,
-                node,
-                volume,
-                size_bytes,
-                role,
-                generation,
-                durable_lsn,
-                consistent: flags & 1 != 0,
-                discarding_local: flags & 2 != 0,
-            })
-        }
-        TYPE_WELCOME => {
-            let tag = r.u8()?;
-            let common_generation = r.u64()?;
-            let common_lsn = r.u64()?;
-            let decision = match (tag, common_generation, common_lsn) {
-                (1, 0, 0) => Decision::Same,
-                (2, ..) => Decision::LocalAhead {
-                    common_generation,
-                    common_lsn,
-                },
-                (3, ..) => Decision::RemoteAhead {
-                    common_generation,
-                    common_lsn,
-                },
-                (4, ..) => Decision::SplitBrain {
-                    common_generation,
-                    common_lsn,
-                },
-                (5, 0, 0) => Decision::Unrelated,
-                (6, 0, 0) => Decision::LocalEmpty,
-                (7, 0, 0) => Decision::RemoteEmpty,
-                (8, 0, 0) => Decision::BothPrimary,
-                _ => return Err(FrameError::Invalid("decision")),
-            };
-            Message::Welcome { decision }
-        }
+        TYPE_HELLO => read_hello(&mut r)?,
+        TYPE_WELCOME => read_welcome(&mut r)?,
         TYPE_REFUSE => {
             let code = match r.u8()? {
                 1 => RefuseCode::VersionMismatch,
@@ -839,36 +953,7 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
                 reason: r.string()?,
             }
         }
-        TYPE_WRITE => {
-            let lsn = r.u64()?;
-            let kind = match r.u8()? {
-                1 => RecordKind::Write,
-                2 => RecordKind::Zero,
-                3 => RecordKind::Punch,
-                _ => return Err(FrameError::Invalid("record kind")),
-            };
-            let fua = r.bool()?;
-            let offset_bytes = r.u64()?;
-            let len_bytes = r.u32()?;
-            let data = if kind.has_payload() {
-                if len_bytes as usize > MAX_DATA_BYTES {
-                    return Err(FrameError::BadDataLength {
-                        len_bytes: u64::from(len_bytes),
-                    });
-                }
-                r.bytes(len_bytes as usize)?
-            } else {
-                Bytes::new()
-            };
-            Message::Write(WriteRecord {
-                lsn,
-                kind,
-                fua,
-                offset_bytes,
-                len_bytes,
-                data,
-            })
-        }
+        TYPE_WRITE => read_record(&mut r)?,
         TYPE_ACK => Message::Ack {
             journal_lsn: r.u64()?,
             durable_lsn: r.u64()?,
@@ -909,47 +994,13 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
             lsn: r.u64()?,
             lineage: r.lineage()?,
         },
-        TYPE_DIRTY_RANGES => {
-            let last = r.bool()?;
-            let count = r.u32()? as usize;
-            if count > MAX_DIRTY_RANGES_PER_FRAME {
-                return Err(FrameError::TooManyEntries {
-                    count,
-                    max: MAX_DIRTY_RANGES_PER_FRAME,
-                });
-            }
-            // Allocate only what the payload can actually hold, whatever the count says.
-            let mut ranges = Vec::with_capacity(count.min(r.payload.remaining() / 16));
-            for _ in 0..count {
-                ranges.push(DirtyRange {
-                    offset_bytes: r.u64()?,
-                    len_bytes: r.u64()?,
-                });
-            }
-            Message::DirtyRanges { ranges, last }
-        }
+        TYPE_DIRTY_RANGES => read_dirty_ranges(&mut r)?,
         TYPE_ROLE_CHANGE => Message::RoleChange { role: r.role()? },
         TYPE_GOODBYE => Message::Goodbye {
             reason: r.string()?,
         },
         TYPE_NEW_GENERATION => Message::NewGeneration { entry: r.entry()? },
-        TYPE_PROGRESS => {
-            let durable_lsn = r.u64()?;
-            let count = usize::from(r.u8()?);
-            if count > MAX_PROGRESS_PEERS {
-                return Err(FrameError::TooManyEntries {
-                    count,
-                    max: MAX_PROGRESS_PEERS,
-                });
-            }
-            let mut peers = Vec::with_capacity(count);
-            for _ in 0..count {
-                let node = r.string()?;
-                let durable_lsn = if r.bool()? { Some(r.u64()?) } else { None };
-                peers.push(PeerProgress { node, durable_lsn });
-            }
-            Message::Progress { durable_lsn, peers }
-        }
+        TYPE_PROGRESS => read_progress(&mut r)?,
         TYPE_VERIFY_REQUEST => Message::VerifyRequest {
             id: r.u64()?,
             offset_bytes: r.u64()?,

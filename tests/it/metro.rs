@@ -1518,9 +1518,10 @@ fn send_garbage(target: SocketAddr, rng: &mut StdRng, count: usize) {
 /// One QUIC handshake to `target` as an impostor: trusts `ca`, presents `cert`/`key`, asks
 /// for server name `b` and ALPN `ferry/1` like a real node. Returns what the impostor saw.
 fn impostor_dial(target: SocketAddr, ca: &Path, cert: &Path, key: &Path) -> String {
+    use rustls::pki_types::pem::PemObject;
     fn pem_certs(path: &Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
         let bytes = fs::read(path).unwrap_or_else(|error| panic!("read {path:?}: {error}"));
-        rustls_pemfile::certs(&mut bytes.as_slice())
+        rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
             .collect::<Result<Vec<_>, _>>()
             .unwrap_or_else(|error| panic!("parse {path:?}: {error}"))
     }
@@ -1529,9 +1530,8 @@ fn impostor_dial(target: SocketAddr, ca: &Path, cert: &Path, key: &Path) -> Stri
         roots.add(certificate).expect("add CA certificate");
     }
     let key_bytes = fs::read(key).expect("read impostor key");
-    let key = rustls_pemfile::private_key(&mut key_bytes.as_slice())
-        .expect("parse impostor key")
-        .expect("a private key");
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(&key_bytes).expect("parse impostor key");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

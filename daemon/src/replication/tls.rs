@@ -27,6 +27,7 @@ use rcgen::{
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
@@ -403,8 +404,7 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 fn parse_certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let mut reader = pem;
-    let certificates = rustls_pemfile::certs(&mut reader)
+    let certificates = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| TlsError::NoCertificate {
             path: path.to_path_buf(),
@@ -509,10 +509,9 @@ impl TlsIdentity {
         let roots = root_store(ca, &ca_certificates)?;
         let cert_chain = parse_certificates(cert, &read_bytes(cert)?)?;
         let key_bytes = read_bytes(key)?;
-        let mut reader = key_bytes.as_slice();
-        let private_key = match rustls_pemfile::private_key(&mut reader) {
-            Ok(Some(private_key)) => private_key,
-            Ok(None) => {
+        let private_key = match PrivateKeyDer::from_pem_slice(&key_bytes) {
+            Ok(private_key) => private_key,
+            Err(rustls::pki_types::pem::Error::NoItemsFound) => {
                 let detail = if looks_like_pem(&key_bytes) {
                     String::new()
                 } else {

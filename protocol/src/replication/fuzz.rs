@@ -102,7 +102,7 @@ fn record(lsn: u64, offset_bytes: u64, len: u32, kind: RecordKind) -> WriteRecor
     WriteRecord {
         lsn,
         kind,
-        fua: lsn % 3 == 0,
+        fua: lsn.is_multiple_of(3),
         offset_bytes,
         len_bytes: len,
         data: if kind == RecordKind::Write {

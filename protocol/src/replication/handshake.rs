@@ -72,57 +72,12 @@ impl Replicator {
                 resync,
                 full,
                 from_lsn,
-            } => {
-                let durable = peer_hello.durable_lsn.min(from_lsn);
-                self.peers[p]
-                    .session
-                    .set_mode(super::Mode::Ship, from_lsn, durable);
-                self.peers[p].contacted = true;
-                self.peers[p].split_brain = false;
-                self.peers[p].last_error = None;
-                if !resync {
-                    // The peer holds this copy's records up to `from_lsn` (its head).
-                    self.peers[p].acked_journal_lsn = from_lsn;
-                    self.peers[p].confirm(durable);
-                }
-                if resync {
-                    let out = self.new_resync_out(full, true);
-                    self.peers[p].resync_out = Some(out);
-                } else if self.head_lsn > from_lsn {
-                    // Records tapped during the handshake were marked, not queued: they go
-                    // in a resync the peer did not have to report anything for.
-                    let out = self.new_resync_out(false, false);
-                    self.peers[p].resync_out = Some(out);
-                } else if self.meta.protecting(self.peers[p].name()) {
-                    // In sync at once.
-                } else {
-                    let name = self.peers[p].config.name.clone();
-                    self.meta.set_protecting(&name, true);
-                }
-            }
+            } => self.start_shipping(p, resync, full, from_lsn, peer_hello.durable_lsn),
             Plan::Receive {
                 resync,
                 full,
                 from_lsn,
-            } => {
-                let durable = self.local_durable_lsn.min(from_lsn);
-                self.peers[p].session.set_mode(
-                    super::Mode::Receive,
-                    from_lsn.min(self.head_lsn),
-                    durable,
-                );
-                self.peers[p].is_my_primary = true;
-                self.peers[p].split_brain = false;
-                self.peers[p].last_error = None;
-                // The two copies share a lineage from now on: a restart of either as primary
-                // must hear from the other first.
-                let name = self.peers[p].config.name.clone();
-                self.meta.set_protecting(&name, true);
-                if resync {
-                    let resync_in = self.new_resync_in(full);
-                    self.peers[p].resync_in = Some(resync_in);
-                }
-            }
+            } => self.start_receiving(p, resync, full, from_lsn),
             Plan::Idle => {
                 self.peers[p].session.set_mode(super::Mode::Idle, 0, 0);
                 self.peers[p].last_error = if self.role == Role::Primary {
@@ -151,5 +106,62 @@ impl Replicator {
             }
         }
         self.flush_transmits(p);
+    }
+
+    /// The plan says this copy ships to peer `p`, from `from_lsn`, after a resync if `resync`.
+    fn start_shipping(
+        &mut self,
+        p: usize,
+        resync: bool,
+        full: bool,
+        from_lsn: u64,
+        peer_durable_lsn: u64,
+    ) {
+        let durable = peer_durable_lsn.min(from_lsn);
+        self.peers[p]
+            .session
+            .set_mode(super::Mode::Ship, from_lsn, durable);
+        self.peers[p].contacted = true;
+        self.peers[p].split_brain = false;
+        self.peers[p].last_error = None;
+        if !resync {
+            // The peer holds this copy's records up to `from_lsn` (its head).
+            self.peers[p].acked_journal_lsn = from_lsn;
+            self.peers[p].confirm(durable);
+        }
+        if resync {
+            let out = self.new_resync_out(full, true);
+            self.peers[p].resync_out = Some(out);
+        } else if self.head_lsn > from_lsn {
+            // Records tapped during the handshake were marked, not queued: they go
+            // in a resync the peer did not have to report anything for.
+            let out = self.new_resync_out(false, false);
+            self.peers[p].resync_out = Some(out);
+        } else if self.meta.protecting(self.peers[p].name()) {
+            // In sync at once.
+        } else {
+            let name = self.peers[p].config.name.clone();
+            self.meta.set_protecting(&name, true);
+        }
+    }
+
+    /// The plan says this copy receives from peer `p` (its primary), after a resync if
+    /// `resync`.
+    fn start_receiving(&mut self, p: usize, resync: bool, full: bool, from_lsn: u64) {
+        let durable = self.local_durable_lsn.min(from_lsn);
+        self.peers[p]
+            .session
+            .set_mode(super::Mode::Receive, from_lsn.min(self.head_lsn), durable);
+        self.peers[p].is_my_primary = true;
+        self.peers[p].split_brain = false;
+        self.peers[p].last_error = None;
+        // The two copies share a lineage from now on: a restart of either as primary
+        // must hear from the other first.
+        let name = self.peers[p].config.name.clone();
+        self.meta.set_protecting(&name, true);
+        if resync {
+            let resync_in = self.new_resync_in(full);
+            self.peers[p].resync_in = Some(resync_in);
+        }
     }
 }

@@ -85,8 +85,7 @@ impl Meta {
                 max: MAX_META_PEERS,
             });
         }
-        // Cannot truncate: MAX_META_PEERS < 256.
-        out.put_u8(self.peers.len() as u8);
+        out.put_u8(crate::repl::count_field(self.peers.len(), MAX_META_PEERS)?);
         for peer in &self.peers {
             put_string(&mut out, &peer.name)?;
             out.put_u8(u8::from(peer.protecting));

@@ -128,15 +128,15 @@ pub const VERIFY_RETRIES_MAX: u32 = 8;
 /// Verify reads per second when the replica sets no `resync_max_rate`.
 pub const VERIFY_RATE_DEFAULT_BYTES_PER_S: u64 = 256 << 20;
 
-const _: () = assert!(RESYNC_CHUNK_BYTES % BLOCK_BYTES == 0);
-const _: () = assert!(VERIFY_COARSE_BLOCK_BYTES % BLOCK_BYTES == 0);
-const _: () = assert!(VERIFY_REQUEST_BYTES % VERIFY_COARSE_BLOCK_BYTES == 0);
+const _: () = assert!(RESYNC_CHUNK_BYTES.is_multiple_of(BLOCK_BYTES));
+const _: () = assert!(VERIFY_COARSE_BLOCK_BYTES.is_multiple_of(BLOCK_BYTES));
+const _: () = assert!(VERIFY_REQUEST_BYTES.is_multiple_of(VERIFY_COARSE_BLOCK_BYTES));
 const _: () = assert!(
     VERIFY_REQUEST_BYTES / VERIFY_COARSE_BLOCK_BYTES <= crate::repl::MAX_VERIFY_DIGESTS as u64
 );
 const _: () =
     assert!(VERIFY_COARSE_BLOCK_BYTES / BLOCK_BYTES <= crate::repl::MAX_VERIFY_DIGESTS as u64);
-const _: () = assert!(RESYNC_CHUNK_BYTES as usize <= crate::repl::MAX_DATA_BYTES);
+const _: () = assert!(RESYNC_CHUNK_BYTES <= crate::repl::MAX_DATA_BYTES as u64);
 
 /// What a metro primary does when a peer that protects it is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1539,7 +1539,8 @@ impl Replicator {
         self.head_lsn
     }
 
-    /// The stored metadata.
+    /// The stored metadata (what `VOLUME.meta` holds, not what is about to be stored).
+    #[allow(clippy::misnamed_getters)]
     pub fn meta(&self) -> &Meta {
         &self.meta_persisted
     }

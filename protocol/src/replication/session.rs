@@ -745,7 +745,7 @@ impl Session {
                 size_bytes: self.config.size_bytes,
             });
         }
-        if offset_bytes % 512 != 0 || len_bytes % 512 != 0 {
+        if !offset_bytes.is_multiple_of(512) || !len_bytes.is_multiple_of(512) {
             return Err(SessionError::Misaligned {
                 offset_bytes,
                 len_bytes,
@@ -763,13 +763,22 @@ impl Session {
         message: Message,
         _now: Instant,
     ) -> Result<Incoming, SessionError> {
-        let mode = self.mode;
-        match &message {
+        match self.mode {
+            Mode::Ship => self.check_from_receiver(&message)?,
+            Mode::Receive => self.check_from_shipper(&message)?,
+            Mode::Idle => return Err(self.unexpected(&message)),
+        }
+        Ok(Incoming::Message(message))
+    }
+
+    /// What the receiving peer may send while this side ships.
+    fn check_from_receiver(&mut self, message: &Message) -> Result<(), SessionError> {
+        match message {
             Message::Ack {
                 journal_lsn,
                 durable_lsn,
-            } if mode == Mode::Ship => self.on_ack(*journal_lsn, *durable_lsn)?,
-            Message::ResyncAck { written_bytes } if mode == Mode::Ship => {
+            } => self.on_ack(*journal_lsn, *durable_lsn)?,
+            Message::ResyncAck { written_bytes } => {
                 if *written_bytes < self.resync_written_bytes {
                     return Err(SessionError::AckBackwards {
                         field: "resync",
@@ -786,17 +795,25 @@ impl Session {
                 }
                 self.resync_written_bytes = *written_bytes;
             }
-            Message::DirtyRanges { ranges, .. } if mode == Mode::Ship => {
+            Message::DirtyRanges { ranges, .. } => {
                 for range in ranges {
                     self.check_range(range.offset_bytes, range.len_bytes)?;
                 }
             }
-            Message::VerifyReply { digests, .. } if mode == Mode::Ship => {
+            Message::VerifyReply { digests, .. } => {
                 if digests.len() > MAX_VERIFY_DIGESTS {
                     return Err(SessionError::BadVerify("too many digests"));
                 }
             }
-            Message::Write(record) if mode == Mode::Receive && !self.receiving_resync => {
+            _ => return Err(self.unexpected(message)),
+        }
+        Ok(())
+    }
+
+    /// What the shipping peer may send while this side receives.
+    fn check_from_shipper(&mut self, message: &Message) -> Result<(), SessionError> {
+        match message {
+            Message::Write(record) if !self.receiving_resync => {
                 Self::check_lsn(record.lsn)?;
                 self.check_range(record.offset_bytes, record.len_bytes.into())?;
                 if record.kind.has_payload() && record.len_bytes as usize > MAX_RECORD_BYTES {
@@ -821,7 +838,7 @@ impl Session {
                 self.received_unacked.push_back((record.lsn, cost_bytes));
                 self.received_unacked_bytes += cost_bytes;
             }
-            Message::Flush { upto_lsn } if mode == Mode::Receive => {
+            Message::Flush { upto_lsn } => {
                 if *upto_lsn > self.received_lsn {
                     return Err(SessionError::FlushBeyondReceived {
                         upto: *upto_lsn,
@@ -829,13 +846,13 @@ impl Session {
                     });
                 }
             }
-            Message::NewGeneration { entry } if mode == Mode::Receive => {
+            Message::NewGeneration { entry } => {
                 Self::check_lsn(entry.start_lsn)?;
                 if entry.start_lsn > self.received_lsn + 1 {
-                    return Err(self.unexpected(&message));
+                    return Err(self.unexpected(message));
                 }
             }
-            Message::Progress { durable_lsn, peers } if mode == Mode::Receive => {
+            Message::Progress { durable_lsn, peers } => {
                 Self::check_lsn(*durable_lsn)?;
                 for peer in peers {
                     if let Some(lsn) = peer.durable_lsn {
@@ -843,17 +860,13 @@ impl Session {
                     }
                 }
             }
-            Message::ResyncBegin { target_lsn, .. }
-                if mode == Mode::Receive && !self.receiving_resync =>
-            {
+            Message::ResyncBegin { target_lsn, .. } if !self.receiving_resync => {
                 Self::check_lsn(*target_lsn)?;
                 self.receiving_resync = true;
                 self.resync_received_bytes = 0;
                 self.resync_acked_bytes = 0;
             }
-            Message::ResyncData { offset_bytes, data }
-                if mode == Mode::Receive && self.receiving_resync =>
-            {
+            Message::ResyncData { offset_bytes, data } if self.receiving_resync => {
                 self.check_range(*offset_bytes, data.len() as u64)?;
                 self.resync_received_bytes += data.len() as u64;
                 let inflight = self.resync_received_bytes - self.resync_acked_bytes;
@@ -866,15 +879,13 @@ impl Session {
             Message::ResyncZero {
                 offset_bytes,
                 len_bytes,
-            } if mode == Mode::Receive && self.receiving_resync => {
+            } if self.receiving_resync => {
                 self.check_range(*offset_bytes, *len_bytes)?;
             }
-            Message::ResyncEnd { lsn, lineage }
-                if mode == Mode::Receive && self.receiving_resync =>
-            {
+            Message::ResyncEnd { lsn, lineage } if self.receiving_resync => {
                 Self::check_lsn(*lsn)?;
                 if *lsn < self.received_lsn || lineage.head_lsn != *lsn {
-                    return Err(self.unexpected(&message));
+                    return Err(self.unexpected(message));
                 }
                 if let Err(error) = lineage.validate() {
                     return Err(SessionError::RefusedPeer {
@@ -892,7 +903,7 @@ impl Session {
                 block_bytes,
                 at_lsn,
                 ..
-            } if mode == Mode::Receive => {
+            } => {
                 Self::check_lsn(*at_lsn)?;
                 self.check_range(*offset_bytes, *len_bytes)?;
                 if *block_bytes == 0
@@ -902,9 +913,9 @@ impl Session {
                     return Err(SessionError::BadVerify("block size"));
                 }
             }
-            _ => return Err(self.unexpected(&message)),
+            _ => return Err(self.unexpected(message)),
         }
-        Ok(Incoming::Message(message))
+        Ok(())
     }
 
     fn on_ack(&mut self, journal_lsn: u64, durable_lsn: u64) -> Result<(), SessionError> {

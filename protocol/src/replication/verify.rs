@@ -158,15 +158,20 @@ impl Replicator {
         let at_lsn = self.head_lsn;
         let peer = &mut self.peers[p];
         let verify = peer.verify.as_mut().expect("checked");
-        while due.is_none() && verify.requests.len() < VERIFY_REQUESTS_MAX {
-            let (offset_bytes, len_bytes, block_bytes) =
-                if let Some((offset, len)) = verify.fine_todo.pop(VERIFY_COARSE_BLOCK_BYTES) {
-                    (offset, len, BLOCK_BYTES)
-                } else if let Some((offset, len)) = verify.todo.pop(VERIFY_REQUEST_BYTES) {
-                    (offset, len, VERIFY_COARSE_BLOCK_BYTES)
-                } else {
-                    break;
-                };
+        // One request per step at most keeps the rate check honest.
+        let next = if due.is_none() && verify.requests.len() < VERIFY_REQUESTS_MAX {
+            if let Some((offset, len)) = verify.fine_todo.pop(VERIFY_COARSE_BLOCK_BYTES) {
+                Some((offset, len, BLOCK_BYTES))
+            } else {
+                verify
+                    .todo
+                    .pop(VERIFY_REQUEST_BYTES)
+                    .map(|(offset, len)| (offset, len, VERIFY_COARSE_BLOCK_BYTES))
+            }
+        } else {
+            None
+        };
+        if let Some((offset_bytes, len_bytes, block_bytes)) = next {
             let id = self.next_id;
             self.next_id += 1;
             verify.requests.insert(
@@ -198,7 +203,6 @@ impl Replicator {
             if let Err(error) = peer.session.send(message) {
                 return self.close_for(p, error);
             }
-            break; // one at a time per step keeps the rate check honest
         }
         let _ = now;
         let verify = self.peers[p].verify.as_mut().expect("checked");
