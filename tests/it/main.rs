@@ -19,6 +19,9 @@
 //! - `metro_roles`: role changes under faults: a link lost while a demotion drains, an old
 //!   primary restarted behind a partition (fencing), `on_disconnect = "suspend"` after a
 //!   restart.
+//! - `metro_power` (with the `fault-injection` feature): a power loss of the metro primary
+//!   (its unflushed journal tail gone, its secondary holding it), then failover and rejoin, or
+//!   a restart as primary; both must end with every completed write kept and identical copies.
 //! - `metro3`: three metro copies: the secondaries never resync each other, a copy that was
 //!   away catches up, the third copy follows a promoted secondary.
 //!
@@ -32,6 +35,8 @@ mod harness;
 mod interop;
 mod metro;
 mod metro3;
+#[cfg(feature = "fault-injection")]
+mod metro_power;
 mod metro_roles;
 mod model;
 #[allow(dead_code)] // the protocol constants are listed whole, used or not
