@@ -389,6 +389,9 @@ impl VolumeReplication {
                 }
             }
         }
+        for notice in state.replicator.take_notices() {
+            tracing::warn!(volume = %self.name(), "{notice}");
+        }
         self.publish(state);
     }
 

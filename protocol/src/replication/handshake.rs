@@ -130,6 +130,7 @@ impl Replicator {
             self.peers[p].confirm(durable);
         }
         if resync {
+            self.notice_peer_tail(p, from_lsn);
             let out = self.new_resync_out(full, true);
             self.peers[p].resync_out = Some(out);
         } else if self.head_lsn > from_lsn {
@@ -162,6 +163,26 @@ impl Replicator {
         if resync {
             let resync_in = self.new_resync_in(full);
             self.peers[p].resync_in = Some(resync_in);
+        }
+    }
+
+    /// A secondary that holds records of this copy past its journal's head (a power loss
+    /// took them from this copy before they were flushed) gives them up in the resync: said
+    /// once, so an operator knows which writes went (never a FLUSHed or FUA one).
+    fn notice_peer_tail(&mut self, p: usize, from_lsn: u64) {
+        let Some((hello, _)) = self.peers[p].session.peer() else {
+            return;
+        };
+        let peer_head = hello.generation.head_lsn;
+        if hello.role == Role::Secondary && peer_head > self.head_lsn && from_lsn >= self.head_lsn {
+            let notice = format!(
+                "{} holds records {}..={} of this copy that its journal lost (a power loss took them before they were flushed); the resync gives them up so that both copies match, as a disk with a volatile cache would (FLUSHed and FUA writes are never among them; fail over to {} instead to keep them)",
+                self.peers[p].name(),
+                self.head_lsn + 1,
+                peer_head,
+                self.peers[p].name(),
+            );
+            self.notices.push_back(notice);
         }
     }
 }

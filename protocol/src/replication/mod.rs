@@ -698,6 +698,8 @@ pub struct Replicator {
     digests: BTreeMap<u64, verify::DigestFor>,
     /// Peers' verify requests waiting for this copy to hold their LSN.
     served: VecDeque<verify::Served>,
+    /// Things an operator must hear about that change no state (each logged once).
+    notices: VecDeque<String>,
     /// Resyncs received, (peer, LSN, whether it resolved a split brain), for the
     /// simulator's model of what each copy holds.
     #[cfg(test)]
@@ -805,6 +807,17 @@ impl Replicator {
             })
             .collect();
         let fenced = role == Role::Primary && peers.iter().any(|p| meta.protecting(&p.config.name));
+        let mut peers = peers;
+        if fenced {
+            for peer in &mut peers {
+                if meta.protecting(&peer.config.name) {
+                    peer.last_error = Some(
+                        "not heard from since this node started; writes are held until it answers (fencing)"
+                            .into(),
+                    );
+                }
+            }
+        }
         Replicator {
             meta_persisted,
             meta,
@@ -837,6 +850,7 @@ impl Replicator {
             settled_published: (head, head),
             digests: BTreeMap::new(),
             served: VecDeque::new(),
+            notices: VecDeque::new(),
             #[cfg(test)]
             adoptions: Vec::new(),
             config,
@@ -1106,6 +1120,11 @@ impl Replicator {
             }
         }
         self.flush_transmits(p);
+    }
+
+    /// What happened that an operator must hear about (the daemon logs each once).
+    pub fn take_notices(&mut self) -> Vec<String> {
+        self.notices.drain(..).collect()
     }
 
     /// Heartbeat round trips measured since the last call, per peer.
@@ -1574,6 +1593,8 @@ impl Replicator {
         }
         if !peer.session.is_up() {
             return match self.role {
+                // Fenced: nothing is tracked as lost yet, writes wait for this peer's word.
+                Role::Primary if self.fenced && !peer.contacted => ReplicaState::Connecting,
                 Role::Primary if self.meta.protecting(peer.name()) => {
                     if peer.config.on_disconnect == OnDisconnect::Suspend {
                         ReplicaState::Suspended

@@ -388,6 +388,11 @@ impl Replicator {
         self.role = Role::Primary;
         self.fenced = false;
         self.appended_up_to = self.head_lsn;
+        for peer in &mut self.peers {
+            if !peer.session.is_up() {
+                peer.last_error = Some("not connected since this node was promoted".into());
+            }
+        }
         // This copy's client writes start after the head; what it published before (as a
         // primary of another lineage, or at start) says nothing about them.
         self.settled_published = (self.head_lsn, self.head_lsn);

@@ -135,6 +135,9 @@ impl Replicator {
             peer.resynced_bytes = resync.sent_bytes;
             peer.split_brain = false;
             peer.last_error = None;
+            // Progress sent while the peer was finishing the resync was not taken: send the
+            // next one even if it says the same.
+            peer.progress_sent = None;
             let name = peer.config.name.clone();
             self.meta.set_protecting(&name, true);
         }
