@@ -783,7 +783,9 @@ fn metro_power_loss_failover_then_rejoin() {
 /// keeps those writes (the test above).
 #[test]
 fn metro_power_loss_restart_as_primary_keeps_what_was_flushed_and_ends_identical() {
-    let seed = harness::test_seed("metro_power_loss_restart_as_primary_keeps_what_was_flushed_and_ends_identical");
+    let seed = harness::test_seed(
+        "metro_power_loss_restart_as_primary_keeps_what_was_flushed_and_ends_identical",
+    );
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed ^ 0x7265_7374);
     let spec = WorkloadSpec::once(seed, WRITERS, REGION_BLOCKS);
