@@ -661,87 +661,13 @@ impl Checker<'_> {
                 self.error(
                     replica.peer.span(),
                     format!(
-                        "a volume has at most {METRO_PEERS_MAX} replicas (each copy keeps a dirty                          map and a link per peer, and its metadata records at most that many)"
+                        "a volume has at most {METRO_PEERS_MAX} replicas (each copy keeps a dirty map and a link per peer, and its metadata records at most that many)"
                     ),
                 );
             }
             let mode = match replica.mode.get_ref().as_str() {
-                "metro" => {
-                    self.reject_key(&replica.interval, "interval", "metro", "regional");
-                    self.reject_key(&replica.max_rate, "max_rate", "metro", "regional");
-                    self.reject_key(&replica.compression, "compression", "metro", "regional");
-                    let on_disconnect = match &replica.on_disconnect {
-                        Some(value) => match value.get_ref().as_str() {
-                            "degrade" => OnDisconnect::Degrade,
-                            "suspend" => OnDisconnect::Suspend,
-                            other => {
-                                self.error(
-                                    value.span(),
-                                    format!(
-                                        "on_disconnect `{other}` is not known; use \"degrade\" \
-                                         (keep serving, resync later) or \"suspend\" (hold I/O)"
-                                    ),
-                                );
-                                OnDisconnect::Degrade
-                            }
-                        },
-                        None => OnDisconnect::Degrade,
-                    };
-                    let peer_timeout = replica
-                        .peer_timeout
-                        .as_ref()
-                        .and_then(|value| self.duration(value, "peer_timeout"))
-                        .unwrap_or(DEFAULT_PEER_TIMEOUT);
-                    let resync_max_rate_bytes_per_s = replica
-                        .resync_max_rate
-                        .as_ref()
-                        .and_then(|value| self.rate(value, "resync_max_rate"));
-                    ReplicaMode::Metro {
-                        on_disconnect,
-                        peer_timeout,
-                        resync_max_rate_bytes_per_s,
-                    }
-                }
-                "regional" => {
-                    self.reject_key(&replica.on_disconnect, "on_disconnect", "regional", "metro");
-                    self.reject_key(&replica.peer_timeout, "peer_timeout", "regional", "metro");
-                    self.reject_key(
-                        &replica.resync_max_rate,
-                        "resync_max_rate",
-                        "regional",
-                        "metro",
-                    );
-                    let interval = replica
-                        .interval
-                        .as_ref()
-                        .and_then(|value| self.duration(value, "interval"))
-                        .unwrap_or(DEFAULT_REGIONAL_INTERVAL);
-                    let max_rate_bytes_per_s = replica
-                        .max_rate
-                        .as_ref()
-                        .and_then(|value| self.rate(value, "max_rate"));
-                    let compression = match &replica.compression {
-                        Some(value) => match value.get_ref().as_str() {
-                            "zstd" => Compression::Zstd,
-                            "none" => Compression::None,
-                            other => {
-                                self.error(
-                                    value.span(),
-                                    format!(
-                                        "compression `{other}` is not known; use \"zstd\" or \"none\""
-                                    ),
-                                );
-                                Compression::Zstd
-                            }
-                        },
-                        None => Compression::Zstd,
-                    };
-                    ReplicaMode::Regional {
-                        interval,
-                        max_rate_bytes_per_s,
-                        compression,
-                    }
-                }
+                "metro" => self.metro_mode(replica),
+                "regional" => self.regional_mode(replica),
                 other => {
                     self.error(
                         replica.mode.span(),
@@ -759,6 +685,84 @@ impl Checker<'_> {
             });
         }
         replicas
+    }
+
+    /// The options of a metro replica; regional-only keys are refused.
+    fn metro_mode(&mut self, replica: &RawReplica) -> ReplicaMode {
+        self.reject_key(&replica.interval, "interval", "metro", "regional");
+        self.reject_key(&replica.max_rate, "max_rate", "metro", "regional");
+        self.reject_key(&replica.compression, "compression", "metro", "regional");
+        let on_disconnect = match &replica.on_disconnect {
+            Some(value) => match value.get_ref().as_str() {
+                "degrade" => OnDisconnect::Degrade,
+                "suspend" => OnDisconnect::Suspend,
+                other => {
+                    self.error(
+                        value.span(),
+                        format!(
+                            "on_disconnect `{other}` is not known; use \"degrade\" \
+                             (keep serving, resync later) or \"suspend\" (hold I/O)"
+                        ),
+                    );
+                    OnDisconnect::Degrade
+                }
+            },
+            None => OnDisconnect::Degrade,
+        };
+        let peer_timeout = replica
+            .peer_timeout
+            .as_ref()
+            .and_then(|value| self.duration(value, "peer_timeout"))
+            .unwrap_or(DEFAULT_PEER_TIMEOUT);
+        let resync_max_rate_bytes_per_s = replica
+            .resync_max_rate
+            .as_ref()
+            .and_then(|value| self.rate(value, "resync_max_rate"));
+        ReplicaMode::Metro {
+            on_disconnect,
+            peer_timeout,
+            resync_max_rate_bytes_per_s,
+        }
+    }
+
+    /// The options of a regional replica; metro-only keys are refused.
+    fn regional_mode(&mut self, replica: &RawReplica) -> ReplicaMode {
+        self.reject_key(&replica.on_disconnect, "on_disconnect", "regional", "metro");
+        self.reject_key(&replica.peer_timeout, "peer_timeout", "regional", "metro");
+        self.reject_key(
+            &replica.resync_max_rate,
+            "resync_max_rate",
+            "regional",
+            "metro",
+        );
+        let interval = replica
+            .interval
+            .as_ref()
+            .and_then(|value| self.duration(value, "interval"))
+            .unwrap_or(DEFAULT_REGIONAL_INTERVAL);
+        let max_rate_bytes_per_s = replica
+            .max_rate
+            .as_ref()
+            .and_then(|value| self.rate(value, "max_rate"));
+        let compression = match &replica.compression {
+            Some(value) => match value.get_ref().as_str() {
+                "zstd" => Compression::Zstd,
+                "none" => Compression::None,
+                other => {
+                    self.error(
+                        value.span(),
+                        format!("compression `{other}` is not known; use \"zstd\" or \"none\""),
+                    );
+                    Compression::Zstd
+                }
+            },
+            None => Compression::Zstd,
+        };
+        ReplicaMode::Regional {
+            interval,
+            max_rate_bytes_per_s,
+            compression,
+        }
     }
 
     fn reject_key<T>(&mut self, value: &Option<Spanned<T>>, key: &str, mode: &str, other: &str) {

@@ -22,7 +22,9 @@ pub enum Content {
 impl Content {
     fn slice(&self, start: u64, end: u64) -> Content {
         match self {
-            Content::Data(buf) => Content::Data(buf.slice(start as usize..end as usize)),
+            Content::Data(buf) => {
+                Content::Data(buf.slice(crate::usize_from(start)..crate::usize_from(end)))
+            }
             Content::Zero { punch } => Content::Zero { punch: *punch },
         }
     }

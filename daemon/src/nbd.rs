@@ -367,41 +367,12 @@ where
     let mut structured = false;
 
     for _ in 0..MAX_OPTIONS_PER_HANDSHAKE {
-        let header = tokio::select! {
-            header = read_array::<{ proto::OPTION_HEADER_BYTES }, _>(stream) => match header {
-                Ok(header) => header,
-                // Closing the socket between options is how some clients say goodbye.
-                Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-                Err(error) => return Err(error.into()),
-            },
-            _ = stopped(&mut shutdown) => return Ok(None),
+        let Some((option, data)) = read_option(stream, &mut shutdown, &mut out).await? else {
+            return Ok(None);
         };
-        let (option, length_bytes) = match proto::decode_option_header(&header) {
-            Ok(Some((header, _))) => (header.option, header.length_bytes),
-            // Impossible with all 16 bytes in hand; treated as the violation it would be.
-            Ok(None) => return Err(proto::NbdError::MalformedOption("short option header").into()),
-            Err(proto::NbdError::OptionTooLarge {
-                option,
-                length_bytes,
-            }) => {
-                // The stream stays in step if the data is skipped, so an error reply is
-                // possible and the protocol then forbids a disconnect.
-                discard(stream, u64::from(length_bytes)).await?;
-                out.clear();
-                proto::encode_rep_error(
-                    &mut out,
-                    option,
-                    proto::REP_ERR_TOO_BIG,
-                    "option data too large",
-                );
-                stream.write_all(&out).await?;
-                continue;
-            }
-            Err(error) => return Err(error.into()),
+        let Some(data) = data else {
+            continue;
         };
-        // length_bytes <= MAX_OPTION_DATA_BYTES (64 KiB), checked by the decoder.
-        let mut data = vec![0u8; length_bytes as usize];
-        stream.read_exact(&mut data).await?;
         out.clear();
 
         if *shutdown.borrow() && option != proto::OPT_ABORT {
@@ -465,46 +436,12 @@ where
                     );
                 }
             }
-            proto::OPT_INFO | proto::OPT_GO => match proto::parse_info_request(&data) {
-                Err(error) => proto::encode_rep_error(
-                    &mut out,
-                    option,
-                    proto::REP_ERR_INVALID,
-                    &error.to_string(),
-                ),
-                Ok(request) => match resolve(exports, &request.export_name) {
-                    None => {
-                        let message = if request.export_name.is_empty() {
-                            "no default export: name one of the exports".to_owned()
-                        } else {
-                            format!("no export named {:?}", request.export_name)
-                        };
-                        proto::encode_rep_error(&mut out, option, proto::REP_ERR_UNKNOWN, &message);
-                    }
-                    Some((name, export)) => {
-                        let flags = transmission_flags(export.as_ref(), structured);
-                        proto::encode_rep_info_export(&mut out, option, export.size_bytes(), flags);
-                        // Sent whether asked for or not: the server enforces these sizes.
-                        proto::encode_rep_info_block_size(
-                            &mut out,
-                            option,
-                            proto::BlockSizes::default(),
-                        );
-                        if request.info_types.contains(&proto::INFO_NAME) {
-                            proto::encode_rep_info_name(&mut out, option, &name);
-                        }
-                        proto::encode_rep_ack(&mut out, option);
-                        if option == proto::OPT_GO {
-                            stream.write_all(&out).await?;
-                            return Ok(Some(Session {
-                                name,
-                                export,
-                                structured,
-                            }));
-                        }
-                    }
-                },
-            },
+            proto::OPT_INFO | proto::OPT_GO => {
+                if let Some(session) = answer_info(&mut out, option, &data, exports, structured) {
+                    stream.write_all(&out).await?;
+                    return Ok(Some(session));
+                }
+            }
             _ => proto::encode_rep_error(
                 &mut out,
                 option,
@@ -515,6 +452,94 @@ where
         stream.write_all(&out).await?;
     }
     Err(NbdError::TooManyOptions(MAX_OPTIONS_PER_HANDSHAKE))
+}
+
+/// Reads one option. `Ok(None)`: the client closed the socket between options, or the server
+/// is shutting down. `Some((option, None))`: the option's data was too large, skipped and
+/// answered with an error already.
+async fn read_option<S>(
+    stream: &mut S,
+    shutdown: &mut watch::Receiver<bool>,
+    out: &mut Vec<u8>,
+) -> Result<Option<(u32, Option<Vec<u8>>)>, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let header = tokio::select! {
+        header = read_array::<{ proto::OPTION_HEADER_BYTES }, _>(stream) => match header {
+            Ok(header) => header,
+            // Closing the socket between options is how some clients say goodbye.
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(error) => return Err(error.into()),
+        },
+        _ = stopped(shutdown) => return Ok(None),
+    };
+    let (option, length_bytes) = match proto::decode_option_header(&header) {
+        Ok(Some((header, _))) => (header.option, header.length_bytes),
+        // Impossible with all 16 bytes in hand; treated as the violation it would be.
+        Ok(None) => return Err(proto::NbdError::MalformedOption("short option header").into()),
+        Err(proto::NbdError::OptionTooLarge {
+            option,
+            length_bytes,
+        }) => {
+            // The stream stays in step if the data is skipped, so an error reply is
+            // possible and the protocol then forbids a disconnect.
+            discard(stream, u64::from(length_bytes)).await?;
+            out.clear();
+            proto::encode_rep_error(out, option, proto::REP_ERR_TOO_BIG, "option data too large");
+            stream.write_all(out).await?;
+            return Ok(Some((option, None)));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    // length_bytes <= MAX_OPTION_DATA_BYTES (64 KiB), checked by the decoder.
+    let mut data = vec![0u8; crate::usize_from(u64::from(length_bytes))];
+    stream.read_exact(&mut data).await?;
+    Ok(Some((option, Some(data))))
+}
+
+/// Answers NBD_OPT_INFO or NBD_OPT_GO into `out`; a GO for a known export ends the handshake
+/// with the session it returns (the caller sends `out` first).
+fn answer_info(
+    out: &mut Vec<u8>,
+    option: u32,
+    data: &[u8],
+    exports: &dyn ExportLookup,
+    structured: bool,
+) -> Option<Session> {
+    match proto::parse_info_request(data) {
+        Err(error) => {
+            proto::encode_rep_error(out, option, proto::REP_ERR_INVALID, &error.to_string())
+        }
+        Ok(request) => match resolve(exports, &request.export_name) {
+            None => {
+                let message = if request.export_name.is_empty() {
+                    "no default export: name one of the exports".to_owned()
+                } else {
+                    format!("no export named {:?}", request.export_name)
+                };
+                proto::encode_rep_error(out, option, proto::REP_ERR_UNKNOWN, &message);
+            }
+            Some((name, export)) => {
+                let flags = transmission_flags(export.as_ref(), structured);
+                proto::encode_rep_info_export(out, option, export.size_bytes(), flags);
+                // Sent whether asked for or not: the server enforces these sizes.
+                proto::encode_rep_info_block_size(out, option, proto::BlockSizes::default());
+                if request.info_types.contains(&proto::INFO_NAME) {
+                    proto::encode_rep_info_name(out, option, &name);
+                }
+                proto::encode_rep_ack(out, option);
+                if option == proto::OPT_GO {
+                    return Some(Session {
+                        name,
+                        export,
+                        structured,
+                    });
+                }
+            }
+        },
+    }
+    None
 }
 
 /// Slots a request holds until its reply has been written to the socket.

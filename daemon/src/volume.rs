@@ -187,13 +187,13 @@ impl Volume {
                 })?;
         metrics
             .recovery_replayed_records
-            .set(recovery.records_replayed as i64);
+            .set(crate::gauge_i64(recovery.records_replayed));
         metrics
             .recovery_replayed_bytes
-            .set(recovery.bytes_replayed as i64);
+            .set(crate::gauge_i64(recovery.bytes_replayed));
         metrics
             .recovery_torn_tail_bytes
-            .set(recovery.torn_tail_bytes as i64);
+            .set(crate::gauge_i64(recovery.torn_tail_bytes));
         let primary = role == Role::Primary;
         metrics.set_role(role.as_str());
         Ok(Volume {
@@ -319,14 +319,19 @@ impl Volume {
             let mut result = Ok(());
             for piece in pieces {
                 match piece.content {
-                    None => match self.read_device(piece.offset, piece.len as usize).await {
+                    None => match self
+                        .read_device(piece.offset, crate::usize_from(piece.len))
+                        .await
+                    {
                         Ok(buf) => out.extend_from_slice(&buf),
                         Err(error) => {
                             result = Err(error);
                             break;
                         }
                     },
-                    Some(Content::Zero { .. }) => out.resize(out.len() + piece.len as usize, 0),
+                    Some(Content::Zero { .. }) => {
+                        out.resize(out.len() + crate::usize_from(piece.len), 0)
+                    }
                     Some(Content::Data(data)) => out.extend_from_slice(&data),
                 }
             }
@@ -577,5 +582,6 @@ fn direct_io_fits_nbd(path: &Path) -> bool {
     if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
         return true;
     }
-    stx.stx_dio_offset_align <= 512 && stx.stx_dio_mem_align <= crate::storage::MEMORY_ALIGN as u32
+    stx.stx_dio_offset_align <= 512
+        && u64::from(stx.stx_dio_mem_align) <= crate::storage::MEMORY_ALIGN as u64
 }

@@ -29,6 +29,16 @@
 //! replays a randomized test, FERRY_LONG=1 runs the long variants, FERRY_KEEP=1 keeps the
 //! test directories.
 
+// Test fixtures use plain casts on small known values and long scenario functions (each a
+// story of one fault); the daemon's own code may not.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::too_many_lines,
+    clippy::type_complexity
+)]
+
 mod cluster;
 mod crash;
 mod harness;

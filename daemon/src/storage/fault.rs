@@ -125,7 +125,7 @@ impl DiskState {
     }
 
     fn apply(&mut self, offset: u64, data: Vec<u8>, dsync: bool) {
-        let start = offset as usize;
+        let start = crate::usize_from(offset);
         self.cached[start..start + data.len()].copy_from_slice(&data);
         self.unsynced.push(LoggedWrite {
             offset,
@@ -138,7 +138,7 @@ impl DiskState {
     fn durable_image(&self) -> Vec<u8> {
         let mut image = self.synced.clone();
         for write in self.unsynced.iter().filter(|write| write.dsync) {
-            let start = write.offset as usize;
+            let start = crate::usize_from(write.offset);
             image[start..start + write.data.len()].copy_from_slice(&write.data);
         }
         image
@@ -171,8 +171,10 @@ impl DiskState {
                 let write = &self.unsynced[index];
                 let start = write.offset.max(sector_start);
                 let end = (write.offset + write.data.len() as u64).min(sector_end);
-                let source = (start - write.offset) as usize..(end - write.offset) as usize;
-                image[start as usize..end as usize].copy_from_slice(&write.data[source]);
+                let source =
+                    crate::usize_from(start - write.offset)..crate::usize_from(end - write.offset);
+                image[crate::usize_from(start)..crate::usize_from(end)]
+                    .copy_from_slice(&write.data[source]);
             }
         }
         image
@@ -301,7 +303,7 @@ impl FaultStorage {
         let mut state = lock_state(&self.state);
         state.check_alive(self.boot)?;
         super::check_write_range(self.len_bytes, offset, total_bytes)?;
-        let mut data = Vec::with_capacity(total_bytes as usize);
+        let mut data = Vec::with_capacity(crate::usize_from(total_bytes));
         for buf in bufs {
             data.extend_from_slice(buf);
         }
@@ -312,14 +314,14 @@ impl FaultStorage {
         let mut state = lock_state(&self.state);
         state.check_alive(self.boot)?;
         super::check_write_range(self.len_bytes, offset, len)?;
-        state.write(offset, vec![0; len as usize], false)
+        state.write(offset, vec![0; crate::usize_from(len)], false)
     }
 
     fn read_now(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let state = lock_state(&self.state);
         state.check_alive(self.boot)?;
         super::check_read_range(self.len_bytes, offset, buf.len() as u64)?;
-        let start = offset as usize;
+        let start = crate::usize_from(offset);
         buf.copy_from_slice(&state.cached[start..start + buf.len()]);
         Ok(())
     }

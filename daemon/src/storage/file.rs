@@ -211,13 +211,15 @@ pub(super) fn pwritev_all(
                 iov_len: buf.len() - start,
             });
         }
+        let count =
+            libc::c_int::try_from(iovecs.len()).expect("at most IOVECS_PER_CALL_MAX iovecs");
         // SAFETY: every iovec points into a buffer borrowed by `bufs` for this whole call, and
         // pwritev2 only reads through them. The count matches the array.
         let written = unsafe {
             libc::pwritev2(
                 file.as_raw_fd(),
                 iovecs.as_ptr(),
-                iovecs.len() as libc::c_int,
+                count,
                 to_off_t(offset)?,
                 flags,
             )
@@ -242,7 +244,7 @@ pub(super) fn pwritev_all(
             ));
         }
         // Non-negative and at most the iovec total, which fits in usize.
-        let mut written = written as usize;
+        let mut written = written.cast_unsigned();
         offset += written as u64;
         while written > 0 {
             let left = bufs[index].len() - skip_bytes;

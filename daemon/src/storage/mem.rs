@@ -38,7 +38,7 @@ impl MemStorage {
         let mut bytes = self.lock();
         super::check_write_range(bytes.len() as u64, offset, total_bytes)?;
         // In range, so the offset fits in usize.
-        let mut position = offset as usize;
+        let mut position = crate::usize_from(offset);
         for buf in bufs {
             bytes[position..position + buf.len()].copy_from_slice(buf);
             position += buf.len();
@@ -49,7 +49,7 @@ impl MemStorage {
     fn read_now(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let bytes = self.lock();
         super::check_read_range(bytes.len() as u64, offset, buf.len() as u64)?;
-        let start = offset as usize;
+        let start = crate::usize_from(offset);
         buf.copy_from_slice(&bytes[start..start + buf.len()]);
         Ok(())
     }
@@ -57,8 +57,8 @@ impl MemStorage {
     fn zero_now(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut bytes = self.lock();
         super::check_write_range(bytes.len() as u64, offset, len)?;
-        let start = offset as usize;
-        bytes[start..start + len as usize].fill(0);
+        let start = crate::usize_from(offset);
+        bytes[start..start + crate::usize_from(len)].fill(0);
         Ok(())
     }
 }

@@ -197,7 +197,7 @@ async fn write_zeros(storage: &dyn Storage, offset: u64, len: u64) -> io::Result
     let mut done_bytes = 0u64;
     while done_bytes < len {
         // The chunk fits in usize: it is at most ZERO_CHUNK_BYTES.
-        let chunk_bytes = (len - done_bytes).min(ZERO_CHUNK_BYTES as u64) as usize;
+        let chunk_bytes = crate::usize_from((len - done_bytes).min(ZERO_CHUNK_BYTES as u64));
         storage
             .write_at(
                 offset + done_bytes,

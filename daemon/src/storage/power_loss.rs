@@ -177,11 +177,15 @@ impl FileIdentity {
     }
 }
 
-fn encode_log_header(identity: FileIdentity) -> [u8; LOG_HEADER_BYTES as usize] {
-    let mut header = [0u8; LOG_HEADER_BYTES as usize];
+fn encode_log_header(identity: FileIdentity) -> [u8; crate::usize_from(LOG_HEADER_BYTES)] {
+    let mut header = [0u8; crate::usize_from(LOG_HEADER_BYTES)];
     header[0..8].copy_from_slice(&LOG_MAGIC);
     header[8..12].copy_from_slice(&LOG_VERSION.to_le_bytes());
-    header[12..16].copy_from_slice(&(SECTOR_BYTES as u32).to_le_bytes());
+    header[12..16].copy_from_slice(
+        &u32::try_from(SECTOR_BYTES)
+            .expect("a sector size fits in u32")
+            .to_le_bytes(),
+    );
     header[16..24].copy_from_slice(&identity.dev.to_le_bytes());
     header[24..32].copy_from_slice(&identity.ino.to_le_bytes());
     header[32..40].copy_from_slice(&identity.birth_ns.to_le_bytes());
@@ -196,7 +200,7 @@ fn decode_log_header(bytes: &[u8], path: &Path) -> io::Result<Option<FileIdentit
     if (bytes.len() as u64) < LOG_HEADER_BYTES {
         return Ok(None);
     }
-    let header = &bytes[..LOG_HEADER_BYTES as usize];
+    let header = &bytes[..crate::usize_from(LOG_HEADER_BYTES)];
     if header[0..8] != LOG_MAGIC {
         return Err(corrupt(path, 0, "not an undo log (bad magic)"));
     }
@@ -229,7 +233,7 @@ fn le_u64(bytes: &[u8]) -> u64 {
 }
 
 fn encode_record(kind: u8, flags: u8, seq: u64, offset: u64, len: u64, payload: &[u8]) -> Vec<u8> {
-    let mut record = Vec::with_capacity(RECORD_HEADER_BYTES as usize + payload.len());
+    let mut record = Vec::with_capacity(crate::usize_from(RECORD_HEADER_BYTES) + payload.len());
     record.extend_from_slice(&RECORD_MAGIC);
     record.push(kind);
     record.push(flags);
@@ -301,8 +305,8 @@ fn parse_records(bytes: &[u8], path: &Path) -> io::Result<ParsedRecords> {
             break;
         }
         // In memory, so positions fit in usize.
-        let start = at as usize;
-        let header = &bytes[start..start + RECORD_HEADER_BYTES as usize];
+        let start = crate::usize_from(at);
+        let header = &bytes[start..start + crate::usize_from(RECORD_HEADER_BYTES)];
         if header[0..4] != RECORD_MAGIC {
             return Err(corrupt(path, at, "bad record magic"));
         }
@@ -339,7 +343,8 @@ fn parse_records(bytes: &[u8], path: &Path) -> io::Result<ParsedRecords> {
         if left_bytes < record_bytes {
             break;
         }
-        let payload = &bytes[start + RECORD_HEADER_BYTES as usize..start + record_bytes as usize];
+        let payload = &bytes[start + crate::usize_from(RECORD_HEADER_BYTES)
+            ..start + crate::usize_from(record_bytes)];
         let mut crc = crc32fast::Hasher::new();
         crc.update(&header[0..32]);
         crc.update(payload);
@@ -670,7 +675,7 @@ impl Shared {
             let mut records = Vec::with_capacity(write.records.len());
             for &(at, record_bytes) in &write.records {
                 // A record is at most a header and 1 MiB.
-                buffer.resize(record_bytes as usize, 0);
+                buffer.resize(crate::usize_from(record_bytes), 0);
                 state.log.read_exact_at(&mut buffer, at)?;
                 tmp.write_all_at(&buffer, end_bytes)?;
                 records.push((end_bytes, record_bytes));
@@ -955,10 +960,10 @@ pub fn revert(path: &Path, seed: u64) -> io::Result<RevertReport> {
         let sector_start = sector * SECTOR_BYTES;
         let sector_end = (sector_start + SECTOR_BYTES).min(offset + len);
         // The log is in memory, so these positions fit in usize.
-        let sector_len = (sector_end - sector_start) as usize;
+        let sector_len = crate::usize_from(sector_end - sector_start);
         let old: Vec<u8> = match payload_at {
             Some(payload_at) => {
-                let from = (payload_at + sector_start - offset) as usize;
+                let from = crate::usize_from(payload_at + sector_start - offset);
                 bytes[from..from + sector_len].to_vec()
             }
             None => vec![0; sector_len],

@@ -349,7 +349,7 @@ fn cqe_result(result: i32) -> io::Result<usize> {
         // Negation cannot overflow: errnos are small positive numbers.
         return Err(io::Error::from_raw_os_error(-result));
     }
-    Ok(result as usize)
+    Ok(result.unsigned_abs() as usize)
 }
 
 /// What is left of `bufs` after the kernel wrote their first `written_bytes` bytes.
@@ -446,10 +446,14 @@ impl UringStorage {
                 })
                 .collect();
             // `count` is at most IOVECS_PER_CALL_MAX, so it fits in u32.
-            let entry = opcode::Writev::new(self.fd(), iovecs.as_ptr(), count as u32)
-                .offset(offset)
-                .rw_flags(rw_flags)
-                .build();
+            let entry = opcode::Writev::new(
+                self.fd(),
+                iovecs.as_ptr(),
+                u32::try_from(count).expect("at most IOVECS_PER_CALL_MAX"),
+            )
+            .offset(offset)
+            .rw_flags(rw_flags)
+            .build();
             let buffers = OpBuffers::Write {
                 bufs: op_bufs,
                 iovecs: IoVecs(iovecs),
@@ -490,9 +494,13 @@ impl UringStorage {
             // SAFETY: done_bytes < len <= capacity, so the pointer stays inside the allocation.
             let destination = unsafe { buf.as_mut_ptr().add(done_bytes) };
             // chunk_bytes <= READ_BYTES_PER_OP_MAX fits in u32.
-            let entry = opcode::Read::new(self.fd(), destination, chunk_bytes as u32)
-                .offset(offset + done_bytes as u64)
-                .build();
+            let entry = opcode::Read::new(
+                self.fd(),
+                destination,
+                u32::try_from(chunk_bytes).expect("at most READ_BYTES_PER_OP_MAX"),
+            )
+            .offset(offset + done_bytes as u64)
+            .build();
             let completion = match self.shared.run(entry, OpBuffers::Read(buf)).await {
                 Ok(completion) => completion,
                 Err(RunError {
