@@ -30,5 +30,25 @@ fi
 # FUSE needs its device; loop mounts need loop devices (both present on the project's machines).
 [ -e /dev/fuse ] || { echo "/dev/fuse is missing: the ext4-through-nbdfuse test cannot run" >&2; exit 1; }
 
+# Guardrails first: they fail in seconds where the tests take minutes.
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy (workspace lints, warnings are errors)"
+cargo clippy --workspace --all-targets --features ferry/fault-injection -- -D warnings
+echo "== cargo deny (licenses, sources, one version per crate, advisories)"
+if ! cargo deny --version >/dev/null 2>&1; then
+    echo "installing cargo-deny (once; a few minutes)"
+    cargo install --locked cargo-deny@0.20 >/dev/null
+fi
+cargo deny --log-level error check bans licenses sources
+# The RustSec database lives on github.com; where that is out of reach the check says so
+# loudly instead of passing in silence.
+if cargo deny --log-level error fetch db >/dev/null 2>&1; then
+    cargo deny --log-level error check --disable-fetch advisories
+else
+    echo "WARNING: the RustSec advisory database could not be fetched: advisories NOT checked" >&2
+fi
+
 # The power-loss tests drive a daemon built with fault injection (off in production builds).
+echo "== cargo test"
 exec cargo test --release --workspace --features ferry/fault-injection "$@"

@@ -20,7 +20,6 @@ pub mod index;
 pub mod journal;
 pub mod metrics;
 pub mod nbd;
-pub mod nbd_client;
 pub mod replication;
 pub mod storage;
 pub mod volume;

@@ -21,7 +21,7 @@ use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::control;
-use crate::nbd_client::NbdClient;
+use crate::nbd::client::NbdClient;
 
 mod scenario;
 use scenario::scenario;

@@ -19,7 +19,7 @@ use super::{
     QD1_WRITES, VOLUME_BYTES,
 };
 use crate::control;
-use crate::nbd_client::NbdClient;
+use crate::nbd::client::NbdClient;
 
 /// Write, FUA write and FLUSH latencies of one phase.
 #[derive(Default)]

@@ -271,8 +271,8 @@ async fn run_connection<S>(
     )
     .await
     .unwrap_or(Err(NbdError::HandshakeTimeout(HANDSHAKE_TIMEOUT_S)));
-    let session = match handshake {
-        Ok(Some(session)) => session,
+    let settled = match handshake {
+        Ok(Some(settled)) => settled,
         Ok(None) => {
             tracing::info!(connection, %peer, "nbd connection closed during handshake");
             return;
@@ -282,9 +282,9 @@ async fn run_connection<S>(
             return;
         }
     };
-    tracing::info!(connection, %peer, export = %session.name, structured = session.structured, "nbd transmission started");
-    let name = session.name.clone();
-    match transmission(stream, session, shutdown).await {
+    tracing::info!(connection, %peer, export = %settled.name, structured = settled.structured, "nbd transmission started");
+    let name = settled.name.clone();
+    match transmission(stream, settled, shutdown).await {
         Ok(end) => {
             tracing::info!(connection, %peer, export = %name, "nbd connection closed: {end}")
         }
@@ -295,7 +295,7 @@ async fn run_connection<S>(
 }
 
 /// What the handshake settled.
-struct Session {
+struct Transmission {
     name: String,
     export: Arc<dyn Export>,
     structured: bool,
@@ -354,7 +354,7 @@ async fn handshake<S>(
     stream: &mut S,
     exports: &dyn ExportLookup,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<Option<Session>, NbdError>
+) -> Result<Option<Transmission>, NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -396,7 +396,7 @@ where
                 let flags = transmission_flags(export.as_ref(), structured);
                 proto::encode_export_name_reply(&mut out, export.size_bytes(), flags, no_zeroes);
                 stream.write_all(&out).await?;
-                return Ok(Some(Session {
+                return Ok(Some(Transmission {
                     name,
                     export,
                     structured,
@@ -437,9 +437,9 @@ where
                 }
             }
             proto::OPT_INFO | proto::OPT_GO => {
-                if let Some(session) = answer_info(&mut out, option, &data, exports, structured) {
+                if let Some(settled) = answer_info(&mut out, option, &data, exports, structured) {
                     stream.write_all(&out).await?;
-                    return Ok(Some(session));
+                    return Ok(Some(settled));
                 }
             }
             _ => proto::encode_rep_error(
@@ -499,14 +499,14 @@ where
 }
 
 /// Answers NBD_OPT_INFO or NBD_OPT_GO into `out`; a GO for a known export ends the handshake
-/// with the session it returns (the caller sends `out` first).
+/// with what it settled (the caller sends `out` first).
 fn answer_info(
     out: &mut Vec<u8>,
     option: u32,
     data: &[u8],
     exports: &dyn ExportLookup,
     structured: bool,
-) -> Option<Session> {
+) -> Option<Transmission> {
     match proto::parse_info_request(data) {
         Err(error) => {
             proto::encode_rep_error(out, option, proto::REP_ERR_INVALID, &error.to_string())
@@ -530,7 +530,7 @@ fn answer_info(
                 }
                 proto::encode_rep_ack(out, option);
                 if option == proto::OPT_GO {
-                    return Some(Session {
+                    return Some(Transmission {
                         name,
                         export,
                         structured,
@@ -576,7 +576,7 @@ impl std::fmt::Display for End {
 
 async fn transmission<S>(
     stream: S,
-    session: Session,
+    settled: Transmission,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<End, NbdError>
 where
@@ -590,8 +590,8 @@ where
     let writer_task = tokio::spawn(write_replies(writer, reply_rx));
     let request_slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS as usize));
     let payload_slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PAYLOAD_BYTES as usize));
-    let export = session.export;
-    let structured = session.structured;
+    let export = settled.export;
+    let structured = settled.structured;
 
     let result = loop {
         let header = tokio::select! {
@@ -879,7 +879,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nbd_client::{NbdClient, NbdClientError};
+    use crate::nbd::client::{NbdClient, NbdClientError};
     use std::collections::HashMap;
     use std::path::PathBuf;
     use std::sync::Mutex;
