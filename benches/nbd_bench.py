@@ -204,7 +204,7 @@ def percentile(sorted_values, fraction):
 
 
 # ---------------------------------------------------------------------------------------------
-# The relay (benches/relay: tests/it/relay.rs as a process).
+# The relay (benches/relay: testkit/src/relay.rs as a process).
 
 
 class Relay:

@@ -676,17 +676,7 @@ pub fn assert_files_equal(left: &Path, right: &Path) {
     }
 }
 
-/// The seed of a randomized test: `FERRY_SEED` if set, random otherwise; always printed.
-pub fn test_seed(test: &str) -> u64 {
-    let seed = match std::env::var("FERRY_SEED") {
-        Ok(text) => text
-            .parse()
-            .unwrap_or_else(|_| panic!("FERRY_SEED={text} is not a u64")),
-        Err(_) => rand::random(),
-    };
-    eprintln!("{test}: seed {seed} (replay with FERRY_SEED={seed})");
-    seed
-}
+pub use ferry_testkit::seed::test_seed;
 
 /// `FERRY_LONG=1` switches slow variants on.
 pub fn long_mode() -> bool {

@@ -2,12 +2,13 @@
 //! config, control socket, metrics endpoint and NBD listeners.
 //!
 //! - `harness`: the `Daemon` fixture and command helpers (timeouts, tool checks).
-//! - `nbd_wire`: an independent blocking NBD client, also used to send malformed bytes.
+//! - from `ferry-testkit` (`testkit/`): `nbd_wire`, an independent blocking NBD client, also
+//!   used to send malformed bytes; `model`, the write model (concurrent writers, their history,
+//!   and the check of a region read back against it); `relay`, the UDP relay with delay, loss,
+//!   rate cap and cuts per direction; the seed helper (`harness::test_seed`).
 //! - `interop`: third-party NBD clients (nbdinfo, qemu-io, nbdcopy, fio, nbdfuse + ext4),
 //!   metrics, status, config check.
 //! - `wire`: malformed and out-of-range input over raw sockets.
-//! - `model`: the write model: concurrent writers, their history, and the check of a region
-//!   read back against it (used by `crash` and `metro`).
 //! - `crash`: kill -9 under concurrent writes, checked against the model.
 //! - `power_loss` (with the `fault-injection` feature, which `tests/run.sh` turns on): kill -9
 //!   plus the loss of every write the daemon had not made durable, replayed from the undo logs
@@ -48,10 +49,9 @@ mod metro3;
 #[cfg(feature = "fault-injection")]
 mod metro_power;
 mod metro_roles;
-mod model;
-#[allow(dead_code)] // the protocol constants are listed whole, used or not
-mod nbd_wire;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
-mod relay;
 mod wire;
+
+// The shared test support (one seed helper, relay, NBD client and write model).
+use ferry_testkit::{model, nbd_wire, relay};

@@ -1,5 +1,5 @@
-//! `ferry-relay`: the integration tests' userspace UDP relay (`tests/it/relay.rs`, compiled in
-//! as is, not copied) as a process, so that `benches/nbd_bench.py` can put a precise delay and
+//! `ferry-relay`: the integration tests' userspace UDP relay (`testkit/src/relay.rs`, through the
+//! `ferry-testkit` crate, not copied) as a process, so that `benches/nbd_bench.py` can put a precise delay and
 //! a cut between two Ferry nodes (the kernel here has no netem).
 //!
 //! ```text
@@ -20,16 +20,13 @@
 //! in-process relay with the given one-way delay (or directly with `--direct`), and prints one
 //! JSON line: `count`, `lost`, `min_us`, `p50_us`, `p99_us`, `mean_us`, `max_us`.
 
-#[allow(dead_code)]
-#[path = "../../../tests/it/relay.rs"]
-mod relay;
 
 use std::io::{BufRead, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use relay::{LinkStats, Relay};
+use ferry_testkit::relay::{LinkStats, Relay};
 
 const USAGE: &str = "usage:
   ferry-relay --a ADDR --b ADDR [--delay-us N] [--seed N] [--control-stdin]

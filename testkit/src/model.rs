@@ -22,26 +22,26 @@ use rand::Rng;
 
 use crate::nbd_wire::NbdConn;
 
-pub(crate) const BLOCK_BYTES: usize = 4096;
+pub const BLOCK_BYTES: usize = 4096;
 /// Blocks read per NBD READ when reading a region back.
 const READ_CHUNK_BLOCKS: u64 = 256;
 
 /// A FLUSH on the same clock as the writes.
 #[derive(Clone, Debug)]
-pub(crate) struct FlushRecord {
-    pub(crate) issued_at: u64,
+pub struct FlushRecord {
+    pub issued_at: u64,
     /// None while in flight, or when the outcome was never seen.
-    pub(crate) completed_at: Option<u64>,
+    pub completed_at: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
-pub(crate) struct WriteRecord {
-    pub(crate) first_block: u64,
-    pub(crate) block_count: u64,
-    pub(crate) issued_at: u64,
+pub struct WriteRecord {
+    pub first_block: u64,
+    pub block_count: u64,
+    pub issued_at: u64,
     /// None while in flight, or when the outcome was never seen (error, connection lost).
-    pub(crate) completed_at: Option<u64>,
-    pub(crate) fua: bool,
+    pub completed_at: Option<u64>,
+    pub fua: bool,
 }
 
 /// A write's id: writer in the top bits, sequence below; unique within a round.
@@ -50,7 +50,7 @@ fn write_id(writer: u64, sequence: u64) -> u64 {
 }
 
 /// How a workload's blocks name the write they came from.
-pub(crate) trait Stamp {
+pub trait Stamp {
     /// The id of the write of this round that `actual` (read from `block`) says it came from,
     /// or None if it names none.
     fn write_of(&self, block: u64, actual: &[u8]) -> Option<u64>;
@@ -62,22 +62,22 @@ pub(crate) trait Stamp {
 
 /// Where and how large one writer's writes are.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct WriteShape {
+pub struct WriteShape {
     /// Writes land in blocks [0, region_blocks) so that overwrites are common.
-    pub(crate) region_blocks: u64,
-    pub(crate) max_blocks_per_write: u64,
+    pub region_blocks: u64,
+    pub max_blocks_per_write: u64,
     /// A writer stops after this many writes even if nobody stops it (bounded loop).
-    pub(crate) writes_max: u64,
+    pub writes_max: u64,
     /// One write in this many (seeded) has FUA; 0 for none.
-    pub(crate) fua_one_in: u32,
+    pub fua_one_in: u32,
     /// One write in this many (seeded) is followed by a FLUSH; 0 for none.
-    pub(crate) flush_one_in: u32,
+    pub flush_one_in: u32,
 }
 
 /// What concurrent writers share: the logical clock, the record of every write, a stop flag,
 /// and the errors they saw.
 #[derive(Default)]
-pub(crate) struct History {
+pub struct History {
     clock: AtomicU64,
     stop: AtomicBool,
     records: Mutex<HashMap<u64, WriteRecord>>,
@@ -89,43 +89,42 @@ pub(crate) struct History {
 
 impl History {
     /// Tells the writers to stop before their next write.
-    pub(crate) fn stop(&self) {
+    pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
     }
 
     /// The logical clock now: writes issued later have a larger `issued_at`.
-    pub(crate) fn clock(&self) -> u64 {
+    pub fn clock(&self) -> u64 {
         self.clock.load(Ordering::SeqCst)
     }
 
     /// How many writes have completed so far.
-    pub(crate) fn completed(&self) -> u64 {
+    pub fn completed(&self) -> u64 {
         self.completed.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn error(&self, text: String) {
+    pub fn error(&self, text: String) {
         self.errors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((Instant::now(), text));
     }
 
-    pub(crate) fn errors(&self) -> Vec<(Instant, String)> {
+    pub fn errors(&self) -> Vec<(Instant, String)> {
         self.errors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    pub(crate) fn records(&self) -> HashMap<u64, WriteRecord> {
+    pub fn records(&self) -> HashMap<u64, WriteRecord> {
         self.records
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
-    pub(crate) fn flushes(&self) -> Vec<FlushRecord> {
+    pub fn flushes(&self) -> Vec<FlushRecord> {
         self.flushes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -184,7 +183,7 @@ impl History {
 /// FLUSH) with the contents `stamp` gives them, each recorded in `history`, until `history` is
 /// told to stop. The first error ends it and is noted in `history`; a write that failed stays
 /// in flight in the model (it may or may not have happened). Returns true if no error ended it.
-pub(crate) fn run_writer(
+pub fn run_writer(
     conn: &mut NbdConn,
     writer: u64,
     rng: &mut StdRng,
@@ -226,7 +225,7 @@ pub(crate) fn run_writer(
 }
 
 /// Reads blocks [0, blocks) of `export` at `socket`.
-pub(crate) fn read_region(socket: &Path, export: &str, blocks: u64) -> Vec<u8> {
+pub fn read_region(socket: &Path, export: &str, blocks: u64) -> Vec<u8> {
     let mut conn = NbdConn::connect_unix(socket, export)
         .unwrap_or_else(|error| panic!("connect {} to read back: {error}", socket.display()));
     let mut region = Vec::with_capacity(blocks as usize * BLOCK_BYTES);
@@ -254,7 +253,7 @@ pub(crate) fn read_region(socket: &Path, export: &str, blocks: u64) -> Vec<u8> {
 /// Every violation of the model in `region` (read back after a round whose writes are
 /// `records`; `baseline` is the same blocks before the round), one line per block. The crash
 /// rule: every write whose completion a client saw must survive.
-pub(crate) fn verify_region(
+pub fn verify_region(
     region: &[u8],
     baseline: &[u8],
     records: &HashMap<u64, WriteRecord>,
@@ -269,8 +268,7 @@ pub(crate) fn verify_region(
 /// write is durable when it completed with FUA, or completed before a FLUSH was issued that
 /// completed (Ferry advertises multi-connection consistency, so a FLUSH on any connection
 /// covers the writes completed on every connection).
-#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
-pub(crate) fn verify_region_after_power_loss(
+pub fn verify_region_after_power_loss(
     region: &[u8],
     baseline: &[u8],
     records: &HashMap<u64, WriteRecord>,

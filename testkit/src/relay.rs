@@ -751,7 +751,7 @@ fn set_timer_slack_minimal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::harness;
+    use crate::seed;
 
     /// How long a test waits for something that should take milliseconds.
     const WAIT_MAX: Duration = Duration::from_secs(5);
@@ -887,7 +887,7 @@ mod tests {
 
     #[test]
     fn relay_forwards_both_ways_unimpaired_whichever_side_sends_first() {
-        let (a, b, relay) = setup(harness::test_seed("relay_forwards_both_ways"));
+        let (a, b, relay) = setup(seed::test_seed("relay_forwards_both_ways"));
         // B sends first, as if B dialed: it reaches A from addr_for_a, A's reply reaches B.
         for round in 0..2u64 {
             let (first, second, first_addr, second_addr) = if round == 0 {
@@ -919,7 +919,7 @@ mod tests {
 
     #[test]
     fn relay_delay_2ms_one_way_gives_4ms_rtt() {
-        let (a, b, relay) = setup(harness::test_seed("relay_delay_2ms"));
+        let (a, b, relay) = setup(seed::test_seed("relay_delay_2ms"));
         relay.both().set_delay(Duration::from_millis(2));
         let rtts = ping_pong(&a, &b, &relay, 100);
         let minimum = *rtts.iter().min().expect("rtts");
@@ -934,7 +934,7 @@ mod tests {
 
     #[test]
     fn relay_sub_millisecond_delay_is_precise() {
-        let (a, b, relay) = setup(harness::test_seed("relay_sub_millisecond_delay"));
+        let (a, b, relay) = setup(seed::test_seed("relay_sub_millisecond_delay"));
         // A 1 ms RTT, as in the metro benchmark.
         let one_way = Duration::from_micros(500);
         let asked_rtt = one_way * 2;
@@ -1005,7 +1005,7 @@ mod tests {
 
     #[test]
     fn relay_loss_half_drops_about_half_reproducibly() {
-        let seed = harness::test_seed("relay_loss_half");
+        let seed = seed::test_seed("relay_loss_half");
         let count = 1000;
         let received = lossy_run(seed, 0.5, count);
         eprintln!("loss 0.5: {} of {count} delivered", received.len());
@@ -1022,7 +1022,7 @@ mod tests {
 
     #[test]
     fn relay_cut_a_to_b_keeps_b_to_a_and_restore_resumes() {
-        let (a, b, relay) = setup(harness::test_seed("relay_cut"));
+        let (a, b, relay) = setup(seed::test_seed("relay_cut"));
         let quiet = Duration::from_millis(100);
         relay.a_to_b().cut();
         for sequence in 0..10 {
@@ -1072,7 +1072,7 @@ mod tests {
 
     #[test]
     fn relay_rate_cap_1mb_per_s_limits_throughput() {
-        let (a, b, relay) = setup(harness::test_seed("relay_rate_cap"));
+        let (a, b, relay) = setup(seed::test_seed("relay_rate_cap"));
         let rate_bytes_per_second = 1_000_000u64;
         relay
             .a_to_b()
@@ -1132,7 +1132,7 @@ mod tests {
 
     #[test]
     fn relay_jitter_reorders_only_when_allowed() {
-        let (a, b, relay) = setup(harness::test_seed("relay_jitter"));
+        let (a, b, relay) = setup(seed::test_seed("relay_jitter"));
         let quiet = Duration::from_millis(100);
         relay
             .a_to_b()
@@ -1165,7 +1165,7 @@ mod tests {
 
     #[test]
     fn relay_drop_stops_its_thread_promptly_and_frees_its_sockets() {
-        let (a, _b, relay) = setup(harness::test_seed("relay_drop"));
+        let (a, _b, relay) = setup(seed::test_seed("relay_drop"));
         // Datagrams held for a long time must not delay the stop.
         relay.a_to_b().set_delay(Duration::from_secs(60));
         for sequence in 0..100 {
@@ -1192,7 +1192,7 @@ mod tests {
 
     #[test]
     fn relay_delay_does_not_serialize_a_burst() {
-        let (a, b, relay) = setup(harness::test_seed("relay_delay_burst"));
+        let (a, b, relay) = setup(seed::test_seed("relay_delay_burst"));
         let delay = Duration::from_millis(5);
         relay.a_to_b().set_delay(delay);
         let count = 500u64;
@@ -1233,7 +1233,7 @@ mod tests {
 
     #[test]
     fn relay_link_handles_set_read_and_clear_conditions() {
-        let seed = harness::test_seed("relay_link_handles");
+        let seed = seed::test_seed("relay_link_handles");
         let (_a, _b, relay) = setup(seed);
         assert_eq!(relay.seed(), seed);
         let impaired = Conditions {
