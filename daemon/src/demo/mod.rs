@@ -33,7 +33,8 @@ const KEEP_ENV: &str = "FERRY_DEMO_KEEP";
 const VOLUME_BYTES: u64 = 64 << 20;
 const JOURNAL_BYTES: u64 = 32 << 20;
 const PEER_TIMEOUT: &str = "2s";
-const BLOCK_BYTES: usize = 4096;
+/// The demo writes whole journal blocks.
+use ferry_protocol::journal::BLOCK_BYTES;
 /// Writes one at a time on the metro pair (the latency measurement).
 const QD1_WRITES: usize = 2000;
 /// Requests the client keeps in flight in the pipelined phase.
