@@ -17,6 +17,10 @@
 //!   link) for replication.
 //! - `metro`: metro replication: initial sync, RPO 0 under kill -9, resync after a secondary
 //!   crash or a link cut, a corrupt frame, foreign certificates, switchover with real clients.
+//! - `metro_repair`: the operator's repair commands: `ferry resolve --discard-local` after a
+//!   split brain (a delta resync of the loser, the refusals), `ferry verify [--repair]` (no
+//!   false difference with zeroes, trims and a light load; blocks flipped behind Ferry's back
+//!   found exactly and repaired).
 //! - `metro_roles`: role changes under faults: a link lost while a demotion drains, an old
 //!   primary restarted behind a partition (fencing), `on_disconnect = "suspend"` after a
 //!   restart.
@@ -48,6 +52,7 @@ mod metro;
 mod metro3;
 #[cfg(feature = "fault-injection")]
 mod metro_power;
+mod metro_repair;
 mod metro_roles;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
