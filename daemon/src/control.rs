@@ -268,6 +268,8 @@ pub struct VerifyReport {
     pub running: bool,
     pub repair: bool,
     pub total_bytes: u64,
+    /// Bytes compared to a verdict (equal or different). With `busy_bytes` it makes
+    /// `total_bytes` once the verify ran to its end; less means it stopped early.
     pub checked_bytes: u64,
     pub differing_bytes: u64,
     /// The first differing ranges, `[offset, length]` in bytes.
@@ -865,11 +867,22 @@ pub fn render_verify(v: &VerifyReport) -> String {
         human_bytes(v.checked_bytes),
         human_bytes(v.total_bytes)
     );
+    // Stopped before every byte had a verdict (the link lost, a resync started): what was
+    // not compared may differ, so it never reads as "no difference".
+    let stopped_early = !v.running && v.checked_bytes + v.busy_bytes < v.total_bytes;
     if v.running {
         line.push_str(", running");
+    } else if stopped_early {
+        let _ = write!(
+            line,
+            ", STOPPED EARLY ({} not compared: run it again)",
+            human_bytes(v.total_bytes - v.checked_bytes - v.busy_bytes)
+        );
     }
     if v.differing_bytes == 0 {
-        line.push_str(", no difference");
+        if !stopped_early {
+            line.push_str(", no difference");
+        }
     } else {
         let ranges: Vec<String> = v
             .differing_ranges
@@ -1268,6 +1281,41 @@ mod tests {
         assert!(text.contains("  site-b  metro  in-sync  1234"), "{text}");
         assert_eq!(human_bytes(0), "0 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn a_verify_stopped_early_never_reads_as_no_difference() {
+        let mut report = VerifyReport {
+            volume: "pg-data".into(),
+            peer: "site-b".into(),
+            running: false,
+            repair: false,
+            total_bytes: 64 << 20,
+            checked_bytes: 63 << 20,
+            differing_bytes: 0,
+            differing_ranges: Vec::new(),
+            busy_bytes: 0,
+            repaired: false,
+        };
+        let line = render_verify(&report);
+        assert!(
+            line.contains("STOPPED EARLY (1.0 MiB not compared"),
+            "{line}"
+        );
+        assert!(!line.contains("no difference"), "{line}");
+        report.busy_bytes = 1 << 20;
+        let line = render_verify(&report);
+        assert!(line.contains("no difference"), "{line}");
+        assert!(
+            line.contains("1.0 MiB not compared (written throughout)"),
+            "{line}"
+        );
+        assert!(!line.contains("STOPPED"), "{line}");
+        report.running = true;
+        report.busy_bytes = 0;
+        let line = render_verify(&report);
+        assert!(line.contains(", running"), "{line}");
+        assert!(!line.contains("STOPPED"), "{line}");
     }
 
     #[tokio::test]

@@ -20,7 +20,8 @@
 //! - `metro_repair`: the operator's repair commands: `ferry resolve --discard-local` after a
 //!   split brain (a delta resync of the loser, the refusals), `ferry verify [--repair]` (no
 //!   false difference with zeroes, trims and a light load; blocks flipped behind Ferry's back
-//!   found exactly and repaired).
+//!   found exactly, logged and repaired, also under a light load and in a short last block; a
+//!   verify cut between its passes is not a clean result).
 //! - `metro_roles`: role changes under faults: a link lost while a demotion drains, an old
 //!   primary restarted behind a partition (fencing), `on_disconnect = "suspend"` after a
 //!   restart.

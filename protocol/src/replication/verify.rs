@@ -3,10 +3,19 @@
 //! then each differing block again by 4 KiB blocks.
 //!
 //! Never a false difference: each request names the LSN the peer must hold before it reads
-//! (the primary's head when it asked), and the primary reads its own copy after that. A range
-//! that any record touches between the request and the comparison is compared again later
-//! (a few times, then reported as busy, never as different): so two digests are compared only
-//! when both copies held the same records there. TRIM and zeroes read back as zeros on both.
+//! (the primary's head when it asked), and the primary reads its own copy after that. In a
+//! request that a record touched between the request and the comparison, a block whose two
+//! digests differ is compared again later (a few times, then reported as busy, never as
+//! different): so a difference is reported only where both copies held the same records.
+//! Equal digests are equal contents, written meanwhile or not: a write lands the same on both
+//! copies, so a block that read the same on both once cannot come to differ from writes alone.
+//! Only those blocks are tried again, never the whole request, so a light load in one corner
+//! of the volume leaves the rest compared. TRIM and zeroes read back as zeros on both.
+//!
+//! `checked_bytes` counts the bytes with a verdict (equal or different), `busy` those given up;
+//! the two add up to the volume once a verify ran to its end. A verify stopped early (the link
+//! lost, a resync started) has compared less: a 1 MiB block whose first pass differed and
+//! whose 4 KiB pass never ran has no verdict, so it is in neither.
 
 use std::time::{Duration, Instant};
 
@@ -66,7 +75,15 @@ impl Replicator {
                 volume: self.volume().to_owned(),
             });
         };
-        if self.role != Role::Primary || !self.shipping_records(p) {
+        if self.role != Role::Primary {
+            // The message ends "it is {state}": say what this node is, and where to run it.
+            return Err(OpError::CannotVerify {
+                volume: self.volume().to_owned(),
+                peer: peer.to_owned(),
+                state: "a secondary; run it on the primary",
+            });
+        }
+        if !self.shipping_records(p) {
             return Err(OpError::CannotVerify {
                 volume: self.volume().to_owned(),
                 peer: peer.to_owned(),
@@ -208,6 +225,15 @@ impl Replicator {
         let verify = self.peers[p].verify.as_mut().expect("checked");
         if verify.todo.is_empty() && verify.fine_todo.is_empty() && verify.requests.is_empty() {
             verify.done = true;
+            if !verify.differing.is_empty() {
+                let notice = difference_notice(
+                    &self.config.volume,
+                    self.peers[p].name(),
+                    self.peers[p].verify.as_ref().expect("checked"),
+                );
+                self.notices.push_back(notice);
+            }
+            let verify = self.peers[p].verify.as_mut().expect("checked");
             if verify.repair && !verify.differing.is_empty() && !verify.repair_started {
                 verify.repair_started = true;
                 let ranges: Vec<(u64, u64)> = verify.differing.iter().collect();
@@ -322,7 +348,13 @@ impl Replicator {
                         request.local = Some(digests);
                         self.compare(peer, id);
                     }
-                    Err(_) => request.written = true,
+                    Err(_) => {
+                        // This copy could not read the range: try it again later (then busy),
+                        // and forget the request (a late reply from the peer is ignored).
+                        let verify = self.peers[peer].verify.as_mut().expect("checked");
+                        let request = verify.requests.remove(&id).expect("checked");
+                        verify.again(request.offset_bytes, request.len_bytes, request.block_bytes);
+                    }
                 }
             }
         }
@@ -340,43 +372,70 @@ impl Replicator {
             return;
         }
         let request = verify.requests.remove(&id).expect("checked");
-        if request.written {
-            let tries = verify.retries.entry(request.offset_bytes).or_insert(0);
-            *tries += 1;
-            if *tries > VERIFY_RETRIES_MAX {
-                verify.busy.insert(request.offset_bytes, request.len_bytes);
-                if request.block_bytes != BLOCK_BYTES {
-                    verify.checked_bytes += request.len_bytes;
-                }
-            } else if request.block_bytes == BLOCK_BYTES {
-                verify
-                    .fine_todo
-                    .insert(request.offset_bytes, request.len_bytes);
-            } else {
-                verify.todo.insert(request.offset_bytes, request.len_bytes);
-            }
-            return;
-        }
         let local = request.local.expect("checked");
         let remote = request.remote.expect("checked");
-        let end = request.offset_bytes + request.len_bytes;
+        let (offset_bytes, len_bytes, block_bytes) =
+            (request.offset_bytes, request.len_bytes, request.block_bytes);
+        if local.len() != remote.len() {
+            // Both were asked for the same blocks; a short local read is tried again.
+            return verify.again(offset_bytes, len_bytes, block_bytes);
+        }
+        let end = offset_bytes + len_bytes;
         for (i, (a, b)) in local.iter().zip(&remote).enumerate() {
+            let offset = offset_bytes + i as u64 * block_bytes;
+            let len = block_bytes.min(end - offset);
             if a == b {
-                continue;
-            }
-            let offset = request.offset_bytes + i as u64 * request.block_bytes;
-            let len = request.block_bytes.min(end - offset);
-            if request.block_bytes == BLOCK_BYTES {
+                verify.checked_bytes += len;
+            } else if request.written {
+                // A record may have reached one copy's read and not the other's.
+                verify.again(offset, len, block_bytes);
+            } else if block_bytes == BLOCK_BYTES {
+                verify.checked_bytes += len;
                 verify.differing.insert(offset, len);
             } else {
                 verify.fine_todo.insert(offset, len);
             }
         }
-        if local.len() != remote.len() {
-            verify.busy.insert(request.offset_bytes, request.len_bytes);
-        }
-        if request.block_bytes != BLOCK_BYTES {
-            verify.checked_bytes += request.len_bytes;
+    }
+}
+
+impl Verify {
+    /// `[offset, offset + len)`, compared by `block_bytes`, could not be compared this time:
+    /// queued again, or given up as busy after [`VERIFY_RETRIES_MAX`] tries.
+    fn again(&mut self, offset_bytes: u64, len_bytes: u64, block_bytes: u64) {
+        // The passes count their tries apart (offsets are 4 KiB aligned: bit 0 is free).
+        let key = offset_bytes | u64::from(block_bytes == BLOCK_BYTES);
+        let tries = self.retries.entry(key).or_insert(0);
+        *tries += 1;
+        if *tries > VERIFY_RETRIES_MAX {
+            self.busy.insert(offset_bytes, len_bytes);
+        } else if block_bytes == BLOCK_BYTES {
+            self.fine_todo.insert(offset_bytes, len_bytes);
+        } else {
+            self.todo.insert(offset_bytes, len_bytes);
         }
     }
+}
+
+/// What an operator reads in the log when a verify found a difference.
+fn difference_notice(volume: &str, peer: &str, verify: &Verify) -> String {
+    let shown: Vec<String> = verify
+        .differing
+        .iter()
+        .take(8)
+        .map(|(offset, len)| format!("{offset}+{len}"))
+        .collect();
+    let ranges = verify.differing.iter().count();
+    format!(
+        "verify of {volume} against {peer}: {} bytes differ between this copy and the peer's, \
+         in {ranges} range(s) (bytes {}{}); {}",
+        verify.differing.bytes(),
+        shown.join(", "),
+        if ranges > shown.len() { ", ..." } else { "" },
+        if verify.repair {
+            "repairing them by resyncing just those ranges to the peer"
+        } else {
+            "`ferry verify --repair` resyncs just those ranges to the peer"
+        }
+    )
 }
