@@ -291,7 +291,7 @@ fn verify(socket: &Path, volume: &str, peer: Option<String>, repair: bool) -> Ex
         return ExitCode::from(EXIT_FAILED);
     }
     if report.checked_bytes + report.busy_bytes < report.total_bytes {
-        return fail("the verify stopped before comparing everything (the link to the peer was lost); run it again");
+        return fail("the verify stopped before comparing everything (the link to the peer was lost, or a resync or a role change interrupted it); run it again");
     }
     ExitCode::SUCCESS
 }
