@@ -716,6 +716,107 @@ fn render_table(rows: &[Vec<String>], out: &mut String) {
     }
 }
 
+/// The lines under the volume table: recovery, journal, and every state that needs attention.
+fn render_volume_notes(volume: &VolumeStatus, out: &mut String) {
+    let recovery = &volume.recovery;
+    let journal = &volume.journal;
+    let _ = write!(
+        out,
+        "\n{}: recovery replayed {} records ({}), torn tail {}",
+        volume.name,
+        recovery.records_replayed,
+        human_bytes(recovery.bytes_replayed),
+        human_bytes(recovery.torn_tail_bytes),
+    );
+    if let Some(reason) = &recovery.stopped_reason {
+        let _ = write!(out, ", stopped: {reason}");
+    }
+    let _ = writeln!(
+        out,
+        "\n{}: journal {} unapplied, {} writes waited for space",
+        volume.name,
+        human_bytes(journal.unapplied_bytes),
+        journal.full_waits
+    );
+    if let Some(failure) = &volume.failure {
+        let _ = writeln!(
+            out,
+            "{}: FAILED, serving no writes until restart: {failure}",
+            volume.name
+        );
+    }
+    if let Some(held) = &volume.writes_held {
+        let _ = writeln!(out, "{}: WRITES HELD: {held}", volume.name);
+    }
+    if !volume.consistent {
+        let _ = writeln!(
+            out,
+            "{}: not consistent (a resync into it has not finished); it cannot be promoted",
+            volume.name
+        );
+    }
+    if let Some(peer) = &volume.resolving_with {
+        let _ = writeln!(
+            out,
+            "{}: resolving a split brain: this copy's writes are discarded and resynced from {peer}",
+            volume.name
+        );
+    }
+    if let Some(primary) = &volume.following {
+        let _ = writeln!(out, "{}: following {primary}", volume.name);
+    }
+}
+
+/// One volume's replica table, then its verify reports.
+fn render_replicas(replicas: &[ReplicaStatus], out: &mut String) {
+    // Errors are long (a refused certificate, a split brain); the column is shown only
+    // when some replica has one.
+    let any_error = replicas.iter().any(|r| r.last_error.is_some());
+    let mut header = vec![
+        "  PEER",
+        "MODE",
+        "STATE",
+        "ACKED LSN",
+        "LAG",
+        "RESYNC LEFT",
+        "RESYNCED",
+    ];
+    if any_error {
+        header.push("LAST ERROR");
+    }
+    let mut replica_rows = vec![header.into_iter().map(str::to_string).collect::<Vec<_>>()];
+    for replica in replicas {
+        let mut row = vec![
+            format!("  {}", replica.peer),
+            replica.mode.clone(),
+            replica.state.clone(),
+            replica.acked_lsn.to_string(),
+            format!(
+                "{} / {:.3} s",
+                human_bytes(replica.lag_bytes),
+                replica.lag_seconds
+            ),
+            human_bytes(replica.resync_remaining_bytes),
+            human_bytes(replica.resynced_bytes),
+        ];
+        if any_error {
+            row.push(
+                replica
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "-".to_string()),
+            );
+        }
+        replica_rows.push(row);
+    }
+    render_table(&replica_rows, out);
+    for replica in replicas {
+        if let Some(verify) = &replica.verify {
+            let _ = writeln!(out, "  {}", render_verify(verify));
+        }
+    }
+}
+
 /// The table `ferry status` prints for people.
 pub fn render_status(s: &StatusResult) -> String {
     let mut out = format!("node {}\n", s.node);
@@ -757,103 +858,12 @@ pub fn render_status(s: &StatusResult) -> String {
     }
     render_table(&rows, &mut out);
     for volume in &s.volumes {
-        let recovery = &volume.recovery;
-        let journal = &volume.journal;
-        let _ = write!(
-            out,
-            "\n{}: recovery replayed {} records ({}), torn tail {}",
-            volume.name,
-            recovery.records_replayed,
-            human_bytes(recovery.bytes_replayed),
-            human_bytes(recovery.torn_tail_bytes),
-        );
-        if let Some(reason) = &recovery.stopped_reason {
-            let _ = write!(out, ", stopped: {reason}");
-        }
-        let _ = writeln!(
-            out,
-            "\n{}: journal {} unapplied, {} writes waited for space",
-            volume.name,
-            human_bytes(journal.unapplied_bytes),
-            journal.full_waits
-        );
-        if let Some(failure) = &volume.failure {
-            let _ = writeln!(
-                out,
-                "{}: FAILED, serving no writes until restart: {failure}",
-                volume.name
-            );
-        }
-        if let Some(held) = &volume.writes_held {
-            let _ = writeln!(out, "{}: WRITES HELD: {held}", volume.name);
-        }
-        if !volume.consistent {
-            let _ = writeln!(
-                out,
-                "{}: not consistent (a resync into it has not finished); it cannot be promoted",
-                volume.name
-            );
-        }
-        if let Some(peer) = &volume.resolving_with {
-            let _ = writeln!(
-                out,
-                "{}: resolving a split brain: this copy's writes are discarded and resynced from {peer}",
-                volume.name
-            );
-        }
-        if let Some(primary) = &volume.following {
-            let _ = writeln!(out, "{}: following {primary}", volume.name);
-        }
+        render_volume_notes(volume, &mut out);
         if volume.replicas.is_empty() {
             let _ = writeln!(out, "{}: no replicas", volume.name);
             continue;
         }
-        // Errors are long (a refused certificate, a split brain); the column is shown only
-        // when some replica has one.
-        let any_error = volume.replicas.iter().any(|r| r.last_error.is_some());
-        let mut header = vec![
-            "  PEER",
-            "MODE",
-            "STATE",
-            "ACKED LSN",
-            "LAG",
-            "RESYNC LEFT",
-            "RESYNCED",
-        ];
-        if any_error {
-            header.push("LAST ERROR");
-        }
-        let mut replica_rows = vec![header.into_iter().map(str::to_string).collect::<Vec<_>>()];
-        for replica in &volume.replicas {
-            let mut row = vec![
-                format!("  {}", replica.peer),
-                replica.mode.clone(),
-                replica.state.clone(),
-                replica.acked_lsn.to_string(),
-                format!(
-                    "{} / {:.3} s",
-                    human_bytes(replica.lag_bytes),
-                    replica.lag_seconds
-                ),
-                human_bytes(replica.resync_remaining_bytes),
-                human_bytes(replica.resynced_bytes),
-            ];
-            if any_error {
-                row.push(
-                    replica
-                        .last_error
-                        .clone()
-                        .unwrap_or_else(|| "-".to_string()),
-                );
-            }
-            replica_rows.push(row);
-        }
-        render_table(&replica_rows, &mut out);
-        for replica in &volume.replicas {
-            if let Some(verify) = &replica.verify {
-                let _ = writeln!(out, "  {}", render_verify(verify));
-            }
-        }
+        render_replicas(&volume.replicas, &mut out);
     }
     out
 }
