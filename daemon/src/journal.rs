@@ -20,8 +20,9 @@
 //! durable, and otherwise acknowledged only after an fdatasync that covers it.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use ferry_protocol::journal::{
@@ -78,6 +79,34 @@ pub enum JournalError {
     TooSmall { file_bytes: u64 },
     #[error("record LSN {found} does not follow the journal's LSN {expected}")]
     LsnMismatch { expected: u64, found: u64 },
+    #[error(
+        "the volume's replication panicked ({0}); the volume stops serving writes until restart"
+    )]
+    TapPanicked(String),
+}
+
+/// Locks a mutex that holds a plain value (the failure reason, the tap): a panic elsewhere
+/// while it was held cannot have left it half-changed, so it is used as it is.
+fn lock_value<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Hands one record to the tap; the text of its panic if it panicked. A panic in the tap
+/// (replication) must not unwind through the index lock, held here: that would poison it and
+/// take every read of the volume down with it. The caller stops the journal instead.
+fn tap_record(tap: &dyn JournalTap, lsn: u64, op: &Op, fua: bool) -> Option<String> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| tap.record(lsn, op, fua)))
+        .err()
+        .map(|payload| panic_message(payload.as_ref()))
+}
+
+/// The text of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> JournalError {
@@ -195,7 +224,7 @@ struct Shared {
 
 impl Shared {
     fn fail(&self, error: &JournalError) {
-        let mut failure = self.failure.lock().expect("failure lock");
+        let mut failure = lock_value(&self.failure);
         if failure.is_none() {
             tracing::error!(%error, "journal failed; refusing further writes until restart");
             *failure = Some(error.to_string());
@@ -209,7 +238,7 @@ impl Shared {
             let reason = self
                 .failure
                 .lock()
-                .expect("failure lock")
+                .unwrap_or_else(PoisonError::into_inner)
                 .clone()
                 .unwrap_or_default();
             return Err(JournalError::Failed(reason));
@@ -454,7 +483,7 @@ impl Journal {
 
     /// Installs the tap that sees every record at LSN assignment (see [`JournalTap`]).
     pub fn set_tap(&self, tap: Option<Arc<dyn JournalTap>>) {
-        *self.shared.tap.lock().expect("tap lock") = tap;
+        *lock_value(&self.shared.tap) = tap;
     }
 
     /// Records above `lsn` are kept in the journal until the limit rises (see `Shared`).
@@ -488,7 +517,7 @@ impl Journal {
 
     /// The reason the journal stopped accepting writes, if it did.
     pub fn failure(&self) -> Option<String> {
-        self.shared.failure.lock().expect("failure lock").clone()
+        lock_value(&self.shared.failure).clone()
     }
 
     /// Finishes queued writes, makes them durable, applies everything to the device and
@@ -1205,7 +1234,10 @@ impl Writer {
 
     /// Forms batches from pending records while there is space and room in flight.
     fn submit_batches(&mut self) {
-        while !self.pending.is_empty() && self.inflight.len() < MAX_INFLIGHT_BATCHES {
+        while !self.pending.is_empty()
+            && self.inflight.len() < MAX_INFLIGHT_BATCHES
+            && !self.shared.failed.load(Ordering::SeqCst)
+        {
             let mut count = 0;
             let mut payload_bytes = 0;
             for (op, _, _, _) in self.pending.iter() {
@@ -1264,6 +1296,32 @@ impl Writer {
         }
     }
 
+    /// The tap panicked on a record of this batch: the replication of this volume is gone.
+    /// The journal stops taking writes, with the reason (the writer fails everything queued
+    /// next); this batch is never written: its writes fail and reads forget them. Reads keep
+    /// working.
+    fn fail_tapped_batch(
+        &mut self,
+        message: String,
+        records: &[ApplyRecord],
+        waiters: Vec<Waiter>,
+    ) {
+        self.shared.fail(&JournalError::TapPanicked(message));
+        let error = match self.shared.check() {
+            Err(error) => error,
+            Ok(()) => JournalError::Closed,
+        };
+        let mut index = self.shared.index.lock().expect("index lock");
+        for record in records {
+            let (offset, len) = record.op.range();
+            index.remove_applied(offset, len, record.lsn);
+        }
+        drop(index);
+        for (done, _, _) in waiters {
+            let _ = done.send(Err(error.clone()));
+        }
+    }
+
     fn submit_one(&mut self, count: usize, start: u64, skipped_bytes: u64, batch_bytes: u64) {
         let first_lsn = self.next_lsn;
         let mut descriptors = Vec::with_capacity(count);
@@ -1272,8 +1330,9 @@ impl Writer {
         let mut iovecs = Vec::with_capacity(count + 1);
         iovecs.push(SharedBuf::from(AlignedBuf::zeroed(0))); // placeholder for the header
         let mut fua = false;
+        let mut tap_panic = None;
         {
-            let tap = self.shared.tap.lock().expect("tap lock").clone();
+            let tap = lock_value(&self.shared.tap).clone();
             let mut index = self.shared.index.lock().expect("index lock");
             for (i, (op, record_fua, done, queued_at)) in self.pending.drain(..count).enumerate() {
                 let lsn = first_lsn + i as u64;
@@ -1305,13 +1364,16 @@ impl Writer {
                 };
                 let (offset, len) = op.range();
                 index.insert(offset, len, lsn, op.content());
-                if let Some(tap) = &tap {
-                    tap.record(lsn, &op, record_fua);
+                if let Some(tap) = tap.as_ref().filter(|_| tap_panic.is_none()) {
+                    tap_panic = tap_record(&**tap, lsn, &op, record_fua);
                 }
                 descriptors.push(descriptor);
                 records.push(ApplyRecord { lsn, op });
                 waiters.push((done, queued_at, lsn));
             }
+        }
+        if let Some(message) = tap_panic {
+            return self.fail_tapped_batch(message, &records, waiters);
         }
         let header = BatchHeader::Records {
             journal_id: self.journal_id,
@@ -1684,4 +1746,76 @@ pub(crate) async fn join_all<F: std::future::Future>(
         .into_iter()
         .map(|o| o.expect("every future completed"))
         .collect()
+}
+
+#[cfg(test)]
+mod tap_tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::storage::MemStorage;
+
+    const VOLUME_BYTES: u64 = 1 << 20;
+
+    /// A tap that panics on its second record, as a replication whose lock was poisoned would.
+    struct PanickingTap(AtomicU64);
+
+    impl JournalTap for PanickingTap {
+        fn record(&self, _lsn: u64, _op: &Op, _fua: bool) {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 1 {
+                panic!("replication lock: PoisonError");
+            }
+        }
+    }
+
+    fn write(offset_bytes: u64, byte: u8) -> Op {
+        Op::Write {
+            offset_bytes,
+            data: AlignedBuf::copy_from(&[byte; 4096]).freeze(),
+        }
+    }
+
+    /// A panic in the tap stops the journal with a clear error and nothing else: the index
+    /// lock is not poisoned, so reads (index lookups) and status keep working, and later
+    /// writes are refused with the reason rather than panicking.
+    #[test]
+    fn a_panicking_tap_fails_writes_and_leaves_reads_working() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let device = MemStorage::new(VOLUME_BYTES);
+            let journal_storage = MemStorage::new(MIN_JOURNAL_BYTES);
+            Journal::format(&*journal_storage, VOLUME_BYTES)
+                .await
+                .expect("format");
+            let metrics = Metrics::new();
+            let (journal, _, _) =
+                Journal::open(journal_storage, device, metrics.volume("tap"), "tap", None)
+                    .await
+                    .expect("open");
+            journal.set_tap(Some(Arc::new(PanickingTap(AtomicU64::new(0)))));
+            journal
+                .append(write(0, 1), false)
+                .await
+                .expect("first write");
+            let second = journal.append(write(4096, 2), false).await;
+            let error = second
+                .expect_err("the write whose tap panicked fails")
+                .to_string();
+            assert!(error.contains("replication panicked"), "{error}");
+            let third = journal.append(write(8192, 3), false).await;
+            let error = third.expect_err("later writes are refused").to_string();
+            assert!(error.contains("replication panicked"), "{error}");
+            // Reads and status still work: no poisoned lock.
+            assert!(
+                !journal.lookup(0, 4096).is_empty(),
+                "the first write is readable"
+            );
+            let _ = journal.stats();
+            let failure = journal.failure().expect("the journal says why it stopped");
+            assert!(failure.contains("replication panicked"), "{failure}");
+            journal.close().await;
+        });
+    }
 }

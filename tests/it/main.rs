@@ -28,6 +28,9 @@
 //! - `metro_power` (with the `fault-injection` feature): a power loss of the metro primary
 //!   (its unflushed journal tail gone, its secondary holding it), then failover and rejoin, or
 //!   a restart as primary; both must end with every completed write kept and identical copies.
+//! - `metro_hostile`: an authenticated but hostile metro peer (the test plays b against a real
+//!   primary, and a against a real secondary: valid frames, hostile contents), and a slow
+//!   secondary device (`fault-injection`) during a resync: bounded memory, no timeouts.
 //! - `metro3`: three metro copies: the secondaries never resync each other, a copy that was
 //!   away catches up, the third copy follows a promoted secondary.
 //!
@@ -51,6 +54,7 @@ mod harness;
 mod interop;
 mod metro;
 mod metro3;
+mod metro_hostile;
 #[cfg(feature = "fault-injection")]
 mod metro_power;
 mod metro_repair;

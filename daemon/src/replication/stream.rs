@@ -2,7 +2,8 @@
 //! transmit, the reader decodes frames and hands them in, no faster than the replicator can take
 //! them ([`Replicator::can_receive`]): a secondary whose disk is behind stops reading, QUIC's
 //! flow control stops the sender, and the sender's windows fill. Nothing a peer sends grows
-//! memory here beyond one read buffer and one batch of decoded messages.
+//! memory here beyond one read buffer and one batch of decoded messages; what the peer makes
+//! this node answer is bounded by the writer's queue (see [`cost`]).
 //!
 //! [`Replicator::can_receive`]: ferry_protocol::replication::Replicator::can_receive
 
@@ -45,6 +46,12 @@ fn corrupt_frame_at() -> Option<u64> {
 
 /// What a queued message counts against the stream's queue bound: its payload and a fixed
 /// overhead (so that floods of small messages count too).
+///
+/// Records and resync data are bounded by the replicator's windows; everything else a node
+/// sends is small and mostly an answer to what the peer sent (heartbeat replies, acks, verify
+/// replies). Those count [`CONTROL_COST_BYTES`] each, far more than they take, so that a peer
+/// that sends without reading the answers is cut off after some 190 000 of them (a few tens
+/// of MiB held), not millions.
 pub(super) fn cost(message: &Message) -> u64 {
     const OVERHEAD_BYTES: u64 = 64;
     let payload = match message {
@@ -52,10 +59,13 @@ pub(super) fn cost(message: &Message) -> u64 {
         Message::ResyncData { data, .. } => data.len(),
         Message::DirtyRanges { ranges, .. } => ranges.len() * 16,
         Message::VerifyReply { digests, .. } => digests.len() * 16,
-        _ => 0,
+        _ => return CONTROL_COST_BYTES,
     };
     payload as u64 + OVERHEAD_BYTES
 }
+
+/// What a message without payload counts against the stream's queue bound (see [`cost`]).
+const CONTROL_COST_BYTES: u64 = 1024;
 
 /// Encodes messages onto the stream, coalescing what is queued. Ends when the replication
 /// drops the sender (the stream closes after what was queued is written) or a write fails.

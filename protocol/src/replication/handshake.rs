@@ -149,10 +149,22 @@ impl Replicator {
     /// The plan says this copy receives from peer `p` (its primary), after a resync if
     /// `resync`.
     fn start_receiving(&mut self, p: usize, resync: bool, full: bool, from_lsn: u64) {
+        let next_after = from_lsn.min(self.head_lsn);
+        if !resync && self.appended_up_to != next_after {
+            // Records of an earlier link were still being journaled when this copy's hello
+            // named its head (or were journaled since): the peer would send them, or others
+            // under their LSNs, again. Once the journal holds them, the next handshake
+            // decides over them.
+            let reason = format!(
+                "records up to {} were still being journaled when this copy's hello named head {from_lsn}; deciding again",
+                self.appended_up_to
+            );
+            return self.close_link(p, &reason);
+        }
         let durable = self.local_durable_lsn.min(from_lsn);
         self.peers[p]
             .session
-            .set_mode(super::Mode::Receive, from_lsn.min(self.head_lsn), durable);
+            .set_mode(super::Mode::Receive, next_after, durable);
         self.peers[p].is_my_primary = true;
         self.peers[p].split_brain = false;
         self.peers[p].last_error = None;

@@ -125,6 +125,9 @@ pub const VERIFY_REQUEST_BYTES: u64 = 64 << 20;
 pub const VERIFY_COARSE_BLOCK_BYTES: u64 = 1 << 20;
 /// Times a range written during its verify is tried again before it is reported as busy.
 pub const VERIFY_RETRIES_MAX: u32 = 8;
+/// Verify requests of peers this copy holds at once (waiting or being digested); a verifier
+/// keeps at most a few in flight, a peer that sends more is closed.
+pub const VERIFY_SERVING_MAX: usize = 16;
 /// Verify reads per second when the replica sets no `resync_max_rate`.
 pub const VERIFY_RATE_DEFAULT_BYTES_PER_S: u64 = 256 << 20;
 
@@ -505,6 +508,9 @@ struct ResyncIn {
     backlog: VecDeque<(Message, u64)>,
     written_bytes: u64,
     lineage: Option<GenerationInfo>,
+    /// The resync's end arrived (it may still wait in the backlog): records may follow it,
+    /// resync messages may not.
+    end_received: bool,
 }
 
 /// An online verify this copy runs against one peer.
@@ -965,6 +971,9 @@ impl Replicator {
         }
         peer.is_my_primary = false;
         peer.deferred.clear();
+        // Its verify requests not yet digested go with it: nobody would read the replies.
+        self.served.retain(|request| request.peer != p);
+        let peer = &mut self.peers[p];
         peer.pending_generation = None;
         peer.flush_wanted_lsn = 0;
         peer.flush_sent_lsn = 0;
@@ -1175,7 +1184,20 @@ impl Replicator {
                 len_bytes,
                 block_bytes,
                 at_lsn,
-            } => self.on_verify_request(p, id, offset_bytes, len_bytes, block_bytes, at_lsn),
+            } => {
+                // Requests waiting for their LSN and digests being computed for a reply, all
+                // peers together: each digest reads up to 1 MiB at a time, so this bounds
+                // what verify requests can make this copy read and hold at once.
+                let replying = self
+                    .digests
+                    .values()
+                    .filter(|purpose| matches!(purpose, verify::DigestFor::Reply { .. }))
+                    .count();
+                if self.served.len() + replying >= VERIFY_SERVING_MAX {
+                    return self.close_link(p, "too many verify requests in flight");
+                }
+                self.on_verify_request(p, id, offset_bytes, len_bytes, block_bytes, at_lsn)
+            }
             // The session handles the others and never hands them up.
             Message::Hello(_)
             | Message::Welcome { .. }

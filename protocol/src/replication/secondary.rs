@@ -15,16 +15,33 @@ impl Replicator {
         if self.role != Role::Secondary || !self.peers[p].is_my_primary {
             return self.close_link(p, "a record from a peer that is not this copy's primary");
         }
-        if self.peers[p].resync_in.is_some() {
+        if let Some(resync) = self.peers[p].resync_in.as_ref() {
+            if !resync.end_received {
+                // Records follow a resync's end (their LSNs count from it): one before it
+                // could never be journaled in order.
+                return self.close_link(
+                    p,
+                    &format!("record {} arrived before the resync's end", record.lsn),
+                );
+            }
             // It follows the resync's end: journaled once the end is done.
             self.peers[p].deferred.push_back(record);
             return;
         }
-        assert_eq!(
-            record.lsn,
-            self.appended_up_to + 1,
-            "the session checked the order"
-        );
+        // The session checked the order against what this link received; the journal must
+        // take the record next too (a link that began while records of an earlier one were
+        // still being journaled is closed in `start_receiving`, so only a peer that broke
+        // the protocol gets here). Never an assertion: this runs on a peer's input.
+        let next = self.appended_up_to.saturating_add(1);
+        if record.lsn != next {
+            return self.close_link(
+                p,
+                &format!(
+                    "record {} does not follow this copy's journal (its next LSN is {next})",
+                    record.lsn
+                ),
+            );
+        }
         self.appended_up_to = record.lsn;
         self.appends.push_back(PendingAppend {
             lsn: record.lsn,
@@ -112,6 +129,12 @@ impl Replicator {
         let Some(resync) = self.peers[p].resync_in.as_mut() else {
             return self.close_link(p, "resync data outside a resync");
         };
+        if resync.end_received && !matches!(message, Message::ResyncBegin { .. }) {
+            return self.close_link(p, "resync data after the resync's end");
+        }
+        if matches!(message, Message::ResyncEnd { .. }) {
+            resync.end_received = true;
+        }
         match (&message, resync.phase) {
             (Message::ResyncBegin { kind, .. }, InPhase::Reporting | InPhase::AwaitingBegin) => {
                 resync.full = *kind == crate::repl::ResyncKind::Full;
@@ -163,6 +186,7 @@ impl Replicator {
             backlog: VecDeque::new(),
             written_bytes: 0,
             lineage: None,
+            end_received: false,
         }
     }
 
@@ -545,6 +569,9 @@ impl Replicator {
         }
         let deferred = std::mem::take(&mut self.peers[p].deferred);
         for record in deferred {
+            if !self.peers[p].is_my_primary {
+                break; // a record closed the link: the rest go with it
+            }
             self.on_record(p, record);
         }
         // The links to the other peers decided over the lineage this copy had: decide again.

@@ -912,6 +912,11 @@ impl Session {
                 {
                     return Err(SessionError::BadVerify("block size"));
                 }
+                // A verifier asks for 1 MiB or 4 KiB blocks: a larger one would make this
+                // side read (and hold) that much at once for one digest.
+                if *block_bytes > super::VERIFY_COARSE_BLOCK_BYTES {
+                    return Err(SessionError::BadVerify("block larger than 1 MiB"));
+                }
             }
             _ => return Err(self.unexpected(message)),
         }
