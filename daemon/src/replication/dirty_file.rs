@@ -64,7 +64,7 @@ const IO_BATCH_BYTES: u64 = 1 << 20;
 
 const _: () = assert!(PAGE_BYTES == 4096 && BLOCK_BYTES == 4096);
 const _: () = assert!(STATE_SLOTS[1] + STATE_BYTES as u64 <= HEADER_BYTES);
-const _: () = assert!(IO_BATCH_BYTES % PAGE_BYTES == 0);
+const _: () = assert!(IO_BATCH_BYTES.is_multiple_of(PAGE_BYTES));
 
 /// The open map file of one (volume, peer).
 pub struct DirtyFile {
@@ -148,12 +148,13 @@ impl DirtyFile {
                 ),
             ));
         }
-        let header = read(&*storage, 0, HEADER_BYTES as usize)
+        let header = read(&*storage, 0, crate::usize_from(HEADER_BYTES))
             .await
             .map_err(|e| with_path(path, "read header", e))?;
         check_header(path, &header, size_bytes)?;
-        let slots =
-            STATE_SLOTS.map(|at| decode_state(&header[at as usize..at as usize + STATE_BYTES]));
+        let slots = STATE_SLOTS.map(|at| {
+            decode_state(&header[crate::usize_from(at)..crate::usize_from(at) + STATE_BYTES])
+        });
         let newest = slots
             .iter()
             .flatten()
@@ -247,7 +248,7 @@ fn runs(changes: &BitmapChanges) -> Vec<(usize, Vec<SharedBuf>)> {
     let mut out: Vec<(usize, Vec<SharedBuf>)> = Vec::new();
     for (page, words) in &changes.pages {
         debug_assert_eq!(words.len(), WORDS_PER_PAGE);
-        let mut bytes = Vec::with_capacity(PAGE_BYTES as usize);
+        let mut bytes = Vec::with_capacity(crate::usize_from(PAGE_BYTES));
         for word in words {
             bytes.extend_from_slice(&word.to_le_bytes());
         }
@@ -276,7 +277,7 @@ async fn create(path: &Path, size_bytes: u64, missing: Missing) -> io::Result<()
             resync_only: true,
         },
     };
-    let slot = STATE_SLOTS[1] as usize;
+    let slot = crate::usize_from(STATE_SLOTS[1]);
     header[slot..slot + STATE_BYTES].copy_from_slice(&encode_state(1, state));
     let mut bitmap = BlockBitmap::new(size_bytes);
     if missing == Missing::AllDirty {
@@ -301,7 +302,7 @@ async fn create(path: &Path, size_bytes: u64, missing: Missing) -> io::Result<()
 }
 
 fn encode_header(size_bytes: u64) -> Vec<u8> {
-    let mut h = vec![0u8; HEADER_BYTES as usize];
+    let mut h = vec![0u8; crate::usize_from(HEADER_BYTES)];
     h[0..8].copy_from_slice(&MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
     h[12..20].copy_from_slice(&size_bytes.to_le_bytes());

@@ -44,7 +44,7 @@ const MAGIC: [u8; 8] = *b"FERRYMT2";
 const HEADER_BYTES: usize = 24;
 const SECTOR_BYTES: usize = 512;
 
-const _: () = assert!(SLOT_BYTES % SECTOR_BYTES as u64 == 0);
+const _: () = assert!(SLOT_BYTES.is_multiple_of(SECTOR_BYTES as u64));
 
 #[derive(Debug, Error)]
 pub enum MetaError {
@@ -113,12 +113,12 @@ impl MetaFile {
             )));
         }
         let (result, buf) = storage
-            .read_at(0, AlignedBuf::zeroed(2 * SLOT_BYTES as usize))
+            .read_at(0, AlignedBuf::zeroed(2 * crate::usize_from(SLOT_BYTES)))
             .await;
         result.map_err(io_error)?;
         let slots = [
-            decode_slot(&buf[..SLOT_BYTES as usize]),
-            decode_slot(&buf[SLOT_BYTES as usize..]),
+            decode_slot(&buf[..crate::usize_from(SLOT_BYTES)]),
+            decode_slot(&buf[crate::usize_from(SLOT_BYTES)..]),
         ];
         let newest = match slots {
             [Ok(a), Ok(b)] => Some(if a.0 >= b.0 { a } else { b }),
@@ -163,8 +163,9 @@ impl MetaFile {
 async fn create(path: &Path, meta: &Meta) -> io::Result<()> {
     let slot = encode_slot(1, meta)?;
     datadir::create_durably(path, |tmp| async move {
-        let mut bytes = vec![0u8; 2 * SLOT_BYTES as usize];
-        bytes[SLOT_BYTES as usize..SLOT_BYTES as usize + slot.len()].copy_from_slice(&slot);
+        let mut bytes = vec![0u8; 2 * crate::usize_from(SLOT_BYTES)];
+        bytes[crate::usize_from(SLOT_BYTES)..crate::usize_from(SLOT_BYTES) + slot.len()]
+            .copy_from_slice(&slot);
         std::fs::write(tmp, bytes)
     })
     .await
@@ -174,7 +175,7 @@ fn encode_slot(sequence: u64, meta: &Meta) -> io::Result<Vec<u8>> {
     let payload = meta
         .encode()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    if HEADER_BYTES + payload.len() > SLOT_BYTES as usize {
+    if HEADER_BYTES + payload.len() > crate::usize_from(SLOT_BYTES) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
@@ -183,7 +184,7 @@ fn encode_slot(sequence: u64, meta: &Meta) -> io::Result<Vec<u8>> {
             ),
         ));
     }
-    let mut slot = Vec::with_capacity(SLOT_BYTES as usize);
+    let mut slot = Vec::with_capacity(crate::usize_from(SLOT_BYTES));
     slot.extend_from_slice(&MAGIC);
     slot.extend_from_slice(&sequence.to_le_bytes());
     slot.extend_from_slice(&u32::try_from(payload.len()).expect("checked").to_le_bytes());

@@ -557,7 +557,7 @@ impl VolumeReplication {
         if block_bytes == 0 {
             return Err(format!("digest of {len_bytes} bytes by {block_bytes}"));
         }
-        let mut digests = Vec::with_capacity((len_bytes / block_bytes) as usize);
+        let mut digests = Vec::with_capacity(crate::usize_from(len_bytes / block_bytes));
         let step = (DIGEST_READ_BYTES_MAX / block_bytes).max(1) * block_bytes;
         let mut at = offset_bytes;
         while at < offset_bytes + len_bytes {
@@ -569,7 +569,7 @@ impl VolumeReplication {
                 .await
                 .map_err(|e| e.to_string())?;
             let hashed = tokio::task::spawn_blocking(move || {
-                data.chunks(block_bytes as usize)
+                data.chunks(crate::usize_from(block_bytes))
                     .map(|block| {
                         let hash = ring::digest::digest(&ring::digest::SHA256, block);
                         let mut digest = [0u8; VERIFY_DIGEST_BYTES];

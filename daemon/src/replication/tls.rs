@@ -826,7 +826,7 @@ impl AuthRefusal {
             return None;
         }
         // In range, so the difference fits in a u8.
-        let alert = (code - QUIC_CRYPTO_ERROR_FIRST) as u8;
+        let alert = u8::try_from(code - QUIC_CRYPTO_ERROR_FIRST).unwrap_or(u8::MAX);
         let kind = match alert {
             // Every CA made by `cert init` is called `ferry CA`, so a certificate from another
             // cluster's CA finds an issuer of the right name whose signature does not match:

@@ -373,7 +373,7 @@ pub async fn open_volume_stream(
     let (mut send, recv) = connection.open_bi().await?;
     // Checked above: 1..=255 bytes, so the length fits the byte.
     let mut preamble = Vec::with_capacity(1 + volume_name.len());
-    preamble.push(volume_name.len() as u8);
+    preamble.push(u8::try_from(volume_name.len()).expect("checked above: at most 255 bytes"));
     preamble.extend_from_slice(volume_name.as_bytes());
     send.write_all(&preamble).await?;
     Ok((send, recv))
@@ -501,7 +501,7 @@ fn set_socket_option(socket: &UdpSocket, option: libc::c_int, bytes: usize) -> i
             libc::SOL_SOCKET,
             option,
             (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            SOCKLEN_C_INT,
         )
     };
     if result == 0 {
@@ -511,9 +511,13 @@ fn set_socket_option(socket: &UdpSocket, option: libc::c_int, bytes: usize) -> i
     }
 }
 
+/// The length of a `c_int` socket option, as setsockopt(2) takes it.
+#[allow(clippy::cast_possible_truncation)] // 4 bytes
+const SOCKLEN_C_INT: libc::socklen_t = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+
 fn get_socket_option(socket: &UdpSocket, option: libc::c_int) -> io::Result<usize> {
     let mut value: libc::c_int = 0;
-    let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let mut length = SOCKLEN_C_INT;
     // SAFETY: the fd is a live socket; `value` and `length` are valid for writes and `length`
     // holds the size of `value`.
     let result = unsafe {
