@@ -4,6 +4,20 @@
 /// The environment variable that replays a seed.
 pub const SEED_ENV: &str = "FERRY_SEED";
 
+/// The seed to replay, when `FERRY_SEED` is set (for tests that run a fixed range of seeds
+/// otherwise, like the simulator).
+///
+/// # Panics
+/// If `FERRY_SEED` is set to something other than a `u64`.
+#[must_use]
+pub fn replay_seed() -> Option<u64> {
+    let text = std::env::var(SEED_ENV).ok()?;
+    Some(
+        text.parse()
+            .unwrap_or_else(|_| panic!("{SEED_ENV}={text} is not a u64")),
+    )
+}
+
 /// The seed of the test `test`: `FERRY_SEED` if set, random otherwise; printed to stderr.
 ///
 /// # Panics
@@ -11,12 +25,7 @@ pub const SEED_ENV: &str = "FERRY_SEED";
 /// another seed in silence).
 #[must_use]
 pub fn test_seed(test: &str) -> u64 {
-    let seed = match std::env::var(SEED_ENV) {
-        Ok(text) => text
-            .parse()
-            .unwrap_or_else(|_| panic!("{SEED_ENV}={text} is not a u64")),
-        Err(_) => rand::random(),
-    };
+    let seed = replay_seed().unwrap_or_else(rand::random);
     eprintln!("{test}: seed {seed} (replay with {SEED_ENV}={seed})");
     seed
 }

@@ -2193,8 +2193,8 @@ fn simulate(seed: u64) -> Sim {
 }
 
 fn seeds_to_run() -> Vec<u64> {
-    if let Ok(seed) = std::env::var("FERRY_SEED") {
-        return vec![seed.parse().expect("FERRY_SEED is a u64")];
+    if let Some(seed) = ferry_testkit::seed::replay_seed() {
+        return vec![seed];
     }
     let count = if std::env::var_os("FERRY_LONG").is_some() {
         20_000
