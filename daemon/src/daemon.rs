@@ -234,7 +234,7 @@ fn volume_status(replication: &VolumeReplication) -> VolumeStatus {
 /// Opens one volume: its meta, its device and journal (replaying the journal, and marking
 /// what it replayed in every peer's dirty map before the journal forgets it), then its
 /// replication.
-async fn open_volume(
+pub(crate) async fn open_volume(
     config: &VolumeConfig,
     data_dir: &DataDir,
     node: &str,

@@ -139,6 +139,10 @@ struct State {
     /// while an in-sync peer may lack them: the age of the oldest one a peer lacks is its
     /// `lag_seconds`.
     lag_samples: std::collections::VecDeque<(u64, Instant)>,
+    /// Set when a panic interrupted the replicator (a bug, never peer input: see the fuzz):
+    /// its state may be half-changed, so it is never called again, the volume takes no
+    /// writes, waiting writes fail, and no stream opens until the node restarts.
+    broken: Option<String>,
 }
 
 /// The metro replication of one volume (also of a standalone one: its role and lineage live
@@ -267,6 +271,7 @@ impl VolumeReplication {
                 reported_at: None,
                 published_role: None,
                 lag_samples: std::collections::VecDeque::new(),
+                broken: None,
             }),
             wake: Notify::new(),
             room: Notify::new(),
@@ -323,8 +328,39 @@ impl VolumeReplication {
         &self.volume_metrics
     }
 
+    /// The replication state. A panic while it was held (a bug) breaks the replication of
+    /// this volume instead of every later caller: see [`State::broken`].
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("replication lock")
+        match self.state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => {
+                let mut state = poisoned.into_inner();
+                self.state.clear_poison();
+                self.break_down(&mut state);
+                state
+            }
+        }
+    }
+
+    /// Stops this volume's replication for good (until restart) after a panic: fail-stop, one
+    /// log line, the failure in `ferry status` and `ferry_volume_failed`.
+    fn break_down(&self, state: &mut State) {
+        if state.broken.is_some() {
+            return;
+        }
+        let reason = "its replication stopped on an internal error (a panic, logged above); \
+                      it takes no writes until the node restarts"
+            .to_owned();
+        tracing::error!(volume = %self.name(), %reason, "the volume stops taking writes until restart");
+        self.volume_metrics.volume_failed.set(1);
+        for link in &mut state.links {
+            if let Some(stream) = link.stream.take() {
+                stream.reader.abort();
+            }
+        }
+        self.admission
+            .send_replace(Admission::Failed(reason.clone()));
+        state.broken = Some(reason);
     }
 
     fn arc(&self) -> Arc<VolumeReplication> {
@@ -335,18 +371,25 @@ impl VolumeReplication {
 
     /// Runs `f` on the replicator, then its level-triggered pass, then carries out what it
     /// asks and publishes the outputs.
-    fn input<R>(&self, f: impl FnOnce(&mut Replicator, Instant) -> R) -> R {
+    /// `None` when the replication is broken (the replicator is never called again).
+    fn input<R>(&self, f: impl FnOnce(&mut Replicator, Instant) -> R) -> Option<R> {
         let mut state = self.lock();
+        if state.broken.is_some() {
+            return None;
+        }
         let now = Instant::now();
         let result = f(&mut state.replicator, now);
         state.replicator.advance(now);
         self.process(&mut state);
-        result
+        Some(result)
     }
 
     /// Drains the replicator's actions (see the module doc) and publishes its outputs. Called
     /// with the lock held; never blocks.
     fn process(&self, state: &mut State) {
+        if state.broken.is_some() {
+            return;
+        }
         while let Some(action) = state.replicator.poll_action() {
             match action {
                 Action::Transmit { peer, message } => {
@@ -714,6 +757,9 @@ impl VolumeReplication {
 
     /// Opens the streams this node opens, where a connection is up and none is.
     fn open_streams(&self, state: &mut State, now: Instant) {
+        if state.broken.is_some() {
+            return;
+        }
         for p in 0..self.peers.len() {
             let link = &mut state.links[p];
             if !self.peers[p].opener || link.stream.is_some() || link.opening {
@@ -833,7 +879,7 @@ impl VolumeReplication {
     /// stream is no longer the peer's (the reader stops).
     fn deliver(&self, p: usize, id: u64, batch: &mut Vec<Message>) -> bool {
         let mut state = self.lock();
-        if state.links[p].stream.as_ref().map(|s| s.id) != Some(id) {
+        if state.broken.is_some() || state.links[p].stream.as_ref().map(|s| s.id) != Some(id) {
             batch.clear();
             return false;
         }
@@ -870,6 +916,12 @@ impl VolumeReplication {
     ) -> Result<OpOutcome, OpError> {
         let rx = {
             let mut state = self.lock();
+            if let Some(reason) = &state.broken {
+                return Err(OpError::Failed {
+                    volume: self.name().to_owned(),
+                    reason: reason.clone(),
+                });
+            }
             let now = Instant::now();
             begin(&mut state.replicator, now)?;
             let (tx, rx) = oneshot::channel();
@@ -922,7 +974,13 @@ impl VolumeReplication {
                 }
             },
         };
-        self.input(|r, now| r.begin_verify(&name, repair, now))?;
+        self.input(|r, now| r.begin_verify(&name, repair, now))
+            .unwrap_or_else(|| {
+                Err(OpError::Failed {
+                    volume: self.name().to_owned(),
+                    reason: "its replication stopped on an internal error".into(),
+                })
+            })?;
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let status = self.lock().replicator.verify(&name);
@@ -942,7 +1000,10 @@ impl VolumeReplication {
     /// The volume's replication status and the peers' rows for `ferry status`.
     pub fn status(&self) -> (ReplicatorStatus, Vec<ReplicaStatus>) {
         let state = self.lock();
-        let status = state.replicator.status();
+        let mut status = state.replicator.status();
+        if let Some(reason) = &state.broken {
+            status.failed = Some(reason.clone());
+        }
         let now = Instant::now();
         let rows = status
             .peers
@@ -1087,6 +1148,9 @@ impl AsRef<[u8]> for SharedBytes {
 impl JournalTap for VolumeReplication {
     fn record(&self, lsn: u64, op: &Op, fua: bool) {
         let mut state = self.lock();
+        if state.broken.is_some() {
+            return;
+        }
         // A secondary's journal holds its primary's records, which the replicator learns of
         // as their appends complete.
         if state.replicator.role() != Role::Primary {
@@ -1133,13 +1197,14 @@ impl WriteGate for VolumeReplication {
     }
 
     fn flushed(&self, lsn: u64) {
-        self.input(|r, _| r.request_durable(lsn));
+        let _ = self.input(|r, _| r.request_durable(lsn));
     }
 
     fn settled(&self, lsn: u64, durable: bool) -> BoxFuture<'_, Result<(), ExportError>> {
         Box::pin(async move {
             let started = Instant::now();
             let mut rx = self.settled.subscribe();
+            let mut admission = self.admission.subscribe();
             loop {
                 let reached = {
                     let (journal, durable_lsn) = *rx.borrow_and_update();
@@ -1156,8 +1221,20 @@ impl WriteGate for VolumeReplication {
                 if !self.volume.writable() && self.lock().replicator.role() != Role::Primary {
                     return Ok(());
                 }
-                if rx.changed().await.is_err() {
-                    return Err(ExportError::ShuttingDown);
+                // A failed volume completes nothing more: the write may be old or new.
+                if let Admission::Failed(reason) = &*admission.borrow_and_update() {
+                    return Err(ExportError::Io(format!(
+                        "volume {} failed: {reason}",
+                        self.name()
+                    )));
+                }
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            return Err(ExportError::ShuttingDown);
+                        }
+                    }
+                    _ = admission.changed() => {}
                 }
             }
             if let Some(peer) = self.peers.first() {
@@ -1167,5 +1244,62 @@ impl WriteGate for VolumeReplication {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::datadir::DataDir;
+    use crate::metrics::Metrics;
+
+    /// A panic inside the replicator (a bug: peer input cannot reach one, see the fuzz) stops
+    /// that volume's replication for good, visibly, instead of poisoning the lock for every
+    /// later caller: status still answers, the failure shows in it and in the metric, writes
+    /// are refused, waiting writes fail, and the replicator is never called again.
+    #[tokio::test]
+    async fn a_panic_in_the_replicator_fails_the_volume_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().display();
+        let text = format!(
+            "[node]\nname = \"a\"\ndata_dir = \"{root}/data\"\ncontrol_socket = \"{root}/ctl.sock\"\n\n\
+             [nbd]\nlisten = [\"unix:{root}/nbd.sock\"]\n\n\
+             [[volumes]]\nname = \"v\"\ndevice = \"{root}/v.img\"\nsize = \"4MiB\"\n\
+             journal_size = \"16MiB\"\ninitial_role = \"primary\"\n"
+        );
+        let config = Config::parse_unchecked(&text, Path::new("test.toml")).expect("config");
+        std::fs::create_dir(dir.path().join("data")).expect("data dir");
+        let data_dir = DataDir::lock(&dir.path().join("data")).expect("data dir lock");
+        let metrics = Metrics::new();
+        let replication = crate::daemon::open_volume(&config.volumes[0], &data_dir, "a", &metrics)
+            .await
+            .expect("open the volume");
+        assert!(replication.status().0.failed.is_none());
+
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            replication.input(|_, _| panic!("an invariant broke"))
+        }));
+        assert!(caught.is_err(), "the panic propagates to its caller");
+
+        // The next caller finds the replication broken, not a poisoned lock.
+        let (status, _) = replication.status();
+        let failed = status.failed.expect("the failure shows in status");
+        assert!(failed.contains("internal error"), "{failed}");
+        assert_eq!(replication.volume_metrics.volume_failed.get(), 1);
+        assert!(matches!(
+            *replication.admission.borrow(),
+            Admission::Failed(_)
+        ));
+        assert_eq!(
+            replication.input(|_, _| 7),
+            None,
+            "the replicator is never called again"
+        );
+        let waiting = replication.settled(u64::MAX, false).await;
+        assert!(matches!(waiting, Err(ExportError::Io(_))), "{waiting:?}");
+        assert!(replication.promote(false).await.is_err());
     }
 }
