@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use crate::config::Role;
 use crate::journal::Journal;
@@ -226,7 +226,7 @@ fn slow(
         } else {
             write_us_max
         };
-        let us = rng.lock().expect("rng").gen_range(0..=max_us);
+        let us = rng.lock().expect("rng").random_range(0..=max_us);
         Box::pin(tokio::time::sleep(Duration::from_micros(us)))
     })
 }
@@ -343,7 +343,7 @@ async fn workload(
         ..Model::default()
     }));
     let mut rng = StdRng::seed_from_u64(seed);
-    let fault_at_op: u64 = rng.gen_range(50..2500);
+    let fault_at_op: u64 = rng.random_range(50..2500);
     let ops = Rc::new(RefCell::new(0u64));
     let local = tokio::task::LocalSet::new();
     for task in 0..TASKS {
@@ -372,14 +372,14 @@ async fn workload(
                 if op > fault_at_op + 200 {
                     return;
                 }
-                let choice = rng.gen_range(0..100);
-                let b = first + rng.gen_range(0..BLOCKS_PER_TASK);
-                let count = rng.gen_range(1..=4).min(first + BLOCKS_PER_TASK - b);
+                let choice = rng.random_range(0..100);
+                let b = first + rng.random_range(0..BLOCKS_PER_TASK);
+                let count = rng.random_range(1..=4).min(first + BLOCKS_PER_TASK - b);
                 let offset = b * BLOCK as u64;
                 if choice < 70 || (85..90).contains(&choice) {
                     // Write (or zero, for 85..90) `count` blocks.
                     let zero = choice >= 85;
-                    let fua = rng.gen_ratio(1, 6);
+                    let fua = rng.random_ratio(1, 6);
                     let (values, issued) = {
                         let mut m = model.borrow_mut();
                         let issued = m.tick();
@@ -405,13 +405,13 @@ async fn workload(
                         (values, issued)
                     };
                     let result = if zero {
-                        if rng.gen_bool(0.5) {
+                        if rng.random_bool(0.5) {
                             volume
                                 .write_zeroes(
                                     offset,
                                     (count as usize * BLOCK) as u32,
                                     fua,
-                                    rng.gen_bool(0.5),
+                                    rng.random_bool(0.5),
                                 )
                                 .await
                         } else {

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use rand::rngs::StdRng;
-use rand::Rng;
+use rand::RngExt;
 
 use crate::nbd_wire::NbdConn;
 
@@ -195,10 +195,10 @@ pub fn run_writer(
         if history.stop.load(Ordering::SeqCst) {
             break;
         }
-        let block_count = rng.gen_range(1..=shape.max_blocks_per_write);
-        let first_block = rng.gen_range(0..shape.region_blocks - block_count + 1);
-        let fua = shape.fua_one_in > 0 && rng.gen_ratio(1, shape.fua_one_in);
-        let flush_after = shape.flush_one_in > 0 && rng.gen_ratio(1, shape.flush_one_in);
+        let block_count = rng.random_range(1..=shape.max_blocks_per_write);
+        let first_block = rng.random_range(0..shape.region_blocks - block_count + 1);
+        let fua = shape.fua_one_in > 0 && rng.random_ratio(1, shape.fua_one_in);
+        let flush_after = shape.flush_one_in > 0 && rng.random_ratio(1, shape.flush_one_in);
         let id = write_id(writer, sequence);
         let mut payload = Vec::with_capacity(block_count as usize * BLOCK_BYTES);
         for block in first_block..first_block + block_count {

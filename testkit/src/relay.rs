@@ -51,7 +51,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 /// The largest UDP payload; the receive buffer has this size so nothing is truncated.
 const DATAGRAM_BYTES_MAX: usize = 65_535;
@@ -642,7 +642,7 @@ impl Worker {
         // Draw only when loss is on, so the loss pattern depends only on the datagrams sent
         // while it was on.
         if conditions.loss_probability > 0.0
-            && self.rngs[index].gen_bool(conditions.loss_probability)
+            && self.rngs[index].random_bool(conditions.loss_probability)
         {
             link.stats.dropped_loss_datagrams += 1;
             return;
@@ -675,7 +675,7 @@ impl Worker {
         release_at += conditions.delay;
         if !conditions.jitter_max.is_zero() {
             let jitter_nanos_max = conditions.jitter_max.as_nanos().min(u64::MAX as u128) as u64;
-            release_at += Duration::from_nanos(self.rngs[index].gen_range(0..=jitter_nanos_max));
+            release_at += Duration::from_nanos(self.rngs[index].random_range(0..=jitter_nanos_max));
         }
         let last = &mut self.last_release_at[index];
         if let Some(last_release_at) = *last {

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 
 use crate::harness::{self, Daemon, VolumeOptions};
 use crate::model::{self, History, Stamp, WriteShape, BLOCK_BYTES};
@@ -112,7 +112,7 @@ pub(crate) fn write_until_killed(
     let history = Arc::new(History::default());
     let mut round_rng =
         rand::rngs::StdRng::seed_from_u64(seed ^ round.wrapping_mul(0x5851_f42d_4c95_7f2d));
-    let kill_after = Duration::from_millis(round_rng.gen_range(100..1500));
+    let kill_after = Duration::from_millis(round_rng.random_range(100..1500));
     let threads: Vec<_> = (0..WRITERS)
         .map(|writer| {
             let history = Arc::clone(&history);

@@ -623,7 +623,7 @@ fn dechunk(mut body: &str) -> String {
 
 /// Writes `len` bytes of seeded random data to `path`.
 pub fn write_random_file(path: &Path, len: u64, seed: u64) {
-    use rand::{RngCore, SeedableRng};
+    use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut file = fs::File::create(path).expect("create random file");
     let mut buffer = vec![0u8; 1 << 20];

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 
 use crate::cluster::{
     self, format_states, Cluster, ClusterOptions, Node, NodeId,
@@ -608,7 +608,7 @@ fn metro_rpo_zero_under_kill9() {
             round,
             ..WorkloadSpec::once(seed, 4, region_blocks)
         };
-        let kill_after = Duration::from_millis(rng.gen_range(300..2500));
+        let kill_after = Duration::from_millis(rng.random_range(300..2500));
         let (region, seen) =
             load_kill_promote_verify(&mut cluster, primary, spec, &baseline, |_, _| {
                 std::thread::sleep(kill_after)
@@ -647,8 +647,8 @@ fn metro_secondary_kill9_degrades_resyncs_then_rpo_zero() {
     let spec = WorkloadSpec::once(seed, 4, 4096);
     let (mut cluster, baseline) = start_in_sync(ClusterOptions::default(), spec.region_blocks);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x7365_636b);
-    let before_secondary_kill = Duration::from_millis(rng.gen_range(300..1200));
-    let after_in_sync = Duration::from_millis(rng.gen_range(200..1500));
+    let before_secondary_kill = Duration::from_millis(rng.random_range(300..1200));
+    let after_in_sync = Duration::from_millis(rng.random_range(200..1500));
     let degrade_deadline = cluster.peer_timeout() + DEGRADE_SLACK;
     let (region, _) =
         load_kill_promote_verify(&mut cluster, A, spec, &baseline, |cluster, load| {
@@ -687,20 +687,20 @@ pub(crate) fn write_phase(socket: &Path, image: &mut [u8], seed: u64, writes: us
     let mut conn = NbdConn::connect_unix(socket, VOLUME).expect("connect to the primary");
     let volume_blocks = (image.len() / BLOCK_BYTES) as u64;
     for index in 0..writes {
-        let blocks = rng.gen_range(1..=MAX_BLOCKS_PER_WRITE);
+        let blocks = rng.random_range(1..=MAX_BLOCKS_PER_WRITE);
         // The first write of a phase hits the volume's last block.
         let first = if index == 0 {
             volume_blocks - blocks
         } else {
-            rng.gen_range(0..=volume_blocks - blocks)
+            rng.random_range(0..=volume_blocks - blocks)
         };
         let mut data = vec![0u8; blocks as usize * BLOCK_BYTES];
         rng.fill_bytes(&mut data);
         let offset = first * BLOCK_BYTES as u64;
-        conn.write(offset, &data, rng.gen_ratio(1, 4))
+        conn.write(offset, &data, rng.random_ratio(1, 4))
             .unwrap_or_else(|error| panic!("write {index} at {offset}: {error}"));
         image[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-        if rng.gen_ratio(1, 8) {
+        if rng.random_ratio(1, 8) {
             conn.flush().expect("flush");
         }
     }
@@ -881,7 +881,7 @@ fn metro_link_cut_degrades_then_delta_resync() {
     let resync_metric_before = cluster.metric(A, "ferry_resync_bytes_total", &[]);
     let monitor = cluster.monitor(A);
     let load = Workload::start(&cluster.nbd_socket(A), spec);
-    std::thread::sleep(Duration::from_millis(rng.gen_range(500..1200)));
+    std::thread::sleep(Duration::from_millis(rng.random_range(500..1200)));
     assert!(load.completed() > 0, "nothing completed before the cut");
 
     cluster.relay().both().cut();
@@ -1478,13 +1478,13 @@ fn send_garbage(target: SocketAddr, rng: &mut StdRng, count: usize) {
         let mut datagram = Vec::with_capacity(1500);
         match index % 4 {
             0 => {
-                let length = rng.gen_range(1..1500);
+                let length = rng.random_range(1..1500);
                 datagram.resize(length, 0);
                 rng.fill_bytes(&mut datagram);
             }
             1 | 2 => {
                 // Long header: Initial type, then version, DCID, SCID, empty token, length.
-                datagram.push(0xc0 | rng.gen_range(0..4u8));
+                datagram.push(0xc0 | rng.random_range(0..4u8));
                 let version: u32 = if index % 4 == 1 { 1 } else { 0x1a2a_3a4a };
                 datagram.extend_from_slice(&version.to_be_bytes());
                 for _ in 0..2 {
@@ -1502,7 +1502,7 @@ fn send_garbage(target: SocketAddr, rng: &mut StdRng, count: usize) {
                 rng.fill_bytes(&mut datagram[start..]);
             }
             _ => {
-                let length = rng.gen_range(21..200);
+                let length = rng.random_range(21..200);
                 datagram.resize(length, 0);
                 rng.fill_bytes(&mut datagram);
                 datagram[0] = 0x40 | (datagram[0] & 0x3f);

@@ -16,7 +16,7 @@
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use crate::cluster::{
     self, format_states, Cluster, ClusterOptions, NodeId,
@@ -289,7 +289,7 @@ fn metro_three_nodes_secondaries_never_resync_each_other() {
 
     // 2. The a–c link is cut under load while the b–c link stays up: a degrades its replica
     // towards c and keeps writing with b; then the link heals and a brings c back.
-    std::thread::sleep(Duration::from_millis(rng.gen_range(300..1000)));
+    std::thread::sleep(Duration::from_millis(rng.random_range(300..1000)));
     cluster.link(A, C).cut();
     let degrade_timeout = cluster.peer_timeout() + DEGRADE_SLACK;
     cluster.wait_replica_state_to(A, C, "degraded", degrade_timeout);
@@ -306,7 +306,7 @@ fn metro_three_nodes_secondaries_never_resync_each_other() {
             "a's replica towards b left in-sync when only the a–c link was cut: {replica_b}"
         ));
     }
-    std::thread::sleep(Duration::from_millis(rng.gen_range(500..1500)));
+    std::thread::sleep(Duration::from_millis(rng.random_range(500..1500)));
     let heal_clock = load.clock();
     cluster.link(A, C).restore();
     cluster.wait_replica_state_to(A, C, "in-sync", RESYNC_TIMEOUT);
@@ -369,7 +369,7 @@ fn metro_three_nodes_secondaries_never_resync_each_other() {
     let generation_a = cluster.generation(A);
     let load = Workload::start(&cluster.nbd_socket(A), spec);
     load.assert_progress(50, Duration::from_secs(10), "before the kill", &cluster);
-    std::thread::sleep(Duration::from_millis(rng.gen_range(200..1500)));
+    std::thread::sleep(Duration::from_millis(rng.random_range(200..1500)));
     let killed_at = Instant::now();
     cluster.kill9(A);
     let outcome = load.finish();
@@ -518,13 +518,13 @@ fn metro_three_nodes_lagging_copy_catches_up_from_a_promoted_secondary() {
     // 2. c is killed under load: a goes on with b alone, and c misses those writes.
     let load = Workload::start(&cluster.nbd_socket(A), spec);
     load.assert_progress(50, Duration::from_secs(10), "with three copies", &cluster);
-    std::thread::sleep(Duration::from_millis(rng.gen_range(200..800)));
+    std::thread::sleep(Duration::from_millis(rng.random_range(200..800)));
     let c_killed_clock = load.clock();
     cluster.kill9(C);
     let degrade_timeout = cluster.peer_timeout() + DEGRADE_SLACK;
     cluster.wait_replica_state_to(A, C, "degraded", degrade_timeout);
     load.assert_progress(50, Duration::from_secs(10), "with c down", &cluster);
-    std::thread::sleep(Duration::from_millis(rng.gen_range(300..1200)));
+    std::thread::sleep(Duration::from_millis(rng.random_range(300..1200)));
 
     // 3. a is killed under load; b, in sync all along, is promoted: RPO 0.
     let killed_at = Instant::now();

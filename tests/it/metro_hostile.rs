@@ -51,7 +51,7 @@ use ferry_protocol::repl::{
 };
 use ferry_protocol::replication::session::PROTOCOL_VERSION;
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, RngExt, SeedableRng};
 
 use crate::cluster::{self, Cluster, ClusterOptions, Node, NodeId, NodeSpec, VOLUME};
 use crate::harness;
@@ -368,7 +368,7 @@ fn distinct_blocks(rng: &mut StdRng, first: u64, end: u64, count: usize) -> Vec<
     let mut chosen = std::collections::BTreeSet::new();
     let mut blocks = Vec::with_capacity(count);
     while blocks.len() < count {
-        let block = rng.gen_range(first..end);
+        let block = rng.random_range(first..end);
         if chosen.insert(block) {
             blocks.push(block);
         }
@@ -1123,7 +1123,7 @@ async fn attack_primary(
                                 }
                             } else {
                                 DirtyRange {
-                                    offset_bytes: rng.gen_range(0..blocks) * BLOCK_BYTES as u64,
+                                    offset_bytes: rng.random_range(0..blocks) * BLOCK_BYTES as u64,
                                     len_bytes: BLOCK_BYTES as u64,
                                 }
                             }
@@ -1409,7 +1409,7 @@ fn metro_hostile_secondary_cannot_harm_the_primary() {
             ));
         }
         // A client write after each scenario, recorded in the image.
-        let block = rng.gen_range(0..blocks);
+        let block = rng.random_range(0..blocks);
         let data = block_data(seed, 0x1000 + index as u64, block);
         let offset = block * BLOCK_BYTES as u64;
         let checked = check_after(
@@ -1802,7 +1802,7 @@ async fn attack_secondary_once(
                 wire.send(&[Message::VerifyRequest {
                     id: 7,
                     offset_bytes: 0,
-                    len_bytes: u64::MAX & !4095,
+                    len_bytes: !4095u64,
                     block_bytes: 1 << 30,
                     at_lsn: lsn,
                 }])
@@ -2215,7 +2215,7 @@ fn metro_slow_secondary_device_resync_stays_bounded() {
     let delta_blocks = (delta_mib * MIB / BLOCK_BYTES as u64) as usize;
 
     let base_b_kib = current_rss_kib(cluster.node(NodeId::B));
-    let kill = rng.gen_bool(0.5);
+    let kill = rng.random_bool(0.5);
     if kill {
         cluster.kill9(NodeId::B);
     } else {
@@ -2230,7 +2230,7 @@ fn metro_slow_secondary_device_resync_stays_bounded() {
     // Distinct blocks, seeded, written in seeded order by four pipelined clients.
     let mut candidates: Vec<u64> = (WORKLOAD_BLOCKS..volume_blocks).collect();
     for index in 0..delta_blocks {
-        let other = rng.gen_range(index..candidates.len());
+        let other = rng.random_range(index..candidates.len());
         candidates.swap(index, other);
     }
     let delta: Vec<u64> = candidates[..delta_blocks].to_vec();

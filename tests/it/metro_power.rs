@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use ferry::storage::power_loss::{self, RevertReport};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 
 use crate::cluster::{
@@ -377,9 +377,9 @@ fn settled_head(cluster: &Cluster, id: NodeId) -> u64 {
 /// SIGKILL of a, then the loss of everything a had not made durable.
 fn load_then_power_loss(cluster: &mut Cluster, spec: WorkloadSpec, rng: &mut StdRng) -> PowerLoss {
     cluster.wait_replica_state(A, "in-sync", RESYNC_TIMEOUT);
-    let mixed_writes = rng.gen_range(60..200);
-    let plain_for = Duration::from_millis(rng.gen_range(250..700));
-    let revert_seed = rng.gen::<u64>();
+    let mixed_writes = rng.random_range(60..200);
+    let plain_for = Duration::from_millis(rng.random_range(250..700));
+    let revert_seed = rng.random::<u64>();
     let load = PowerLoad::start(&cluster.nbd_socket(A), spec, mixed_writes);
     if !load.wait_plain_phase(MIXED_PHASE_TIMEOUT) {
         let errors = load.history.errors();
@@ -672,7 +672,7 @@ fn metro_power_loss_failover_then_rejoin() {
         round: 1,
         ..WorkloadSpec::once(seed, WRITERS, REGION_BLOCKS)
     };
-    let more_writes = rng.gen_range(100..400);
+    let more_writes = rng.random_range(100..400);
     let load_b = Workload::start(&cluster.nbd_socket(B), more);
     let progressed = load_b.wait_progress(more_writes, Duration::from_secs(30));
     let outcome_b = load_b.finish();

@@ -29,8 +29,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::seq::IndexedRandom;
+use rand::{Rng, RngExt, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::cluster::{
@@ -475,7 +475,7 @@ impl LightLoad {
                         break;
                     }
                     let op = random_op(&mut rng, region, 16 * BLOCK);
-                    let fua = rng.gen_ratio(1, 4);
+                    let fua = rng.random_ratio(1, 4);
                     if let Err(e) = op.send(&mut conn, fua) {
                         *error.lock().unwrap() = Some(e);
                         return;
@@ -529,17 +529,17 @@ impl Drop for LightLoad {
 /// A seeded operation inside bytes [0, region): 60 % writes, 20 % zeroes, 20 % trims, of
 /// 512 bytes to `max_len`, 512-byte aligned (so some start or end inside a 4 KiB block).
 fn random_op(rng: &mut StdRng, region: u64, max_len: u64) -> IoOp {
-    let sub_block = rng.gen_ratio(1, 3);
+    let sub_block = rng.random_ratio(1, 3);
     let (offset, len) = if sub_block {
-        let len = rng.gen_range(1..=(max_len / SECTOR)) * SECTOR;
-        let offset = rng.gen_range(0..=(region - len) / SECTOR) * SECTOR;
+        let len = rng.random_range(1..=(max_len / SECTOR)) * SECTOR;
+        let offset = rng.random_range(0..=(region - len) / SECTOR) * SECTOR;
         (offset, len)
     } else {
-        let len = rng.gen_range(1..=(max_len / BLOCK)) * BLOCK;
-        let offset = rng.gen_range(0..=(region - len) / BLOCK) * BLOCK;
+        let len = rng.random_range(1..=(max_len / BLOCK)) * BLOCK;
+        let offset = rng.random_range(0..=(region - len) / BLOCK) * BLOCK;
         (offset, len)
     };
-    match rng.gen_range(0..10) {
+    match rng.random_range(0..10) {
         0..=5 => IoOp::Write {
             offset,
             data: noise(rng, len),
@@ -579,7 +579,7 @@ fn phase_ops(seed: u64, phase: u64, writes: &[u64], zeroes: &[u64], trims: &[u64
 
 /// Picks `count` distinct blocks of `pool` (seeded), sorted.
 fn pick(rng: &mut StdRng, pool: &[u64], count: usize) -> Vec<u64> {
-    let mut blocks: Vec<u64> = pool.choose_multiple(rng, count).copied().collect();
+    let mut blocks: Vec<u64> = pool.sample(rng, count).copied().collect();
     blocks.sort_unstable();
     blocks
 }
@@ -1428,7 +1428,7 @@ fn metro_repair_verify_no_false_difference_with_zeroes_trims_and_load() {
 /// seeded block between 9 MiB and 39 MiB (all outside the workload's first 8 MiB).
 fn flip_offsets(seed: u64, size: u64) -> BTreeSet<u64> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x666c_6970);
-    let seeded = rng.gen_range((9 * MIB / BLOCK)..(39 * MIB / BLOCK)) * BLOCK;
+    let seeded = rng.random_range((9 * MIB / BLOCK)..(39 * MIB / BLOCK)) * BLOCK;
     [40 * MIB, 40 * MIB + 12 * 1024, size - BLOCK, seeded]
         .into_iter()
         .collect()
@@ -1449,9 +1449,9 @@ fn flip_blocks(path: &Path, offsets: &BTreeSet<u64>, seed: u64) -> BTreeMap<u64,
         file.read_exact_at(&mut block, offset)
             .unwrap_or_else(|error| panic!("pread {offset}: {error}"));
         before.insert(offset, block.clone());
-        for _ in 0..rng.gen_range(1..=8) {
-            let at = rng.gen_range(0..BLOCK_BYTES);
-            block[at] ^= rng.gen_range(1..=255u8);
+        for _ in 0..rng.random_range(1..=8) {
+            let at = rng.random_range(0..BLOCK_BYTES);
+            block[at] ^= rng.random_range(1..=255u8);
         }
         file.write_all_at(&block, offset)
             .unwrap_or_else(|error| panic!("pwrite {offset}: {error}"));
@@ -1817,7 +1817,7 @@ fn metro_repair_verify_cut_between_passes_is_not_a_clean_result() {
     );
     let size = cluster.volume_size_bytes();
     let mut rng = StdRng::seed_from_u64(seed ^ 0x0063_7574);
-    let flipped = rng.gen_range((16 * MIB / BLOCK)..(size / BLOCK)) * BLOCK;
+    let flipped = rng.random_range((16 * MIB / BLOCK)..(size / BLOCK)) * BLOCK;
     let offsets: BTreeSet<u64> = [flipped].into_iter().collect();
     flip_blocks(&cluster.node(B).spec.device_path(), &offsets, seed);
     cluster.relay().both().set_delay(Duration::from_millis(150));

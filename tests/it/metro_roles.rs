@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use serde_json::Value;
 
 use crate::cluster::{
@@ -271,7 +271,7 @@ fn metro_demote_draining_across_a_link_loss_keeps_completed_writes() {
         "before the switchover",
         &cluster,
     );
-    std::thread::sleep(Duration::from_millis(rng.gen_range(200..800)));
+    std::thread::sleep(Duration::from_millis(rng.random_range(200..800)));
 
     // 1. Records from a to b now spend DRAIN_DELAY in the relay; the writers slow down to
     // one write per DRAIN_DELAY each, and each always has one in flight.
@@ -446,7 +446,7 @@ fn metro_restarted_old_primary_behind_a_partition_is_fenced() {
     let mut failures = Vec::new();
 
     // 1. kill -9 of a under load, promote --force of b: b holds every completed write.
-    let kill_after = Duration::from_millis(rng.gen_range(300..1500));
+    let kill_after = Duration::from_millis(rng.random_range(300..1500));
     let (region_b, _) =
         metro::load_kill_promote_verify(&mut cluster, A, spec, &baseline, |_, _| {
             std::thread::sleep(kill_after)

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore};
+use rand::{Rng, RngExt};
 use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -534,7 +534,7 @@ impl Model {
     /// A random block with no write in flight, and fresh random contents for it.
     fn next_write(&mut self, rng: &mut StdRng) -> (u64, Vec<u8>) {
         let block = loop {
-            let block = rng.gen_range(0..self.blocks);
+            let block = rng.random_range(0..self.blocks);
             if !self.busy.contains(&block) {
                 break block;
             }
@@ -618,13 +618,13 @@ async fn send_one(
     inflight: &mut HashMap<u64, InFlight>,
 ) -> Result<(), DemoError> {
     let t = Instant::now();
-    if rng.gen_ratio(1, 40) {
+    if rng.random_ratio(1, 40) {
         let cookie = na.send_flush().await.map_err(client("flush to a"))?;
         inflight.insert(cookie, InFlight::Flush { sent: t });
         return Ok(());
     }
     let (block, data) = model.next_write(rng);
-    let fua = rng.gen_ratio(1, 8);
+    let fua = rng.random_ratio(1, 8);
     model.busy.insert(block);
     let cookie = na
         .send_write(block * BLOCK_BYTES as u64, &data, fua)

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use serde_json::{json, Value};
 
 use super::{
@@ -205,7 +205,7 @@ async fn write_qd1(run: &mut Run, na: &mut NbdClient) -> Result<(), DemoError> {
     let started = Instant::now();
     for _ in 0..QD1_WRITES {
         let (block, data) = run.model.next_write(&mut run.rng);
-        let fua = run.rng.gen_ratio(1, 8);
+        let fua = run.rng.random_ratio(1, 8);
         let t = Instant::now();
         na.write(block * BLOCK_BYTES as u64, &data, fua)
             .await
@@ -217,7 +217,7 @@ async fn write_qd1(run: &mut Run, na: &mut NbdClient) -> Result<(), DemoError> {
             run.qd1.write.add(t);
         }
         run.model.complete(block, data);
-        if run.rng.gen_ratio(1, 20) {
+        if run.rng.random_ratio(1, 20) {
             let t = Instant::now();
             na.flush().await.map_err(client("flush on a"))?;
             flushes += 1;
@@ -240,7 +240,7 @@ async fn write_pipelined_then_kill(
     da: &mut Daemon,
 ) -> Result<Killed, DemoError> {
     let mut inflight: HashMap<u64, InFlight> = HashMap::new();
-    let kill_after = run.rng.gen_range(PIPELINED_MIN..PIPELINED_MAX);
+    let kill_after = run.rng.random_range(PIPELINED_MIN..PIPELINED_MAX);
     let mut sent = 0usize;
     let started = Instant::now();
     let mut completed = 0usize;
@@ -508,7 +508,7 @@ async fn write_alone(
     let mut blocks = HashSet::new();
     for _ in 0..FAILOVER_WRITES {
         let (block, data) = run.model.next_write(&mut run.rng);
-        let fua = run.rng.gen_ratio(1, 8);
+        let fua = run.rng.random_ratio(1, 8);
         let t = Instant::now();
         nb.write(block * BLOCK_BYTES as u64, &data, fua)
             .await
@@ -520,7 +520,7 @@ async fn write_alone(
         }
         failover.expected_crc[crate::usize_from(block)] = crc32fast::hash(&data);
         blocks.insert(block);
-        if run.rng.gen_ratio(1, 20) {
+        if run.rng.random_ratio(1, 20) {
             let t = Instant::now();
             nb.flush().await.map_err(client("flush on b"))?;
             run.alone.flush.add(t);

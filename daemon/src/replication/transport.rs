@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
-use rand::Rng;
+use rand::RngExt;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -781,7 +781,7 @@ async fn dial_loop(shared: Arc<Shared>, peer: PeerConfig) {
         }
         // Exponential, capped, with full jitter so two nodes that lost each other at the same
         // moment do not keep dialing in lockstep.
-        let delay = rand::thread_rng().gen_range(DIAL_BACKOFF_MIN..=backoff);
+        let delay = rand::rng().random_range(DIAL_BACKOFF_MIN..=backoff);
         tokio::time::sleep(delay).await;
         backoff =
             (backoff * 2).min(DIAL_BACKOFF_MAX.min(shared.peer_timeout.max(DIAL_BACKOFF_MIN)));
@@ -1132,8 +1132,8 @@ mod tests {
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
         let garbage = UdpSocket::bind("127.0.0.1:0").unwrap();
         for index in 0..500 {
-            let length = rng.gen_range(1..=1500);
-            let mut datagram: Vec<u8> = (0..length).map(|_| rng.gen()).collect();
+            let length = rng.random_range(1..=1500);
+            let mut datagram: Vec<u8> = (0..length).map(|_| rng.random()).collect();
             // Every other datagram looks like a QUIC v1 long header, to reach deeper parsing.
             if index % 2 == 0 && length >= 6 {
                 datagram[0] = 0xc0 | (datagram[0] & 0x3f);

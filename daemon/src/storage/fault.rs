@@ -48,7 +48,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use super::{AlignedBuf, IoFuture, SharedBuf, Storage};
 
@@ -164,7 +164,7 @@ impl DiskState {
         for (sector, writes) in writes_by_sector {
             let last_dsync = writes.iter().rposition(|&index| self.unsynced[index].dsync);
             let prefix_min = last_dsync.map_or(0, |position| position + 1);
-            let prefix_len = rng.gen_range(prefix_min..=writes.len());
+            let prefix_len = rng.random_range(prefix_min..=writes.len());
             let sector_start = sector * SECTOR_BYTES;
             let sector_end = (sector_start + SECTOR_BYTES).min(self.len_bytes());
             for &index in &writes[..prefix_len] {

@@ -83,7 +83,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use tokio::sync::Notify;
 
 use super::{AlignedBuf, IoFuture, SharedBuf, Storage};
@@ -945,7 +945,7 @@ pub fn revert(path: &Path, seed: u64) -> io::Result<RevertReport> {
             .iter()
             .rposition(|before| durable.contains(&before.seq))
             .map_or(0, |position| position + 1);
-        let prefix_len = rng.gen_range(prefix_min..=touching.len());
+        let prefix_len = rng.random_range(prefix_min..=touching.len());
         // The contents after `prefix_len` writes are what the next write found there; after
         // all of them, the sector stays as it is.
         let Some(&BeforeRecord {
@@ -1042,7 +1042,7 @@ mod tests {
 
     fn pattern(tag: u64, len: usize) -> Vec<u8> {
         let mut rng = StdRng::seed_from_u64(tag);
-        (0..len).map(|_| rng.gen_range(1..=255u8)).collect()
+        (0..len).map(|_| rng.random_range(1..=255u8)).collect()
     }
 
     /// Creates a file of `len_bytes` zeros and opens it through the wrapper.
@@ -1153,24 +1153,24 @@ mod tests {
     fn random_op(rng: &mut StdRng, len_bytes: u64, aligned: bool, tag: u64) -> Op {
         let (offset, len) = if aligned {
             let sectors = len_bytes / SECTOR_BYTES;
-            let len = rng.gen_range(1..=16u64.min(sectors));
-            let first = rng.gen_range(0..=sectors - len);
+            let len = rng.random_range(1..=16u64.min(sectors));
+            let first = rng.random_range(0..=sectors - len);
             (first * SECTOR_BYTES, len * SECTOR_BYTES)
         } else {
-            let len = rng.gen_range(1..=3000u64);
-            (rng.gen_range(0..=len_bytes - len), len)
+            let len = rng.random_range(1..=3000u64);
+            (rng.random_range(0..=len_bytes - len), len)
         };
-        if rng.gen_ratio(1, 6) {
+        if rng.random_ratio(1, 6) {
             Op::Zero {
                 offset,
                 len,
-                punch: rng.gen(),
+                punch: rng.random(),
             }
         } else {
             Op::Write {
                 offset,
                 data: pattern(tag, len as usize),
-                dsync: rng.gen_ratio(1, 5),
+                dsync: rng.random_ratio(1, 5),
             }
         }
     }
@@ -1190,13 +1190,13 @@ mod tests {
             let storage = open_wrapped(&path, LEN_BYTES, uring);
             let mut model = Model::new(LEN_BYTES as usize);
             for step in 0..40u64 {
-                if rng.gen_ratio(1, 10) {
+                if rng.random_ratio(1, 10) {
                     storage.sync().await.unwrap();
                     model.sync();
                     continue;
                 }
                 // Issued in list order, completed together.
-                let group: Vec<Op> = (0..rng.gen_range(1..=4u64))
+                let group: Vec<Op> = (0..rng.random_range(1..=4u64))
                     .map(|index| random_op(&mut rng, LEN_BYTES, uring, seed ^ (step << 8) ^ index))
                     .collect();
                 let results = join_all(group.iter().map(|op| match op {

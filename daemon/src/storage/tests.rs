@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 use super::*;
 
@@ -375,8 +375,8 @@ const DIFFERENTIAL_IO_BYTES_MAX: usize = 256 << 10;
 
 /// A random block-aligned range of at most `DIFFERENTIAL_IO_BYTES_MAX` bytes inside the file.
 fn random_range(rng: &mut StdRng) -> (u64, usize) {
-    let len = rng.gen_range(1..=DIFFERENTIAL_IO_BYTES_MAX / BLOCK_BYTES) * BLOCK_BYTES;
-    let offset = rng.gen_range(0..=(DIFFERENTIAL_FILE_BYTES - len) / BLOCK_BYTES) * BLOCK_BYTES;
+    let len = rng.random_range(1..=DIFFERENTIAL_IO_BYTES_MAX / BLOCK_BYTES) * BLOCK_BYTES;
+    let offset = rng.random_range(0..=(DIFFERENTIAL_FILE_BYTES - len) / BLOCK_BYTES) * BLOCK_BYTES;
     (offset as u64, len)
 }
 
@@ -395,7 +395,7 @@ async fn run_differential(seed: u64, op_count: usize) {
 
     for step in 0..op_count {
         let context = format!("seed {seed} step {step}");
-        match rng.gen_range(0..100) {
+        match rng.random_range(0..100) {
             0..=49 => {
                 let (offset, len) = random_range(&mut rng);
                 let mut data = AlignedBuf::zeroed(len);
@@ -403,10 +403,10 @@ async fn run_differential(seed: u64, op_count: usize) {
                 let data = data.freeze();
                 // Cut into 1-4 block-aligned pieces.
                 let blocks = len / BLOCK_BYTES;
-                let piece_count = rng.gen_range(1..=4usize).min(blocks);
+                let piece_count = rng.random_range(1..=4usize).min(blocks);
                 let mut cuts: Vec<usize> = (1..blocks).collect();
                 for i in (1..cuts.len()).rev() {
-                    cuts.swap(i, rng.gen_range(0..=i));
+                    cuts.swap(i, rng.random_range(0..=i));
                 }
                 let mut cuts: Vec<usize> = cuts
                     .into_iter()
@@ -420,7 +420,7 @@ async fn run_differential(seed: u64, op_count: usize) {
                     bufs.push(data.slice(start..cut));
                     start = cut;
                 }
-                let dsync = rng.gen_bool(0.2);
+                let dsync = rng.random_bool(0.2);
                 let (a, b) = tokio::join!(
                     uring.write_at(offset, bufs.clone(), dsync),
                     posix.write_at(offset, bufs, dsync)
@@ -431,7 +431,7 @@ async fn run_differential(seed: u64, op_count: usize) {
             }
             50..=64 => {
                 let (offset, len) = random_range(&mut rng);
-                let punch = rng.gen_bool(0.5);
+                let punch = rng.random_bool(0.5);
                 let (a, b) = tokio::join!(
                     uring.zero_range(offset, len as u64, punch),
                     posix.zero_range(offset, len as u64, punch)

@@ -135,9 +135,11 @@ impl Replicator {
             peer.resynced_bytes = resync.sent_bytes;
             peer.split_brain = false;
             peer.last_error = None;
-            // Progress sent while the peer was finishing the resync was not taken: send the
-            // next one even if it says the same.
-            peer.progress_sent = None;
+            // Progress sent while the peer was finishing the resync was not taken, and is not
+            // sent again until it changes: the peer's marks for third copies then stay until
+            // the next write (a needless resync at worst). Re-sending it at once let a secondary
+            // clear marks of blocks the resync had written that a third copy lacked
+            // (simulator seed 2155).
             let name = peer.config.name.clone();
             self.meta.set_protecting(&name, true);
         }

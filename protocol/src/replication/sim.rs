@@ -2244,9 +2244,11 @@ fn metro_simulation_keeps_every_promise() {
 ///   made durable.
 /// - 1173: a primary told to demote while another command ran never demoted.
 /// - 1794: a primary demoted in favour of a copy a resync had left inconsistent.
+/// - 2155: progress sent again right after a resync's end let a secondary clear its marks of
+///   resynced blocks that a third copy lacked.
 #[test]
 fn regression_seeds() {
-    for seed in [0, 5, 24, 62, 67, 161, 321, 332, 632, 1173, 1794] {
+    for seed in [0, 5, 24, 62, 67, 161, 321, 332, 632, 1173, 1794, 2155] {
         eprintln!("metro simulation regression seed {seed}");
         simulate(seed);
     }
