@@ -22,6 +22,9 @@
 //! - `metro_power` (with the `fault-injection` feature): a power loss of the metro primary
 //!   (its unflushed journal tail gone, its secondary holding it), then failover and rejoin, or
 //!   a restart as primary; both must end with every completed write kept and identical copies.
+//! - `real_disk`: a loop device with 4096-byte logical sectors driven at 512-byte granularity
+//!   (qemu-io, kill -9, ext4 with discard through nbdfuse), and a device file whose
+//!   filesystem fills up (one volume fails readable, the node serves on, a restart recovers).
 //! - `metro3`: three metro copies: the secondaries never resync each other, a copy that was
 //!   away catches up, the third copy follows a promoted secondary.
 //!
@@ -53,5 +56,6 @@ mod model;
 mod nbd_wire;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
+mod real_disk;
 mod relay;
 mod wire;

@@ -57,10 +57,18 @@ impl ExportError {
 }
 
 /// A block device the server exports. Requests reach it already validated: in range, aligned
-/// to 512 bytes, within the 32 MiB maximum (except TRIM and fast zeroing), never zero-length,
-/// and never a write while `read_only()` was true at validation time.
+/// to 512 bytes (whatever the backing device's logical block size: the export handles
+/// smaller-than-block requests itself), within the 32 MiB maximum (except TRIM and
+/// WRITE_ZEROES, which carry no payload), never zero-length, and never a write while
+/// `read_only()` was true at validation time.
 pub trait Export: Send + Sync + 'static {
     fn size_bytes(&self) -> u64;
+    /// The preferred block size advertised in NBD_INFO_BLOCK_SIZE: a power of two between
+    /// the minimum (512) and the maximum block size. Requests of this size and alignment are
+    /// served without read-modify-write anywhere below.
+    fn preferred_block_bytes(&self) -> u32 {
+        proto::PREFERRED_BLOCK_BYTES
+    }
     fn read_only(&self) -> bool;
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, ExportError>>;
     /// `data` holds exactly the request's payload.
@@ -524,7 +532,13 @@ fn answer_info(
                 let flags = transmission_flags(export.as_ref(), structured);
                 proto::encode_rep_info_export(out, option, export.size_bytes(), flags);
                 // Sent whether asked for or not: the server enforces these sizes.
-                proto::encode_rep_info_block_size(out, option, proto::BlockSizes::default());
+                let sizes = proto::BlockSizes {
+                    preferred_bytes: export
+                        .preferred_block_bytes()
+                        .clamp(proto::MIN_BLOCK_BYTES, proto::MAX_BLOCK_BYTES),
+                    ..proto::BlockSizes::default()
+                };
+                proto::encode_rep_info_block_size(out, option, sizes);
                 if request.info_types.contains(&proto::INFO_NAME) {
                     proto::encode_rep_info_name(out, option, &name);
                 }
@@ -736,7 +750,8 @@ async fn execute(
         Command::WriteZeroes if empty => Ok(None),
         Command::WriteZeroes => {
             // FAST_ZERO needs nothing special: zeroing is a journal record, always faster
-            // than writing the zeroes.
+            // than writing the zeroes. Any length the protocol carries (up to 4 GiB) is one
+            // record without a payload.
             let no_hole = request.flags & proto::CMD_FLAG_NO_HOLE != 0;
             export
                 .write_zeroes(request.offset, len, fua, no_hole)

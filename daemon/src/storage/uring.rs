@@ -376,6 +376,7 @@ pub(super) struct UringStorage {
     shared: Arc<Shared>,
     len_bytes: u64,
     is_block_device: bool,
+    logical_block_bytes: u64,
 }
 
 impl UringStorage {
@@ -421,6 +422,7 @@ impl UringStorage {
             shared,
             len_bytes: opened.len_bytes,
             is_block_device: opened.is_block_device,
+            logical_block_bytes: opened.logical_block_bytes,
         })
     }
 
@@ -596,6 +598,10 @@ impl Storage for UringStorage {
 
     fn zero_range(&self, offset: u64, len: u64, punch: bool) -> IoFuture<'_, io::Result<()>> {
         Box::pin(self.zero(offset, len, punch))
+    }
+
+    fn logical_block_bytes(&self) -> u64 {
+        self.logical_block_bytes
     }
 }
 
