@@ -24,7 +24,8 @@
 //!   a restart as primary; both must end with every completed write kept and identical copies.
 //! - `real_disk`: a loop device with 4096-byte logical sectors driven at 512-byte granularity
 //!   (qemu-io, kill -9, ext4 with discard through nbdfuse), and a device file whose
-//!   filesystem fills up (one volume fails readable, the node serves on, a restart recovers).
+//!   filesystem fills up (one volume fails readable, the node serves on, a restart recovers);
+//!   peak memory under streams of small discards and under many connections.
 //! - `metro3`: three metro copies: the secondaries never resync each other, a copy that was
 //!   away catches up, the third copy follows a promoted secondary.
 //!

@@ -8,6 +8,9 @@
 //! at apply time or at replay fails that volume only: it stays readable, refuses writes, says
 //! so in `ferry status` and `ferry_volume_failed`, and a restart after the fix replays.
 //!
+//! Also the memory bounds of the local path, measured as the daemon's peak resident memory
+//! while its device stalls: streams of small discards, and as many connections as allowed.
+//!
 //! These tests need root (losetup, mount) and the tools named in `require_tools`; each loop
 //! device and mount is removed on drop, also when the test fails.
 
@@ -566,4 +569,243 @@ fn a_full_device_filesystem_fails_one_volume_and_the_node_serves_on() {
     );
     drop(daemon);
     drop(small);
+}
+
+/// The daemon's resident memory now and at its peak (`VmRSS`, `VmHWM`), in bytes.
+#[cfg(feature = "fault-injection")]
+fn daemon_memory_bytes(daemon: &Daemon) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{}/status", daemon.pid()))
+        .expect("read /proc/PID/status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|kib| kib.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/PID/status"))
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Waits (bounded, 15 s) until the daemon's memory stops growing for a second.
+#[cfg(feature = "fault-injection")]
+fn wait_memory_settled(daemon: &Daemon) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = daemon_memory_bytes(daemon);
+    let mut stable_since = Instant::now();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = daemon_memory_bytes(daemon);
+        if now.1 > last.1 + MIB {
+            stable_since = Instant::now();
+        }
+        last = now;
+        if stable_since.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+    }
+    last
+}
+
+/// A daemon whose device takes no write for a minute: the applier stalls, so whatever
+/// clients send piles up against Ferry's bounds (the journal's memory cap, the NBD layer's).
+#[cfg(feature = "fault-injection")]
+fn stalled_daemon(journal_size: &str, max_connections: u32) -> Daemon {
+    let mut daemon = Daemon::start_with_env(
+        VolumeOptions {
+            size: "256MiB".to_string(),
+            journal_size: journal_size.to_string(),
+            ..VolumeOptions::default()
+        },
+        &[("FERRY_FAULT_DEVICE_WRITE_DELAY_US", "60000000")],
+    );
+    // Started once to create the device and journal (nothing to apply, so the stop is
+    // quick), then again with the connection limit.
+    daemon.stop();
+    let config = daemon.config_text().replace(
+        "\n\n[[volumes]]",
+        &format!("\nmax_connections = {max_connections}\n\n[[volumes]]"),
+    );
+    assert!(config.contains("max_connections"), "{config}");
+    fs::write(&daemon.config_path, config).expect("write config");
+    daemon.restart();
+    daemon
+}
+
+/// Peak resident memory allowed while clients stream small discards into a stalled volume:
+/// the records are capped at 64 MiB of accounted memory (262,144 records), which measured
+/// about 40 MiB resident on top of the daemon's own (45 MiB peak in all).
+#[cfg(feature = "fault-injection")]
+const SMALL_RECORDS_PEAK_BYTES_MAX: u64 = 128 * MIB;
+
+/// Clients stream 512-byte TRIMs and WRITE_ZEROES (pipelined, 64 at a time on 8 connections)
+/// into a volume whose device stalls. The records count toward the journal's memory cap, so
+/// the clients stall after about 262,144 of them and the daemon's peak memory stays within
+/// [`SMALL_RECORDS_PEAK_BYTES_MAX`]. Before, only the ring bounded them: with this 256 MiB
+/// journal, millions of records and GiBs of memory.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn small_discards_and_write_zeroes_keep_memory_bounded() {
+    use crate::nbd_wire::{self, request_bytes, CMD_TRIM, CMD_WRITE_ZEROES};
+    let test = "small_discards_and_write_zeroes_keep_memory_bounded";
+    let _seed = harness::test_seed(test);
+    let mut daemon = stalled_daemon("256MiB", 16);
+    let (_, start_peak) = daemon_memory_bytes(&daemon);
+    const CLIENTS: u64 = 8;
+    const WINDOW: u64 = 64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let socket = daemon.nbd_socket.clone();
+            std::thread::spawn(move || {
+                let stream = nbd_wire::connect_unix_raw(&socket).expect("connect");
+                // A stalled reply ends this client: the journal is holding writes back.
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .expect("timeout");
+                let mut conn =
+                    nbd_wire::NbdConn::handshake(Box::new(stream), "vol0").expect("handshake");
+                let mut completed = 0u64;
+                let mut handle = 0u64;
+                // Bounded: at most 4096 windows, and the deadline.
+                for _ in 0..4096 {
+                    if Instant::now() > deadline {
+                        break;
+                    }
+                    let mut bytes = Vec::with_capacity(28 * WINDOW as usize);
+                    for _ in 0..WINDOW {
+                        handle += 1;
+                        // 512 bytes every 1 KiB: no two records touch.
+                        let offset = ((handle * CLIENTS + client) * 1024) % (256 * MIB);
+                        let command = if handle.is_multiple_of(2) {
+                            CMD_TRIM
+                        } else {
+                            CMD_WRITE_ZEROES
+                        };
+                        bytes.extend_from_slice(&request_bytes(0, command, handle, offset, 512));
+                    }
+                    if conn.stream().write_all(&bytes).is_err() {
+                        break;
+                    }
+                    let mut stalled = false;
+                    for _ in 0..WINDOW {
+                        match nbd_wire::read_simple_reply(conn.stream(), 0) {
+                            Ok(reply) => {
+                                assert_eq!(reply.error, 0, "a zeroing failed");
+                                completed += 1;
+                            }
+                            Err(_) => {
+                                stalled = true;
+                                break;
+                            }
+                        }
+                    }
+                    if stalled {
+                        break;
+                    }
+                }
+                completed
+            })
+        })
+        .collect();
+    let completed: u64 = threads
+        .into_iter()
+        .map(|thread| thread.join().expect("client thread"))
+        .sum();
+    let (rss, peak) = wait_memory_settled(&daemon);
+    let status = daemon.volume_status();
+    eprintln!(
+        "{test}: {completed} zero records completed; daemon memory {} MiB at start, now {} MiB, peak {} MiB; journal {}",
+        start_peak / MIB,
+        rss / MIB,
+        peak / MIB,
+        status["journal"]
+    );
+    assert!(
+        completed <= 262_144 + 8 * 126,
+        "{completed} records completed while the device stalled; the cap allows 262,144"
+    );
+    assert!(
+        peak <= SMALL_RECORDS_PEAK_BYTES_MAX,
+        "peak memory {} MiB, documented bound {} MiB",
+        peak / MIB,
+        SMALL_RECORDS_PEAK_BYTES_MAX / MIB
+    );
+    daemon.kill9();
+}
+
+/// Peak resident memory allowed while many clients pipeline maximal writes into a stalled
+/// volume: the NBD layer holds at most 512 MiB of payload for all connections together, the
+/// journal 64 MiB of unapplied records, plus the daemon's own (587 MiB measured).
+#[cfg(feature = "fault-injection")]
+const MANY_CONNECTIONS_PEAK_BYTES_MAX: u64 = 768 * MIB;
+
+/// 24 clients (the configured `max_connections`) each pipeline four 32 MiB writes into a
+/// volume whose device stalls, without reading replies: each connection may hold 128 MiB, but
+/// all of them together only 512 MiB, so the daemon's peak memory stays within
+/// [`MANY_CONNECTIONS_PEAK_BYTES_MAX`] (before the server-wide cap: 24 × 128 MiB = 3 GiB). A
+/// 25th connection is closed before the greeting.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn many_connections_keep_memory_bounded() {
+    use crate::nbd_wire::{self, request_bytes, CMD_WRITE};
+    let test = "many_connections_keep_memory_bounded";
+    let _seed = harness::test_seed(test);
+    const CONNECTIONS: u32 = 24;
+    const WRITE_BYTES: u32 = 32 << 20;
+    let mut daemon = stalled_daemon("128MiB", CONNECTIONS);
+    let payload = vec![0x5au8; WRITE_BYTES as usize];
+    let payload = std::sync::Arc::new(payload);
+    let threads: Vec<_> = (0..CONNECTIONS)
+        .map(|client| {
+            let socket = daemon.nbd_socket.clone();
+            let payload = std::sync::Arc::clone(&payload);
+            std::thread::spawn(move || {
+                let stream = nbd_wire::connect_unix_raw(&socket).expect("connect");
+                // A write the server stopped reading ends this client's sending.
+                stream
+                    .set_write_timeout(Some(Duration::from_secs(3)))
+                    .expect("timeout");
+                let keep = stream.try_clone().expect("clone the socket");
+                let mut conn =
+                    nbd_wire::NbdConn::handshake(Box::new(stream), "vol0").expect("handshake");
+                for i in 0..4u64 {
+                    let offset = (u64::from(client) * 4 + i) * u64::from(WRITE_BYTES) % (256 * MIB);
+                    let header = request_bytes(0, CMD_WRITE, i + 1, offset, WRITE_BYTES);
+                    if conn.stream().write_all(&header).is_err()
+                        || conn.stream().write_all(&payload).is_err()
+                    {
+                        break;
+                    }
+                }
+                // The connection stays open (replies unread) until the test ends.
+                (conn, keep)
+            })
+        })
+        .collect();
+    let connections: Vec<_> = threads
+        .into_iter()
+        .map(|thread| thread.join().expect("client thread"))
+        .collect();
+    // One more than max_connections: closed before the greeting.
+    let mut extra = nbd_wire::connect_unix_raw(&daemon.nbd_socket).expect("connect");
+    assert!(
+        nbd_wire::client_greeting(&mut extra).is_err(),
+        "a connection past max_connections was served"
+    );
+    let (rss, peak) = wait_memory_settled(&daemon);
+    eprintln!(
+        "{test}: {CONNECTIONS} connections pipelining 4 × 32 MiB writes; daemon memory now {} MiB, peak {} MiB",
+        rss / MIB,
+        peak / MIB
+    );
+    assert!(
+        peak <= MANY_CONNECTIONS_PEAK_BYTES_MAX,
+        "peak memory {} MiB, documented bound {} MiB",
+        peak / MIB,
+        MANY_CONNECTIONS_PEAK_BYTES_MAX / MIB
+    );
+    daemon.kill9();
+    drop(connections);
 }

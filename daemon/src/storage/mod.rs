@@ -33,7 +33,8 @@
 //!   `InvalidInput` error and reading past it an `UnexpectedEof` error, both raised before any
 //!   I/O is submitted.
 //! - A failed I/O is returned to the caller; nothing is retried behind its back except short
-//!   transfers, whose remainder is resubmitted.
+//!   transfers, whose remainder is resubmitted, and io_uring completions that report EAGAIN
+//!   (the request did not run), resubmitted a bounded number of times.
 //! - Buffers handed to the kernel stay owned by the backend until the kernel is done with
 //!   them, even if the caller's future is dropped first.
 
@@ -179,8 +180,8 @@ pub fn open(path: &Path, opts: &OpenOptions) -> io::Result<Arc<dyn Storage>> {
 }
 
 /// io_uring, falling back to posix with a warning when the kernel refuses io_uring
-/// (ENOSYS: not built in or disabled; EPERM: forbidden by sysctl or seccomp). Goes through
-/// [`maybe_power_loss`].
+/// (ENOSYS: not built in or disabled; EPERM: forbidden by sysctl or seccomp) or lacks an
+/// operation the backend uses (probed at open). Goes through [`maybe_power_loss`].
 ///
 /// `io_align_bytes` is the alignment of every offset and length the caller will use (512 for
 /// a volume's device, 4096 for a journal). `opts.direct` asks for O_DIRECT, which is granted
@@ -194,7 +195,13 @@ pub fn open_for_io(
 ) -> io::Result<Arc<dyn Storage>> {
     let opened = file::open_file(path, opts, io_align_bytes)?;
     let storage: Arc<dyn Storage> = match uring::new_ring() {
-        Ok(ring) => Arc::new(uring::UringStorage::new(opened, ring)?),
+        Ok(ring) => match uring::missing_features(&ring) {
+            None => Arc::new(uring::UringStorage::new(opened, ring)?),
+            Some(missing) => {
+                tracing::warn!(path = %path.display(), %missing, "io_uring too old for Ferry, using pread/pwrite");
+                Arc::new(posix::PosixStorage::new(opened))
+            }
+        },
         Err(error) if matches!(error.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)) => {
             tracing::warn!(path = %path.display(), %error, "io_uring unavailable, using pread/pwrite");
             Arc::new(posix::PosixStorage::new(opened))
