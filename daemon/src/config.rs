@@ -58,7 +58,13 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdConfig {
     pub listen: Vec<ListenAddr>,
+    /// Connections open at once over all listeners (`max_connections`); each may hold up to
+    /// 128 MiB of payload, and all together at most 512 MiB.
+    pub max_connections: u32,
 }
+
+/// Largest `[nbd] max_connections`: each connection holds a socket and two tasks.
+pub const MAX_NBD_CONNECTIONS: u32 = 65_536;
 
 /// An NBD listen address: `"unix:/path"` or `"tcp:ip:port"`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -239,6 +245,7 @@ struct RawNode {
 #[serde(deny_unknown_fields)]
 struct RawNbd {
     listen: Spanned<Vec<Spanned<String>>>,
+    max_connections: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -411,7 +418,10 @@ impl Checker<'_> {
                  `listen = [\"unix:/run/ferry/nbd.sock\"]`"
                     .to_string(),
             );
-            return NbdConfig { listen: Vec::new() };
+            return NbdConfig {
+                listen: Vec::new(),
+                max_connections: crate::nbd::DEFAULT_MAX_CONNECTIONS,
+            };
         };
         if raw.listen.get_ref().is_empty() {
             self.error(
@@ -447,7 +457,29 @@ impl Checker<'_> {
             }
             listen.push(addr);
         }
-        NbdConfig { listen }
+        let max_connections = match &raw.max_connections {
+            None => crate::nbd::DEFAULT_MAX_CONNECTIONS,
+            Some(value) => match value.get_ref() {
+                toml::Value::Integer(n) if (1..=i64::from(MAX_NBD_CONNECTIONS)).contains(n) => {
+                    u32::try_from(*n).unwrap_or(MAX_NBD_CONNECTIONS)
+                }
+                other => {
+                    self.error(
+                        value.span(),
+                        format!(
+                            "nbd.max_connections `{other}` is not a number of connections from 1 \
+                             to {MAX_NBD_CONNECTIONS}; the default is {}",
+                            crate::nbd::DEFAULT_MAX_CONNECTIONS
+                        ),
+                    );
+                    crate::nbd::DEFAULT_MAX_CONNECTIONS
+                }
+            },
+        };
+        NbdConfig {
+            listen,
+            max_connections,
+        }
     }
 
     fn listen_addr(&mut self, value: &Spanned<String>) -> Option<ListenAddr> {
@@ -1260,6 +1292,7 @@ mode = "regional"
                     ListenAddr::Tcp("127.0.0.1:10809".parse().unwrap()),
                     ListenAddr::Tcp("[::1]:10809".parse().unwrap()),
                 ],
+                max_connections: crate::nbd::DEFAULT_MAX_CONNECTIONS,
             },
             tls: Some(TlsConfig {
                 ca: "/etc/ferry/ca.pem".into(),
@@ -1552,6 +1585,29 @@ mode = "regional"
             "18:8: replica peer `c` is not a [[peers]] entry (known peers: b)",
         );
         check(&text, "24:8: peer `b` is a replica of this volume twice");
+    }
+
+    #[test]
+    fn nbd_max_connections_is_checked() {
+        let with = |value: &str| {
+            MINIMAL.replace(
+                "[nbd]\nlisten = [\"unix:/run/ferry/nbd.sock\"]\n",
+                &format!(
+                    "[nbd]\nlisten = [\"unix:/run/ferry/nbd.sock\"]\nmax_connections = {value}\n"
+                ),
+            )
+        };
+        assert_eq!(parse_ok(&with("8")).nbd.max_connections, 8);
+        assert_eq!(
+            parse_ok(MINIMAL).nbd.max_connections,
+            crate::nbd::DEFAULT_MAX_CONNECTIONS
+        );
+        check(&with("0"), "7:19: nbd.max_connections `0` is not a number");
+        check(
+            &with("\"many\""),
+            "7:19: nbd.max_connections `\"many\"` is not",
+        );
+        check(&with("100000"), "7:19: nbd.max_connections `100000` is not");
     }
 
     #[test]

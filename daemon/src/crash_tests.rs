@@ -208,6 +208,9 @@ impl Storage for Interposed {
             self.inner.zero_range(offset, len, punch).await
         })
     }
+    fn logical_block_bytes(&self) -> u64 {
+        self.inner.logical_block_bytes()
+    }
 }
 
 /// Gives a simulated disk latency, so that batches overlap, FUA batches queue behind plain
@@ -779,4 +782,565 @@ async fn regression_close_returns_after_an_apply_failure() {
     tokio::time::timeout(Duration::from_secs(5), volume.close())
         .await
         .expect("close returns");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real disks: a logical block larger than 512 bytes, and device errors that do not go away.
+
+/// The simulated block device of the tests below: 4096-byte logical blocks, like a 4Kn disk or
+/// `losetup --sector-size 4096`.
+const LOGICAL_BLOCK_BYTES: u64 = 4096;
+/// Volume size in the tests below.
+const SMALL_VOLUME_BYTES: u64 = 1 << 20;
+const SECTOR: u64 = 512;
+
+/// One request at 512-byte granularity, as a client that only knows the export's minimum
+/// block size sends them: offsets and lengths often not multiples of the device's block.
+#[derive(Clone, Debug)]
+enum SectorOp {
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    Flush,
+}
+
+fn sector_op(rng: &mut StdRng, volume_bytes: u64) -> SectorOp {
+    let sectors = volume_bytes / SECTOR;
+    let offset = rng.random_range(0..sectors) * SECTOR;
+    let len = rng.random_range(1..=32u64).min(sectors - offset / SECTOR) * SECTOR;
+    match rng.random_range(0..100) {
+        0..55 => {
+            let mut data = vec![0u8; crate::usize_from(len)];
+            rng.fill(&mut data[..]);
+            // Never all zeros, so a lost write cannot pass for a zeroing.
+            data[0] |= 1;
+            SectorOp::Write { offset, data }
+        }
+        55..75 => SectorOp::Zero {
+            offset,
+            len,
+            no_hole: rng.random_bool(0.5),
+        },
+        75..95 => SectorOp::Trim { offset, len },
+        _ => SectorOp::Flush,
+    }
+}
+
+/// A volume under one sequential client, with the image that client expects.
+struct Tracked {
+    name: &'static str,
+    device: FaultDisk,
+    journal: FaultDisk,
+    metrics: Arc<Metrics>,
+    volume: Option<Volume>,
+    image: Vec<u8>,
+    /// The request that failed when the volume failed: it may or may not have reached the
+    /// journal (NBD leaves a failed write's range unspecified), so either version is allowed
+    /// there: (offset, before, after).
+    uncertain: Option<(u64, Vec<u8>, Vec<u8>)>,
+    /// Open the device behind a gate that never lets a write or zeroing through, so that
+    /// records stay in the journal.
+    stall_device: bool,
+}
+
+impl Tracked {
+    async fn new(name: &'static str, device: FaultDisk) -> Tracked {
+        let journal = FaultDisk::new(JOURNAL_BYTES);
+        Journal::format(&*journal.storage(), device.len_bytes())
+            .await
+            .expect("format");
+        let image = vec![0u8; crate::usize_from(device.len_bytes())];
+        let mut tracked = Tracked {
+            name,
+            device,
+            journal,
+            metrics: Metrics::new(),
+            volume: None,
+            image,
+            uncertain: None,
+            stall_device: false,
+        };
+        tracked.reopen().await;
+        tracked
+    }
+
+    fn volume(&self) -> &Volume {
+        self.volume.as_ref().expect("volume open")
+    }
+
+    /// A new boot on the same disks (after [`FaultDisk::crash_process`] or a clean close).
+    async fn reopen(&mut self) {
+        self.volume = None;
+        self.metrics = Metrics::new();
+        let device = if self.stall_device {
+            Interposed::wrap(self.device.storage(), |kind| {
+                if kind == IoKind::Sync {
+                    Box::pin(std::future::ready(()))
+                } else {
+                    Box::pin(std::future::pending())
+                }
+            })
+        } else {
+            self.device.storage()
+        };
+        let volume = Volume::open_on(
+            self.name,
+            device,
+            self.journal.storage(),
+            Role::Primary,
+            self.metrics.volume(self.name),
+            "fault-disk".into(),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("volume {} does not open: {error}", self.name));
+        self.volume = Some(volume);
+    }
+
+    /// kill -9 of the process, then a new boot.
+    async fn crash_and_reopen(&mut self) {
+        self.volume = None;
+        self.device.crash_process();
+        self.journal.crash_process();
+        self.reopen().await;
+    }
+
+    /// Runs `op`; on success the image follows it. Returns whether it completed.
+    async fn run(&mut self, op: &SectorOp) -> bool {
+        let volume = self.volume();
+        let (result, change) = match op {
+            SectorOp::Write { offset, data } => (
+                volume
+                    .write(*offset, AlignedBuf::copy_from(data).freeze(), false)
+                    .await,
+                Some((*offset, data.clone())),
+            ),
+            SectorOp::Zero {
+                offset,
+                len,
+                no_hole,
+            } => (
+                volume
+                    .write_zeroes(
+                        *offset,
+                        u32::try_from(*len).expect("small"),
+                        false,
+                        *no_hole,
+                    )
+                    .await,
+                Some((*offset, vec![0; crate::usize_from(*len)])),
+            ),
+            SectorOp::Trim { offset, len } => (
+                volume
+                    .trim(*offset, u32::try_from(*len).expect("small"), false)
+                    .await,
+                Some((*offset, vec![0; crate::usize_from(*len)])),
+            ),
+            SectorOp::Flush => (volume.flush().await, None),
+        };
+        let Some((offset, data)) = change else {
+            return result.is_ok();
+        };
+        let range = crate::usize_from(offset)..crate::usize_from(offset) + data.len();
+        if result.is_ok() {
+            self.image[range].copy_from_slice(&data);
+        } else if self.uncertain.is_none() {
+            self.uncertain = Some((offset, self.image[range].to_vec(), data));
+        }
+        result.is_ok()
+    }
+
+    /// Whether `got` (the volume's contents from `at`) is what the client may see: the image,
+    /// except that the uncertain request's sectors may hold either version.
+    fn check(&self, at: u64, got: &[u8], seed: u64, when: &str) {
+        let expected = &self.image[crate::usize_from(at)..crate::usize_from(at) + got.len()];
+        if got == expected {
+            return;
+        }
+        for (i, (got_sector, expected_sector)) in got
+            .chunks(crate::usize_from(SECTOR))
+            .zip(expected.chunks(crate::usize_from(SECTOR)))
+            .enumerate()
+        {
+            if got_sector == expected_sector {
+                continue;
+            }
+            let sector_at = at + i as u64 * SECTOR;
+            let allowed = self
+                .uncertain
+                .as_ref()
+                .is_some_and(|(offset, before, after)| {
+                    if sector_at < *offset || sector_at >= *offset + before.len() as u64 {
+                        return false;
+                    }
+                    let from = crate::usize_from(sector_at - *offset);
+                    let to = from + crate::usize_from(SECTOR);
+                    got_sector == &before[from..to] || got_sector == &after[from..to]
+                });
+            assert!(
+                allowed,
+                "seed {seed}: volume {} {when}: sector at {sector_at} differs from what the client completed",
+                self.name
+            );
+        }
+    }
+
+    /// Reads the whole volume back through the volume (index and device) and checks it.
+    async fn check_reads(&self, seed: u64, when: &str) {
+        const CHUNK: u64 = 64 << 10;
+        let mut at = 0;
+        while at < self.device.len_bytes() {
+            let got = self
+                .volume()
+                .read(at, u32::try_from(CHUNK).expect("small"))
+                .await
+                .unwrap_or_else(|error| {
+                    panic!(
+                        "seed {seed}: volume {} {when}: read at {at}: {error}",
+                        self.name
+                    )
+                });
+            self.check(at, &got, seed, when);
+            at += CHUNK;
+        }
+    }
+
+    /// Checks the device itself, durably: after a clean close everything is applied.
+    fn check_device(&self, seed: u64, when: &str) {
+        self.check(0, &self.device.durable_image(), seed, when);
+    }
+
+    fn failed_metric(&self) -> bool {
+        self.metrics.gather_text().contains(&format!(
+            "ferry_volume_failed{{volume=\"{}\"}} 1",
+            self.name
+        ))
+    }
+}
+
+/// A client that knows only the export's 512-byte minimum block size writes, zeroes and trims
+/// ranges that start and end inside the device's 4 KiB blocks. Before Ferry handled them, the
+/// apply of the first such zeroing failed with EINVAL, the volume failed, and every later
+/// replay failed the same way. Now they are applied, replayed after kill -9, and a clean
+/// close leaves exactly the client's view on the device.
+#[tokio::test(flavor = "current_thread")]
+async fn sub_block_requests_on_a_4k_device_apply_and_replay() {
+    for seed in seeds(4) {
+        println!("sub-block round: seed {seed} (replay: FERRY_SEED={seed})");
+        let mut rng = StdRng::seed_from_u64(seed);
+        let device = FaultDisk::with_logical_block_bytes(SMALL_VOLUME_BYTES, LOGICAL_BLOCK_BYTES);
+        let mut tracked = Tracked::new("sub", device).await;
+        for boot in 0..3 {
+            for _ in 0..300 {
+                let op = sector_op(&mut rng, SMALL_VOLUME_BYTES);
+                assert!(
+                    tracked.run(&op).await,
+                    "seed {seed}, boot {boot}: {op:?} failed: {:?}",
+                    tracked.volume().failure()
+                );
+            }
+            // Let the applier take some of it (rounds gather for 250 ms), leave the rest to
+            // the replay.
+            if rng.random_bool(0.5) {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            tracked.check_reads(seed, "before the crash").await;
+            assert_eq!(tracked.volume().failure(), None, "seed {seed}, boot {boot}");
+            tracked.crash_and_reopen().await;
+            assert_eq!(
+                tracked.volume().failure(),
+                None,
+                "seed {seed}, boot {boot}: the replay failed"
+            );
+            tracked.check_reads(seed, "after kill -9").await;
+        }
+        tracked.volume().close().await;
+        assert_eq!(tracked.volume().failure(), None, "seed {seed}");
+        tracked.check_device(seed, "after a clean close");
+    }
+}
+
+/// `ops` requests on each volume, interleaved; the healthy one must take every one.
+async fn both(sick: &mut Tracked, healthy: &mut Tracked, rng: &mut StdRng, ops: u32, seed: u64) {
+    for _ in 0..ops {
+        let op = sector_op(rng, SMALL_VOLUME_BYTES);
+        assert!(
+            healthy.run(&op).await,
+            "seed {seed}: the healthy volume failed {op:?}: {:?}",
+            healthy.volume().failure()
+        );
+        let op = sector_op(rng, SMALL_VOLUME_BYTES);
+        sick.run(&op).await;
+    }
+}
+
+/// Where a persistent device error first strikes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Strikes {
+    /// While the volume runs: the background apply fails.
+    AtApply,
+    /// At restart: the replay of the journal fails.
+    AtReplay,
+}
+
+/// A device that refuses every write from some moment on (EINVAL from a device that rejects
+/// the request, ENOSPC from a full filesystem under a sparse device file): the volume on it
+/// fails, stays readable with every completed write, refuses writes and says so in its
+/// failure and metric, at run time and after any number of restarts; the other volume of the
+/// node never notices; once the device is fixed, a restart replays and the volume serves
+/// writes again with nothing completed lost. Before, the first restart after such an error
+/// failed to open the volume at all, which stopped the whole node.
+async fn device_error_round(seed: u64, errno: i32, strikes: Strikes) {
+    println!(
+        "device error round: errno {errno}, {strikes:?}, seed {seed} (replay: FERRY_SEED={seed})"
+    );
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sick = Tracked::new(
+        "sick",
+        FaultDisk::with_logical_block_bytes(SMALL_VOLUME_BYTES, LOGICAL_BLOCK_BYTES),
+    )
+    .await;
+    let mut healthy = Tracked::new("healthy", FaultDisk::new(SMALL_VOLUME_BYTES)).await;
+    if strikes == Strikes::AtReplay {
+        // Keep records in the journal: the device takes nothing until the crash.
+        sick.stall_device = true;
+        sick.reopen().await;
+    }
+    both(&mut sick, &mut healthy, &mut rng, 100, seed).await;
+    match strikes {
+        Strikes::AtApply => {
+            sick.device.set_persistent_write_error(Some(errno));
+            // The journal keeps taking writes until the applier's round (at most 250 ms
+            // away) meets the device.
+            let mut failed = false;
+            for _ in 0..400 {
+                both(&mut sick, &mut healthy, &mut rng, 1, seed).await;
+                if sick.volume().failure().is_some() {
+                    failed = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(failed, "seed {seed}: the apply never met the device error");
+            // Failed at run time: reads go on (the unapplied records are still in memory),
+            // writes are refused, the other volume carries on.
+            sick.check_reads(seed, "failed at apply").await;
+            assert!(sick.failed_metric(), "seed {seed}: no ferry_volume_failed");
+            let op = SectorOp::Write {
+                offset: 0,
+                data: vec![7; 512],
+            };
+            assert!(
+                !sick.run(&op).await,
+                "seed {seed}: a failed volume took a write"
+            );
+            both(&mut sick, &mut healthy, &mut rng, 50, seed).await;
+            sick.crash_and_reopen().await;
+        }
+        Strikes::AtReplay => {
+            sick.device.set_persistent_write_error(Some(errno));
+            sick.stall_device = false;
+            sick.crash_and_reopen().await;
+        }
+    }
+    // Every restart with the device still broken: the volume opens (the node starts), failed,
+    // readable, refusing writes.
+    for restart in 0..2 {
+        let failure = sick.volume().failure().unwrap_or_else(|| {
+            panic!("seed {seed}, restart {restart}: the volume opened as if nothing happened")
+        });
+        assert!(
+            failure.contains("device I/O failed") && failure.contains("restart"),
+            "seed {seed}: the failure does not say what failed and what to do: {failure}"
+        );
+        assert!(
+            sick.failed_metric(),
+            "seed {seed}: no ferry_volume_failed after restart"
+        );
+        sick.check_reads(seed, "failed at replay").await;
+        let op = SectorOp::Write {
+            offset: 4096,
+            data: vec![9; 1024],
+        };
+        assert!(
+            !sick.run(&op).await,
+            "seed {seed}: a failed volume took a write"
+        );
+        both(&mut sick, &mut healthy, &mut rng, 30, seed).await;
+        healthy.crash_and_reopen().await;
+        healthy
+            .check_reads(seed, "after a restart next to a failed volume")
+            .await;
+        sick.crash_and_reopen().await;
+    }
+    // The device is fixed: the next start replays and the volume serves writes again.
+    sick.device.set_persistent_write_error(None);
+    sick.crash_and_reopen().await;
+    assert_eq!(
+        sick.volume().failure(),
+        None,
+        "seed {seed}: still failed once fixed"
+    );
+    sick.check_reads(seed, "after the fix").await;
+    both(&mut sick, &mut healthy, &mut rng, 100, seed).await;
+    assert_eq!(sick.volume().failure(), None, "seed {seed}");
+    for tracked in [&mut sick, &mut healthy] {
+        tracked.volume().close().await;
+        tracked.check_device(seed, "after a clean close");
+        tracked.reopen().await;
+        tracked.check_reads(seed, "after a clean restart").await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn persistent_einval_at_apply_fails_one_volume_readable_until_fixed() {
+    for seed in seeds(2) {
+        device_error_round(seed, libc::EINVAL, Strikes::AtApply).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn persistent_enospc_at_apply_fails_one_volume_readable_until_fixed() {
+    for seed in seeds(2) {
+        device_error_round(seed, libc::ENOSPC, Strikes::AtApply).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn persistent_einval_at_replay_fails_one_volume_readable_until_fixed() {
+    for seed in seeds(2) {
+        device_error_round(seed, libc::EINVAL, Strikes::AtReplay).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn persistent_enospc_at_replay_fails_one_volume_readable_until_fixed() {
+    for seed in seeds(2) {
+        device_error_round(seed, libc::ENOSPC, Strikes::AtReplay).await;
+    }
+}
+
+/// A client streaming small discards and write-zeroes while the device stalls: records without
+/// a payload count toward the memory cap ([`crate::journal::RECORD_MEMORY_BYTES`] each), so
+/// writes wait once 64 MiB worth of records is unapplied, long before the ring is full.
+/// Before they counted, nothing bounded them but the ring: 126 records per 4 KiB, some 2
+/// million records for this 64 MiB journal, several hundred MiB of memory.
+#[test]
+fn small_zero_records_count_toward_the_memory_cap() {
+    use crate::journal::{MAX_UNAPPLIED_MEMORY_BYTES, RECORD_MEMORY_BYTES};
+    use ferry_protocol::journal::MAX_RECORDS_PER_BATCH;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        const JOURNAL_BYTES_LARGE: u64 = 64 << 20;
+        let device = crate::storage::MemStorage::new(SMALL_VOLUME_BYTES);
+        let journal = crate::storage::MemStorage::new(JOURNAL_BYTES_LARGE);
+        Journal::format(&*journal, SMALL_VOLUME_BYTES)
+            .await
+            .expect("format");
+        let (gate, open) = tokio::sync::watch::channel(false);
+        let gated = Interposed::wrap(device.clone(), move |kind| {
+            let mut open = open.clone();
+            Box::pin(async move {
+                if kind != IoKind::Sync {
+                    let _ = open.wait_for(|open| *open).await;
+                }
+            })
+        });
+        let volume = Arc::new(
+            Volume::open_on(
+                "zeros",
+                gated,
+                journal,
+                Role::Primary,
+                Metrics::new().volume("zeros"),
+                "mem".into(),
+            )
+            .await
+            .expect("open"),
+        );
+        let stop = Rc::new(std::cell::Cell::new(false));
+        let done = Rc::new(std::cell::Cell::new(0u64));
+        let local = tokio::task::LocalSet::new();
+        const CLIENTS: u64 = 64;
+        for client in 0..CLIENTS {
+            let (volume, stop, done) = (volume.clone(), stop.clone(), done.clone());
+            local.spawn_local(async move {
+                // Bounded: at most this many requests per client.
+                for i in 0..100_000u64 {
+                    if stop.get() {
+                        return;
+                    }
+                    // 512 bytes every 1 KiB: no two records touch.
+                    let offset = ((i * CLIENTS + client) * 1024) % SMALL_VOLUME_BYTES;
+                    let result = if i % 2 == 0 {
+                        volume.trim(offset, 512, false).await
+                    } else {
+                        volume.write_zeroes(offset, 512, false, i % 4 == 1).await
+                    };
+                    result.expect("a full journal never fails a write");
+                    done.set(done.get() + 1);
+                }
+            });
+        }
+        let records_max = MAX_UNAPPLIED_MEMORY_BYTES / RECORD_MEMORY_BYTES;
+        // The batches in flight when the cap is reached may pass it.
+        let batches_max = 8;
+        local
+            .run_until(async {
+                // Until the writes wait, or 20 s (bounded).
+                for _ in 0..2000 {
+                    if volume.journal_stats().full_waits > 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                // Let whatever was queued settle against the cap.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let stats = volume.journal_stats();
+                println!(
+                    "zero records: {} completed, journal {} of {} bytes used, {} waits",
+                    done.get(),
+                    stats.used_bytes,
+                    stats.capacity_bytes,
+                    stats.full_waits
+                );
+                assert!(
+                    stats.full_waits > 0,
+                    "{} zero records and no write waited: {stats:?}",
+                    done.get()
+                );
+                assert!(
+                    done.get() <= records_max + batches_max * MAX_RECORDS_PER_BATCH as u64,
+                    "{} records completed unapplied, the cap allows {records_max}",
+                    done.get()
+                );
+                // The cap stopped them, not a full ring.
+                assert!(
+                    stats.used_bytes < stats.capacity_bytes / 2,
+                    "the ring filled up: {stats:?}"
+                );
+                stop.set(true);
+                gate.send(true).expect("gate");
+            })
+            .await;
+        local.await;
+        volume.close().await;
+        assert_eq!(
+            volume.journal_stats().used_bytes,
+            0,
+            "close applies everything"
+        );
+    });
 }

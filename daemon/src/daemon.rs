@@ -386,7 +386,15 @@ pub async fn serve(
     ));
     let metrics_task = metrics_listener
         .map(|l| tokio::spawn(metrics::serve_http(l, metrics.clone(), shutdown_rx.clone())));
-    let mut nbd_task = tokio::spawn(nbd::serve(nbd_listeners, node.clone(), shutdown_rx.clone()));
+    let nbd_limits = nbd::ServerLimits {
+        max_connections: config.nbd.max_connections,
+    };
+    let mut nbd_task = tokio::spawn(nbd::serve(
+        nbd_listeners,
+        node.clone(),
+        nbd_limits,
+        shutdown_rx.clone(),
+    ));
     tracing::info!(node = %config.node.name, volumes = node.volumes.len(), "serving");
 
     tokio::select! {

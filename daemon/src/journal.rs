@@ -55,9 +55,16 @@ const MAX_APPLY_BATCHES: usize = 4096;
 /// Journal bytes the applier gathers at most before applying them: the index holds their
 /// payloads in memory until then, so this bounds the daemon's memory per volume.
 const MAX_UNAPPLIED_ROUND_BYTES: u64 = 32 << 20;
-/// Unapplied payload bytes held in memory at most; past this, writes wait for the applier
-/// exactly as they do when the ring is full.
-const MAX_UNAPPLIED_MEMORY_BYTES: u64 = 2 * MAX_UNAPPLIED_ROUND_BYTES;
+/// Memory unapplied records hold at most (payloads plus [`RECORD_MEMORY_BYTES`] each); past
+/// this, writes wait for the applier exactly as they do when the ring is full.
+pub const MAX_UNAPPLIED_MEMORY_BYTES: u64 = 2 * MAX_UNAPPLIED_ROUND_BYTES;
+/// What one record costs in memory besides its payload until it is applied: its index piece,
+/// its apply record, its piece in the round's coalescing index and its device write (about
+/// 250 bytes together). Charged against [`MAX_UNAPPLIED_MEMORY_BYTES`] so that records
+/// without a payload (WRITE_ZEROES, TRIM) are bounded too: without it a client streaming
+/// small discards could queue up to 126 records per 4 KiB of ring, several GiB of memory
+/// for a 1 GiB journal. The cap allows at most 262,144 unapplied records.
+pub const RECORD_MEMORY_BYTES: u64 = 256;
 /// "Journal full" is logged at most this often; the metrics count every episode.
 const FULL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long the applier gathers batches before applying them as one round.
@@ -69,6 +76,9 @@ pub const MIN_JOURNAL_BYTES: u64 = 16 << 20;
 pub enum JournalError {
     #[error("journal I/O failed at {what}: {message}")]
     Io { what: &'static str, message: String },
+    /// The backing device refused or failed an I/O: the records stay in the journal.
+    #[error("device I/O failed at {what}: {message}; writes are refused and reads continue (completed writes wait in the journal); fix the device and restart to apply them")]
+    Device { what: &'static str, message: String },
     #[error("journal {path} is unusable: {reason}")]
     Corrupt { path: String, reason: String },
     #[error("journal has failed earlier ({0}); the volume stops serving writes until restart")]
@@ -116,6 +126,13 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> JournalError {
     }
 }
 
+fn device_err(what: &'static str) -> impl Fn(std::io::Error) -> JournalError {
+    move |e| JournalError::Device {
+        what,
+        message: e.to_string(),
+    }
+}
+
 /// One change to the volume.
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -137,6 +154,38 @@ impl Op {
             Op::Write { data, .. } => padded(data.len() as u64),
             Op::Zero { .. } => 0,
         }
+    }
+
+    /// The journal record of this change at `lsn`.
+    fn descriptor(&self, lsn: u64, fua: bool) -> RecordDescriptor {
+        match self {
+            Op::Write { offset_bytes, data } => RecordDescriptor::new(
+                lsn,
+                RecordKind::Write,
+                fua,
+                *offset_bytes,
+                // `split` cuts writes into records of at most MAX_RECORD_BYTES (1 MiB).
+                u32::try_from(data.len()).expect("a record is at most MAX_RECORD_BYTES"),
+                data,
+            ),
+            Op::Zero {
+                offset_bytes,
+                len_bytes,
+                punch,
+            } => {
+                let kind = if *punch {
+                    RecordKind::Punch
+                } else {
+                    RecordKind::Zero
+                };
+                RecordDescriptor::new(lsn, kind, fua, *offset_bytes, *len_bytes, &[])
+            }
+        }
+    }
+
+    /// What the record holds in memory until it is applied (see [`RECORD_MEMORY_BYTES`]).
+    fn memory_bytes(&self) -> u64 {
+        self.payload_bytes() + RECORD_MEMORY_BYTES
     }
 
     /// What the range holds after this change, as the index stores it.
@@ -296,7 +345,7 @@ impl Journal {
         let chunk = AlignedBuf::zeroed(1 << 20).freeze();
         let mut at = RING_START_BYTES;
         while at < file_bytes {
-            let len = (file_bytes - at).min(chunk.len() as u64) as usize;
+            let len = crate::usize_from((file_bytes - at).min(chunk.len() as u64));
             storage
                 .write_at(at, vec![chunk.slice(0..len)], false)
                 .await
@@ -325,6 +374,12 @@ impl Journal {
     /// `on_replayed`, when given, sees the ranges of every replayed record after they are on
     /// the device and before the ring is emptied: replication records them as possibly
     /// missing at a peer, and must have done so durably before the records are gone.
+    ///
+    /// A device that fails during the replay (EINVAL, ENOSPC, EIO, a read-only device) does
+    /// not make this fail: the journal opens failed ([`Journal::failure`] says why), leaves
+    /// its file untouched, serves reads of its records from memory and refuses every write,
+    /// so that the volume stays readable and the node's other volumes keep serving. The next
+    /// open, once the device is fixed, replays the same records.
     pub async fn open(
         journal: Arc<dyn Storage>,
         device: Arc<dyn Storage>,
@@ -332,8 +387,17 @@ impl Journal {
         name: &str,
         on_replayed: Option<RecoveryHook>,
     ) -> Result<(Journal, RecoveryReport, Superblock), JournalError> {
-        let (superblock, report, head, next_lsn) =
-            recover(&*journal, &*device, name, on_replayed).await?;
+        let Recovered {
+            superblock,
+            report,
+            head,
+            next_lsn,
+            device_failure,
+        } = recover(&*journal, &*device, name, on_replayed).await?;
+        if let Some(failure) = device_failure {
+            let journal = Journal::failed(metrics, superblock, next_lsn, failure);
+            return Ok((journal, report, superblock));
+        }
         let capacity_bytes = superblock.ring_bytes();
         let (apply_limit, apply_limit_rx) = tokio::sync::watch::channel(u64::MAX);
         let shared = Arc::new(Shared {
@@ -352,12 +416,15 @@ impl Journal {
         shared
             .metrics
             .journal_capacity_bytes
-            .set(capacity_bytes as i64);
-        shared.metrics.journal_head_lsn.set((next_lsn - 1) as i64);
+            .set(crate::gauge_i64(capacity_bytes));
+        shared
+            .metrics
+            .journal_head_lsn
+            .set(crate::gauge_i64(next_lsn - 1));
         shared
             .metrics
             .journal_applied_lsn
-            .set((next_lsn - 1) as i64);
+            .set(crate::gauge_i64(next_lsn - 1));
         shared.metrics.journal_used_bytes.set(0);
         for _ in 0..report.checksum_errors {
             shared.metrics.checksum_error("journal");
@@ -394,11 +461,54 @@ impl Journal {
             apply_tx: Some(apply_tx),
             full_since: None,
             full_logged_at: None,
-            unapplied_payload_bytes: 0,
+            unapplied_memory_bytes: 0,
             resetting: None,
         };
         tokio::spawn(writer.run(request_rx, events_rx));
         Ok((Journal { requests, shared }, report, superblock))
+    }
+
+    /// A journal whose device failed during recovery: no writer and no applier, every write
+    /// refused, reads served from `failure.index`.
+    fn failed(
+        metrics: VolumeMetrics,
+        superblock: Superblock,
+        next_lsn: u64,
+        failure: DeviceFailure,
+    ) -> Journal {
+        let capacity_bytes = superblock.ring_bytes();
+        let applied_lsn = superblock.tail_lsn - 1;
+        let head_lsn = next_lsn - 1;
+        metrics
+            .journal_capacity_bytes
+            .set(crate::gauge_i64(capacity_bytes));
+        metrics
+            .journal_used_bytes
+            .set(crate::gauge_i64(failure.used_bytes));
+        metrics.journal_head_lsn.set(crate::gauge_i64(head_lsn));
+        metrics
+            .journal_applied_lsn
+            .set(crate::gauge_i64(applied_lsn));
+        metrics
+            .journal_unapplied_bytes
+            .set(crate::gauge_i64(failure.index.data_bytes()));
+        let shared = Arc::new(Shared {
+            index: Mutex::new(failure.index),
+            tap: Mutex::new(None),
+            apply_limit: tokio::sync::watch::channel(u64::MAX).0,
+            metrics,
+            capacity_bytes,
+            used_bytes: AtomicU64::new(failure.used_bytes),
+            head_lsn: AtomicU64::new(head_lsn),
+            applied_lsn: AtomicU64::new(applied_lsn),
+            full_waits: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        });
+        shared.fail(&failure.error);
+        // Nobody receives: every request finds the journal failed (or closed) at once.
+        let (requests, _) = mpsc::channel(1);
+        Journal { requests, shared }
     }
 
     /// Journals one client request. Completes once every record is written to the journal
@@ -566,15 +676,155 @@ async fn read_block(
     Ok(buf)
 }
 
+/// What recovery leaves behind.
+struct Recovered {
+    /// The superblock in effect: a new one naming an empty ring, or (after a device failure)
+    /// the one found, untouched.
+    superblock: Superblock,
+    report: RecoveryReport,
+    /// Ring offset where the next batch goes.
+    head: u64,
+    next_lsn: u64,
+    /// Set when the device failed during the replay (see [`DeviceFailure`]).
+    device_failure: Option<DeviceFailure>,
+}
+
+/// The device refused the replay: the journal is left exactly as found (nothing written, so
+/// the next start scans and replays the same records), and its records are kept in an index
+/// so that reads still see every completed write. Their memory is bounded like at run time:
+/// the ring only ever holds unapplied records, which the writer caps at
+/// [`MAX_UNAPPLIED_MEMORY_BYTES`] (plus the batches in flight).
+struct DeviceFailure {
+    error: JournalError,
+    index: Index,
+    /// Ring bytes the records occupy.
+    used_bytes: u64,
+}
+
+/// Walks the ring from a superblock's tail, one verified batch at a time.
+struct RingScan<'a> {
+    journal: &'a dyn Storage,
+    superblock: Superblock,
+    /// Ring offset of the next batch.
+    pos: u64,
+    /// LSN the next record must carry.
+    lsn: u64,
+    scanned_bytes: u64,
+    /// Why and where the scan stopped; counts of torn and corrupt batches.
+    report: RecoveryReport,
+    done: bool,
+}
+
+impl<'a> RingScan<'a> {
+    fn new(journal: &'a dyn Storage, superblock: Superblock) -> RingScan<'a> {
+        RingScan {
+            journal,
+            superblock,
+            pos: superblock.tail_offset,
+            lsn: superblock.tail_lsn,
+            scanned_bytes: 0,
+            report: RecoveryReport::default(),
+            done: false,
+        }
+    }
+
+    /// The records of the next intact batch with their payloads, in LSN order; `None` at the
+    /// first block that is not the expected batch (the report says why, unless it is the
+    /// clean end of the journal).
+    async fn next_batch(
+        &mut self,
+    ) -> Result<Option<Vec<(RecordDescriptor, SharedBuf)>>, JournalError> {
+        let ring_bytes = self.superblock.ring_bytes();
+        // Bounded: every iteration either returns or moves `scanned_bytes` forward.
+        while !self.done && self.scanned_bytes < ring_bytes {
+            let pos = self.pos;
+            let header_block =
+                read_block(self.journal, RING_START_BYTES + pos, BLOCK_BYTES).await?;
+            let header =
+                match BatchHeader::decode(&header_block, self.superblock.journal_id, self.lsn) {
+                    Ok(header) => header,
+                    Err(
+                        FormatError::BadMagic
+                        | FormatError::UnexpectedLsn { .. }
+                        | FormatError::ForeignJournal { .. },
+                    ) => break,
+                    Err(error) => {
+                        self.report.stopped_reason =
+                            Some(format!("batch header at ring offset {pos}: {error}"));
+                        if error == FormatError::ChecksumMismatch {
+                            self.report.checksum_errors += 1;
+                        }
+                        break;
+                    }
+                };
+            let batch_bytes = header.batch_bytes();
+            let records = match header {
+                BatchHeader::Wrap { .. } => {
+                    self.scanned_bytes += ring_bytes - pos;
+                    self.pos = 0;
+                    continue;
+                }
+                BatchHeader::Records { records, .. } => records,
+            };
+            if pos + batch_bytes > ring_bytes {
+                self.report.stopped_reason = Some(format!(
+                    "batch at ring offset {pos} runs past the end of the ring"
+                ));
+                break;
+            }
+            let payload = read_block(
+                self.journal,
+                RING_START_BYTES + pos + BLOCK_BYTES as u64,
+                crate::usize_from(batch_bytes - BLOCK_BYTES as u64),
+            )
+            .await?;
+            let payload = payload.freeze();
+            let mut at = 0usize;
+            let mut parts = Vec::with_capacity(records.len());
+            for record in &records {
+                let data = if record.kind.has_payload() {
+                    payload.slice(at..at + record.len_bytes as usize)
+                } else {
+                    payload.slice(0..0)
+                };
+                if let Err(error) = record.verify(&data) {
+                    // The batch never completed, so none of its records was acknowledged:
+                    // drop it all.
+                    self.report.torn_tail_bytes = batch_bytes;
+                    self.report.checksum_errors += 1;
+                    self.report.stopped_reason = Some(format!(
+                        "torn batch dropped: record LSN {} at ring offset {pos}: {error}",
+                        record.lsn
+                    ));
+                    self.done = true;
+                    return Ok(None);
+                }
+                at += crate::usize_from(record.payload_area_bytes());
+                parts.push((*record, data));
+            }
+            self.lsn += records.len() as u64;
+            self.scanned_bytes += batch_bytes;
+            self.pos += batch_bytes;
+            if self.pos == ring_bytes {
+                self.pos = 0;
+            }
+            return Ok(Some(parts));
+        }
+        self.done = true;
+        Ok(None)
+    }
+}
+
 /// Scans the ring from the superblock's tail, replays every intact batch onto the device in
 /// order, stops at the first batch that is not the expected one, and leaves an empty ring
-/// starting where the scan stopped. Returns (superblock, report, head, next LSN).
+/// starting where the scan stopped. If the device fails during the replay, the journal is
+/// left untouched and its records are returned in an index instead (see [`DeviceFailure`]).
 async fn recover(
     journal: &dyn Storage,
     device: &dyn Storage,
     name: &str,
     on_replayed: Option<RecoveryHook>,
-) -> Result<(Superblock, RecoveryReport, u64, u64), JournalError> {
+) -> Result<Recovered, JournalError> {
     let mut replayed_ranges: Vec<(u64, u64)> = Vec::new();
     let corrupt = |reason: String| JournalError::Corrupt {
         path: name.to_string(),
@@ -603,83 +853,20 @@ async fn recover(
             journal.len_bytes()
         )));
     }
-    let ring_bytes = superblock.ring_bytes();
-    let mut report = RecoveryReport::default();
-    let mut pos = superblock.tail_offset;
-    let mut lsn = superblock.tail_lsn;
-    let mut scanned_bytes = 0u64;
-    // Intact records not yet written to the device, and their payload bytes.
+    let mut scan = RingScan::new(journal, superblock);
+    let mut records_replayed = 0u64;
+    let mut bytes_replayed = 0u64;
+    // Intact records not yet written to the device, and the memory they hold.
     let mut replay: Vec<(u64, Op)> = Vec::new();
-    let mut replay_bytes = 0u64;
-    while scanned_bytes < ring_bytes {
-        let header_block = read_block(journal, RING_START_BYTES + pos, BLOCK_BYTES).await?;
-        let header = match BatchHeader::decode(&header_block, superblock.journal_id, lsn) {
-            Ok(header) => header,
-            Err(
-                FormatError::BadMagic
-                | FormatError::UnexpectedLsn { .. }
-                | FormatError::ForeignJournal { .. },
-            ) => break,
-            Err(error) => {
-                report.stopped_reason = Some(format!("batch header at ring offset {pos}: {error}"));
-                if error == FormatError::ChecksumMismatch {
-                    report.checksum_errors += 1;
-                }
-                break;
-            }
-        };
-        let batch_bytes = header.batch_bytes();
-        let records = match header {
-            BatchHeader::Wrap { .. } => {
-                scanned_bytes += ring_bytes - pos;
-                pos = 0;
-                continue;
-            }
-            BatchHeader::Records { records, .. } => records,
-        };
-        if pos + batch_bytes > ring_bytes {
-            report.stopped_reason = Some(format!(
-                "batch at ring offset {pos} runs past the end of the ring"
-            ));
-            break;
-        }
-        let payload = read_block(
-            journal,
-            RING_START_BYTES + pos + BLOCK_BYTES as u64,
-            (batch_bytes - BLOCK_BYTES as u64) as usize,
-        )
-        .await?;
-        let payload = payload.freeze();
-        let mut at = 0usize;
-        let mut parts = Vec::with_capacity(records.len());
-        let mut torn = None;
-        for record in &records {
-            let data = if record.kind.has_payload() {
-                payload.slice(at..at + record.len_bytes as usize)
-            } else {
-                payload.slice(0..0)
-            };
-            if let Err(error) = record.verify(&data) {
-                torn = Some(format!(
-                    "record LSN {} at ring offset {pos}: {error}",
-                    record.lsn
-                ));
-                break;
-            }
-            at += record.payload_area_bytes() as usize;
-            parts.push((*record, data));
-        }
-        if let Some(reason) = torn {
-            // The batch never completed, so none of its records was acknowledged: drop it all.
-            report.torn_tail_bytes = batch_bytes;
-            report.checksum_errors += 1;
-            report.stopped_reason = Some(format!("torn batch dropped: {reason}"));
-            break;
-        }
+    let mut replay_memory_bytes = 0u64;
+    let mut device_error = None;
+    while let Some(parts) = scan.next_batch().await? {
         for (record, data) in parts {
-            replay_bytes += record.payload_area_bytes();
-            report.records_replayed += 1;
-            report.bytes_replayed += record.len_bytes as u64;
+            // Zero records count too (RECORD_MEMORY_BYTES), so a ring full of small discards
+            // is replayed in bounded chunks.
+            replay_memory_bytes += record.payload_area_bytes() + RECORD_MEMORY_BYTES;
+            records_replayed += 1;
+            bytes_replayed += record.len_bytes as u64;
             let op = Op::from_record(&record, data);
             if on_replayed.is_some() {
                 match replayed_ranges.last_mut() {
@@ -690,22 +877,32 @@ async fn recover(
             replay.push((record.lsn, op));
         }
         // Replay through the applier's coalescing writer, a bounded chunk at a time.
-        if replay_bytes >= MAX_UNAPPLIED_ROUND_BYTES {
-            replay_chunk(device, &mut replay).await?;
-            replay_bytes = 0;
-        }
-        lsn += records.len() as u64;
-        scanned_bytes += batch_bytes;
-        pos += batch_bytes;
-        if pos == ring_bytes {
-            pos = 0;
+        if replay_memory_bytes >= MAX_UNAPPLIED_ROUND_BYTES {
+            if let Err(error) = replay_chunk(device, &mut replay).await {
+                device_error = Some(error);
+                break;
+            }
+            replay_memory_bytes = 0;
         }
     }
-    replay_chunk(device, &mut replay).await?;
-    device
-        .sync()
-        .await
-        .map_err(io_err("syncing the device after replay"))?;
+    if device_error.is_none() {
+        device_error = replay_chunk(device, &mut replay).await.err();
+    }
+    if device_error.is_none() {
+        device_error = device
+            .sync()
+            .await
+            .map_err(device_err("syncing the device after replay"))
+            .err();
+    }
+    if let Some(error) = device_error {
+        drop(replay);
+        return keep_in_journal(journal, superblock, name, on_replayed, error).await;
+    }
+    let mut report = scan.report;
+    report.records_replayed = records_replayed;
+    report.bytes_replayed = bytes_replayed;
+    let (pos, lsn) = (scan.pos, scan.lsn);
     if let Some(hook) = on_replayed {
         hook(replayed_ranges, lsn - 1)
             .await
@@ -747,7 +944,65 @@ async fn recover(
             "journal recovered"
         );
     }
-    Ok((recovered, report, pos, lsn))
+    Ok(Recovered {
+        superblock: recovered,
+        report,
+        head: pos,
+        next_lsn: lsn,
+        device_failure: None,
+    })
+}
+
+/// After the device failed during replay: scans the ring again (the same scan, since nothing
+/// was written to the journal) and keeps every record in an index, newest first as the
+/// writer would, so that reads see every completed write. `on_replayed` still sees the
+/// records' ranges: marking them for the peers is safe whether or not they reach the device.
+async fn keep_in_journal(
+    journal: &dyn Storage,
+    superblock: Superblock,
+    name: &str,
+    on_replayed: Option<RecoveryHook>,
+    error: JournalError,
+) -> Result<Recovered, JournalError> {
+    let mut scan = RingScan::new(journal, superblock);
+    let mut index = Index::new();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut records_kept = 0u64;
+    while let Some(parts) = scan.next_batch().await? {
+        for (record, data) in parts {
+            let op = Op::from_record(&record, data);
+            let (offset, len) = op.range();
+            index.insert(offset, len, record.lsn, op.content());
+            match ranges.last_mut() {
+                Some((at, run)) if *at + *run == offset => *run += len,
+                _ => ranges.push((offset, len)),
+            }
+            records_kept += 1;
+        }
+    }
+    if let Some(hook) = on_replayed {
+        hook(ranges, scan.lsn - 1)
+            .await
+            .map_err(io_err("recording the replayed ranges"))?;
+    }
+    tracing::error!(
+        volume = name,
+        records = records_kept,
+        held_bytes = index.data_bytes(),
+        %error,
+        "the device failed during journal replay; the volume serves reads and refuses writes"
+    );
+    Ok(Recovered {
+        superblock,
+        report: scan.report,
+        head: scan.pos,
+        next_lsn: scan.lsn,
+        device_failure: Some(DeviceFailure {
+            error,
+            index,
+            used_bytes: scan.scanned_bytes,
+        }),
+    })
 }
 
 /// Writes the collected records to the device and empties the list.
@@ -761,7 +1016,7 @@ async fn replay_chunk(
         MAX_APPLY_WAVE,
     )
     .await
-    .map_err(io_err("replaying the journal onto the device"))?;
+    .map_err(device_err("replaying the journal onto the device"))?;
     records.clear();
     Ok(())
 }
@@ -781,8 +1036,8 @@ struct CompletedBatch {
     end_pos: u64,
     /// Ring bytes it occupies, including space skipped by a wrap before it.
     ring_bytes: u64,
-    /// Payload bytes its records keep in memory until it is applied.
-    payload_bytes: u64,
+    /// Memory its records keep until it is applied ([`Op::memory_bytes`]).
+    memory_bytes: u64,
 }
 
 struct Inflight {
@@ -791,7 +1046,7 @@ struct Inflight {
     last_lsn: u64,
     end_pos: u64,
     ring_bytes: u64,
-    payload_bytes: u64,
+    memory_bytes: u64,
     records: Vec<ApplyRecord>,
     waiters: Vec<Waiter>,
     fua: bool,
@@ -810,7 +1065,7 @@ enum Event {
     },
     Released {
         ring_bytes: u64,
-        payload_bytes: u64,
+        memory_bytes: u64,
     },
     ApplyFailed(JournalError),
     /// The applier has applied everything it was given and stopped.
@@ -872,9 +1127,10 @@ struct Writer {
     full_since: Option<Instant>,
     /// When "journal full" was last logged: once per interval, not once per episode.
     full_logged_at: Option<Instant>,
-    /// Payload bytes of every batch submitted and not yet released by the applier: what the
-    /// journal's records keep alive in memory (index pieces, queued and in-round records).
-    unapplied_payload_bytes: u64,
+    /// Memory of every record submitted and not yet released by the applier
+    /// ([`Op::memory_bytes`]): what the journal's records keep alive (payloads, index pieces,
+    /// queued and in-round records).
+    unapplied_memory_bytes: u64,
     /// A reset waiting for the queue to drain, then for the applier.
     resetting: Option<Resetting>,
 }
@@ -1037,9 +1293,9 @@ impl Writer {
             }
             Event::Released {
                 ring_bytes,
-                payload_bytes,
+                memory_bytes,
             } => {
-                self.unapplied_payload_bytes -= payload_bytes;
+                self.unapplied_memory_bytes -= memory_bytes;
                 assert!(
                     ring_bytes <= self.used_bytes,
                     "released more journal space than was used"
@@ -1051,7 +1307,7 @@ impl Writer {
                 self.shared
                     .metrics
                     .journal_used_bytes
-                    .set(self.used_bytes as i64);
+                    .set(crate::gauge_i64(self.used_bytes));
             }
             Event::ApplyFailed(error) => {
                 // The applier has stopped: nothing may wait for it any more (close included).
@@ -1082,11 +1338,11 @@ impl Writer {
                         self.shared
                             .metrics
                             .journal_head_lsn
-                            .set((next_lsn - 1) as i64);
+                            .set(crate::gauge_i64(next_lsn - 1));
                         self.shared
                             .metrics
                             .journal_applied_lsn
-                            .set((next_lsn - 1) as i64);
+                            .set(crate::gauge_i64(next_lsn - 1));
                         let _ = resetting.done.send(Ok(next_lsn));
                     }
                     Err(error) => {
@@ -1188,7 +1444,7 @@ impl Writer {
                     last_lsn: batch.last_lsn,
                     end_pos: batch.end_pos,
                     ring_bytes: batch.ring_bytes,
-                    payload_bytes: batch.payload_bytes,
+                    memory_bytes: batch.memory_bytes,
                 }));
             }
         }
@@ -1255,7 +1511,7 @@ impl Writer {
             } else {
                 (self.head, 0)
             };
-            let unapplied_bytes = self.unapplied_payload_bytes;
+            let unapplied_bytes = self.unapplied_memory_bytes;
             if self.used_bytes + skipped_bytes + batch_bytes > self.ring_bytes
                 || unapplied_bytes >= MAX_UNAPPLIED_MEMORY_BYTES
             {
@@ -1337,31 +1593,10 @@ impl Writer {
             for (i, (op, record_fua, done, queued_at)) in self.pending.drain(..count).enumerate() {
                 let lsn = first_lsn + i as u64;
                 fua |= record_fua;
-                let descriptor = match &op {
-                    Op::Write { offset_bytes, data } => {
-                        iovecs.push(data.padded_view());
-                        RecordDescriptor::new(
-                            lsn,
-                            RecordKind::Write,
-                            record_fua,
-                            *offset_bytes,
-                            data.len() as u32,
-                            data,
-                        )
-                    }
-                    Op::Zero {
-                        offset_bytes,
-                        len_bytes,
-                        punch,
-                    } => {
-                        let kind = if *punch {
-                            RecordKind::Punch
-                        } else {
-                            RecordKind::Zero
-                        };
-                        RecordDescriptor::new(lsn, kind, record_fua, *offset_bytes, *len_bytes, &[])
-                    }
-                };
+                if let Op::Write { data, .. } = &op {
+                    iovecs.push(data.padded_view());
+                }
+                let descriptor = op.descriptor(lsn, record_fua);
                 let (offset, len) = op.range();
                 index.insert(offset, len, lsn, op.content());
                 if let Some(tap) = tap.as_ref().filter(|_| tap_panic.is_none()) {
@@ -1385,7 +1620,10 @@ impl Writer {
         let last_lsn = first_lsn + count as u64 - 1;
         self.next_lsn = last_lsn + 1;
         self.shared.head_lsn.store(last_lsn, Ordering::Relaxed);
-        self.shared.metrics.journal_head_lsn.set(last_lsn as i64);
+        self.shared
+            .metrics
+            .journal_head_lsn
+            .set(crate::gauge_i64(last_lsn));
 
         // RWF_DSYNC makes this batch durable by itself; that is enough for its FUA records only
         // if everything before it is durable already.
@@ -1404,19 +1642,19 @@ impl Writer {
         self.shared
             .metrics
             .journal_used_bytes
-            .set(self.used_bytes as i64);
+            .set(crate::gauge_i64(self.used_bytes));
         self.head = end_pos;
         let id = self.next_batch_id;
         self.next_batch_id += 1;
-        let payload_bytes = batch_bytes - BLOCK_BYTES as u64;
-        self.unapplied_payload_bytes += payload_bytes;
+        let memory_bytes = records.iter().map(|record| record.op.memory_bytes()).sum();
+        self.unapplied_memory_bytes += memory_bytes;
         self.inflight.push_back(Inflight {
             id,
             first_lsn,
             last_lsn,
             end_pos,
             ring_bytes,
-            payload_bytes,
+            memory_bytes,
             records,
             waiters,
             fua,
@@ -1557,7 +1795,7 @@ impl Applier {
         self.device
             .sync()
             .await
-            .map_err(io_err("fdatasync of the device"))?;
+            .map_err(device_err("fdatasync of the device"))?;
         self.superblock = Superblock {
             sequence: self.superblock.sequence + 1,
             journal_id,
@@ -1587,11 +1825,11 @@ impl Applier {
             .map_err(io_err("fdatasync of the journal before applying"))?;
         write_coalesced(&*self.device, records.iter().map(|r| (r.lsn, &r.op)), wave)
             .await
-            .map_err(io_err("applying the journal to the device"))?;
+            .map_err(device_err("applying the journal to the device"))?;
         self.device
             .sync()
             .await
-            .map_err(io_err("fdatasync of the device"))?;
+            .map_err(device_err("fdatasync of the device"))?;
         {
             let mut index = self.shared.index.lock().expect("index lock");
             for record in &records {
@@ -1601,7 +1839,7 @@ impl Applier {
             self.shared
                 .metrics
                 .journal_unapplied_bytes
-                .set(index.data_bytes() as i64);
+                .set(crate::gauge_i64(index.data_bytes()));
         }
         let last = round.last().expect("a round has a batch");
         self.superblock = Superblock {
@@ -1618,12 +1856,12 @@ impl Applier {
         self.shared
             .metrics
             .journal_applied_lsn
-            .set(last.last_lsn as i64);
+            .set(crate::gauge_i64(last.last_lsn));
         let ring_bytes = round.iter().map(|b| b.ring_bytes).sum();
-        let payload_bytes = round.iter().map(|b| b.payload_bytes).sum();
+        let memory_bytes = round.iter().map(|b| b.memory_bytes).sum();
         let _ = self.events.send(Event::Released {
             ring_bytes,
-            payload_bytes,
+            memory_bytes,
         });
         Ok(())
     }
@@ -1690,8 +1928,9 @@ async fn write_coalesced<'a>(
                 DeviceWrite::Data { offset, bufs, .. } => {
                     device.write_at(*offset, bufs.clone(), false).await
                 }
+                // Any 512-byte aligned range, whatever the device's logical block size.
                 DeviceWrite::Zero { offset, len, punch } => {
-                    device.zero_range(*offset, *len, *punch).await
+                    crate::storage::zero(device, *offset, *len, *punch).await
                 }
             }
         });

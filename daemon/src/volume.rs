@@ -104,12 +104,16 @@ impl Volume {
                 source,
             }
         };
-        let device = storage::open(
+        // Clients may read and write any 512-byte aligned range (the export's minimum block
+        // size): O_DIRECT only where the device takes that, buffered otherwise (a 4 KiB-sector
+        // device; see `storage::open_for_io`).
+        let device = storage::open_for_io(
             &config.device,
             &OpenOptions {
-                direct: direct_io_fits_nbd(&config.device),
+                direct: true,
                 create_len_bytes: config.size_bytes,
             },
+            storage::SECTOR_BYTES,
         )
         .map_err(io_error("cannot open device", &config.device))?;
         let device = storage::maybe_device_write_delay(device)
@@ -124,12 +128,15 @@ impl Volume {
                 .await
                 .map_err(io_error("cannot create journal", journal_path))?;
         }
-        let journal = storage::open(
+        // Every journal I/O is 4 KiB aligned: O_DIRECT fits wherever the filesystem's
+        // direct-I/O alignment is at most that.
+        let journal = storage::open_for_io(
             journal_path,
             &OpenOptions {
                 direct: true,
                 create_len_bytes: None,
             },
+            ferry_protocol::journal::BLOCK_BYTES as u64,
         )
         .map_err(io_error("cannot open journal", journal_path))?;
         Volume::open_inner(
@@ -277,7 +284,7 @@ impl Volume {
 
     /// Secondary resync: a range that reads as zeros.
     pub async fn zero_device(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.device.zero_range(offset, len, true).await
+        storage::zero(&*self.device, offset, len, true).await
     }
 
     pub async fn sync_device(&self) -> std::io::Result<()> {
@@ -495,6 +502,16 @@ impl Export for Volume {
         self.size_bytes
     }
 
+    /// The device's logical block when larger than 4 KiB (whole blocks need no
+    /// read-modify-write in the page cache); 4 KiB otherwise, the journal's block.
+    fn preferred_block_bytes(&self) -> u32 {
+        let preferred = self
+            .device
+            .logical_block_bytes()
+            .max(u64::from(ferry_protocol::nbd::PREFERRED_BLOCK_BYTES));
+        u32::try_from(preferred).unwrap_or(ferry_protocol::nbd::MAX_BLOCK_BYTES)
+    }
+
     fn read_only(&self) -> bool {
         !self.primary.load(Ordering::Relaxed)
     }
@@ -543,10 +560,12 @@ impl Export for Volume {
 /// journal.
 async fn create_journal(path: &Path, file_bytes: u64, volume_bytes: u64) -> io::Result<()> {
     crate::datadir::create_durably(path, |tmp| async move {
+        // Buffered: formatting writes the file once, and whether O_DIRECT fits is decided
+        // when the formatted journal is opened.
         let storage = storage::open(
             &tmp,
             &OpenOptions {
-                direct: true,
+                direct: false,
                 create_len_bytes: Some(file_bytes),
             },
         )?;
@@ -556,32 +575,4 @@ async fn create_journal(path: &Path, file_bytes: u64, volume_bytes: u64) -> io::
         Ok(())
     })
     .await
-}
-
-/// Whether O_DIRECT on `path` accepts what NBD clients may send: 512-byte aligned offsets,
-/// lengths and buffers (the export's minimum block size). A 4 KiB-sector device would refuse
-/// them, so it is opened buffered instead. Unknown (a missing file, an old kernel) counts as yes:
-/// the common case, and the open falls back to buffered I/O where O_DIRECT is refused outright.
-fn direct_io_fits_nbd(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return true;
-    };
-    // SAFETY: statx is a plain C struct of integers, for which all-zero bytes are valid.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: `c_path` is a NUL-terminated string and `stx` a struct we own for the call.
-    let rc = unsafe {
-        libc::statx(
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            0,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
-    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
-        return true;
-    }
-    stx.stx_dio_offset_align <= 512
-        && u64::from(stx.stx_dio_mem_align) <= crate::storage::MEMORY_ALIGN as u64
 }

@@ -169,9 +169,12 @@ pub const MAX_OPTION_REPLY_DATA_BYTES: u32 = 64 * 1024;
 /// The protocol's limit on any string (export names, messages).
 pub const MAX_STRING_BYTES: usize = 4096;
 
-/// Ferry's advertised block size constraints. 512 is the smallest sector any client uses;
-/// 4096 matches the journal's alignment; 32 MiB is the largest request the protocol document
-/// says must never be treated as a denial of service.
+/// Ferry's advertised block size constraints. 512 is the smallest sector any client uses,
+/// and stays the minimum on devices with larger logical blocks (4Kn disks): clients that
+/// connect with NBD_OPT_EXPORT_NAME, the Linux kernel client among them, never learn a larger
+/// minimum, so Ferry serves sub-block requests itself rather than refusing them. 4096 (or the
+/// device's logical block, when larger) matches the journal's alignment; 32 MiB is the
+/// largest request the protocol document says must never be treated as a denial of service.
 pub const MIN_BLOCK_BYTES: u32 = 512;
 pub const PREFERRED_BLOCK_BYTES: u32 = 4096;
 pub const MAX_BLOCK_BYTES: u32 = 32 * 1024 * 1024;
@@ -1068,13 +1071,11 @@ pub fn validate_request(request: &Request, limits: &RequestLimits) -> Result<(),
     {
         return Err(Rejection::Errno(EINVAL));
     }
-    // The maximum block size binds READ, WRITE, CACHE and WRITE_ZEROES without FAST_ZERO;
-    // TRIM and fast zeroing carry no payload and are exempt.
-    let bounded_by_max = match kind {
-        Command::Read | Command::Write | Command::Cache => true,
-        Command::WriteZeroes => request.flags & CMD_FLAG_FAST_ZERO == 0,
-        _ => false,
-    };
+    // The maximum block size binds the commands with a payload (READ, WRITE) and CACHE.
+    // TRIM and WRITE_ZEROES carry none, and the protocol lets a server take them larger; the
+    // Linux client sends WRITE_ZEROES of up to 4 GiB without FAST_ZERO, and refusing them
+    // would turn BLKZEROOUT on /dev/nbdX into an I/O error.
+    let bounded_by_max = matches!(kind, Command::Read | Command::Write | Command::Cache);
     if bounded_by_max && length_bytes > limits.max_block_bytes {
         return Err(Rejection::Errno(EINVAL));
     }
@@ -1658,20 +1659,24 @@ mod tests {
             (Write, 0, 0, max, limits(), Ok(())),
             (Write, 0, 0, max + 512, limits(), Err(Rejection::Disconnect)),
             (Write, 0xffff, 1, u32::MAX, ro, Err(Rejection::Disconnect)),
-            (
-                WriteZeroes,
-                0,
-                0,
-                max + 512,
-                limits(),
-                Err(Rejection::Errno(EINVAL)),
-            ),
+            (WriteZeroes, 0, 0, max + 512, limits(), Ok(())),
             (
                 WriteZeroes,
                 CMD_FLAG_FAST_ZERO,
                 0,
                 max + 512,
                 limits(),
+                Ok(()),
+            ),
+            (
+                WriteZeroes,
+                CMD_FLAG_NO_HOLE,
+                0,
+                u32::MAX - 511,
+                RequestLimits {
+                    size_bytes: 1 << 40,
+                    ..limits()
+                },
                 Ok(()),
             ),
             (Trim, 0, 0, max + 512, limits(), Ok(())),

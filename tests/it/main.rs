@@ -31,6 +31,10 @@
 //! - `metro_hostile`: an authenticated but hostile metro peer (the test plays b against a real
 //!   primary, and a against a real secondary: valid frames, hostile contents), and a slow
 //!   secondary device (`fault-injection`) during a resync: bounded memory, no timeouts.
+//! - `real_disk`: a loop device with 4096-byte logical sectors driven at 512-byte granularity
+//!   (qemu-io, kill -9, ext4 with discard through nbdfuse), and a device file whose
+//!   filesystem fills up (one volume fails readable, the node serves on, a restart recovers);
+//!   peak memory under streams of small discards and under many connections.
 //! - `metro3`: three metro copies: the secondaries never resync each other, a copy that was
 //!   away catches up, the third copy follows a promoted secondary.
 //!
@@ -61,6 +65,7 @@ mod metro_repair;
 mod metro_roles;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
+mod real_disk;
 mod wire;
 
 // The shared test support (one seed helper, relay, NBD client and write model).

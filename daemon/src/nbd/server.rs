@@ -5,7 +5,9 @@
 //! task), a task per request (so replies go out in completion order), and one writer task
 //! that gathers every reply ready at that moment into a single vectored write. In-flight work
 //! is bounded per connection twice: by request count and by payload bytes, so a client can
-//! neither queue unbounded tasks nor pin unbounded memory.
+//! neither queue unbounded tasks nor pin unbounded memory; and for the whole server by the
+//! number of connections ([`ServerLimits`]) and by the payload bytes of all connections
+//! together ([`NODE_IN_FLIGHT_PAYLOAD_BYTES`]).
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -57,10 +59,18 @@ impl ExportError {
 }
 
 /// A block device the server exports. Requests reach it already validated: in range, aligned
-/// to 512 bytes, within the 32 MiB maximum (except TRIM and fast zeroing), never zero-length,
-/// and never a write while `read_only()` was true at validation time.
+/// to 512 bytes (whatever the backing device's logical block size: the export handles
+/// smaller-than-block requests itself), within the 32 MiB maximum (except TRIM and
+/// WRITE_ZEROES, which carry no payload), never zero-length, and never a write while
+/// `read_only()` was true at validation time.
 pub trait Export: Send + Sync + 'static {
     fn size_bytes(&self) -> u64;
+    /// The preferred block size advertised in NBD_INFO_BLOCK_SIZE: a power of two between
+    /// the minimum (512) and the maximum block size. Requests of this size and alignment are
+    /// served without read-modify-write anywhere below.
+    fn preferred_block_bytes(&self) -> u32 {
+        proto::PREFERRED_BLOCK_BYTES
+    }
     fn read_only(&self) -> bool;
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, ExportError>>;
     /// `data` holds exactly the request's payload.
@@ -118,6 +128,17 @@ pub const MAX_IN_FLIGHT_REQUESTS: u32 = 128;
 /// READ and WRITE payload bytes one connection may hold in memory at once. At least the
 /// maximum block size, so that one maximal request always fits.
 pub const MAX_IN_FLIGHT_PAYLOAD_BYTES: u32 = 4 * proto::MAX_BLOCK_BYTES;
+/// READ and WRITE payload bytes all connections together may hold in memory at once. A
+/// request takes its connection's permits first, then these; at least
+/// [`MAX_IN_FLIGHT_PAYLOAD_BYTES`], so that one connection can always make progress. With it,
+/// the NBD layer holds at most 512 MiB of payload however many clients connect (before, each
+/// of them could pin 128 MiB).
+pub const NODE_IN_FLIGHT_PAYLOAD_BYTES: u32 = 4 * MAX_IN_FLIGHT_PAYLOAD_BYTES;
+const _: () = assert!(NODE_IN_FLIGHT_PAYLOAD_BYTES >= MAX_IN_FLIGHT_PAYLOAD_BYTES);
+/// Default of `[nbd] max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
+/// A refused connection is logged at most this often.
+const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// A client that has not reached transmission by then is dropped; it holds a socket.
 pub const HANDSHAKE_TIMEOUT_S: u64 = 30;
 /// Real clients send a handful of options; an endless stream is a denial of service.
@@ -139,13 +160,25 @@ static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 pub async fn serve(
     listeners: Vec<Listener>,
     exports: Arc<dyn ExportLookup>,
+    limits: ServerLimits,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), NbdError> {
+    let shared = Arc::new(ServerShared {
+        connections: Arc::new(Semaphore::new(crate::usize_from(u64::from(
+            limits.max_connections.max(1),
+        )))),
+        max_connections: limits.max_connections.max(1),
+        payload: Arc::new(Semaphore::new(crate::usize_from(u64::from(
+            NODE_IN_FLIGHT_PAYLOAD_BYTES,
+        )))),
+        refused_logged_at: std::sync::Mutex::new(None),
+    });
     let mut accept_loops = JoinSet::new();
     for listener in listeners {
         accept_loops.spawn(accept_loop(
             listener,
             Arc::clone(&exports),
+            Arc::clone(&shared),
             shutdown.clone(),
         ));
     }
@@ -159,9 +192,56 @@ pub async fn serve(
     result
 }
 
+/// What the server bounds across all its listeners and connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Connections open at once (handshaking or transmitting), over every listener; one more
+    /// is accepted and closed at once, with a warning.
+    pub max_connections: u32,
+}
+
+impl Default for ServerLimits {
+    fn default() -> ServerLimits {
+        ServerLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// State every listener and connection of one server shares.
+struct ServerShared {
+    /// One permit per open connection.
+    connections: Arc<Semaphore>,
+    max_connections: u32,
+    /// [`NODE_IN_FLIGHT_PAYLOAD_BYTES`] permits, one per payload byte held.
+    payload: Arc<Semaphore>,
+    /// When a refused connection was last logged.
+    refused_logged_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl ServerShared {
+    /// Logs a refused connection, at most once per [`REFUSED_LOG_INTERVAL`].
+    fn log_refused(&self, peer: &str) {
+        let now = std::time::Instant::now();
+        let mut logged_at = self
+            .refused_logged_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if logged_at.is_none_or(|at| now.duration_since(at) >= REFUSED_LOG_INTERVAL) {
+            *logged_at = Some(now);
+            tracing::warn!(
+                %peer,
+                max_connections = self.max_connections,
+                "nbd connection refused: the server has max_connections open ([nbd] max_connections)"
+            );
+        }
+    }
+}
+
 async fn accept_loop(
     listener: Listener,
     exports: Arc<dyn ExportLookup>,
+    shared: Arc<ServerShared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
@@ -173,11 +253,23 @@ async fn accept_loop(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = accept(&listener) => match accepted {
                 Ok((stream, peer)) => {
-                    let exports = Arc::clone(&exports);
-                    let shutdown = for_connections.clone();
+                    // Over the limit: closed at once (the client sees the connection end
+                    // before the greeting), never queued.
+                    let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
+                        shared.log_refused(&peer);
+                        drop(stream);
+                        continue;
+                    };
+                    let connection = Connection {
+                        peer,
+                        exports: Arc::clone(&exports),
+                        payload: Arc::clone(&shared.payload),
+                        shutdown: for_connections.clone(),
+                        _permit: permit,
+                    };
                     match stream {
-                        Stream::Unix(stream) => connections.spawn(run_connection(stream, peer, exports, shutdown)),
-                        Stream::Tcp(stream) => connections.spawn(run_connection(stream, peer, exports, shutdown)),
+                        Stream::Unix(stream) => connections.spawn(run_connection(stream, connection)),
+                        Stream::Tcp(stream) => connections.spawn(run_connection(stream, connection)),
                     };
                 }
                 Err(error) => {
@@ -255,14 +347,28 @@ impl IntoHalves for tokio::net::TcpStream {
     }
 }
 
-async fn run_connection<S>(
-    mut stream: S,
+/// What one accepted connection carries besides its socket.
+struct Connection {
     peer: String,
     exports: Arc<dyn ExportLookup>,
+    /// The server-wide payload permits ([`NODE_IN_FLIGHT_PAYLOAD_BYTES`]).
+    payload: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
-) where
+    /// Its slot among `max_connections`, released when the connection ends.
+    _permit: OwnedSemaphorePermit,
+}
+
+async fn run_connection<S>(mut stream: S, accepted: Connection)
+where
     S: IntoHalves,
 {
+    let Connection {
+        peer,
+        exports,
+        payload,
+        shutdown,
+        _permit,
+    } = accepted;
     let connection = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
     tracing::info!(connection, %peer, "nbd connection opened");
     let handshake = tokio::time::timeout(
@@ -284,7 +390,7 @@ async fn run_connection<S>(
     };
     tracing::info!(connection, %peer, export = %settled.name, structured = settled.structured, "nbd transmission started");
     let name = settled.name.clone();
-    match transmission(stream, settled, shutdown).await {
+    match transmission(stream, settled, payload, shutdown).await {
         Ok(end) => {
             tracing::info!(connection, %peer, export = %name, "nbd connection closed: {end}")
         }
@@ -524,7 +630,13 @@ fn answer_info(
                 let flags = transmission_flags(export.as_ref(), structured);
                 proto::encode_rep_info_export(out, option, export.size_bytes(), flags);
                 // Sent whether asked for or not: the server enforces these sizes.
-                proto::encode_rep_info_block_size(out, option, proto::BlockSizes::default());
+                let sizes = proto::BlockSizes {
+                    preferred_bytes: export
+                        .preferred_block_bytes()
+                        .clamp(proto::MIN_BLOCK_BYTES, proto::MAX_BLOCK_BYTES),
+                    ..proto::BlockSizes::default()
+                };
+                proto::encode_rep_info_block_size(out, option, sizes);
                 if request.info_types.contains(&proto::INFO_NAME) {
                     proto::encode_rep_info_name(out, option, &name);
                 }
@@ -545,7 +657,8 @@ fn answer_info(
 /// Slots a request holds until its reply has been written to the socket.
 struct Permits {
     _request: OwnedSemaphorePermit,
-    _payload: Option<OwnedSemaphorePermit>,
+    /// Its payload bytes: the connection's permits and the server's.
+    _payload: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 /// One reply, ready for the writer: encoded header bytes, then (for READ) the data.
@@ -577,6 +690,7 @@ impl std::fmt::Display for End {
 async fn transmission<S>(
     stream: S,
     settled: Transmission,
+    node_payload_slots: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<End, NbdError>
 where
@@ -650,15 +764,24 @@ where
             Ok(()) => {
                 let payload_permit = match request.kind {
                     Command::Read | Command::Write if request.length_bytes > 0 => {
-                        // length_bytes <= MAX_BLOCK_BYTES <= MAX_IN_FLIGHT_PAYLOAD_BYTES
-                        // (validated), so this always becomes satisfiable.
-                        match Arc::clone(&payload_slots)
+                        // length_bytes <= MAX_BLOCK_BYTES <= MAX_IN_FLIGHT_PAYLOAD_BYTES <=
+                        // NODE_IN_FLIGHT_PAYLOAD_BYTES (validated), so both always become
+                        // satisfiable. The connection's permits first: a connection waits
+                        // for the server's pool with at most its own share taken.
+                        // The semaphores are never closed.
+                        let Ok(connection) = Arc::clone(&payload_slots)
                             .acquire_many_owned(request.length_bytes)
                             .await
-                        {
-                            Ok(permit) => Some(permit),
-                            Err(_) => break Ok(End::WriterClosed),
-                        }
+                        else {
+                            break Ok(End::WriterClosed);
+                        };
+                        let Ok(node) = Arc::clone(&node_payload_slots)
+                            .acquire_many_owned(request.length_bytes)
+                            .await
+                        else {
+                            break Ok(End::WriterClosed);
+                        };
+                        Some((connection, node))
                     }
                     _ => None,
                 };
@@ -736,7 +859,8 @@ async fn execute(
         Command::WriteZeroes if empty => Ok(None),
         Command::WriteZeroes => {
             // FAST_ZERO needs nothing special: zeroing is a journal record, always faster
-            // than writing the zeroes.
+            // than writing the zeroes. Any length the protocol carries (up to 4 GiB) is one
+            // record without a payload.
             let no_hole = request.flags & proto::CMD_FLAG_NO_HOLE != 0;
             export
                 .write_zeroes(request.offset, len, fua, no_hole)
@@ -1017,6 +1141,10 @@ mod tests {
     }
 
     fn start(exports: Vec<(&str, Arc<MemExport>)>) -> Server {
+        start_with(exports, ServerLimits::default())
+    }
+
+    fn start_with(exports: Vec<(&str, Arc<MemExport>)>, limits: ServerLimits) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("nbd.sock");
         let listener = tokio::net::UnixListener::bind(&path).expect("bind");
@@ -1027,7 +1155,12 @@ mod tests {
                 .map(|(n, e)| (n.to_owned(), e))
                 .collect(),
         ));
-        let task = tokio::spawn(serve(vec![Listener::Unix(listener)], lookup, shutdown_rx));
+        let task = tokio::spawn(serve(
+            vec![Listener::Unix(listener)],
+            lookup,
+            limits,
+            shutdown_rx,
+        ));
         Server {
             path,
             shutdown,
@@ -1306,6 +1439,47 @@ mod tests {
         assert_eq!(size, SIZE_BYTES);
         assert_eq!(flags & proto::FLAG_READ_ONLY, 0);
         assert_ne!(flags & proto::FLAG_CAN_MULTI_CONN, 0);
+        server.stop().await;
+    }
+
+    /// Past `max_connections` a connection is closed before the greeting; once one closes, a
+    /// new one is served again.
+    #[tokio::test]
+    async fn connections_past_the_limit_are_closed_at_once() {
+        let export = MemExport::new(false, None);
+        let server = start_with(
+            vec![("vol", Arc::clone(&export))],
+            ServerLimits { max_connections: 2 },
+        );
+        let first = NbdClient::connect_unix(&server.path, "vol")
+            .await
+            .expect("first");
+        let mut second = NbdClient::connect_unix(&server.path, "vol")
+            .await
+            .expect("second");
+        let mut third = UnixStream::connect(&server.path).await.expect("connect");
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut byte))
+            .await
+            .expect("closed at once, not left waiting");
+        assert!(matches!(read, Ok(0) | Err(_)), "the third got a greeting");
+        second
+            .write(0, &[1; 512], false)
+            .await
+            .expect("second still served");
+        first.disconnect().await.expect("disconnect");
+        // Bounded: the slot is freed when the server sees the first connection end.
+        let mut served = false;
+        for _ in 0..100 {
+            if let Ok(client) = NbdClient::connect_unix(&server.path, "vol").await {
+                client.disconnect().await.expect("disconnect");
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(served, "a freed slot is never reused");
+        second.disconnect().await.expect("disconnect");
         server.stop().await;
     }
 

@@ -85,6 +85,10 @@ impl Storage for DelayedWrites {
             self.inner.zero_range(offset, len, punch).await
         })
     }
+
+    fn logical_block_bytes(&self) -> u64 {
+        self.inner.logical_block_bytes()
+    }
 }
 
 #[cfg(test)]

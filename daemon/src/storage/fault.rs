@@ -31,6 +31,15 @@
 //! - [`FaultDisk::set_fail_sync`]: the n-th sync returns EIO and changes nothing: the writes it
 //!   should have made durable stay unsynced (callers must treat a failed sync as fatal, never
 //!   retry it and assume the data is safe).
+//! - [`FaultDisk::set_persistent_write_error`]: every write and zeroing fails with the given
+//!   errno and changes nothing, until cleared; the disk stays alive. This is a device that
+//!   refuses the same request again and again (EINVAL), a full filesystem under a sparse file
+//!   (ENOSPC), a read-only device (EROFS): errors that no retry or restart makes go away.
+//!
+//! A disk made with [`FaultDisk::with_logical_block_bytes`] behaves like a block device with
+//! that logical block size opened buffered, as the kernel treats it: reads and writes must be
+//! 512-byte aligned (the page cache does the rest), and `zero_range` (fallocate, BLKZEROOUT)
+//! must be aligned to the logical block, or it fails with EINVAL.
 //! - [`FaultDisk::crash_process`]: kill -9. The OS survives, so the cache (unsynced writes
 //!   included) stays and the next boot reads it.
 //! - [`FaultDisk::power_loss`]: the cache is lost. Every 512-byte sector touched by the log
@@ -84,6 +93,12 @@ struct DiskState {
     tear_write_at: Option<(u64, u64)>,
     /// `sync_count` value of the sync to fail.
     fail_sync_at: Option<u64>,
+    /// Every write and zeroing fails with this errno while set.
+    persistent_write_errno: Option<i32>,
+    /// What `zero_range` needs its range aligned to.
+    logical_block_bytes: u64,
+    /// Whether reads and writes must be 512-byte aligned (a simulated block device).
+    sector_aligned_io: bool,
 }
 
 /// An injected failure: a bare EIO, as the kernel would report it, so code converting errors
@@ -107,6 +122,9 @@ impl DiskState {
     /// A write of `data` at `offset` (already range-checked), with faults applied.
     fn write(&mut self, offset: u64, mut data: Vec<u8>, dsync: bool) -> io::Result<()> {
         self.write_count += 1;
+        if let Some(errno) = self.persistent_write_errno {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         if self.fail_write_at == Some(self.write_count) {
             self.fail_write_at = None;
             return Err(eio());
@@ -184,6 +202,24 @@ impl DiskState {
 impl FaultDisk {
     /// A zero-filled disk of `len_bytes` bytes, fully synced.
     pub fn new(len_bytes: u64) -> FaultDisk {
+        FaultDisk::with_block(len_bytes, SECTOR_BYTES, false)
+    }
+
+    /// A zero-filled block device of `len_bytes` bytes with `logical_block_bytes` logical
+    /// blocks, opened buffered (see the module documentation).
+    pub fn with_logical_block_bytes(len_bytes: u64, logical_block_bytes: u64) -> FaultDisk {
+        assert!(
+            logical_block_bytes.is_power_of_two() && logical_block_bytes >= SECTOR_BYTES,
+            "a logical block is a power of two of at least 512 bytes"
+        );
+        assert!(
+            len_bytes.is_multiple_of(logical_block_bytes),
+            "a block device holds whole logical blocks"
+        );
+        FaultDisk::with_block(len_bytes, logical_block_bytes, true)
+    }
+
+    fn with_block(len_bytes: u64, logical_block_bytes: u64, sector_aligned_io: bool) -> FaultDisk {
         let len = usize::try_from(len_bytes).expect("FaultDisk size must fit in memory");
         FaultDisk {
             state: Arc::new(Mutex::new(DiskState {
@@ -196,6 +232,9 @@ impl FaultDisk {
                 fail_write_at: None,
                 tear_write_at: None,
                 fail_sync_at: None,
+                persistent_write_errno: None,
+                logical_block_bytes,
+                sector_aligned_io,
             })),
         }
     }
@@ -211,6 +250,7 @@ impl FaultDisk {
             state: Arc::clone(&self.state),
             boot: state.boot,
             len_bytes: state.len_bytes(),
+            logical_block_bytes: state.logical_block_bytes,
         })
     }
 
@@ -241,8 +281,13 @@ impl FaultDisk {
         state.fail_sync_at = Some(state.sync_count + n);
     }
 
-    /// The process is killed: unsynced writes stay in the (surviving) page cache; existing
-    /// handles fail every I/O from now on.
+    /// From now on every write and zeroing fails with `errno` and changes nothing, until
+    /// called with `None`. Survives crashes and power losses (it is the device's state, not the
+    /// process's), and [`clear_faults`](Self::clear_faults) leaves it alone.
+    pub fn set_persistent_write_error(&self, errno: Option<i32>) {
+        self.lock().persistent_write_errno = errno;
+    }
+
     /// Disarms every fault set but not yet fired (the next boot should start clean).
     pub fn clear_faults(&self) {
         let mut state = self.lock();
@@ -251,6 +296,8 @@ impl FaultDisk {
         state.fail_sync_at = None;
     }
 
+    /// The process is killed: unsynced writes stay in the (surviving) page cache; existing
+    /// handles fail every I/O from now on.
     pub fn crash_process(&self) {
         self.lock().boot += 1;
     }
@@ -295,6 +342,16 @@ struct FaultStorage {
     state: Arc<Mutex<DiskState>>,
     boot: u64,
     len_bytes: u64,
+    logical_block_bytes: u64,
+}
+
+/// EINVAL unless `offset` and `len` are multiples of `block_bytes`: the kernel's answer to a
+/// misaligned request.
+fn check_aligned(offset: u64, len: u64, block_bytes: u64) -> io::Result<()> {
+    if offset.is_multiple_of(block_bytes) && len.is_multiple_of(block_bytes) {
+        return Ok(());
+    }
+    Err(io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 impl FaultStorage {
@@ -303,6 +360,9 @@ impl FaultStorage {
         let mut state = lock_state(&self.state);
         state.check_alive(self.boot)?;
         super::check_write_range(self.len_bytes, offset, total_bytes)?;
+        if state.sector_aligned_io {
+            check_aligned(offset, total_bytes, SECTOR_BYTES)?;
+        }
         let mut data = Vec::with_capacity(crate::usize_from(total_bytes));
         for buf in bufs {
             data.extend_from_slice(buf);
@@ -314,6 +374,9 @@ impl FaultStorage {
         let mut state = lock_state(&self.state);
         state.check_alive(self.boot)?;
         super::check_write_range(self.len_bytes, offset, len)?;
+        if state.sector_aligned_io {
+            check_aligned(offset, len, state.logical_block_bytes)?;
+        }
         state.write(offset, vec![0; crate::usize_from(len)], false)
     }
 
@@ -321,6 +384,9 @@ impl FaultStorage {
         let state = lock_state(&self.state);
         state.check_alive(self.boot)?;
         super::check_read_range(self.len_bytes, offset, buf.len() as u64)?;
+        if state.sector_aligned_io {
+            check_aligned(offset, buf.len() as u64, SECTOR_BYTES)?;
+        }
         let start = crate::usize_from(offset);
         buf.copy_from_slice(&state.cached[start..start + buf.len()]);
         Ok(())
@@ -369,5 +435,9 @@ impl Storage for FaultStorage {
 
     fn zero_range(&self, offset: u64, len: u64, _punch: bool) -> IoFuture<'_, io::Result<()>> {
         Box::pin(async move { self.zero_now(offset, len) })
+    }
+
+    fn logical_block_bytes(&self) -> u64 {
+        self.logical_block_bytes
     }
 }

@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{OpenOptions, SharedBuf};
@@ -24,16 +25,190 @@ pub(super) struct OpenedFile {
     pub file: File,
     pub len_bytes: u64,
     pub is_block_device: bool,
-    /// Whether O_DIRECT is in effect (asked for, and accepted by the filesystem).
+    /// Whether O_DIRECT is in effect (asked for, its alignment known and met, and accepted by
+    /// the filesystem).
     pub direct: bool,
+    /// What fallocate and BLKZEROOUT need offsets and lengths aligned to: the logical block
+    /// size of a block device, [`super::SECTOR_BYTES`] for a regular file (whose filesystem
+    /// zeroes partial blocks itself).
+    pub logical_block_bytes: u64,
 }
 
 /// Set once the first O_DIRECT refusal has been logged, so a test suite or a daemon with many
 /// volumes on tmpfs warns once rather than once per file.
 static DIRECT_REFUSED_WARNED: AtomicBool = AtomicBool::new(false);
 
-/// Opens `path` read-write (see [`super::OpenOptions`]).
-pub(super) fn open_file(path: &Path, opts: &OpenOptions) -> io::Result<OpenedFile> {
+/// What the kernel says direct I/O on a file needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DioAlignment {
+    /// Offsets and lengths must be multiples of `offset_bytes`, buffer addresses of
+    /// `memory_bytes`.
+    Known {
+        offset_bytes: u64,
+        memory_bytes: u64,
+    },
+    /// The file cannot do direct I/O at all (statx reports an alignment of 0).
+    Unsupported,
+    /// The kernel does not say (Linux < 6.1, or a filesystem without STATX_DIOALIGN).
+    Unknown,
+}
+
+/// Whether to open with O_DIRECT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DirectDecision {
+    Direct,
+    Buffered,
+    /// Try O_DIRECT and check it with one read at Ferry's real alignment ([`probe_direct`]).
+    Probe,
+}
+
+/// Decides O_DIRECT from what the kernel says it needs and what the caller's I/O guarantees
+/// (`io_align_bytes`, its offsets and lengths) with Ferry's buffers ([`super::MEMORY_ALIGN`]).
+/// An unknown alignment counts as "not met" for a volume's device, whose reads and writes may
+/// be 512-byte granular; a journal (4 KiB I/O) on a filesystem that does not say is probed.
+pub(super) fn direct_decision(alignment: DioAlignment, io_align_bytes: u64) -> DirectDecision {
+    let memory_align = super::MEMORY_ALIGN as u64;
+    match alignment {
+        DioAlignment::Known {
+            offset_bytes,
+            memory_bytes,
+        } if offset_bytes > 0
+            && io_align_bytes.is_multiple_of(offset_bytes)
+            && memory_bytes <= memory_align =>
+        {
+            DirectDecision::Direct
+        }
+        DioAlignment::Known { .. } | DioAlignment::Unsupported => DirectDecision::Buffered,
+        DioAlignment::Unknown if io_align_bytes >= super::DIRECT_ALIGN as u64 => {
+            DirectDecision::Probe
+        }
+        DioAlignment::Unknown => DirectDecision::Buffered,
+    }
+}
+
+/// The direct-I/O alignment of an open file. Block devices on kernels without
+/// STATX_DIOALIGN: their logical block size, which before Linux 6.0 bound buffer addresses
+/// too.
+fn dio_alignment(file: &File, is_block_device: bool, logical_block_bytes: u64) -> DioAlignment {
+    // SAFETY: statx is a plain C struct of integers, for which all-zero bytes are valid.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a NUL-terminated empty string, AT_EMPTY_PATH makes statx look at the
+    // descriptor we own, and `stx` is a struct we own for the call.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 {
+        if stx.stx_dio_offset_align == 0 {
+            return DioAlignment::Unsupported;
+        }
+        return DioAlignment::Known {
+            offset_bytes: u64::from(stx.stx_dio_offset_align),
+            memory_bytes: u64::from(stx.stx_dio_mem_align),
+        };
+    }
+    if is_block_device {
+        return DioAlignment::Known {
+            offset_bytes: logical_block_bytes,
+            memory_bytes: logical_block_bytes,
+        };
+    }
+    DioAlignment::Unknown
+}
+
+/// Bytes [`probe_direct`] reads.
+const PROBE_BYTES: usize = 4096;
+
+/// Checks O_DIRECT on a file whose alignment the kernel does not report, with the buffers
+/// Ferry uses: one 4 KiB read at offset 0 into memory aligned to [`super::MEMORY_ALIGN`] and
+/// to nothing larger. The first block must be allocated (a journal's superblock is), since
+/// some filesystems skip the alignment check over holes. False on any error.
+fn probe_direct(file: &File) -> bool {
+    use std::alloc::{alloc_zeroed, dealloc, Layout};
+    let Ok(layout) =
+        Layout::from_size_align(PROBE_BYTES + super::DIRECT_ALIGN, super::DIRECT_ALIGN)
+    else {
+        return false;
+    };
+    // SAFETY: the layout has a non-zero size.
+    let base = unsafe { alloc_zeroed(layout) };
+    if base.is_null() {
+        return false;
+    }
+    // SAFETY: MEMORY_ALIGN + PROBE_BYTES <= the allocation's size, so the buffer stays inside
+    // it; it is aligned to MEMORY_ALIGN and, the base being aligned to DIRECT_ALIGN, to no
+    // larger power of two.
+    let buffer = unsafe { base.add(super::MEMORY_ALIGN) };
+    // SAFETY: pread writes at most PROBE_BYTES bytes into the buffer, which has them.
+    let read = unsafe { libc::pread(file.as_raw_fd(), buffer.cast(), PROBE_BYTES, 0) };
+    // SAFETY: `base` was allocated above with this layout.
+    unsafe { dealloc(base, layout) };
+    read >= 0
+}
+
+/// Sets or clears O_DIRECT on an open descriptor.
+fn set_direct(file: &File, direct: bool) -> io::Result<()> {
+    // SAFETY: plain fcntl calls on a descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = if direct {
+        flags | libc::O_DIRECT
+    } else {
+        flags & !libc::O_DIRECT
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Creates the regular file `path` with `len_bytes`: its blocks reserved where the filesystem
+/// can (fallocate), then the file and its directory fsynced, so that the file, its size and
+/// its name survive a power loss. A filesystem that cannot preallocate leaves it sparse. Not
+/// enough space is an error, and the half-made file is removed.
+fn create_file(path: &Path, len_bytes: u64) -> io::Result<()> {
+    let file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(file) => file,
+        // Someone else created it between our metadata() and open(): use theirs.
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    let prepared = file.set_len(len_bytes).and_then(|()| {
+        match fallocate(&file, 0, 0, len_bytes) {
+            Ok(()) => Ok(()),
+            Err(error) if super::is_unsupported(&error) => {
+                tracing::info!(path = %path.display(), "filesystem cannot preallocate; the file stays sparse");
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    });
+    if let Err(error) = prepared.and_then(|()| file.sync_all()) {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(error);
+    }
+    crate::datadir::sync_dir(path)
+}
+
+/// Opens `path` read-write (see [`super::OpenOptions`] and [`super::open_for_io`]).
+pub(super) fn open_file(
+    path: &Path,
+    opts: &OpenOptions,
+    io_align_bytes: u64,
+) -> io::Result<OpenedFile> {
     // The message gains the path; the kind (NotFound, PermissionDenied...) stays matchable.
     let with_path = |error: io::Error, what: &str| {
         io::Error::new(error.kind(), format!("{what} {}: {error}", path.display()))
@@ -44,54 +219,28 @@ pub(super) fn open_file(path: &Path, opts: &OpenOptions) -> io::Result<OpenedFil
             let Some(len_bytes) = opts.create_len_bytes else {
                 return Err(with_path(error, "opening"));
             };
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-            {
-                // Sparse: the journal writes zeros itself where it needs allocated blocks.
-                Ok(file) => file
-                    .set_len(len_bytes)
-                    .map_err(|e| with_path(e, "sizing"))?,
-                // Someone else created it between our metadata() and open(): use theirs.
-                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(error) => return Err(with_path(error, "creating")),
-            }
+            create_file(path, len_bytes).map_err(|e| with_path(e, "creating"))?;
         }
         Err(error) => return Err(with_path(error, "inspecting")),
     }
 
-    let open_with = |extra_flags: libc::c_int| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | extra_flags)
-            .open(path)
-    };
-    let (file, direct) = if opts.direct {
-        match open_with(libc::O_DIRECT) {
-            Ok(file) => (file, true),
-            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-                if !DIRECT_REFUSED_WARNED.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(path = %path.display(), "filesystem refuses O_DIRECT, using buffered I/O");
-                }
-                (open_with(0).map_err(|e| with_path(e, "opening"))?, false)
-            }
-            Err(error) => return Err(with_path(error, "opening")),
-        }
-    } else {
-        (open_with(0).map_err(|e| with_path(e, "opening"))?, false)
-    };
-
+    // Opened buffered first: whether O_DIRECT fits is a question about the open file.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| with_path(e, "opening"))?;
     let metadata = file.metadata().map_err(|e| with_path(e, "inspecting"))?;
     let file_type = metadata.file_type();
-    let (len_bytes, is_block_device) = if file_type.is_block_device() {
+    let (len_bytes, is_block_device, logical_block_bytes) = if file_type.is_block_device() {
         (
             block_device_len_bytes(&file).map_err(|e| with_path(e, "sizing"))?,
             true,
+            block_device_logical_block_bytes(&file).map_err(|e| with_path(e, "inspecting"))?,
         )
     } else if file_type.is_file() {
-        (metadata.len(), false)
+        (metadata.len(), false, super::SECTOR_BYTES)
     } else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -101,12 +250,64 @@ pub(super) fn open_file(path: &Path, opts: &OpenOptions) -> io::Result<OpenedFil
             ),
         ));
     };
+    let alignment = dio_alignment(&file, is_block_device, logical_block_bytes);
+    let decision = if opts.direct {
+        direct_decision(alignment, io_align_bytes)
+    } else {
+        DirectDecision::Buffered
+    };
+    let direct = match decision {
+        DirectDecision::Buffered => false,
+        DirectDecision::Direct | DirectDecision::Probe => match set_direct(&file, true) {
+            Ok(()) if decision == DirectDecision::Probe && !probe_direct(&file) => {
+                set_direct(&file, false).map_err(|e| with_path(e, "opening"))?;
+                false
+            }
+            Ok(()) => true,
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                if !DIRECT_REFUSED_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(path = %path.display(), "filesystem refuses O_DIRECT, using buffered I/O");
+                }
+                false
+            }
+            Err(error) => return Err(with_path(error, "opening")),
+        },
+    };
+    if opts.direct && !direct {
+        tracing::info!(path = %path.display(), ?alignment, io_align_bytes, "direct I/O alignment unknown or not met; using buffered I/O");
+    }
     Ok(OpenedFile {
         file,
         len_bytes,
         is_block_device,
         direct,
+        logical_block_bytes,
     })
+}
+
+/// `BLKSSZGET`: the logical block size of a block device.
+fn block_device_logical_block_bytes(file: &File) -> io::Result<u64> {
+    let mut block_bytes: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points to a live local.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::BLKSSZGET,
+            &mut block_bytes as *mut libc::c_int,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u64::try_from(block_bytes)
+        .ok()
+        .filter(|bytes| bytes.is_power_of_two() && *bytes >= super::SECTOR_BYTES)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the device reports a logical block size of {block_bytes} bytes"),
+            )
+        })
 }
 
 fn block_device_len_bytes(file: &File) -> io::Result<u64> {

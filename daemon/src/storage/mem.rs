@@ -92,4 +92,8 @@ impl Storage for MemStorage {
     fn zero_range(&self, offset: u64, len: u64, _punch: bool) -> IoFuture<'_, io::Result<()>> {
         Box::pin(async move { self.zero_now(offset, len) })
     }
+
+    fn logical_block_bytes(&self) -> u64 {
+        super::SECTOR_BYTES
+    }
 }

@@ -20,12 +20,21 @@
 //! `FERRY_FAULT_DEVICE_WRITE_DELAY_US` for volumes' backing devices). Without the feature
 //! neither is compiled and no fault environment variable is read.
 //!
+//! Devices with logical blocks larger than 512 bytes (4Kn disks, `losetup --sector-size
+//! 4096`): Ferry's I/O is 512-byte granular (the NBD minimum block size), so such a device is
+//! opened buffered (the page cache does the read-modify-write of partial blocks), and
+//! [`zero`] zeroes the aligned middle of a range with the kernel's help and writes the
+//! unaligned head and tail as zeros. O_DIRECT is used only where the alignment it needs is
+//! known (statx `STATX_DIOALIGN`, or `BLKSSZGET` for block devices) and met by every I/O the
+//! caller issues; see [`open_for_io`].
+//!
 //! Invariants shared by every implementation:
 //! - The size is fixed when the storage is opened. Writing or zeroing past it is an
 //!   `InvalidInput` error and reading past it an `UnexpectedEof` error, both raised before any
 //!   I/O is submitted.
 //! - A failed I/O is returned to the caller; nothing is retried behind its back except short
-//!   transfers, whose remainder is resubmitted.
+//!   transfers, whose remainder is resubmitted, and io_uring completions that report EAGAIN
+//!   (the request did not run), resubmitted a bounded number of times.
 //! - Buffers handed to the kernel stay owned by the backend until the kernel is done with
 //!   them, even if the caller's future is dropped first.
 
@@ -74,43 +83,125 @@ pub trait Storage: Send + Sync + 'static {
     /// Makes [offset, offset+len) read back as zeros. `punch`: deallocation is welcome (TRIM,
     /// WRITE_ZEROES without NO_HOLE); otherwise keep the blocks allocated (FALLOC_FL_ZERO_RANGE
     /// or writing zeros). Block devices: BLKZEROOUT/BLKDISCARD-with-zeroing or fallocate; fall
-    /// back to writing zeros when the kernel says EOPNOTSUPP.
+    /// back to writing zeros when the kernel says EOPNOTSUPP. Like the kernel's calls on a
+    /// block device, this may refuse a range not aligned to
+    /// [`logical_block_bytes`](Self::logical_block_bytes) with EINVAL (files take any range);
+    /// [`zero`] takes any 512-byte aligned range on any storage.
     fn zero_range(&self, offset: u64, len: u64, punch: bool) -> IoFuture<'_, io::Result<()>>;
+    /// The granularity [`zero_range`](Self::zero_range) needs: a block device's logical block
+    /// size (BLKSSZGET), [`SECTOR_BYTES`] for files and simulated disks. Reads and writes take
+    /// any 512-byte aligned range whatever this is (the storage is opened buffered when they
+    /// could not).
+    fn logical_block_bytes(&self) -> u64;
+}
+
+/// The unit of every I/O Ferry issues on a volume's device: NBD's minimum block size.
+pub const SECTOR_BYTES: u64 = 512;
+
+/// Makes `[offset, offset + len)` read back as zeros on any storage, whatever its logical
+/// block size: the part aligned to [`Storage::logical_block_bytes`] through
+/// [`Storage::zero_range`] (fast, may deallocate), the unaligned head and tail as written
+/// zeros. Those edges exist only on storage with blocks larger than 512 bytes, which is opened
+/// buffered ([`open_for_io`]), so the page cache turns the 512-byte writes into
+/// read-modify-writes of the device's blocks. Without this, the kernel refuses a sub-block
+/// zeroing of a block device with EINVAL.
+pub async fn zero(storage: &dyn Storage, offset: u64, len: u64, punch: bool) -> io::Result<()> {
+    let (head, middle, tail) = split_at_blocks(offset, len, storage.logical_block_bytes());
+    for (at, edge_bytes) in [head, tail] {
+        if edge_bytes > 0 {
+            write_zeros(storage, at, edge_bytes).await?;
+        }
+    }
+    match middle {
+        (at, middle_bytes) if middle_bytes > 0 => storage.zero_range(at, middle_bytes, punch).await,
+        _ => Ok(()),
+    }
+}
+
+/// Splits `[offset, offset + len)` into a head before the first boundary of `block_bytes`, a
+/// middle of whole blocks, and a tail after the last boundary: three (offset, length) pairs,
+/// each possibly empty, together exactly the range. A range without a whole block is all
+/// head.
+fn split_at_blocks(
+    offset: u64,
+    len: u64,
+    block_bytes: u64,
+) -> ((u64, u64), (u64, u64), (u64, u64)) {
+    let block_bytes = block_bytes.max(1);
+    // Callers range-check first, so `offset + len` does not overflow; saturating keeps a
+    // wrong call from panicking (the storage refuses the range afterwards).
+    let end = offset.saturating_add(len);
+    let middle_start = offset.div_ceil(block_bytes).saturating_mul(block_bytes);
+    let middle_end = end / block_bytes * block_bytes;
+    if middle_start >= middle_end {
+        return ((offset, len), (end, 0), (end, 0));
+    }
+    (
+        (offset, middle_start - offset),
+        (middle_start, middle_end - middle_start),
+        (middle_end, end - middle_end),
+    )
 }
 
 /// How [`open`], [`open_uring`] and [`open_posix`] open a path.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OpenOptions {
-    /// Ask for O_DIRECT (bypass the page cache). Falls back to buffered I/O, with one warning
-    /// per process, where the filesystem refuses it.
+    /// Ask for O_DIRECT (bypass the page cache). Granted only where the file's direct-I/O
+    /// alignment is known and met ([`open_for_io`]); buffered otherwise, with one warning per
+    /// process where the filesystem refuses it outright.
     pub direct: bool,
-    /// Create a missing regular file with this size (sparse). `None`: a missing file is an
-    /// error. An existing file is opened as it is, whatever its size.
+    /// Create a missing regular file with this size, its blocks reserved with fallocate where
+    /// the filesystem can (so that applying writes later does not fail with ENOSPC), and its
+    /// directory fsynced. `None`: a missing file is an error. An existing file is opened as
+    /// it is, whatever its size.
     pub create_len_bytes: Option<u64>,
 }
 
 /// Opens a regular file (created with `create_len_bytes` if missing; error if missing and None)
 /// or a block device, with io_uring. Must be called inside a tokio runtime: the task reaping
-/// completions is spawned on it.
+/// completions is spawned on it. With `direct`, the caller's I/O is taken to be 512-byte
+/// aligned (see [`open_for_io`]).
 pub fn open_uring(path: &Path, opts: &OpenOptions) -> io::Result<Arc<dyn Storage>> {
-    let opened = file::open_file(path, opts)?;
+    let opened = file::open_file(path, opts, SECTOR_BYTES)?;
     let ring = uring::new_ring()?;
     Ok(Arc::new(uring::UringStorage::new(opened, ring)?))
 }
 
 /// Opens like [`open_uring`], but does I/O with pread/pwrite on tokio's blocking pool.
 pub fn open_posix(path: &Path, opts: &OpenOptions) -> io::Result<Arc<dyn Storage>> {
-    let opened = file::open_file(path, opts)?;
+    let opened = file::open_file(path, opts, SECTOR_BYTES)?;
     Ok(Arc::new(posix::PosixStorage::new(opened)))
 }
 
-/// io_uring, falling back to posix with a warning when the kernel refuses io_uring
-/// (ENOSYS: not built in or disabled; EPERM: forbidden by sysctl or seccomp). Goes through
-/// [`maybe_power_loss`].
+/// [`open_for_io`] for callers whose I/O is 512-byte aligned (the NBD minimum), the smallest
+/// alignment Ferry issues.
 pub fn open(path: &Path, opts: &OpenOptions) -> io::Result<Arc<dyn Storage>> {
-    let opened = file::open_file(path, opts)?;
+    open_for_io(path, opts, SECTOR_BYTES)
+}
+
+/// io_uring, falling back to posix with a warning when the kernel refuses io_uring
+/// (ENOSYS: not built in or disabled; EPERM: forbidden by sysctl or seccomp) or lacks an
+/// operation the backend uses (probed at open). Goes through [`maybe_power_loss`].
+///
+/// `io_align_bytes` is the alignment of every offset and length the caller will use (512 for
+/// a volume's device, 4096 for a journal). `opts.direct` asks for O_DIRECT, which is granted
+/// only when the file's direct-I/O alignment is known and `io_align_bytes` and Ferry's
+/// buffers ([`MEMORY_ALIGN`]) meet it; otherwise the file is opened buffered, so that an I/O
+/// the device cannot take directly never fails with EINVAL.
+pub fn open_for_io(
+    path: &Path,
+    opts: &OpenOptions,
+    io_align_bytes: u64,
+) -> io::Result<Arc<dyn Storage>> {
+    let opened = file::open_file(path, opts, io_align_bytes)?;
     let storage: Arc<dyn Storage> = match uring::new_ring() {
-        Ok(ring) => Arc::new(uring::UringStorage::new(opened, ring)?),
+        Ok(ring) => match uring::missing_features(&ring) {
+            None => Arc::new(uring::UringStorage::new(opened, ring)?),
+            Some(missing) => {
+                tracing::warn!(path = %path.display(), %missing, "io_uring too old for Ferry, using pread/pwrite");
+                Arc::new(posix::PosixStorage::new(opened))
+            }
+        },
         Err(error) if matches!(error.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)) => {
             tracing::warn!(path = %path.display(), %error, "io_uring unavailable, using pread/pwrite");
             Arc::new(posix::PosixStorage::new(opened))

@@ -18,6 +18,7 @@ pub(super) struct PosixStorage {
     file: Arc<File>,
     len_bytes: u64,
     is_block_device: bool,
+    logical_block_bytes: u64,
 }
 
 impl PosixStorage {
@@ -31,6 +32,7 @@ impl PosixStorage {
             file: Arc::new(opened.file),
             len_bytes: opened.len_bytes,
             is_block_device: opened.is_block_device,
+            logical_block_bytes: opened.logical_block_bytes,
         }
     }
 
@@ -116,5 +118,9 @@ impl Storage for PosixStorage {
 
     fn zero_range(&self, offset: u64, len: u64, punch: bool) -> IoFuture<'_, io::Result<()>> {
         Box::pin(self.zero(offset, len, punch))
+    }
+
+    fn logical_block_bytes(&self) -> u64 {
+        self.logical_block_bytes
     }
 }

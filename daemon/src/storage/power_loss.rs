@@ -827,6 +827,10 @@ impl Storage for PowerLossStorage {
         let shared = Arc::clone(&self.shared);
         Box::pin(logged_write(shared, offset, len, WriteOp::Zero { punch }))
     }
+
+    fn logical_block_bytes(&self) -> u64 {
+        self.shared.inner.logical_block_bytes()
+    }
 }
 
 /// A before record, as [`revert`] looks it up by sector.
@@ -1452,6 +1456,10 @@ mod tests {
 
         fn zero_range(&self, offset: u64, len: u64, punch: bool) -> IoFuture<'_, io::Result<()>> {
             self.inner.zero_range(offset, len, punch)
+        }
+
+        fn logical_block_bytes(&self) -> u64 {
+            self.inner.logical_block_bytes()
         }
     }
 

@@ -285,9 +285,10 @@ async fn opening_creates_reopens_and_refuses_missing_files() {
         .await
         .unwrap();
     drop(storage);
-    // Created sparse.
+    // Created with its blocks reserved (ext4 and tmpfs preallocate), so that applying writes
+    // later cannot fail with ENOSPC.
     let metadata = std::fs::metadata(&path).unwrap();
-    assert!(std::os::unix::fs::MetadataExt::blocks(&metadata) * 512 < 1 << 20);
+    assert!(std::os::unix::fs::MetadataExt::blocks(&metadata) * 512 >= 1 << 20);
 
     // An existing file keeps its size and contents, whatever create_len_bytes says.
     let storage = open_posix(
@@ -828,6 +829,7 @@ fn o_direct_is_in_effect_where_the_filesystem_allows_it() {
             direct: true,
             create_len_bytes: Some(4096),
         },
+        SECTOR_BYTES,
     )
     .unwrap();
     // /tmp is ext4 on the project's machines; elsewhere (tmpfs before Linux 6.6) the fallback
@@ -843,9 +845,91 @@ fn o_direct_is_in_effect_where_the_filesystem_allows_it() {
             direct: false,
             create_len_bytes: None,
         },
+        SECTOR_BYTES,
     )
     .unwrap();
     assert!(!opened.direct);
     assert!(!opened.is_block_device);
     assert_eq!(opened.len_bytes, 4096);
+}
+
+#[test]
+fn o_direct_only_where_the_alignment_is_known_and_met() {
+    use file::{direct_decision, DioAlignment, DirectDecision};
+    let known = |offset_bytes, memory_bytes| DioAlignment::Known {
+        offset_bytes,
+        memory_bytes,
+    };
+    let journal = DIRECT_ALIGN as u64;
+    let cases = [
+        // A 512-byte device or filesystem: fits the volume's 512-byte I/O and the journal.
+        (known(512, 512), SECTOR_BYTES, DirectDecision::Direct),
+        (known(512, 4), journal, DirectDecision::Direct),
+        // A 4Kn device: the volume's 512-byte requests would get EINVAL; the journal fits.
+        (known(4096, 512), SECTOR_BYTES, DirectDecision::Buffered),
+        (known(4096, 512), journal, DirectDecision::Direct),
+        // Buffers must be aligned to more than Ferry's.
+        (known(512, 4096), SECTOR_BYTES, DirectDecision::Buffered),
+        (known(8192, 512), journal, DirectDecision::Buffered),
+        // statx says direct I/O is not supported (alignment 0).
+        (DioAlignment::Unsupported, journal, DirectDecision::Buffered),
+        // The kernel does not say: a device stays buffered, a journal is probed.
+        (
+            DioAlignment::Unknown,
+            SECTOR_BYTES,
+            DirectDecision::Buffered,
+        ),
+        (DioAlignment::Unknown, journal, DirectDecision::Probe),
+    ];
+    for (alignment, io_align_bytes, expected) in cases {
+        assert_eq!(
+            direct_decision(alignment, io_align_bytes),
+            expected,
+            "{alignment:?} with {io_align_bytes}-byte I/O"
+        );
+    }
+}
+
+#[test]
+fn ranges_split_at_logical_blocks() {
+    let cases = [
+        // (offset, len, block) -> head, middle, tail
+        ((512, 1024, 4096), ((512, 1024), (1536, 0), (1536, 0))),
+        ((0, 8192, 4096), ((0, 0), (0, 8192), (8192, 0))),
+        ((512, 8192, 4096), ((512, 3584), (4096, 4096), (8192, 512))),
+        ((4096, 4608, 4096), ((4096, 0), (4096, 4096), (8192, 512))),
+        ((3584, 1024, 4096), ((3584, 1024), (4608, 0), (4608, 0))),
+        ((512, 512, 512), ((512, 0), (512, 512), (1024, 0))),
+    ];
+    for ((offset, len, block), expected) in cases {
+        let split = split_at_blocks(offset, len, block);
+        assert_eq!(
+            split, expected,
+            "{len} bytes at {offset} in {block}-byte blocks"
+        );
+        let ((_, head), (_, middle), (_, tail)) = split;
+        assert_eq!(head + middle + tail, len);
+    }
+}
+
+#[tokio::test]
+async fn zeroing_takes_any_sector_range_on_a_4k_device() {
+    let disk = FaultDisk::with_logical_block_bytes(64 << 10, 4096);
+    let storage = disk.storage();
+    storage
+        .write_at(0, vec![shared(&[0xab; 16 << 10])], false)
+        .await
+        .unwrap();
+    // What the kernel says to a sub-block fallocate or BLKZEROOUT on such a device.
+    let refused = storage.zero_range(512, 1024, true).await.unwrap_err();
+    assert_eq!(refused.raw_os_error(), Some(libc::EINVAL));
+    for (offset, len) in [(512, 1024), (3584, 5120), (12288, 512)] {
+        zero(&*storage, offset, len, true).await.unwrap();
+    }
+    let got = read(&*storage, 0, 16 << 10).await.unwrap();
+    let mut expected = vec![0xab; 16 << 10];
+    for (offset, len) in [(512, 1024), (3584, 5120), (12288, 512)] {
+        expected[offset..offset + len].fill(0);
+    }
+    assert_eq!(got, expected);
 }

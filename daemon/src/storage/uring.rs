@@ -53,6 +53,48 @@ pub(super) fn new_ring() -> io::Result<IoUring> {
     }
 }
 
+/// The operations this backend submits, by name.
+const OPCODES_USED: [(u8, &str); 3] = [
+    (opcode::Writev::CODE, "WRITEV"),
+    (opcode::Read::CODE, "READ"),
+    (opcode::Fsync::CODE, "FSYNC"),
+];
+
+/// What the kernel behind `ring` lacks of what this backend needs, or `None` when it has
+/// everything. A kernel can create a ring (Linux 5.1) and still not know `IORING_OP_READ`
+/// (5.6): every read would then fail, so the caller falls back to pread/pwrite instead. A
+/// kernel without `IORING_REGISTER_PROBE` (before 5.6) lacks `READ` as well.
+pub(super) fn missing_features(ring: &IoUring) -> Option<String> {
+    let mut probe = io_uring::Probe::new();
+    if let Err(error) = ring.submitter().register_probe(&mut probe) {
+        return Some(format!(
+            "no opcode probe ({error}), so no IORING_OP_READ either"
+        ));
+    }
+    let missing: Vec<&str> = OPCODES_USED
+        .iter()
+        .filter(|(code, _)| !probe.is_supported(*code))
+        .map(|(_, name)| *name)
+        .collect();
+    (!missing.is_empty()).then(|| format!("no IORING_OP_{}", missing.join(", IORING_OP_")))
+}
+
+/// Times one operation is resubmitted after its completion reported EAGAIN before the error
+/// is returned: the kernel may post EAGAIN for a request it could not queue without blocking
+/// (a busy block device), which is no failure of the request.
+const EAGAIN_RESUBMITS_MAX: u32 = 1000;
+
+/// Whether an operation whose completion carried `result` should be submitted again after
+/// `resubmits` earlier retries.
+fn resubmit_after(result: i32, resubmits: u32) -> bool {
+    result == -libc::EAGAIN && resubmits < EAGAIN_RESUBMITS_MAX
+}
+
+/// The pause before resubmitting after EAGAIN: short, growing with the retries, at most 10 ms.
+fn eagain_backoff(resubmits: u32) -> Duration {
+    Duration::from_micros(u64::from(resubmits.min(100)) * 100)
+}
+
 /// An iovec array pointing into the buffers stored next to it in the same slot. Only the
 /// kernel reads it; Rust just keeps it alive.
 struct IoVecs(#[allow(dead_code)] Box<[libc::iovec]>);
@@ -376,6 +418,7 @@ pub(super) struct UringStorage {
     shared: Arc<Shared>,
     len_bytes: u64,
     is_block_device: bool,
+    logical_block_bytes: u64,
 }
 
 impl UringStorage {
@@ -421,6 +464,7 @@ impl UringStorage {
             shared,
             len_bytes: opened.len_bytes,
             is_block_device: opened.is_block_device,
+            logical_block_bytes: opened.logical_block_bytes,
         })
     }
 
@@ -435,6 +479,7 @@ impl UringStorage {
         let mut pending: VecDeque<SharedBuf> =
             bufs.into_iter().filter(|buf| !buf.is_empty()).collect();
         let mut offset = offset;
+        let mut resubmits = 0u32;
         while !pending.is_empty() {
             let count = pending.len().min(IOVECS_PER_CALL_MAX);
             let op_bufs: Vec<SharedBuf> = pending.drain(..count).collect();
@@ -466,6 +511,14 @@ impl UringStorage {
             let OpBuffers::Write { bufs: op_bufs, .. } = completion.buffers else {
                 unreachable!("a write completes with the buffers it was submitted with");
             };
+            if resubmit_after(completion.result, resubmits) {
+                resubmits += 1;
+                tokio::time::sleep(eagain_backoff(resubmits)).await;
+                for buf in op_bufs.into_iter().rev() {
+                    pending.push_front(buf);
+                }
+                continue;
+            }
             let written_bytes = cqe_result(completion.result)?;
             if written_bytes == 0 {
                 return Err(io::Error::new(
@@ -489,6 +542,7 @@ impl UringStorage {
         let len = buf.len();
         let mut buf = buf;
         let mut done_bytes = 0usize;
+        let mut resubmits = 0u32;
         while done_bytes < len {
             let chunk_bytes = (len - done_bytes).min(READ_BYTES_PER_OP_MAX);
             // SAFETY: done_bytes < len <= capacity, so the pointer stays inside the allocation.
@@ -515,6 +569,11 @@ impl UringStorage {
                 unreachable!("a read completes with the buffer it was submitted with");
             };
             buf = returned;
+            if resubmit_after(completion.result, resubmits) {
+                resubmits += 1;
+                tokio::time::sleep(eagain_backoff(resubmits)).await;
+                continue;
+            }
             match cqe_result(completion.result) {
                 Err(error) => return (Err(error), buf),
                 Ok(0) => {
@@ -531,15 +590,25 @@ impl UringStorage {
     }
 
     async fn datasync(&self) -> io::Result<()> {
-        let entry = opcode::Fsync::new(self.fd())
-            .flags(types::FsyncFlags::DATASYNC)
-            .build();
-        let completion = self
-            .shared
-            .run(entry, OpBuffers::None)
-            .await
-            .map_err(|failed| failed.error)?;
-        cqe_result(completion.result).map(drop)
+        let mut resubmits = 0u32;
+        loop {
+            let entry = opcode::Fsync::new(self.fd())
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
+            let completion = self
+                .shared
+                .run(entry, OpBuffers::None)
+                .await
+                .map_err(|failed| failed.error)?;
+            // EAGAIN means the sync did not run; any other error may have dropped dirty data
+            // and is returned, never retried.
+            if resubmit_after(completion.result, resubmits) {
+                resubmits += 1;
+                tokio::time::sleep(eagain_backoff(resubmits)).await;
+                continue;
+            }
+            return cqe_result(completion.result).map(drop);
+        }
     }
 
     async fn zero(&self, offset: u64, len: u64, punch: bool) -> io::Result<()> {
@@ -597,6 +666,10 @@ impl Storage for UringStorage {
     fn zero_range(&self, offset: u64, len: u64, punch: bool) -> IoFuture<'_, io::Result<()>> {
         Box::pin(self.zero(offset, len, punch))
     }
+
+    fn logical_block_bytes(&self) -> u64 {
+        self.logical_block_bytes
+    }
 }
 
 #[cfg(test)]
@@ -624,6 +697,30 @@ mod tests {
         }
         assert_eq!(unwritten_rest(bufs.clone(), 1200).len(), 2);
         assert!(unwritten_rest(bufs, 3000).is_empty());
+    }
+
+    #[test]
+    fn only_eagain_is_resubmitted_and_only_so_often() {
+        assert!(resubmit_after(-libc::EAGAIN, 0));
+        assert!(resubmit_after(-libc::EAGAIN, EAGAIN_RESUBMITS_MAX - 1));
+        assert!(!resubmit_after(-libc::EAGAIN, EAGAIN_RESUBMITS_MAX));
+        for result in [
+            0,
+            4096,
+            -libc::EIO,
+            -libc::EINVAL,
+            -libc::ENOSPC,
+            -libc::EINTR,
+        ] {
+            assert!(!resubmit_after(result, 0), "{result}");
+        }
+        assert!(eagain_backoff(EAGAIN_RESUBMITS_MAX) <= Duration::from_millis(10));
+    }
+
+    #[test]
+    fn this_kernel_has_every_opcode_the_backend_uses() {
+        let ring = new_ring().expect("io_uring on the test machines");
+        assert_eq!(missing_features(&ring), None);
     }
 
     #[test]
