@@ -28,13 +28,12 @@ pub const SIZE_ALIGNMENT_BYTES: u64 = 4096;
 /// Metro default of SPEC §4.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most replicas of one volume: what a copy's `VOLUME.meta` records of its peers.
-pub const METRO_PEERS_MAX: usize = ferry_protocol::replication::meta::MAX_META_PEERS;
+pub const METRO_PEERS_MAX: usize = ferry_protocol::replication::meta::META_PEERS_MAX;
 /// Regional default of SPEC §4.
 pub const DEFAULT_REGIONAL_INTERVAL: Duration = Duration::from_secs(30);
 /// Names end up in file names, export names and metric labels; this keeps them readable.
 const NAME_LENGTH_MAX: usize = 128;
-/// `sun_path` is 108 bytes on Linux, including the terminating NUL.
-const UNIX_SOCKET_PATH_LENGTH_MAX: usize = 107;
+use crate::control::UNIX_SOCKET_PATH_LENGTH_MAX;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +63,7 @@ pub struct NbdConfig {
 }
 
 /// Largest `[nbd] max_connections`: each connection holds a socket and two tasks.
-pub const MAX_NBD_CONNECTIONS: u32 = 65_536;
+pub const NBD_CONNECTIONS_MAX: u32 = 65_536;
 
 /// An NBD listen address: `"unix:/path"` or `"tcp:ip:port"`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -460,15 +459,15 @@ impl Checker<'_> {
         let max_connections = match &raw.max_connections {
             None => crate::nbd::DEFAULT_MAX_CONNECTIONS,
             Some(value) => match value.get_ref() {
-                toml::Value::Integer(n) if (1..=i64::from(MAX_NBD_CONNECTIONS)).contains(n) => {
-                    u32::try_from(*n).unwrap_or(MAX_NBD_CONNECTIONS)
+                toml::Value::Integer(n) if (1..=i64::from(NBD_CONNECTIONS_MAX)).contains(n) => {
+                    u32::try_from(*n).unwrap_or(NBD_CONNECTIONS_MAX)
                 }
                 other => {
                     self.error(
                         value.span(),
                         format!(
                             "nbd.max_connections `{other}` is not a number of connections from 1 \
-                             to {MAX_NBD_CONNECTIONS}; the default is {}",
+                             to {NBD_CONNECTIONS_MAX}; the default is {}",
                             crate::nbd::DEFAULT_MAX_CONNECTIONS
                         ),
                     );

@@ -45,8 +45,8 @@ pub const PEER_IS_PRIMARY: &str = "peer-is-primary";
 const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the client waits for `verify`, which reads the whole volume at a capped rate.
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
-/// `sun_path` holds 107 bytes plus the terminating NUL.
-const UNIX_SOCKET_PATH_LENGTH_MAX: usize = 107;
+/// `sun_path` is 108 bytes on Linux, including the terminating NUL.
+pub(crate) const UNIX_SOCKET_PATH_LENGTH_MAX: usize = 107;
 
 /// Errors of the control socket, on both sides. Each maps to one stable code ([`code`]).
 ///

@@ -1236,8 +1236,8 @@ async fn persistent_enospc_at_replay_fails_one_volume_readable_until_fixed() {
 /// million records for this 64 MiB journal, several hundred MiB of memory.
 #[test]
 fn small_zero_records_count_toward_the_memory_cap() {
-    use crate::journal::{MAX_UNAPPLIED_MEMORY_BYTES, RECORD_MEMORY_BYTES};
-    use ferry_protocol::journal::MAX_RECORDS_PER_BATCH;
+    use crate::journal::{RECORD_MEMORY_BYTES, UNAPPLIED_MEMORY_BYTES_MAX};
+    use ferry_protocol::journal::RECORDS_PER_BATCH_MAX;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1294,7 +1294,7 @@ fn small_zero_records_count_toward_the_memory_cap() {
                 }
             });
         }
-        let records_max = MAX_UNAPPLIED_MEMORY_BYTES / RECORD_MEMORY_BYTES;
+        let records_max = UNAPPLIED_MEMORY_BYTES_MAX / RECORD_MEMORY_BYTES;
         // The batches in flight when the cap is reached may pass it.
         let batches_max = 8;
         local
@@ -1322,7 +1322,7 @@ fn small_zero_records_count_toward_the_memory_cap() {
                     done.get()
                 );
                 assert!(
-                    done.get() <= records_max + batches_max * MAX_RECORDS_PER_BATCH as u64,
+                    done.get() <= records_max + batches_max * RECORDS_PER_BATCH_MAX as u64,
                     "{} records completed unapplied, the cap allows {records_max}",
                     done.get()
                 );

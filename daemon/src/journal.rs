@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use ferry_protocol::journal::{
     padded, BatchHeader, FormatError, RecordDescriptor, RecordKind, Superblock, BLOCK_BYTES,
-    MAX_RECORDS_PER_BATCH, MAX_RECORD_BYTES, RING_START_BYTES,
+    RECORDS_PER_BATCH_MAX, RECORD_BYTES_MAX, RING_START_BYTES,
 };
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -37,30 +37,30 @@ use crate::metrics::VolumeMetrics;
 use crate::storage::{AlignedBuf, SharedBuf, Storage};
 
 /// Payload bytes one batch carries at most; bigger requests span several batches.
-const MAX_BATCH_PAYLOAD_BYTES: u64 = 4 << 20;
+const BATCH_PAYLOAD_BYTES_MAX: u64 = 4 << 20;
 /// Batches written concurrently. More overlap buys little on one device and delays acks.
-const MAX_INFLIGHT_BATCHES: usize = 4;
+const INFLIGHT_BATCHES_MAX: usize = 4;
 /// Records queued in the writer beyond the request channel.
-const MAX_PENDING_RECORDS: usize = 1024;
+const PENDING_RECORDS_MAX: usize = 1024;
 /// Buffers in one vectored device write (the kernel's IOV_MAX is 1024).
-const MAX_IOVECS_PER_WRITE: usize = 1024;
+const IOVECS_PER_WRITE_MAX: usize = 1024;
 /// Bytes in one coalesced device write.
-const MAX_APPLY_WRITE_BYTES: u64 = 8 << 20;
+const APPLY_WRITE_BYTES_MAX: u64 = 8 << 20;
 /// Device writes the applier keeps in flight at once.
-const MAX_APPLY_WAVE: usize = 64;
+const APPLY_WAVE_MAX: usize = 64;
 /// Device writes in flight while the journal is keeping up (see `Applier::run`).
 const IDLE_APPLY_WAVE: usize = 8;
 /// Batches the applier takes per round before making the device durable.
-const MAX_APPLY_BATCHES: usize = 4096;
+const APPLY_BATCHES_MAX: usize = 4096;
 /// Journal bytes the applier gathers at most before applying them: the index holds their
 /// payloads in memory until then, so this bounds the daemon's memory per volume.
-const MAX_UNAPPLIED_ROUND_BYTES: u64 = 32 << 20;
+const UNAPPLIED_ROUND_BYTES_MAX: u64 = 32 << 20;
 /// Memory unapplied records hold at most (payloads plus [`RECORD_MEMORY_BYTES`] each); past
 /// this, writes wait for the applier exactly as they do when the ring is full.
-pub const MAX_UNAPPLIED_MEMORY_BYTES: u64 = 2 * MAX_UNAPPLIED_ROUND_BYTES;
+pub const UNAPPLIED_MEMORY_BYTES_MAX: u64 = 2 * UNAPPLIED_ROUND_BYTES_MAX;
 /// What one record costs in memory besides its payload until it is applied: its index piece,
 /// its apply record, its piece in the round's coalescing index and its device write (about
-/// 250 bytes together). Charged against [`MAX_UNAPPLIED_MEMORY_BYTES`] so that records
+/// 250 bytes together). Charged against [`UNAPPLIED_MEMORY_BYTES_MAX`] so that records
 /// without a payload (WRITE_ZEROES, TRIM) are bounded too: without it a client streaming
 /// small discards could queue up to 126 records per 4 KiB of ring, several GiB of memory
 /// for a 1 GiB journal. The cap allows at most 262,144 unapplied records.
@@ -164,8 +164,8 @@ impl Op {
                 RecordKind::Write,
                 fua,
                 *offset_bytes,
-                // `split` cuts writes into records of at most MAX_RECORD_BYTES (1 MiB).
-                u32::try_from(data.len()).expect("a record is at most MAX_RECORD_BYTES"),
+                // `split` cuts writes into records of at most RECORD_BYTES_MAX (1 MiB).
+                u32::try_from(data.len()).expect("a record is at most RECORD_BYTES_MAX"),
                 data,
             ),
             Op::Zero {
@@ -512,7 +512,7 @@ impl Journal {
     }
 
     /// Journals one client request. Completes once every record is written to the journal
-    /// (and durable, with `fua`). Writes over [`MAX_RECORD_BYTES`] become several records.
+    /// (and durable, with `fua`). Writes over [`RECORD_BYTES_MAX`] become several records.
     /// Returns the LSN of its last record.
     pub async fn append(&self, op: Op, fua: bool) -> Result<u64, JournalError> {
         self.shared.check()?;
@@ -640,15 +640,15 @@ impl Journal {
     }
 }
 
-/// Cuts a write into records of at most [`MAX_RECORD_BYTES`]. Every cut is block-aligned, so
+/// Cuts a write into records of at most [`RECORD_BYTES_MAX`]. Every cut is block-aligned, so
 /// each part can still be written with O_DIRECT from its original buffer.
 fn split(op: Op) -> Vec<Op> {
     match op {
-        Op::Write { offset_bytes, data } if data.len() > MAX_RECORD_BYTES => (0..data.len())
-            .step_by(MAX_RECORD_BYTES)
+        Op::Write { offset_bytes, data } if data.len() > RECORD_BYTES_MAX => (0..data.len())
+            .step_by(RECORD_BYTES_MAX)
             .map(|at| Op::Write {
                 offset_bytes: offset_bytes + at as u64,
-                data: data.slice(at..(at + MAX_RECORD_BYTES).min(data.len())),
+                data: data.slice(at..(at + RECORD_BYTES_MAX).min(data.len())),
             })
             .collect(),
         other => vec![other],
@@ -693,7 +693,7 @@ struct Recovered {
 /// the next start scans and replays the same records), and its records are kept in an index
 /// so that reads still see every completed write. Their memory is bounded like at run time:
 /// the ring only ever holds unapplied records, which the writer caps at
-/// [`MAX_UNAPPLIED_MEMORY_BYTES`] (plus the batches in flight).
+/// [`UNAPPLIED_MEMORY_BYTES_MAX`] (plus the batches in flight).
 struct DeviceFailure {
     error: JournalError,
     index: Index,
@@ -877,7 +877,7 @@ async fn recover(
             replay.push((record.lsn, op));
         }
         // Replay through the applier's coalescing writer, a bounded chunk at a time.
-        if replay_memory_bytes >= MAX_UNAPPLIED_ROUND_BYTES {
+        if replay_memory_bytes >= UNAPPLIED_ROUND_BYTES_MAX {
             if let Err(error) = replay_chunk(device, &mut replay).await {
                 device_error = Some(error);
                 break;
@@ -916,7 +916,7 @@ async fn recover(
         .await
         .map_err(io_err("clearing the end of the journal"))?;
     // A new journal id for the batches of this boot. Batches of the previous boot that were
-    // written after the stop point (up to MAX_INFLIGHT_BATCHES - 1 of them, never acknowledged)
+    // written after the stop point (up to INFLIGHT_BATCHES_MAX - 1 of them, never acknowledged)
     // carry the very LSNs this boot is about to reuse; with the old id, a later scan that
     // reached them would replay them over newer acknowledged writes. Every live record has
     // just been replayed and synced, so no batch still needs the old id.
@@ -1013,7 +1013,7 @@ async fn replay_chunk(
     write_coalesced(
         device,
         records.iter().map(|(lsn, op)| (*lsn, op)),
-        MAX_APPLY_WAVE,
+        APPLY_WAVE_MAX,
     )
     .await
     .map_err(device_err("replaying the journal onto the device"))?;
@@ -1154,11 +1154,11 @@ impl Writer {
             tokio::select! {
                 biased;
                 Some(event) = events.recv() => self.handle_event(event),
-                request = requests.recv(), if open && closing.is_none() && self.resetting.is_none() && self.pending.len() < MAX_PENDING_RECORDS => match request {
+                request = requests.recv(), if open && closing.is_none() && self.resetting.is_none() && self.pending.len() < PENDING_RECORDS_MAX => match request {
                     Some(request) => {
                         self.handle_request(request, &mut closing);
                         // Take whatever else is queued right now into the same batch.
-                        while self.pending.len() < MAX_PENDING_RECORDS && closing.is_none() && self.resetting.is_none() {
+                        while self.pending.len() < PENDING_RECORDS_MAX && closing.is_none() && self.resetting.is_none() {
                             match requests.try_recv() {
                                 Ok(request) => self.handle_request(request, &mut closing),
                                 Err(_) => break,
@@ -1491,14 +1491,14 @@ impl Writer {
     /// Forms batches from pending records while there is space and room in flight.
     fn submit_batches(&mut self) {
         while !self.pending.is_empty()
-            && self.inflight.len() < MAX_INFLIGHT_BATCHES
+            && self.inflight.len() < INFLIGHT_BATCHES_MAX
             && !self.shared.failed.load(Ordering::SeqCst)
         {
             let mut count = 0;
             let mut payload_bytes = 0;
             for (op, _, _, _) in self.pending.iter() {
-                if count == MAX_RECORDS_PER_BATCH
-                    || (count > 0 && payload_bytes + op.payload_bytes() > MAX_BATCH_PAYLOAD_BYTES)
+                if count == RECORDS_PER_BATCH_MAX
+                    || (count > 0 && payload_bytes + op.payload_bytes() > BATCH_PAYLOAD_BYTES_MAX)
                 {
                     break;
                 }
@@ -1513,7 +1513,7 @@ impl Writer {
             };
             let unapplied_bytes = self.unapplied_memory_bytes;
             if self.used_bytes + skipped_bytes + batch_bytes > self.ring_bytes
-                || unapplied_bytes >= MAX_UNAPPLIED_MEMORY_BYTES
+                || unapplied_bytes >= UNAPPLIED_MEMORY_BYTES_MAX
             {
                 // Journal full: wait for the applier to release space. Writes wait; they never
                 // fail and memory does not grow, since pending and the channel are bounded.
@@ -1717,7 +1717,7 @@ impl Applier {
         // journal's own writes on the same disk. Gathering a round for a short while (or until a
         // quarter of the ring waits) keeps that off the client's latency; the index serves reads
         // of the data meanwhile, and memory stays bounded by the ring.
-        let eager_bytes = (self.shared.capacity_bytes / 4).min(MAX_UNAPPLIED_ROUND_BYTES);
+        let eager_bytes = (self.shared.capacity_bytes / 4).min(UNAPPLIED_ROUND_BYTES_MAX);
         let mut carried: Option<ApplyItem> = None;
         loop {
             let item = match carried.take() {
@@ -1751,7 +1751,7 @@ impl Applier {
             let deadline = tokio::time::Instant::now() + APPLY_DELAY;
             let mut ring_bytes = first.ring_bytes;
             let mut round = vec![first];
-            while round.len() < MAX_APPLY_BATCHES && ring_bytes < eager_bytes {
+            while round.len() < APPLY_BATCHES_MAX && ring_bytes < eager_bytes {
                 match tokio::time::timeout_at(deadline, batches.recv()).await {
                     Ok(Some(ApplyItem::Batch(batch)))
                         if batch.last_lsn <= *self.apply_limit.borrow() =>
@@ -1772,7 +1772,7 @@ impl Applier {
             // apply with full concurrency. Otherwise trickle, so that the device queue stays
             // short for the journal writes that clients are waiting on.
             let wave = if ring_bytes >= eager_bytes {
-                MAX_APPLY_WAVE
+                APPLY_WAVE_MAX
             } else {
                 IDLE_APPLY_WAVE
             };
@@ -1893,8 +1893,8 @@ async fn write_coalesced<'a>(
                 }),
                 Content::Data(data),
             ) if *at + *run == offset
-                && bufs.len() < MAX_IOVECS_PER_WRITE
-                && *run + len <= MAX_APPLY_WRITE_BYTES =>
+                && bufs.len() < IOVECS_PER_WRITE_MAX
+                && *run + len <= APPLY_WRITE_BYTES_MAX =>
             {
                 bufs.push(data.clone());
                 *run += len;

@@ -509,7 +509,7 @@ impl Export for Volume {
             .device
             .logical_block_bytes()
             .max(u64::from(ferry_protocol::nbd::PREFERRED_BLOCK_BYTES));
-        u32::try_from(preferred).unwrap_or(ferry_protocol::nbd::MAX_BLOCK_BYTES)
+        u32::try_from(preferred).unwrap_or(ferry_protocol::nbd::BLOCK_BYTES_MAX)
     }
 
     fn read_only(&self) -> bool {

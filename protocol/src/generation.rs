@@ -41,19 +41,19 @@ use thiserror::Error;
 
 /// Entries kept in a history; the oldest are dropped first. A copy whose common generation
 /// with its peer has been dropped is treated as unrelated and needs a full sync.
-pub const MAX_HISTORY_ENTRIES: usize = 64;
+pub const HISTORY_ENTRIES_MAX: usize = 64;
 /// Longest node name a history entry holds.
-pub const MAX_NODE_NAME_BYTES: usize = 255;
+pub const NODE_NAME_BYTES_MAX: usize = 255;
 /// Low bits of a generation number that carry the node tag.
 const NODE_TAG_BITS: u32 = 16;
 /// The counter must fit in the bits above the tag.
-const MAX_COUNTER: u64 = u64::MAX >> NODE_TAG_BITS;
+const COUNTER_MAX: u64 = u64::MAX >> NODE_TAG_BITS;
 
 /// Why a generation history is not valid, or cannot be extended.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum GenerationError {
-    /// The history holds more entries than [`MAX_HISTORY_ENTRIES`].
-    #[error("history has {count} entries, at most {MAX_HISTORY_ENTRIES} allowed")]
+    /// The history holds more entries than [`HISTORY_ENTRIES_MAX`].
+    #[error("history has {count} entries, at most {HISTORY_ENTRIES_MAX} allowed")]
     TooManyEntries { count: usize },
     /// Generation numbers must strictly increase from oldest to newest.
     #[error("generation {next:#x} follows {previous:#x}; generations must increase")]
@@ -68,8 +68,8 @@ pub enum GenerationError {
         start_lsn: u64,
         head_lsn: u64,
     },
-    /// A node name is empty or longer than [`MAX_NODE_NAME_BYTES`].
-    #[error("node name of {len_bytes} bytes; 1 to {MAX_NODE_NAME_BYTES} allowed")]
+    /// A node name is empty or longer than [`NODE_NAME_BYTES_MAX`].
+    #[error("node name of {len_bytes} bytes; 1 to {NODE_NAME_BYTES_MAX} allowed")]
     BadNodeName { len_bytes: usize },
     /// A lineage with history must have a non-zero volume id, and an empty one a zero id.
     #[error("volume id {volume_id:#x} does not match a history of {entries} entries")]
@@ -218,7 +218,7 @@ pub fn node_tag(node: &str) -> u64 {
 }
 
 fn check_node_name(node: &str) -> Result<(), GenerationError> {
-    if node.is_empty() || node.len() > MAX_NODE_NAME_BYTES {
+    if node.is_empty() || node.len() > NODE_NAME_BYTES_MAX {
         return Err(GenerationError::BadNodeName {
             len_bytes: node.len(),
         });
@@ -287,7 +287,7 @@ impl GenerationInfo {
         let highest = self.current_generation().max(highest_seen_generation);
         let counter = (highest >> NODE_TAG_BITS)
             .checked_add(1)
-            .filter(|c| *c <= MAX_COUNTER)
+            .filter(|c| *c <= COUNTER_MAX)
             .ok_or(GenerationError::CounterExhausted)?;
         let start_lsn = self
             .head_lsn
@@ -380,7 +380,7 @@ impl GenerationInfo {
                 "generation start LSNs never go back"
             );
         }
-        if self.history.len() >= MAX_HISTORY_ENTRIES {
+        if self.history.len() >= HISTORY_ENTRIES_MAX {
             self.history.remove(0);
         }
         self.history.push(entry);
@@ -388,7 +388,7 @@ impl GenerationInfo {
 
     /// Checks what [`decide`] relies on; run on every history received from the network.
     pub fn validate(&self) -> Result<(), GenerationError> {
-        if self.history.len() > MAX_HISTORY_ENTRIES {
+        if self.history.len() > HISTORY_ENTRIES_MAX {
             return Err(GenerationError::TooManyEntries {
                 count: self.history.len(),
             });
@@ -754,12 +754,12 @@ mod tests {
     #[test]
     fn history_is_bounded_and_validated() {
         let (mut a, _) = pair(1);
-        for i in 0..(MAX_HISTORY_ENTRIES as u64 + 10) {
+        for i in 0..(HISTORY_ENTRIES_MAX as u64 + 10) {
             a.head_lsn += 1;
             a.start_generation(if i % 2 == 0 { "a" } else { "b" }, 0)
                 .unwrap();
         }
-        assert_eq!(a.history.len(), MAX_HISTORY_ENTRIES);
+        assert_eq!(a.history.len(), HISTORY_ENTRIES_MAX);
         assert_eq!(a.validate(), Ok(()));
         let mut bad = a.clone();
         bad.history.swap(0, 1);

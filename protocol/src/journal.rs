@@ -9,7 +9,7 @@
 //! ```
 //!
 //! A *batch* is what one group commit writes with one I/O: a 4 KiB header block holding up to
-//! [`MAX_RECORDS_PER_BATCH`] record descriptors, followed by each write record's payload padded
+//! [`RECORDS_PER_BATCH_MAX`] record descriptors, followed by each write record's payload padded
 //! to 4 KiB. Every block boundary is 4 KiB-aligned so the ring can be written with O_DIRECT on
 //! any device. Each record descriptor carries its LSN, volume offset, length and a CRC-32 over
 //! the descriptor and the payload, so a torn payload is caught record by record; the header
@@ -31,9 +31,9 @@ const _: () = assert!(BLOCK_BYTES_U32 as usize == BLOCK_BYTES);
 /// Two superblock slots precede the ring.
 pub const RING_START_BYTES: u64 = 2 * BLOCK_BYTES as u64;
 /// The largest payload one record carries; larger writes are split into several records.
-pub const MAX_RECORD_BYTES: usize = 1 << 20;
+pub const RECORD_BYTES_MAX: usize = 1 << 20;
 /// Descriptors that fit in one header block after the fixed header.
-pub const MAX_RECORDS_PER_BATCH: usize = (BLOCK_BYTES - BATCH_FIXED_BYTES) / DESCRIPTOR_BYTES;
+pub const RECORDS_PER_BATCH_MAX: usize = (BLOCK_BYTES - BATCH_FIXED_BYTES) / DESCRIPTOR_BYTES;
 
 const SUPERBLOCK_MAGIC: &[u8; 8] = b"FERRYSB1";
 const BATCH_MAGIC: u32 = 0x4642_4a31; // "FBJ1"
@@ -260,7 +260,7 @@ impl RecordDescriptor {
         let len_bytes = r.u32();
         let offset_bytes = r.u64();
         let crc = r.u32();
-        if kind.has_payload() && len_bytes as usize > MAX_RECORD_BYTES {
+        if kind.has_payload() && len_bytes as usize > RECORD_BYTES_MAX {
             return Err(FormatError::Invalid("record length"));
         }
         Ok(RecordDescriptor {
@@ -359,7 +359,7 @@ impl BatchHeader {
             } => (KIND_WRAP, *journal_id, *next_lsn, &[]),
         };
         assert!(
-            records.len() <= MAX_RECORDS_PER_BATCH,
+            records.len() <= RECORDS_PER_BATCH_MAX,
             "too many records for one batch"
         );
         for (i, record) in records.iter().enumerate() {
@@ -378,7 +378,7 @@ impl BatchHeader {
         w.u16(kind);
         w.u64(journal_id);
         w.u64(lsn);
-        w.u32(u32::try_from(records.len()).expect("at most MAX_RECORDS_PER_BATCH records"));
+        w.u32(u32::try_from(records.len()).expect("at most RECORDS_PER_BATCH_MAX records"));
         w.u32(payload_blocks);
         w.u32(0); // crc, filled below
         w.u32(0);
@@ -432,7 +432,7 @@ impl BatchHeader {
                 journal_id,
                 next_lsn: lsn,
             },
-            KIND_RECORDS if (1..=MAX_RECORDS_PER_BATCH).contains(&count) => {
+            KIND_RECORDS if (1..=RECORDS_PER_BATCH_MAX).contains(&count) => {
                 let mut records = Vec::with_capacity(count);
                 for i in 0..count {
                     let at = BATCH_FIXED_BYTES + i * DESCRIPTOR_BYTES;
@@ -679,7 +679,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn batch_round_trip(id in any::<u64>(), first in 0u64..u64::MAX / 2, recs in proptest::collection::vec(arb_record(), 1..MAX_RECORDS_PER_BATCH)) {
+        fn batch_round_trip(id in any::<u64>(), first in 0u64..u64::MAX / 2, recs in proptest::collection::vec(arb_record(), 1..RECORDS_PER_BATCH_MAX)) {
             let records: Vec<_> = recs.iter().enumerate().map(|(i, (kind, fua, off, data, zlen))| {
                 let (len, payload): (u32, &[u8]) = if kind.has_payload() { (data.len() as u32, data) } else { (*zlen, &[]) };
                 RecordDescriptor::new(first + i as u64, *kind, *fua, *off, len, payload)

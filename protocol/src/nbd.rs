@@ -163,11 +163,11 @@ pub const CHUNK_HEADER_BYTES: usize = 20;
 
 /// Largest option payload accepted. Real options (an export name plus a few info requests)
 /// are tiny; the protocol's own string limit is 4096 bytes.
-pub const MAX_OPTION_DATA_BYTES: u32 = 64 * 1024;
+pub const OPTION_DATA_BYTES_MAX: u32 = 64 * 1024;
 /// Largest option reply payload a client accepts (the same reasoning, from the other side).
-pub const MAX_OPTION_REPLY_DATA_BYTES: u32 = 64 * 1024;
+pub const OPTION_REPLY_DATA_BYTES_MAX: u32 = 64 * 1024;
 /// The protocol's limit on any string (export names, messages).
-pub const MAX_STRING_BYTES: usize = 4096;
+pub const STRING_BYTES_MAX: usize = 4096;
 
 /// Ferry's advertised block size constraints. 512 is the smallest sector any client uses,
 /// and stays the minimum on devices with larger logical blocks (4Kn disks): clients that
@@ -177,7 +177,7 @@ pub const MAX_STRING_BYTES: usize = 4096;
 /// largest request the protocol document says must never be treated as a denial of service.
 pub const MIN_BLOCK_BYTES: u32 = 512;
 pub const PREFERRED_BLOCK_BYTES: u32 = 4096;
-pub const MAX_BLOCK_BYTES: u32 = 32 * 1024 * 1024;
+pub const BLOCK_BYTES_MAX: u32 = 32 * 1024 * 1024;
 
 /// Everything that makes a byte sequence an invalid NBD message.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -185,11 +185,11 @@ pub enum NbdError {
     /// A message did not start with its magic number; the stream cannot be resynchronised.
     #[error("bad magic: expected {expected:#x}, found {found:#x}")]
     BadMagic { expected: u64, found: u64 },
-    /// An option's data is longer than [`MAX_OPTION_DATA_BYTES`]; the server may skip it and
+    /// An option's data is longer than [`OPTION_DATA_BYTES_MAX`]; the server may skip it and
     /// answer `NBD_REP_ERR_TOO_BIG`.
     #[error("option {option} carries {length_bytes} bytes, more than the limit")]
     OptionTooLarge { option: u32, length_bytes: u32 },
-    /// An option reply's data is longer than [`MAX_OPTION_REPLY_DATA_BYTES`].
+    /// An option reply's data is longer than [`OPTION_REPLY_DATA_BYTES_MAX`].
     #[error("option reply carries {length_bytes} bytes, more than the limit")]
     OptionReplyTooLarge { length_bytes: u32 },
     /// The client set flags the server did not advertise; the protocol requires a disconnect.
@@ -201,7 +201,7 @@ pub enum NbdError {
     /// A reply from the server does not have the layout its type requires.
     #[error("malformed reply: {0}")]
     MalformedReply(&'static str),
-    /// A string is not UTF-8, contains NUL, or is longer than [`MAX_STRING_BYTES`].
+    /// A string is not UTF-8, contains NUL, or is longer than [`STRING_BYTES_MAX`].
     #[error("invalid string: {0}")]
     InvalidString(&'static str),
 }
@@ -228,9 +228,9 @@ fn be_u64(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_be_bytes(raw))
 }
 
-/// Checks a protocol string: UTF-8, no NUL, at most [`MAX_STRING_BYTES`].
+/// Checks a protocol string: UTF-8, no NUL, at most [`STRING_BYTES_MAX`].
 pub fn parse_string(bytes: &[u8]) -> Result<&str, NbdError> {
-    if bytes.len() > MAX_STRING_BYTES {
+    if bytes.len() > STRING_BYTES_MAX {
         return Err(NbdError::InvalidString("longer than 4096 bytes"));
     }
     if bytes.contains(&0) {
@@ -239,8 +239,8 @@ pub fn parse_string(bytes: &[u8]) -> Result<&str, NbdError> {
     std::str::from_utf8(bytes).map_err(|_| NbdError::InvalidString("not UTF-8"))
 }
 
-// Lengths on the wire are u32; every caller passes at most MAX_STRING_BYTES or a payload
-// whose length was checked against MAX_BLOCK_BYTES, so saturating never changes a value in
+// Lengths on the wire are u32; every caller passes at most STRING_BYTES_MAX or a payload
+// whose length was checked against BLOCK_BYTES_MAX, so saturating never changes a value in
 // practice and keeps encoders total.
 fn len_u32(len: usize) -> u32 {
     u32::try_from(len).unwrap_or(u32::MAX)
@@ -318,7 +318,7 @@ pub fn encode_option(out: &mut Vec<u8>, option: u32, data: &[u8]) {
     out.extend_from_slice(data);
 }
 
-/// Decodes an option header. Data longer than [`MAX_OPTION_DATA_BYTES`] is a distinct error
+/// Decodes an option header. Data longer than [`OPTION_DATA_BYTES_MAX`] is a distinct error
 /// carrying the option and its length, so the server can skip the data and answer
 /// `NBD_REP_ERR_TOO_BIG` instead of buffering it.
 pub fn decode_option_header(bytes: &[u8]) -> Decoded<OptionHeader> {
@@ -333,7 +333,7 @@ pub fn decode_option_header(bytes: &[u8]) -> Decoded<OptionHeader> {
             found: magic,
         });
     }
-    if length_bytes > MAX_OPTION_DATA_BYTES {
+    if length_bytes > OPTION_DATA_BYTES_MAX {
         return Err(NbdError::OptionTooLarge {
             option,
             length_bytes,
@@ -461,7 +461,7 @@ pub fn encode_rep_error(out: &mut Vec<u8>, option: u32, reply_type: u32, message
         out,
         option,
         reply_type,
-        truncate_str(message, MAX_STRING_BYTES).as_bytes(),
+        truncate_str(message, STRING_BYTES_MAX).as_bytes(),
     );
 }
 
@@ -478,7 +478,7 @@ fn truncate_str(text: &str, max_bytes: usize) -> &str {
 }
 
 /// Decodes an option reply (client side); data is bounded by
-/// [`MAX_OPTION_REPLY_DATA_BYTES`].
+/// [`OPTION_REPLY_DATA_BYTES_MAX`].
 pub fn decode_option_reply(bytes: &[u8]) -> Decoded<OptionReply> {
     let (Some(magic), Some(option), Some(reply_type), Some(length_bytes)) = (
         be_u64(bytes, 0),
@@ -494,7 +494,7 @@ pub fn decode_option_reply(bytes: &[u8]) -> Decoded<OptionReply> {
             found: magic,
         });
     }
-    if length_bytes > MAX_OPTION_REPLY_DATA_BYTES {
+    if length_bytes > OPTION_REPLY_DATA_BYTES_MAX {
         return Err(NbdError::OptionReplyTooLarge { length_bytes });
     }
     // length_bytes <= 64 KiB, so the sum cannot overflow.
@@ -525,7 +525,7 @@ impl Default for BlockSizes {
         BlockSizes {
             min_bytes: MIN_BLOCK_BYTES,
             preferred_bytes: PREFERRED_BLOCK_BYTES,
-            max_bytes: MAX_BLOCK_BYTES,
+            max_bytes: BLOCK_BYTES_MAX,
         }
     }
 }
@@ -887,8 +887,8 @@ pub fn encode_chunk_offset_hole(
 
 /// An ERROR chunk; it is always the final chunk of a Ferry reply, so DONE is set.
 pub fn encode_chunk_error(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
-    let message = truncate_str(message, MAX_STRING_BYTES);
-    let message_len = u16::try_from(message.len()).expect("truncated to MAX_STRING_BYTES");
+    let message = truncate_str(message, STRING_BYTES_MAX);
+    let message_len = u16::try_from(message.len()).expect("truncated to STRING_BYTES_MAX");
     let length_bytes = 6 + u32::from(message_len);
     encode_chunk_header(
         out,
@@ -1141,7 +1141,7 @@ mod tests {
             size_bytes: 1 << 30,
             read_only: false,
             min_block_bytes: MIN_BLOCK_BYTES,
-            max_block_bytes: MAX_BLOCK_BYTES,
+            max_block_bytes: BLOCK_BYTES_MAX,
             structured_replies: false,
         }
     }
@@ -1516,7 +1516,7 @@ mod tests {
             ..limits()
         };
         let size = limits().size_bytes;
-        let max = MAX_BLOCK_BYTES;
+        let max = BLOCK_BYTES_MAX;
         use Command::*;
         type Case = (Command, u16, u64, u32, RequestLimits, Result<(), Rejection>);
         let cases: &[Case] = &[
@@ -1796,7 +1796,7 @@ mod tests {
 
         #[test]
         fn validation_never_panics(request in arb_request(), size in any::<u64>(), read_only in any::<bool>(), structured in any::<bool>()) {
-            let limits = RequestLimits { size_bytes: size, read_only, min_block_bytes: MIN_BLOCK_BYTES, max_block_bytes: MAX_BLOCK_BYTES, structured_replies: structured };
+            let limits = RequestLimits { size_bytes: size, read_only, min_block_bytes: MIN_BLOCK_BYTES, max_block_bytes: BLOCK_BYTES_MAX, structured_replies: structured };
             if validate_request(&request, &limits).is_ok() && request.kind != Command::Disc && request.kind != Command::Flush {
                 prop_assert!(request.offset.checked_add(u64::from(request.length_bytes)).is_some_and(|end| end <= size));
             }

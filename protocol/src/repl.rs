@@ -8,7 +8,7 @@
 //! ```
 //!
 //! All integers are little-endian; strings are a u16 byte length then UTF-8, capped. The
-//! length is checked against [`MAX_PAYLOAD_BYTES`] before waiting for the payload, so a peer
+//! length is checked against [`PAYLOAD_BYTES_MAX`] before waiting for the payload, so a peer
 //! (or a flipped bit) cannot make a reader buffer gigabytes. [`decode`] splits whole frames off
 //! a `BytesMut` and hands out payload data as `Bytes` slices of it, without copying.
 //!
@@ -18,7 +18,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
-use crate::generation::{Decision, GenerationEntry, GenerationInfo, Role, MAX_HISTORY_ENTRIES};
+use crate::generation::{Decision, GenerationEntry, GenerationInfo, Role, HISTORY_ENTRIES_MAX};
 use crate::journal::RecordKind;
 
 /// First two bytes of every frame.
@@ -28,17 +28,17 @@ pub const VERSION: u8 = 2;
 /// Bytes of the fixed frame header.
 pub const HEADER_BYTES: usize = 16;
 /// Largest data block a `Write` or `ResyncData` carries.
-pub const MAX_DATA_BYTES: usize = 8 << 20;
+pub const DATA_BYTES_MAX: usize = 8 << 20;
 /// Largest payload: one data block plus room for the fields around it.
-pub const MAX_PAYLOAD_BYTES: usize = MAX_DATA_BYTES + 4096;
+pub const PAYLOAD_BYTES_MAX: usize = DATA_BYTES_MAX + 4096;
 /// Longest string (node, volume, reason) a message carries.
-pub const MAX_STRING_BYTES: usize = 1024;
+pub const STRING_BYTES_MAX: usize = 1024;
 /// Most ranges in one `DirtyRanges` frame (16 bytes each: 1 MiB).
-pub const MAX_DIRTY_RANGES_PER_FRAME: usize = 65536;
+pub const DIRTY_RANGES_PER_FRAME_MAX: usize = 65536;
 /// Most peers one `Progress` message lists.
-pub const MAX_PROGRESS_PEERS: usize = 64;
+pub const PROGRESS_PEERS_MAX: usize = 64;
 /// Most digests one `VerifyReply` carries (16 bytes each: 64 KiB).
-pub const MAX_VERIFY_DIGESTS: usize = 4096;
+pub const VERIFY_DIGESTS_MAX: usize = 4096;
 /// Bytes of one verify digest (a truncated SHA-256 of a block).
 pub const VERIFY_DIGEST_BYTES: usize = 16;
 
@@ -51,8 +51,8 @@ pub enum FrameError {
     /// The peer speaks a frame version this build does not.
     #[error("unsupported frame version {found}")]
     UnsupportedVersion { found: u8 },
-    /// The declared payload is larger than [`MAX_PAYLOAD_BYTES`].
-    #[error("frame payload of {length_bytes} bytes exceeds {MAX_PAYLOAD_BYTES}")]
+    /// The declared payload is larger than [`PAYLOAD_BYTES_MAX`].
+    #[error("frame payload of {length_bytes} bytes exceeds {PAYLOAD_BYTES_MAX}")]
     FrameTooLarge { length_bytes: u64 },
     /// The CRC does not match: corruption on the wire (counted as `where="wire"`).
     #[error("frame checksum mismatch: computed {computed:#010x}, frame says {stored:#010x}")]
@@ -72,8 +72,8 @@ pub enum FrameError {
         message: &'static str,
         extra_bytes: usize,
     },
-    /// A string is longer than [`MAX_STRING_BYTES`].
-    #[error("string of {len_bytes} bytes exceeds {MAX_STRING_BYTES}")]
+    /// A string is longer than [`STRING_BYTES_MAX`].
+    #[error("string of {len_bytes} bytes exceeds {STRING_BYTES_MAX}")]
     StringTooLong { len_bytes: usize },
     /// A string is not UTF-8.
     #[error("string is not UTF-8")]
@@ -81,7 +81,7 @@ pub enum FrameError {
     /// A list is longer than its cap.
     #[error("list of {count} entries exceeds {max}")]
     TooManyEntries { count: usize, max: usize },
-    /// A data block is larger than [`MAX_DATA_BYTES`], or its length disagrees with the record.
+    /// A data block is larger than [`DATA_BYTES_MAX`], or its length disagrees with the record.
     #[error("data of {len_bytes} bytes is too large or does not match the record")]
     BadDataLength { len_bytes: u64 },
     /// A field holds a value no encoder produces.
@@ -356,7 +356,7 @@ pub fn encode(message: &Message, out: &mut BytesMut) -> Result<(), FrameError> {
         return Err(error);
     }
     let payload_bytes = out.len() - start - HEADER_BYTES;
-    if payload_bytes > MAX_PAYLOAD_BYTES {
+    if payload_bytes > PAYLOAD_BYTES_MAX {
         out.truncate(start);
         return Err(FrameError::FrameTooLarge {
             length_bytes: payload_bytes as u64,
@@ -380,7 +380,7 @@ pub(crate) fn count_field<T: TryFrom<usize>>(count: usize, max: usize) -> Result
 }
 
 pub(crate) fn put_string(out: &mut BytesMut, value: &str) -> Result<(), FrameError> {
-    if value.len() > MAX_STRING_BYTES {
+    if value.len() > STRING_BYTES_MAX {
         return Err(FrameError::StringTooLong {
             len_bytes: value.len(),
         });
@@ -394,7 +394,7 @@ pub(crate) fn put_string(out: &mut BytesMut, value: &str) -> Result<(), FrameErr
 }
 
 fn put_data(out: &mut BytesMut, data: &[u8]) -> Result<(), FrameError> {
-    if data.len() > MAX_DATA_BYTES {
+    if data.len() > DATA_BYTES_MAX {
         return Err(FrameError::BadDataLength {
             len_bytes: data.len() as u64,
         });
@@ -431,13 +431,13 @@ pub(crate) fn put_entry(out: &mut BytesMut, entry: &GenerationEntry) -> Result<(
 pub(crate) fn put_lineage(out: &mut BytesMut, info: &GenerationInfo) -> Result<(), FrameError> {
     out.put_u64_le(info.volume_id);
     out.put_u64_le(info.head_lsn);
-    if info.history.len() > MAX_HISTORY_ENTRIES {
+    if info.history.len() > HISTORY_ENTRIES_MAX {
         return Err(FrameError::TooManyEntries {
             count: info.history.len(),
-            max: MAX_HISTORY_ENTRIES,
+            max: HISTORY_ENTRIES_MAX,
         });
     }
-    out.put_u16_le(count_field(info.history.len(), MAX_HISTORY_ENTRIES)?);
+    out.put_u16_le(count_field(info.history.len(), HISTORY_ENTRIES_MAX)?);
     for entry in &info.history {
         put_entry(out, entry)?;
     }
@@ -486,7 +486,7 @@ fn put_record(out: &mut BytesMut, record: &WriteRecord) -> Result<(), FrameError
     } else {
         record.data.is_empty()
     };
-    if !data_ok || record.data.len() > MAX_DATA_BYTES {
+    if !data_ok || record.data.len() > DATA_BYTES_MAX {
         return Err(FrameError::BadDataLength {
             len_bytes: record.data.len() as u64,
         });
@@ -505,11 +505,11 @@ fn put_dirty_ranges(
     ranges: &[DirtyRange],
     last: bool,
 ) -> Result<(), FrameError> {
-    let count = count_field::<u32>(ranges.len(), MAX_DIRTY_RANGES_PER_FRAME)?;
-    if ranges.len() > MAX_DIRTY_RANGES_PER_FRAME {
+    let count = count_field::<u32>(ranges.len(), DIRTY_RANGES_PER_FRAME_MAX)?;
+    if ranges.len() > DIRTY_RANGES_PER_FRAME_MAX {
         return Err(FrameError::TooManyEntries {
             count: ranges.len(),
-            max: MAX_DIRTY_RANGES_PER_FRAME,
+            max: DIRTY_RANGES_PER_FRAME_MAX,
         });
     }
     out.put_u8(u8::from(last));
@@ -526,14 +526,14 @@ fn put_progress(
     durable_lsn: u64,
     peers: &[PeerProgress],
 ) -> Result<(), FrameError> {
-    if peers.len() > MAX_PROGRESS_PEERS {
+    if peers.len() > PROGRESS_PEERS_MAX {
         return Err(FrameError::TooManyEntries {
             count: peers.len(),
-            max: MAX_PROGRESS_PEERS,
+            max: PROGRESS_PEERS_MAX,
         });
     }
     out.put_u64_le(durable_lsn);
-    out.put_u8(count_field(peers.len(), MAX_PROGRESS_PEERS)?);
+    out.put_u8(count_field(peers.len(), PROGRESS_PEERS_MAX)?);
     for peer in peers {
         put_string(out, &peer.node)?;
         match peer.durable_lsn {
@@ -621,14 +621,14 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
             out.put_u64_le(*at_lsn);
         }
         Message::VerifyReply { id, digests } => {
-            if digests.len() > MAX_VERIFY_DIGESTS {
+            if digests.len() > VERIFY_DIGESTS_MAX {
                 return Err(FrameError::TooManyEntries {
                     count: digests.len(),
-                    max: MAX_VERIFY_DIGESTS,
+                    max: VERIFY_DIGESTS_MAX,
                 });
             }
             out.put_u64_le(*id);
-            out.put_u32_le(count_field(digests.len(), MAX_VERIFY_DIGESTS)?);
+            out.put_u32_le(count_field(digests.len(), VERIFY_DIGESTS_MAX)?);
             for digest in digests {
                 out.put_slice(digest);
             }
@@ -662,12 +662,12 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, FrameError> {
         return Err(FrameError::UnsupportedVersion { found: version });
     }
     let length = length_bytes as usize;
-    if length > MAX_PAYLOAD_BYTES {
+    if length > PAYLOAD_BYTES_MAX {
         return Err(FrameError::FrameTooLarge {
             length_bytes: u64::from(length_bytes),
         });
     }
-    // Cannot overflow: length <= MAX_PAYLOAD_BYTES.
+    // Cannot overflow: length <= PAYLOAD_BYTES_MAX.
     let frame_bytes = HEADER_BYTES + length;
     if buf.len() < frame_bytes {
         return Ok(None);
@@ -740,7 +740,7 @@ impl Reader {
     }
     pub(crate) fn string(&mut self) -> Result<String, FrameError> {
         let len = usize::from(self.u16()?);
-        if len > MAX_STRING_BYTES {
+        if len > STRING_BYTES_MAX {
             return Err(FrameError::StringTooLong { len_bytes: len });
         }
         let raw = self.bytes(len)?;
@@ -748,7 +748,7 @@ impl Reader {
     }
     pub(crate) fn data(&mut self) -> Result<Bytes, FrameError> {
         let len = self.u32()?;
-        if len as usize > MAX_DATA_BYTES {
+        if len as usize > DATA_BYTES_MAX {
             return Err(FrameError::BadDataLength {
                 len_bytes: u64::from(len),
             });
@@ -773,10 +773,10 @@ impl Reader {
         let volume_id = self.u64()?;
         let head_lsn = self.u64()?;
         let count = usize::from(self.u16()?);
-        if count > MAX_HISTORY_ENTRIES {
+        if count > HISTORY_ENTRIES_MAX {
             return Err(FrameError::TooManyEntries {
                 count,
-                max: MAX_HISTORY_ENTRIES,
+                max: HISTORY_ENTRIES_MAX,
             });
         }
         let mut history = Vec::with_capacity(count);
@@ -869,7 +869,7 @@ fn read_record(r: &mut Reader) -> Result<Message, FrameError> {
         let offset_bytes = r.u64()?;
         let len_bytes = r.u32()?;
         let data = if kind.has_payload() {
-            if len_bytes as usize > MAX_DATA_BYTES {
+            if len_bytes as usize > DATA_BYTES_MAX {
                 return Err(FrameError::BadDataLength {
                     len_bytes: u64::from(len_bytes),
                 });
@@ -893,10 +893,10 @@ fn read_dirty_ranges(r: &mut Reader) -> Result<Message, FrameError> {
     Ok({
         let last = r.bool()?;
         let count = r.u32()? as usize;
-        if count > MAX_DIRTY_RANGES_PER_FRAME {
+        if count > DIRTY_RANGES_PER_FRAME_MAX {
             return Err(FrameError::TooManyEntries {
                 count,
-                max: MAX_DIRTY_RANGES_PER_FRAME,
+                max: DIRTY_RANGES_PER_FRAME_MAX,
             });
         }
         // Allocate only what the payload can actually hold, whatever the count says.
@@ -915,10 +915,10 @@ fn read_progress(r: &mut Reader) -> Result<Message, FrameError> {
     Ok({
         let durable_lsn = r.u64()?;
         let count = usize::from(r.u8()?);
-        if count > MAX_PROGRESS_PEERS {
+        if count > PROGRESS_PEERS_MAX {
             return Err(FrameError::TooManyEntries {
                 count,
-                max: MAX_PROGRESS_PEERS,
+                max: PROGRESS_PEERS_MAX,
             });
         }
         let mut peers = Vec::with_capacity(count);
@@ -1011,10 +1011,10 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
         TYPE_VERIFY_REPLY => {
             let id = r.u64()?;
             let count = r.u32()? as usize;
-            if count > MAX_VERIFY_DIGESTS {
+            if count > VERIFY_DIGESTS_MAX {
                 return Err(FrameError::TooManyEntries {
                     count,
-                    max: MAX_VERIFY_DIGESTS,
+                    max: VERIFY_DIGESTS_MAX,
                 });
             }
             let mut digests =
@@ -1377,12 +1377,12 @@ mod tests {
             decode(&mut bad_magic),
             Err(FrameError::BadMagic { found: 0 })
         );
-        let long = "x".repeat(MAX_STRING_BYTES + 1);
+        let long = "x".repeat(STRING_BYTES_MAX + 1);
         let mut out = BytesMut::new();
         assert_eq!(
             encode(&Message::Goodbye { reason: long }, &mut out),
             Err(FrameError::StringTooLong {
-                len_bytes: MAX_STRING_BYTES + 1
+                len_bytes: STRING_BYTES_MAX + 1
             })
         );
         assert!(out.is_empty(), "a refused encode writes nothing");

@@ -39,7 +39,7 @@ const SECTOR_BYTES: usize = 512;
 pub(crate) const MIB: u64 = 1 << 20;
 const STAMP_MAGIC: &[u8; 8] = b"FERRYMET";
 /// Writes are 4 KiB to 64 KiB.
-const MAX_BLOCKS_PER_WRITE: u64 = 16;
+const BLOCKS_PER_WRITE_MAX: u64 = 16;
 /// Each writer stops after this many writes even if nobody stops it (bounded loop).
 const WRITES_PER_WRITER_MAX: u64 = 1_000_000;
 
@@ -81,7 +81,7 @@ impl WorkloadSpec {
     fn shape(&self) -> WriteShape {
         WriteShape {
             region_blocks: self.region_blocks,
-            max_blocks_per_write: MAX_BLOCKS_PER_WRITE,
+            max_blocks_per_write: BLOCKS_PER_WRITE_MAX,
             writes_max: WRITES_PER_WRITER_MAX,
             fua_one_in: 8,
             flush_one_in: 16,
@@ -687,7 +687,7 @@ pub(crate) fn write_phase(socket: &Path, image: &mut [u8], seed: u64, writes: us
     let mut conn = NbdConn::connect_unix(socket, VOLUME).expect("connect to the primary");
     let volume_blocks = (image.len() / BLOCK_BYTES) as u64;
     for index in 0..writes {
-        let blocks = rng.random_range(1..=MAX_BLOCKS_PER_WRITE);
+        let blocks = rng.random_range(1..=BLOCKS_PER_WRITE_MAX);
         // The first write of a phase hits the volume's last block.
         let first = if index == 0 {
             volume_blocks - blocks

@@ -44,10 +44,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ferry::replication::tls::{self, TlsIdentity};
 use ferry::replication::transport;
 use ferry_protocol::generation::{decide, GenerationInfo, Role};
-use ferry_protocol::journal::{RecordKind, MAX_RECORD_BYTES};
+use ferry_protocol::journal::{RecordKind, RECORD_BYTES_MAX};
 use ferry_protocol::repl::{
-    self, DirtyRange, Hello, Message, ResyncKind, WriteRecord, HEADER_BYTES, MAGIC,
-    MAX_DIRTY_RANGES_PER_FRAME, VERSION,
+    self, DirtyRange, Hello, Message, ResyncKind, WriteRecord, DIRTY_RANGES_PER_FRAME_MAX,
+    HEADER_BYTES, MAGIC, VERSION,
 };
 use ferry_protocol::replication::session::PROTOCOL_VERSION;
 use rand::rngs::StdRng;
@@ -996,7 +996,7 @@ async fn attack_primary(
             AtPrimary::HelloOtherSize | AtPrimary::HelloOtherNode | AtPrimary::HelloHeadNearMax => {
             }
             AtPrimary::WriteTooLong => {
-                let len = 2 * MAX_RECORD_BYTES;
+                let len = 2 * RECORD_BYTES_MAX;
                 wire.send(&[Message::Write(WriteRecord {
                     lsn: head + 1,
                     kind: RecordKind::Write,
@@ -1114,7 +1114,7 @@ async fn attack_primary(
                 let mut rng = StdRng::seed_from_u64(seed ^ 0xd1e7);
                 let blocks = size / BLOCK_BYTES as u64;
                 for _ in 0..24 {
-                    let ranges: Vec<DirtyRange> = (0..MAX_DIRTY_RANGES_PER_FRAME)
+                    let ranges: Vec<DirtyRange> = (0..DIRTY_RANGES_PER_FRAME_MAX)
                         .map(|i| {
                             if i % 2 == 0 {
                                 DirtyRange {
@@ -1144,7 +1144,7 @@ async fn attack_primary(
                     .await?;
                 seen.notes.push(format!(
                     "{} ranges in 24 frames, then a frame claiming 1000000",
-                    24 * MAX_DIRTY_RANGES_PER_FRAME
+                    24 * DIRTY_RANGES_PER_FRAME_MAX
                 ));
             }
             AtPrimary::ResyncDataWithoutBegin => {
@@ -1745,7 +1745,7 @@ async fn attack_secondary_once(
         };
         match scenario {
             AtSecondary::RecordTooLong => {
-                wire.send(&[record(lsn + 1, SCRATCH_START, 2 * MAX_RECORD_BYTES)])
+                wire.send(&[record(lsn + 1, SCRATCH_START, 2 * RECORD_BYTES_MAX)])
                     .await?
             }
             AtSecondary::RecordMisaligned => {
@@ -1895,7 +1895,7 @@ async fn attack_secondary_once(
                 for i in 0..count {
                     let offset = SCRATCH_START + (i % 16) * MIB;
                     if let Err(error) = wire
-                        .send(&[record(lsn + 1 + i, offset, MAX_RECORD_BYTES)])
+                        .send(&[record(lsn + 1 + i, offset, RECORD_BYTES_MAX)])
                         .await
                     {
                         seen.notes

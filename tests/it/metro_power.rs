@@ -59,7 +59,7 @@ const WRITERS: u64 = 4;
 /// Writes of the plain phase carry writer ids from here on (ids stay unique in the round).
 const PLAIN_WRITER_BASE: u64 = 8;
 /// Writes are 4 KiB to 64 KiB, as in `metro.rs`.
-const MAX_BLOCKS_PER_WRITE: u64 = 16;
+const BLOCKS_PER_WRITE_MAX: u64 = 16;
 /// A plain-phase writer stops after this many writes even if nobody stops it.
 const PLAIN_WRITES_MAX: u64 = 1_000_000;
 /// Every writer reaches the plain phase within this (its mixed writes are few).
@@ -190,7 +190,7 @@ fn power_writer(
     );
     let mixed = WriteShape {
         region_blocks: spec.region_blocks,
-        max_blocks_per_write: MAX_BLOCKS_PER_WRITE,
+        max_blocks_per_write: BLOCKS_PER_WRITE_MAX,
         writes_max: mixed_writes,
         fua_one_in: 8,
         flush_one_in: 16,

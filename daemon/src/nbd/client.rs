@@ -14,7 +14,7 @@ use ferry_protocol::nbd::{Command, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Requests one client keeps in flight at most; sending more is refused, not queued.
-pub const MAX_PENDING_REQUESTS: usize = 1024;
+pub const PENDING_REQUESTS_MAX: usize = 1024;
 
 /// What can go wrong talking to an NBD server.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ pub enum NbdClientError {
     Request { errno: u32 },
     #[error("unexpected reply: {0}")]
     Unexpected(String),
-    #[error("{MAX_PENDING_REQUESTS} requests already in flight")]
+    #[error("{PENDING_REQUESTS_MAX} requests already in flight")]
     TooManyPending,
 }
 
@@ -194,7 +194,7 @@ impl NbdClient {
         mut request: Request,
         payload: &[u8],
     ) -> Result<u64, NbdClientError> {
-        if self.pending.len() >= MAX_PENDING_REQUESTS {
+        if self.pending.len() >= PENDING_REQUESTS_MAX {
             return Err(NbdClientError::TooManyPending);
         }
         request.cookie = self.next_cookie;
@@ -375,7 +375,7 @@ async fn read_option_reply(
             Some((reply, _)) => return Ok(reply),
             None => {
                 // The header is complete, so the missing part is the data; its length was
-                // bounded by the decoder (MAX_OPTION_REPLY_DATA_BYTES) before we get here.
+                // bounded by the decoder (OPTION_REPLY_DATA_BYTES_MAX) before we get here.
                 let length_bytes =
                     u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]) as usize;
                 let have = bytes.len();

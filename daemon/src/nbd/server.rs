@@ -124,17 +124,17 @@ pub enum NbdError {
 }
 
 /// Requests one connection may have in flight (executing or waiting for the writer).
-pub const MAX_IN_FLIGHT_REQUESTS: u32 = 128;
+pub const IN_FLIGHT_REQUESTS_MAX: u32 = 128;
 /// READ and WRITE payload bytes one connection may hold in memory at once. At least the
 /// maximum block size, so that one maximal request always fits.
-pub const MAX_IN_FLIGHT_PAYLOAD_BYTES: u32 = 4 * proto::MAX_BLOCK_BYTES;
+pub const IN_FLIGHT_PAYLOAD_BYTES_MAX: u32 = 4 * proto::BLOCK_BYTES_MAX;
 /// READ and WRITE payload bytes all connections together may hold in memory at once. A
 /// request takes its connection's permits first, then these; at least
-/// [`MAX_IN_FLIGHT_PAYLOAD_BYTES`], so that one connection can always make progress. With it,
+/// [`IN_FLIGHT_PAYLOAD_BYTES_MAX`], so that one connection can always make progress. With it,
 /// the NBD layer holds at most 512 MiB of payload however many clients connect (before, each
 /// of them could pin 128 MiB).
-pub const NODE_IN_FLIGHT_PAYLOAD_BYTES: u32 = 4 * MAX_IN_FLIGHT_PAYLOAD_BYTES;
-const _: () = assert!(NODE_IN_FLIGHT_PAYLOAD_BYTES >= MAX_IN_FLIGHT_PAYLOAD_BYTES);
+pub const NODE_IN_FLIGHT_PAYLOAD_BYTES: u32 = 4 * IN_FLIGHT_PAYLOAD_BYTES_MAX;
+const _: () = assert!(NODE_IN_FLIGHT_PAYLOAD_BYTES >= IN_FLIGHT_PAYLOAD_BYTES_MAX);
 /// Default of `[nbd] max_connections`.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
 /// A refused connection is logged at most this often.
@@ -142,11 +142,11 @@ const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// A client that has not reached transmission by then is dropped; it holds a socket.
 pub const HANDSHAKE_TIMEOUT_S: u64 = 30;
 /// Real clients send a handful of options; an endless stream is a denial of service.
-pub const MAX_OPTIONS_PER_HANDSHAKE: u32 = 1024;
+pub const OPTIONS_PER_HANDSHAKE_MAX: u32 = 1024;
 /// How long shutdown waits for connections to finish their in-flight requests.
 pub const SHUTDOWN_DRAIN_TIMEOUT_S: u64 = 10;
 /// Replies gathered into one write; keeps the iovec count far below IOV_MAX (1024).
-const MAX_REPLIES_PER_WRITE: usize = 64;
+const REPLIES_PER_WRITE_MAX: usize = 64;
 /// Pause after a failed accept (for example EMFILE), so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
 
@@ -472,7 +472,7 @@ where
     let no_zeroes = client_flags & proto::CLIENT_FLAG_NO_ZEROES != 0;
     let mut structured = false;
 
-    for _ in 0..MAX_OPTIONS_PER_HANDSHAKE {
+    for _ in 0..OPTIONS_PER_HANDSHAKE_MAX {
         let Some((option, data)) = read_option(stream, &mut shutdown, &mut out).await? else {
             return Ok(None);
         };
@@ -557,7 +557,7 @@ where
         }
         stream.write_all(&out).await?;
     }
-    Err(NbdError::TooManyOptions(MAX_OPTIONS_PER_HANDSHAKE))
+    Err(NbdError::TooManyOptions(OPTIONS_PER_HANDSHAKE_MAX))
 }
 
 /// Reads one option. `Ok(None)`: the client closed the socket between options, or the server
@@ -598,7 +598,7 @@ where
         }
         Err(error) => return Err(error.into()),
     };
-    // length_bytes <= MAX_OPTION_DATA_BYTES (64 KiB), checked by the decoder.
+    // length_bytes <= OPTION_DATA_BYTES_MAX (64 KiB), checked by the decoder.
     let mut data = vec![0u8; crate::usize_from(u64::from(length_bytes))];
     stream.read_exact(&mut data).await?;
     Ok(Some((option, Some(data))))
@@ -633,7 +633,7 @@ fn answer_info(
                 let sizes = proto::BlockSizes {
                     preferred_bytes: export
                         .preferred_block_bytes()
-                        .clamp(proto::MIN_BLOCK_BYTES, proto::MAX_BLOCK_BYTES),
+                        .clamp(proto::MIN_BLOCK_BYTES, proto::BLOCK_BYTES_MAX),
                     ..proto::BlockSizes::default()
                 };
                 proto::encode_rep_info_block_size(out, option, sizes);
@@ -700,10 +700,10 @@ where
     // Buffered: under a deep queue one read(2) brings in many requests. Payloads as large as
     // the buffer bypass it and land straight in their aligned buffers.
     let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
-    let (reply_tx, reply_rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT_REQUESTS as usize);
+    let (reply_tx, reply_rx) = mpsc::channel::<Reply>(IN_FLIGHT_REQUESTS_MAX as usize);
     let writer_task = tokio::spawn(write_replies(writer, reply_rx));
-    let request_slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_REQUESTS as usize));
-    let payload_slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PAYLOAD_BYTES as usize));
+    let request_slots = Arc::new(Semaphore::new(IN_FLIGHT_REQUESTS_MAX as usize));
+    let payload_slots = Arc::new(Semaphore::new(IN_FLIGHT_PAYLOAD_BYTES_MAX as usize));
     let export = settled.export;
     let structured = settled.structured;
 
@@ -727,7 +727,7 @@ where
             size_bytes: export.size_bytes(),
             read_only: export.read_only(),
             min_block_bytes: proto::MIN_BLOCK_BYTES,
-            max_block_bytes: proto::MAX_BLOCK_BYTES,
+            max_block_bytes: proto::BLOCK_BYTES_MAX,
             structured_replies: structured,
         };
         let verdict = proto::validate_request(&request, &limits);
@@ -764,7 +764,7 @@ where
             Ok(()) => {
                 let payload_permit = match request.kind {
                     Command::Read | Command::Write if request.length_bytes > 0 => {
-                        // length_bytes <= MAX_BLOCK_BYTES <= MAX_IN_FLIGHT_PAYLOAD_BYTES <=
+                        // length_bytes <= BLOCK_BYTES_MAX <= IN_FLIGHT_PAYLOAD_BYTES_MAX <=
                         // NODE_IN_FLIGHT_PAYLOAD_BYTES (validated), so both always become
                         // satisfiable. The connection's permits first: a connection waits
                         // for the server's pool with at most its own share taken.
@@ -814,7 +814,7 @@ where
     // Every request accepted so far finishes and its reply is sent before the socket closes
     // (DISC requires it; for the other endings it keeps completed writes acknowledged when
     // the client is still listening). Holding all request slots means none is in flight.
-    let _all = request_slots.acquire_many(MAX_IN_FLIGHT_REQUESTS).await;
+    let _all = request_slots.acquire_many(IN_FLIGHT_REQUESTS_MAX).await;
     drop(reply_tx);
     match writer_task.await {
         Ok(Ok(())) => {}
@@ -906,7 +906,7 @@ fn success_reply(
             }
         }
         Some(data) if is_read && structured => {
-            // data.len() <= MAX_BLOCK_BYTES, far below the chunk limit of 2^32 - 8.
+            // data.len() <= BLOCK_BYTES_MAX, far below the chunk limit of 2^32 - 8.
             match proto::encode_chunk_offset_data_prefix(
                 &mut header,
                 request.cookie,
@@ -961,10 +961,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut replies: mpsc::Receiver<Reply>,
 ) -> io::Result<()> {
-    let mut batch: Vec<Reply> = Vec::with_capacity(MAX_REPLIES_PER_WRITE);
+    let mut batch: Vec<Reply> = Vec::with_capacity(REPLIES_PER_WRITE_MAX);
     while let Some(first) = replies.recv().await {
         batch.push(first);
-        while batch.len() < MAX_REPLIES_PER_WRITE {
+        while batch.len() < REPLIES_PER_WRITE_MAX {
             match replies.try_recv() {
                 Ok(reply) => batch.push(reply),
                 Err(_) => break,
@@ -1357,8 +1357,8 @@ mod tests {
         out.clear();
         out.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
         out.extend_from_slice(&proto::OPT_GO.to_be_bytes());
-        out.extend_from_slice(&(proto::MAX_OPTION_DATA_BYTES + 1).to_be_bytes());
-        out.resize(out.len() + proto::MAX_OPTION_DATA_BYTES as usize + 1, 0);
+        out.extend_from_slice(&(proto::OPTION_DATA_BYTES_MAX + 1).to_be_bytes());
+        out.resize(out.len() + proto::OPTION_DATA_BYTES_MAX as usize + 1, 0);
         stream.write_all(&out).await.unwrap();
         assert_eq!(
             read_option_reply(&mut stream).await.reply_type,
@@ -1515,7 +1515,7 @@ mod tests {
         );
         // Oversized read.
         assert_eq!(
-            errno_of(client.read(0, proto::MAX_BLOCK_BYTES + 512).await),
+            errno_of(client.read(0, proto::BLOCK_BYTES_MAX + 512).await),
             Some(proto::EINVAL)
         );
         // Unknown command and flags.
@@ -1592,7 +1592,7 @@ mod tests {
         let mut stream = raw(&server.path, 1).await;
         raw_go(&mut stream, "vol", false).await;
         let mut out = Vec::new();
-        let huge = proto::MAX_BLOCK_BYTES + 512;
+        let huge = proto::BLOCK_BYTES_MAX + 512;
         proto::encode_request(
             &mut out,
             &Request {

@@ -42,9 +42,9 @@ use crate::storage::{self, AlignedBuf, OpenOptions, Storage};
 pub const SLOT_BYTES: u64 = 64 << 10;
 const MAGIC: [u8; 8] = *b"FERRYMT2";
 const HEADER_BYTES: usize = 24;
-const SECTOR_BYTES: usize = 512;
+const SECTOR_BYTES: usize = crate::usize_from(crate::storage::SECTOR_BYTES);
 
-const _: () = assert!(SLOT_BYTES.is_multiple_of(SECTOR_BYTES as u64));
+const _: () = assert!(SLOT_BYTES.is_multiple_of(crate::storage::SECTOR_BYTES));
 
 #[derive(Debug, Error)]
 pub enum MetaError {

@@ -61,8 +61,7 @@ use rand::{RngExt, SeedableRng};
 
 use super::{AlignedBuf, IoFuture, SharedBuf, Storage};
 
-/// The atomic unit of a power loss.
-const SECTOR_BYTES: u64 = 512;
+use super::SECTOR_BYTES;
 
 /// A simulated disk shared between boots. See the module documentation for the model.
 #[derive(Clone)]

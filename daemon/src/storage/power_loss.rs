@@ -94,7 +94,7 @@ use super::{AlignedBuf, IoFuture, SharedBuf, Storage};
 pub const POWER_LOSS_ENV: &str = "FERRY_FAULT_POWER_LOSS";
 
 /// The atomic unit of a power loss, as in [`super::FaultDisk`].
-pub const SECTOR_BYTES: u64 = 512;
+pub use super::SECTOR_BYTES;
 
 /// What is appended to a file's path to name its undo log.
 pub const UNDO_SUFFIX: &str = ".undo";

@@ -5,13 +5,13 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::generation::{GenerationInfo, Role, MAX_HISTORY_ENTRIES};
+use crate::generation::{GenerationInfo, Role, HISTORY_ENTRIES_MAX};
 use crate::repl::{put_lineage, put_string, role_byte, FrameError, Reader};
 
 /// Version of the encoded contents.
 const META_VERSION: u16 = 1;
 /// Most peers a meta records.
-pub const MAX_META_PEERS: usize = 64;
+pub const META_PEERS_MAX: usize = 64;
 
 /// What a copy remembers about one metro peer across restarts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,13 +79,13 @@ impl Meta {
         let mut lineage = self.lineage.clone();
         lineage.head_lsn = 0;
         put_lineage(&mut out, &lineage)?;
-        if self.peers.len() > MAX_META_PEERS {
+        if self.peers.len() > META_PEERS_MAX {
             return Err(FrameError::TooManyEntries {
                 count: self.peers.len(),
-                max: MAX_META_PEERS,
+                max: META_PEERS_MAX,
             });
         }
-        out.put_u8(crate::repl::count_field(self.peers.len(), MAX_META_PEERS)?);
+        out.put_u8(crate::repl::count_field(self.peers.len(), META_PEERS_MAX)?);
         for peer in &self.peers {
             put_string(&mut out, &peer.name)?;
             out.put_u8(u8::from(peer.protecting));
@@ -112,14 +112,14 @@ impl Meta {
         let role = r.role()?;
         let consistent = r.bool()?;
         let lineage = r.lineage()?;
-        if lineage.history.len() > MAX_HISTORY_ENTRIES {
+        if lineage.history.len() > HISTORY_ENTRIES_MAX {
             return Err(FrameError::Invalid("meta history"));
         }
         let count = usize::from(r.u8()?);
-        if count > MAX_META_PEERS {
+        if count > META_PEERS_MAX {
             return Err(FrameError::TooManyEntries {
                 count,
-                max: MAX_META_PEERS,
+                max: META_PEERS_MAX,
             });
         }
         let mut peers = Vec::with_capacity(count);

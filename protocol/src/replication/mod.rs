@@ -135,11 +135,11 @@ const _: () = assert!(RESYNC_CHUNK_BYTES.is_multiple_of(BLOCK_BYTES));
 const _: () = assert!(VERIFY_COARSE_BLOCK_BYTES.is_multiple_of(BLOCK_BYTES));
 const _: () = assert!(VERIFY_REQUEST_BYTES.is_multiple_of(VERIFY_COARSE_BLOCK_BYTES));
 const _: () = assert!(
-    VERIFY_REQUEST_BYTES / VERIFY_COARSE_BLOCK_BYTES <= crate::repl::MAX_VERIFY_DIGESTS as u64
+    VERIFY_REQUEST_BYTES / VERIFY_COARSE_BLOCK_BYTES <= crate::repl::VERIFY_DIGESTS_MAX as u64
 );
 const _: () =
-    assert!(VERIFY_COARSE_BLOCK_BYTES / BLOCK_BYTES <= crate::repl::MAX_VERIFY_DIGESTS as u64);
-const _: () = assert!(RESYNC_CHUNK_BYTES <= crate::repl::MAX_DATA_BYTES as u64);
+    assert!(VERIFY_COARSE_BLOCK_BYTES / BLOCK_BYTES <= crate::repl::VERIFY_DIGESTS_MAX as u64);
+const _: () = assert!(RESYNC_CHUNK_BYTES <= crate::repl::DATA_BYTES_MAX as u64);
 
 /// What a metro primary does when a peer that protects it is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use super::{
     DEVICE_BYTES_IN_FLIGHT_MAX,
 };
 use crate::generation::Role;
-use crate::repl::{DirtyRange, Message, PeerProgress, WriteRecord, MAX_DIRTY_RANGES_PER_FRAME};
+use crate::repl::{DirtyRange, Message, PeerProgress, WriteRecord, DIRTY_RANGES_PER_FRAME_MAX};
 
 impl Replicator {
     pub(super) fn on_record(&mut self, p: usize, record: WriteRecord) {
@@ -243,7 +243,7 @@ impl Replicator {
                 len_bytes,
             })
             .collect();
-        let frames: Vec<&[DirtyRange]> = ranges.chunks(MAX_DIRTY_RANGES_PER_FRAME).collect();
+        let frames: Vec<&[DirtyRange]> = ranges.chunks(DIRTY_RANGES_PER_FRAME_MAX).collect();
         let count = frames.len().max(1);
         for i in 0..count {
             let frame = frames.get(i).map_or_else(Vec::new, |f| f.to_vec());

@@ -27,8 +27,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::generation::{decide, Decision, Role};
-use crate::journal::MAX_RECORD_BYTES;
-use crate::repl::{Hello, Message, RefuseCode, MAX_VERIFY_DIGESTS};
+use crate::journal::RECORD_BYTES_MAX;
+use crate::repl::{Hello, Message, RefuseCode, VERIFY_DIGESTS_MAX};
 
 /// The replication protocol version carried in hellos.
 pub const PROTOCOL_VERSION: u16 = 2;
@@ -115,7 +115,7 @@ pub enum SessionError {
     #[error("range of {len_bytes} bytes at {offset_bytes} is not 512-byte aligned")]
     Misaligned { offset_bytes: u64, len_bytes: u64 },
     /// A record longer than the journal can replay.
-    #[error("record of {len_bytes} bytes exceeds {MAX_RECORD_BYTES}")]
+    #[error("record of {len_bytes} bytes exceeds {RECORD_BYTES_MAX}")]
     RecordTooLong { len_bytes: u64 },
     /// The peer sent more than its window allows without waiting for acknowledgements.
     #[error("peer exceeded the window: {inflight_bytes} bytes in flight")]
@@ -801,7 +801,7 @@ impl Session {
                 }
             }
             Message::VerifyReply { digests, .. } => {
-                if digests.len() > MAX_VERIFY_DIGESTS {
+                if digests.len() > VERIFY_DIGESTS_MAX {
                     return Err(SessionError::BadVerify("too many digests"));
                 }
             }
@@ -816,7 +816,7 @@ impl Session {
             Message::Write(record) if !self.receiving_resync => {
                 Self::check_lsn(record.lsn)?;
                 self.check_range(record.offset_bytes, record.len_bytes.into())?;
-                if record.kind.has_payload() && record.len_bytes as usize > MAX_RECORD_BYTES {
+                if record.kind.has_payload() && record.len_bytes as usize > RECORD_BYTES_MAX {
                     return Err(SessionError::RecordTooLong {
                         len_bytes: record.len_bytes.into(),
                     });
@@ -908,7 +908,7 @@ impl Session {
                 self.check_range(*offset_bytes, *len_bytes)?;
                 if *block_bytes == 0
                     || *block_bytes % 4096 != 0
-                    || len_bytes.div_ceil(*block_bytes) > MAX_VERIFY_DIGESTS as u64
+                    || len_bytes.div_ceil(*block_bytes) > VERIFY_DIGESTS_MAX as u64
                 {
                     return Err(SessionError::BadVerify("block size"));
                 }
@@ -1213,7 +1213,7 @@ mod tests {
             (record(12, 0, 4096), "received LSN 12, expected 11"),
             (record(11, SIZE - 512, 4096), "outside the"),
             (record(11, 100, 4096), "not 512-byte aligned"),
-            (record(11, 0, MAX_RECORD_BYTES + 4096), "exceeds"),
+            (record(11, 0, RECORD_BYTES_MAX + 4096), "exceeds"),
             (record(LSN_MAX + 1, 0, 4096), "out of range"),
             (record(u64::MAX, 0, 512), "out of range"),
         ];
