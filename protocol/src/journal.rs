@@ -172,7 +172,7 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
-    fn to_u8(self) -> u8 {
+    pub(crate) fn to_u8(self) -> u8 {
         match self {
             RecordKind::Write => 1,
             RecordKind::Zero => 2,
@@ -180,7 +180,7 @@ impl RecordKind {
         }
     }
 
-    fn from_u8(value: u8) -> Result<RecordKind, FormatError> {
+    pub(crate) fn from_u8(value: u8) -> Result<RecordKind, FormatError> {
         match value {
             1 => Ok(RecordKind::Write),
             2 => Ok(RecordKind::Zero),

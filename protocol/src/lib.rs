@@ -20,3 +20,4 @@ pub mod journal;
 pub mod nbd;
 pub mod repl;
 pub mod replication;
+pub mod stage;

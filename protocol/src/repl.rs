@@ -260,6 +260,10 @@ pub enum Message {
         id: u64,
         digests: Vec<[u8; VERIFY_DIGEST_BYTES]>,
     },
+    /// Primary to a regional secondary: the batch of records since the previous end is
+    /// complete; the receiver holds the volume as of `lsn` once it applies it. The records
+    /// of a batch keep their LSNs but need not be consecutive (overwritten ones are left out).
+    BatchEnd { lsn: u64 },
 }
 
 const TYPE_HELLO: u8 = 1;
@@ -282,6 +286,7 @@ const TYPE_NEW_GENERATION: u8 = 17;
 const TYPE_PROGRESS: u8 = 18;
 const TYPE_VERIFY_REQUEST: u8 = 19;
 const TYPE_VERIFY_REPLY: u8 = 20;
+const TYPE_BATCH_END: u8 = 21;
 
 impl Message {
     fn type_byte(&self) -> u8 {
@@ -306,6 +311,7 @@ impl Message {
             Message::Progress { .. } => TYPE_PROGRESS,
             Message::VerifyRequest { .. } => TYPE_VERIFY_REQUEST,
             Message::VerifyReply { .. } => TYPE_VERIFY_REPLY,
+            Message::BatchEnd { .. } => TYPE_BATCH_END,
         }
     }
 
@@ -337,6 +343,7 @@ fn type_name(type_byte: u8) -> &'static str {
         TYPE_PROGRESS => "progress",
         TYPE_VERIFY_REQUEST => "verify-request",
         TYPE_VERIFY_REPLY => "verify-reply",
+        TYPE_BATCH_END => "batch-end",
         _ => "unknown",
     }
 }
@@ -570,6 +577,7 @@ fn encode_payload(message: &Message, out: &mut BytesMut) -> Result<(), FrameErro
             out.put_u64_le(*durable_lsn);
         }
         Message::Flush { upto_lsn } => out.put_u64_le(*upto_lsn),
+        Message::BatchEnd { lsn } => out.put_u64_le(*lsn),
         Message::Heartbeat { sent_at_us, seq } | Message::HeartbeatReply { sent_at_us, seq } => {
             out.put_u64_le(*sent_at_us);
             out.put_u64_le(*seq);
@@ -959,6 +967,7 @@ fn decode_payload(type_byte: u8, payload: Bytes) -> Result<Message, FrameError> 
             durable_lsn: r.u64()?,
         },
         TYPE_FLUSH => Message::Flush { upto_lsn: r.u64()? },
+        TYPE_BATCH_END => Message::BatchEnd { lsn: r.u64()? },
         TYPE_HEARTBEAT => Message::Heartbeat {
             sent_at_us: r.u64()?,
             seq: r.u64()?,
@@ -1268,6 +1277,11 @@ mod tests {
                 block_bytes: 4096,
                 at_lsn: 5,
             },
+        );
+        check(
+            TYPE_BATCH_END,
+            "2a00000000000000",
+            Message::BatchEnd { lsn: 42 },
         );
         check(
             TYPE_VERIFY_REPLY,

@@ -29,6 +29,7 @@ fn replicator(role: Role, now: Instant) -> Replicator {
             on_disconnect: OnDisconnect::Degrade,
             peer_timeout: Duration::from_secs(5),
             resync_max_rate_bytes_per_s: None,
+            regional: None,
         })
         .collect();
     Replicator::new(
@@ -88,6 +89,8 @@ fn run_actions(rep: &mut Replicator) {
                 rep.device_done(id, Ok(()))
             }
             Action::DeviceSync => rep.device_synced(Ok(())),
+            Action::StageBatch { peer, .. } => rep.batch_staged(peer, Ok(())),
+            Action::ApplyBatch { peer, .. } => rep.batch_applied(peer, Ok(())),
             Action::Read { id, len_bytes, .. } => {
                 rep.read_done(id, Ok(Bytes::from(vec![0; len_bytes as usize])))
             }

@@ -82,6 +82,7 @@ mod ops;
 pub mod plan;
 mod primary;
 pub mod ranges;
+pub mod regional;
 mod secondary;
 pub mod session;
 #[cfg(test)]
@@ -100,6 +101,7 @@ use crate::repl::{Hello, Message, PeerProgress, WriteRecord, VERIFY_DIGEST_BYTES
 pub use meta::{Meta, PeerMeta};
 pub use plan::{Plan, Side};
 pub use ranges::RangeSet;
+pub use regional::RegionalConfig;
 pub use session::{Incoming, Mode, Session, SessionConfig, SessionError, LSN_MAX};
 
 /// Bytes of records, and separately of resync data, in flight to one peer.
@@ -150,13 +152,15 @@ pub enum OnDisconnect {
     Suspend,
 }
 
-/// A metro peer of the volume.
+/// A peer of the volume: metro, or regional when `regional` is set.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
     pub name: String,
+    /// Metro only (a regional peer never holds writes).
     pub on_disconnect: OnDisconnect,
     pub peer_timeout: Duration,
     pub resync_max_rate_bytes_per_s: Option<u64>,
+    pub regional: Option<RegionalConfig>,
 }
 
 /// Fixed settings of a replicator.
@@ -318,6 +322,21 @@ pub enum Action {
     },
     /// fdatasync of the device; then [`Replicator::device_synced`].
     DeviceSync,
+    /// Regional secondary: store this complete batch (it ends at `lsn`) in the stage file,
+    /// durably, replacing what the file held; then [`Replicator::batch_staged`].
+    StageBatch {
+        peer: usize,
+        lsn: u64,
+        records: Vec<WriteRecord>,
+    },
+    /// Regional secondary: with reads of the volume held, write the stored batch to the
+    /// device, fdatasync it and restart the (empty) journal at `lsn + 1`; then
+    /// [`Replicator::batch_applied`].
+    ApplyBatch {
+        peer: usize,
+        lsn: u64,
+        records: Vec<WriteRecord>,
+    },
     /// Read the volume (the newest data, journal included); then [`Replicator::read_done`].
     Read {
         id: u64,
@@ -580,6 +599,13 @@ pub struct PeerStatus {
     pub verify: Option<VerifyStatus>,
     /// Whether the peer protects this copy (in sync at least once).
     pub protecting: bool,
+    /// Regional peers: the age of the oldest write the peer lacks (the live RPO).
+    pub lag_seconds: Option<f64>,
+    /// Regional peers: payload bytes of records left out of batches because a later write
+    /// of the same batch covered them.
+    pub coalesced_bytes: u64,
+    /// Regional peers: times shipping stopped because batches piled up.
+    pub fell_behind: u64,
 }
 
 /// The volume-wide status.
@@ -654,6 +680,8 @@ struct Peer {
     /// only by the peer's acknowledgements (a planned switchover never completes a write
     /// the new primary lacks), and losing the peer aborts the demotion.
     demotion_hold: bool,
+    /// Batches, for a regional peer.
+    regional: regional::RegionalPeer,
 }
 
 /// Metro replication of one volume. See the module doc.
@@ -772,6 +800,7 @@ impl Replicator {
                             size_bytes: config.size_bytes,
                             peer_timeout: peer.peer_timeout,
                             window_bytes: config.window_bytes,
+                            batched: peer.regional.is_some(),
                         },
                         now,
                     ),
@@ -809,14 +838,18 @@ impl Replicator {
                     map_state_persisted: start.state,
                     rtts: Vec::new(),
                     demotion_hold: false,
+                    regional: regional::RegionalPeer::default(),
                 }
             })
             .collect();
-        let fenced = role == Role::Primary && peers.iter().any(|p| meta.protecting(&p.config.name));
+        let fenced = role == Role::Primary
+            && peers
+                .iter()
+                .any(|p| p.config.regional.is_none() && meta.protecting(&p.config.name));
         let mut peers = peers;
         if fenced {
             for peer in &mut peers {
-                if meta.protecting(&peer.config.name) {
+                if peer.config.regional.is_none() && meta.protecting(&peer.config.name) {
                     peer.last_error = Some(
                         "not heard from since this node started; writes are held until it answers (fencing)"
                             .into(),
@@ -938,7 +971,10 @@ impl Replicator {
             return false;
         }
         match self.role {
-            Role::Primary => matches!(peer.plan, Some(Plan::Ship { .. })),
+            // A regional peer's records are always marked: it never holds the journal.
+            Role::Primary => {
+                peer.config.regional.is_none() && matches!(peer.plan, Some(Plan::Ship { .. }))
+            }
             Role::Secondary => {
                 if peer.is_my_primary {
                     return true;
@@ -971,6 +1007,13 @@ impl Replicator {
         }
         peer.is_my_primary = false;
         peer.deferred.clear();
+        // Nothing of a batch is stored before its end: an incomplete one is dropped (complete
+        // ones still apply). Batches not sent are in the map.
+        peer.regional.open.take();
+        peer.regional.cuts.clear();
+        peer.regional.queued_bytes = 0;
+        peer.regional.receiving.clear();
+        peer.regional.receiving_bytes = 0;
         // Its verify requests not yet digested go with it: nobody would read the replies.
         self.served.retain(|request| request.peer != p);
         let peer = &mut self.peers[p];
@@ -1063,6 +1106,9 @@ impl Replicator {
                 earliest(self.verify_due(peer, verify));
             }
         }
+        for p in 0..self.peers.len() {
+            earliest(self.batch_due(p));
+        }
         if let Some(PendingOp::Promote {
             deadline,
             closed: false,
@@ -1077,6 +1123,13 @@ impl Replicator {
     /// A stream to peer `p` is open: the handshake starts.
     pub fn connected(&mut self, p: usize, now: Instant) {
         self.now = now;
+        if !self.peers[p].regional.batches.is_empty() {
+            self.actions.push_back(Action::CloseStream {
+                peer: p,
+                reason: "batches from this peer are still being applied".into(),
+            });
+            return;
+        }
         if self.peers[p].resync_in.is_some() {
             // The end of a resync from this peer is still being made durable.
             self.actions.push_back(Action::CloseStream {
@@ -1149,6 +1202,7 @@ impl Replicator {
         self.appends.len() < APPENDS_IN_FLIGHT_MAX
             && self.device_bytes_in_flight < DEVICE_BYTES_IN_FLIGHT_MAX
             && backlog < APPENDS_IN_FLIGHT_MAX
+            && peer.regional.batches.len() < regional::BATCHES_WAITING_MAX
     }
 
     fn on_message(&mut self, p: usize, message: Message) {
@@ -1164,7 +1218,14 @@ impl Replicator {
             Message::ResyncAck { .. } => {}
             Message::DirtyRanges { ranges, last } => self.on_dirty_ranges(p, &ranges, last),
             Message::VerifyReply { id, digests } => self.on_verify_reply(p, id, digests),
+            Message::Write(record) if self.is_regional(p) => {
+                if self.role != Role::Secondary || !self.peers[p].is_my_primary {
+                    return self.close_link(p, "a record from a peer that is not this copy's primary");
+                }
+                self.on_batch_record(p, record);
+            }
             Message::Write(record) => self.on_record(p, record),
+            Message::BatchEnd { lsn } => self.on_batch_end(p, lsn),
             Message::Flush { upto_lsn } => {
                 let peer = &mut self.peers[p];
                 peer.flush_wanted_lsn = peer.flush_wanted_lsn.max(upto_lsn);
@@ -1282,6 +1343,8 @@ impl Replicator {
         for p in 0..self.peers.len() {
             self.mark_pass(p);
             self.advance_receiving(p);
+            self.advance_batches(p);
+            self.maybe_cut(p);
             self.maybe_clear_map(p);
             self.pump_queue(p);
             self.pump_resync(p, now);
@@ -1537,7 +1600,7 @@ impl Replicator {
             return self.settled_published;
         }
         let mut settled = (self.head_lsn, self.head_lsn);
-        for peer in &self.peers {
+        for peer in self.peers.iter().filter(|p| p.config.regional.is_none()) {
             let (journal, durable) = self.completion(peer);
             settled.0 = settled.0.min(journal);
             settled.1 = settled.1.min(durable);
@@ -1615,6 +1678,8 @@ impl Replicator {
         }
         if !peer.session.is_up() {
             return match self.role {
+                // Regional: what it lacks is tracked for a delta resync.
+                Role::Primary if peer.config.regional.is_some() => ReplicaState::Degraded,
                 // Fenced: nothing is tracked as lost yet, writes wait for this peer's word.
                 Role::Primary if self.fenced && !peer.contacted => ReplicaState::Connecting,
                 Role::Primary if self.meta.protecting(peer.name()) => {
@@ -1640,6 +1705,12 @@ impl Replicator {
                     ReplicaState::Resyncing
                 }
             }
+            Some(Plan::Ship { .. }) if self.role == Role::Primary => match peer.config.regional {
+                Some(config) if peer.regional.lag.seconds(self.now) > config.interval.as_secs_f64() => {
+                    ReplicaState::Lagging
+                }
+                _ => ReplicaState::InSync,
+            },
             Some(Plan::Ship { .. }) | Some(Plan::Receive { .. }) => ReplicaState::InSync,
             Some(Plan::Idle) => ReplicaState::Standby,
             _ => ReplicaState::Connecting,
@@ -1655,7 +1726,15 @@ impl Replicator {
             .filter(|r| r.lsn > peer.acked_durable_lsn)
             .map(|r| r.len_bytes)
             .sum();
-        let lag_bytes = if state == ReplicaState::InSync {
+        let regional = peer.config.regional.is_some() && self.role == Role::Primary;
+        let lag_bytes = if regional {
+            // The map holds every record not confirmed too; the records' own count is the
+            // better figure while shipping keeps up.
+            match state {
+                ReplicaState::InSync | ReplicaState::Lagging => peer.regional.lag.bytes(),
+                _ => peer.regional.lag.bytes().max(peer.map.dirty_bytes()),
+            }
+        } else if state == ReplicaState::InSync {
             unconfirmed
         } else {
             unconfirmed + peer.map.dirty_bytes()
@@ -1679,6 +1758,9 @@ impl Replicator {
             dirty_bytes: peer.map.dirty_bytes(),
             verify: peer.verify.as_ref().map(|v| self.verify_status(v)),
             protecting: self.meta.protecting(peer.name()),
+            lag_seconds: regional.then(|| peer.regional.lag.seconds(self.now)),
+            coalesced_bytes: peer.regional.open.coalesced_bytes,
+            fell_behind: peer.regional.fell_behind,
         }
     }
 }

@@ -344,6 +344,7 @@ impl Replicator {
             || self.reset_in_flight
             || self.device_sync_in_flight
             || self.peers.iter().any(|p| p.resync_in.is_some())
+            || self.batches_pending()
         {
             // What this copy received lands first (a resync whose end arrived finishes).
             return Some(PendingOp::Promote {

@@ -37,7 +37,20 @@ impl Replicator {
             offset_bytes: record.offset_bytes,
             len_bytes,
         });
+        let now = self.now;
         for p in 0..self.peers.len() {
+            if self.is_regional(p) {
+                self.peers[p]
+                    .regional
+                    .lag
+                    .push(record.lsn, now, len_bytes.max(1));
+                if self.shipping_records(p) {
+                    self.batch_record(p, record.clone());
+                    self.pump_queue(p);
+                    self.flush_transmits(p);
+                    continue;
+                }
+            }
             if self.shipping_records(p) {
                 self.peers[p].queue.push_back(record.clone());
                 self.pump_queue(p);
@@ -95,6 +108,10 @@ impl Replicator {
     /// Sends queued records while the window has room, then the durability a FLUSH asked
     /// for, as far as it was sent.
     pub(super) fn pump_queue(&mut self, p: usize) {
+        if self.is_regional(p) {
+            // No FLUSH waits for a regional peer.
+            return self.pump_batches(p);
+        }
         let now = self.now;
         while let Some(record) = self.peers[p].queue.front() {
             let len_bytes = record.data.len() as u64;
@@ -122,6 +139,7 @@ impl Replicator {
         let peer = &mut self.peers[p];
         peer.acked_journal_lsn = peer.acked_journal_lsn.max(journal_lsn);
         peer.confirm(durable_lsn);
+        peer.regional.lag.confirm(durable_lsn);
         let ended = peer
             .resync_out
             .as_ref()
@@ -190,7 +208,10 @@ impl Replicator {
         }
         let needed = (0..self.peers.len()).any(|p| {
             let peer = &self.peers[p];
-            !self.confirming(p)
+            // A regional peer holds a prefix: writes it lacks are a tail to give up if it is
+            // promoted, not a split brain.
+            peer.config.regional.is_none()
+                && !self.confirming(p)
                 && peer.knows_generation >= generation
                 && self.head_lsn >= start
                 && self.head_lsn > peer.acked_durable_lsn
@@ -262,7 +283,7 @@ impl Replicator {
             && self
                 .peers
                 .iter()
-                .all(|p| p.contacted || !self.meta.protecting(p.name()))
+                .all(|p| p.contacted || p.config.regional.is_some() || !self.meta.protecting(p.name()))
         {
             self.fenced = false;
         }
@@ -270,8 +291,10 @@ impl Replicator {
 
     /// A resync near its end holds new writes so the hand-over converges under load.
     pub(super) fn update_holding(&mut self) {
+        // Never for a regional peer: the WAN must not stall the primary.
         self.holding = self.peers.iter().any(|peer| {
-            peer.resync_out.as_ref().is_some_and(|r| {
+            peer.config.regional.is_none()
+                && peer.resync_out.as_ref().is_some_and(|r| {
                 r.started
                     && r.ended_at.is_none()
                     && !r.waiting_for_ranges

@@ -153,6 +153,9 @@ pub struct SessionConfig {
     pub peer_timeout: Duration,
     /// Bytes of records (and, separately, of resync data) in flight before the sender waits.
     pub window_bytes: u64,
+    /// A regional link: records come in batches, each closed by a `BatchEnd`, and within a
+    /// batch their LSNs only increase (records overwritten later in the batch are left out).
+    pub batched: bool,
 }
 
 /// What the link carries once the handshake is done, as the replicator decided.
@@ -822,7 +825,12 @@ impl Session {
                     });
                 }
                 let expected = self.received_lsn + 1;
-                if record.lsn != expected {
+                let in_order = if self.config.batched {
+                    record.lsn >= expected
+                } else {
+                    record.lsn == expected
+                };
+                if !in_order {
                     return Err(SessionError::LsnGap {
                         expected,
                         found: record.lsn,
@@ -837,6 +845,13 @@ impl Session {
                 self.received_lsn = record.lsn;
                 self.received_unacked.push_back((record.lsn, cost_bytes));
                 self.received_unacked_bytes += cost_bytes;
+            }
+            Message::BatchEnd { lsn } if self.config.batched && !self.receiving_resync => {
+                Self::check_lsn(*lsn)?;
+                if *lsn < self.received_lsn {
+                    return Err(self.unexpected(message));
+                }
+                self.received_lsn = *lsn;
             }
             Message::Flush { upto_lsn } => {
                 if *upto_lsn > self.received_lsn {
@@ -977,7 +992,11 @@ impl Session {
         now: Instant,
     ) -> Result<(), SessionError> {
         assert_eq!(self.mode, Mode::Ship, "records ship in ship mode");
-        assert_eq!(record.lsn, self.sent_lsn + 1, "records ship in LSN order");
+        if self.config.batched {
+            assert!(record.lsn > self.sent_lsn, "records ship in LSN order");
+        } else {
+            assert_eq!(record.lsn, self.sent_lsn + 1, "records ship in LSN order");
+        }
         let cost_bytes = record.data.len() as u64 + RECORD_OVERHEAD_BYTES;
         self.sent_lsn = record.lsn;
         self.inflight.push_back(InFlight {
@@ -987,6 +1006,24 @@ impl Session {
         });
         self.inflight_bytes += cost_bytes;
         self.send(Message::Write(record))
+    }
+
+    /// Closes a batch of a regional link at `lsn` (at or past its last record): the peer
+    /// acknowledges the batch as a whole.
+    pub fn send_batch_end(&mut self, lsn: u64, now: Instant) -> Result<(), SessionError> {
+        assert_eq!(self.mode, Mode::Ship, "batches ship in ship mode");
+        assert!(self.config.batched, "only a regional link carries batches");
+        assert!(lsn >= self.sent_lsn, "a batch ends at or past its records");
+        if lsn > self.sent_lsn {
+            self.sent_lsn = lsn;
+            self.inflight.push_back(InFlight {
+                lsn,
+                cost_bytes: RECORD_OVERHEAD_BYTES,
+                sent_at: now,
+            });
+            self.inflight_bytes += RECORD_OVERHEAD_BYTES;
+        }
+        self.send(Message::BatchEnd { lsn })
     }
 
     /// Sends a message of the shipping or receiving side that carries no counters (flush
@@ -1130,6 +1167,7 @@ mod tests {
             size_bytes: SIZE,
             peer_timeout: Duration::from_secs(5),
             window_bytes: WINDOW,
+            batched: false,
         }
     }
 

@@ -483,6 +483,7 @@ impl Sim {
                 },
                 peer_timeout: PEER_TIMEOUT,
                 resync_max_rate_bytes_per_s: None,
+                regional: None,
             })
             .collect();
         ReplicatorConfig {
@@ -843,6 +844,9 @@ impl Sim {
             Action::DeviceSync => {
                 let after = self.latency(i, 1, 5);
                 self.io(i, after, Io::DeviceSync);
+            }
+            Action::StageBatch { .. } | Action::ApplyBatch { .. } => {
+                unreachable!("the simulated volumes have metro peers only")
             }
             Action::Read {
                 id,

@@ -1,0 +1,445 @@
+//! Regional (asynchronous) replicas: batches on the primary, batch-at-a-time application on
+//! the secondary.
+//!
+//! # Primary
+//!
+//! A regional peer never holds a client write: its records are always marked in its dirty
+//! map (the ledger of the module doc, exactly as for a metro peer that is away), so the
+//! journal releases them at its own pace, and shipping is an optimisation on top of the map.
+//! While the link is up, every tapped record joins the peer's *open batch*, which keeps only
+//! the newest contents of each range: a record fully covered by a later one of the same batch
+//! is dropped before it is ever sent. The batch is *cut* when its oldest record is
+//! `interval` old or it holds [`BATCH_CUT_BYTES`]; a cut moves its records to the send queue
+//! followed by a `BatchEnd` at the head LSN of the cut. What waits (open batch and queue)
+//! is bounded by [`BATCH_BUFFER_BYTES`]: past it the link is given up (`degraded`), and the
+//! peer catches up from the map with a delta resync when it returns. Completion, fencing,
+//! `on_disconnect` and the generation rule never consider a regional peer: the copy it
+//! holds is a prefix of the primary's writes, and a promotion of it starts a generation that
+//! makes the primary's later writes a tail to give up, never a split brain.
+//!
+//! # Secondary
+//!
+//! Records of a regional link gather in memory until their `BatchEnd` (nothing of an
+//! incomplete batch is ever stored or acknowledged). A complete batch is then, in order:
+//! stored whole and durably in the volume's stage file ([`Action::StageBatch`]) and
+//! acknowledged (the primary may forget it); its ranges are marked for every peer, durably
+//! (write-ahead marking, as for a resync); then applied as one unit
+//! ([`Action::ApplyBatch`]): written to the device, the device synced and the journal
+//! restarted at the batch's LSN, with reads of the volume held meanwhile. A crash at any
+//! point leaves either the previous batch boundary (the stage file holds an incomplete or
+//! older batch, ignored) or a stored batch above the journal's head, which the daemon
+//! applies again before anything reads the volume. So the copy, its read-only export and a
+//! promotion only ever see batch boundaries.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::{Action, Replicator};
+use crate::generation::Role;
+use crate::repl::WriteRecord;
+
+/// A batch is cut once it holds this many payload bytes, whatever its age.
+pub const BATCH_CUT_BYTES: u64 = 16 << 20;
+/// Bytes of batches (open and queued) one regional peer may hold back before its link is
+/// given up and it catches up from its dirty map instead.
+pub const BATCH_BUFFER_BYTES: u64 = 256 << 20;
+/// Bytes of one batch a secondary accepts: a cut batch plus one record of the largest size,
+/// with room to spare.
+pub const BATCH_RECEIVE_BYTES_MAX: u64 = 128 << 20;
+/// Complete batches a secondary holds waiting to be stored and applied.
+pub const BATCHES_WAITING_MAX: usize = 2;
+/// Lag is tracked in steps of this length (bounded memory whatever the write rate).
+const LAG_STEP: Duration = Duration::from_millis(10);
+/// Lag steps kept at most; older ones are merged.
+const LAG_STEPS_MAX: usize = 100_000;
+
+const _: () = assert!(BATCH_CUT_BYTES + crate::repl::DATA_BYTES_MAX as u64 <= BATCH_RECEIVE_BYTES_MAX);
+const _: () = assert!(BATCH_RECEIVE_BYTES_MAX <= super::WINDOW_BYTES * 2);
+
+/// The settings of a regional peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionalConfig {
+    /// A batch is cut at least this often while records come.
+    pub interval: Duration,
+}
+
+/// The records of the batch being gathered, newest contents per range.
+#[derive(Debug, Default)]
+pub(super) struct OpenBatch {
+    records: Vec<Option<WriteRecord>>,
+    /// Live records by (offset, LSN) → index in `records`.
+    live: BTreeMap<(u64, u64), usize>,
+    payload_bytes: u64,
+    opened_at: Option<Instant>,
+    /// Payload bytes of records dropped because a later one covered them.
+    pub(super) coalesced_bytes: u64,
+}
+
+impl OpenBatch {
+    pub(super) fn push(&mut self, record: WriteRecord, now: Instant) {
+        let start = record.offset_bytes;
+        let end = start + u64::from(record.len_bytes);
+        let covered: Vec<(u64, u64)> = self
+            .live
+            .range((start, 0)..(end, 0))
+            .filter(|(_, index)| {
+                let older = self.records[**index].as_ref().expect("live");
+                older.offset_bytes + u64::from(older.len_bytes) <= end
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in covered {
+            let index = self.live.remove(&key).expect("listed");
+            let older = self.records[index].take().expect("live");
+            let bytes = older.data.len() as u64;
+            self.payload_bytes -= bytes;
+            self.coalesced_bytes += bytes;
+        }
+        self.payload_bytes += record.data.len() as u64;
+        self.live.insert((start, record.lsn), self.records.len());
+        self.records.push(Some(record));
+        self.opened_at.get_or_insert(now);
+    }
+
+    pub(super) fn payload_bytes(&self) -> u64 {
+        self.payload_bytes
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// When the batch must be cut by age.
+    pub(super) fn due(&self, interval: Duration) -> Option<Instant> {
+        self.opened_at.map(|at| at + interval)
+    }
+
+    /// The live records, in LSN order; the batch starts empty again.
+    pub(super) fn take(&mut self) -> Vec<WriteRecord> {
+        let records = std::mem::take(&mut self.records);
+        self.live.clear();
+        self.payload_bytes = 0;
+        self.opened_at = None;
+        records.into_iter().flatten().collect()
+    }
+}
+
+/// Completed writes not yet durable at a peer, by age: the live RPO.
+#[derive(Debug, Default)]
+pub(super) struct Lag {
+    /// (last LSN, time of the first write, bytes) per step, oldest first.
+    steps: VecDeque<(u64, Instant, u64)>,
+    bytes: u64,
+}
+
+impl Lag {
+    pub(super) fn push(&mut self, lsn: u64, now: Instant, bytes: u64) {
+        self.bytes += bytes;
+        let full = self.steps.len() >= LAG_STEPS_MAX;
+        if let Some(last) = self.steps.back_mut() {
+            if now < last.1 + LAG_STEP || full {
+                last.0 = lsn;
+                last.2 += bytes;
+                return;
+            }
+        }
+        self.steps.push_back((lsn, now, bytes));
+    }
+
+    /// Everything up to `lsn` is durable at the peer.
+    pub(super) fn confirm(&mut self, lsn: u64) {
+        while self.steps.front().is_some_and(|step| step.0 <= lsn) {
+            let (_, _, bytes) = self.steps.pop_front().expect("checked");
+            self.bytes -= bytes;
+        }
+    }
+
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub(super) fn seconds(&self, now: Instant) -> f64 {
+        self.steps
+            .front()
+            .map_or(0.0, |step| now.saturating_duration_since(step.1).as_secs_f64())
+    }
+}
+
+/// Where a complete batch stands on a secondary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BatchStep {
+    /// Waiting for the stage file to be free.
+    Waiting,
+    /// Being stored in the stage file.
+    Storing,
+    /// Stored and acknowledged; its marks become durable under this sequence number.
+    Marking { seq: u64 },
+    /// Being applied.
+    Applying,
+}
+
+/// A complete batch a secondary received.
+#[derive(Debug)]
+pub(super) struct BatchIn {
+    pub(super) lsn: u64,
+    pub(super) records: Vec<WriteRecord>,
+    pub(super) step: BatchStep,
+}
+
+/// The regional side of one peer.
+#[derive(Debug, Default)]
+pub(super) struct RegionalPeer {
+    /// Primary: the batch being gathered.
+    pub(super) open: OpenBatch,
+    /// Primary: the LSNs of cut batches whose `BatchEnd` is not sent yet, in order.
+    pub(super) cuts: VecDeque<u64>,
+    /// Primary: payload bytes in the send queue.
+    pub(super) queued_bytes: u64,
+    /// Primary: what the peer lacks, by age.
+    pub(super) lag: Lag,
+    /// Primary: times the link was given up because batches piled up.
+    pub(super) fell_behind: u64,
+    /// Secondary: records of the batch being received.
+    pub(super) receiving: Vec<WriteRecord>,
+    pub(super) receiving_bytes: u64,
+    /// Secondary: complete batches, oldest first (the first one is being worked on).
+    pub(super) batches: VecDeque<BatchIn>,
+}
+
+impl Replicator {
+    pub(super) fn is_regional(&self, p: usize) -> bool {
+        self.peers[p].config.regional.is_some()
+    }
+
+    // ---- primary ---------------------------------------------------------------------------
+
+    /// A tapped record for a regional peer whose link ships.
+    pub(super) fn batch_record(&mut self, p: usize, record: WriteRecord) {
+        let now = self.now;
+        let regional = &mut self.peers[p].regional;
+        regional.open.push(record, now);
+        self.maybe_cut(p);
+    }
+
+    /// Cuts the open batch when it is old or large enough, then sends what the window allows.
+    pub(super) fn maybe_cut(&mut self, p: usize) {
+        let Some(config) = self.peers[p].config.regional else {
+            return;
+        };
+        if !self.shipping_records(p) {
+            return;
+        }
+        let now = self.now;
+        let head = self.head_lsn;
+        let peer = &mut self.peers[p];
+        let open = &peer.regional.open;
+        let due = open.due(config.interval).is_some_and(|at| now >= at);
+        if !open.is_empty() && (due || open.payload_bytes() >= BATCH_CUT_BYTES) {
+            let records = peer.regional.open.take();
+            for record in records {
+                peer.regional.queued_bytes += record.data.len() as u64;
+                peer.queue.push_back(record);
+            }
+            peer.regional.cuts.push_back(head);
+        }
+        let waiting = peer.regional.queued_bytes + peer.regional.open.payload_bytes();
+        if waiting > BATCH_BUFFER_BYTES {
+            peer.regional.fell_behind += 1;
+            let message = format!(
+                "more than {} MiB of batches waited for the link: shipping stops, what the peer lacks is in its dirty map, and it catches up with a delta resync when the link is back",
+                BATCH_BUFFER_BYTES >> 20
+            );
+            self.notices.push_back(format!(
+                "volume {}: regional peer {} fell behind: {message}",
+                self.config.volume, self.peers[p].config.name
+            ));
+            self.close_link(p, &format!("fell behind: {message}"));
+        }
+    }
+
+    /// Sends queued records and batch ends while the window has room.
+    pub(super) fn pump_batches(&mut self, p: usize) {
+        let now = self.now;
+        loop {
+            let peer = &mut self.peers[p];
+            let next_record = peer.queue.front().map(|r| (r.lsn, r.data.len() as u64));
+            if let Some(&cut) = peer.regional.cuts.front() {
+                if next_record.is_none_or(|(lsn, _)| lsn > cut) {
+                    peer.regional.cuts.pop_front();
+                    if let Err(error) = peer.session.send_batch_end(cut, now) {
+                        return self.close_for(p, error);
+                    }
+                    continue;
+                }
+            }
+            let Some((_, len_bytes)) = next_record else {
+                return;
+            };
+            if !peer.session.can_send(len_bytes) {
+                return;
+            }
+            let record = peer.queue.pop_front().expect("checked");
+            peer.regional.queued_bytes -= record.data.len() as u64;
+            if let Err(error) = peer.session.send_record(record, now) {
+                return self.close_for(p, error);
+            }
+        }
+    }
+
+    /// When the open batch of a regional peer must be cut.
+    pub(super) fn batch_due(&self, p: usize) -> Option<Instant> {
+        let config = self.peers[p].config.regional?;
+        if !self.shipping_records(p) {
+            return None;
+        }
+        self.peers[p].regional.open.due(config.interval)
+    }
+
+    // ---- secondary -------------------------------------------------------------------------
+
+    /// A record of a regional link: it waits in memory for its batch's end.
+    pub(super) fn on_batch_record(&mut self, p: usize, record: WriteRecord) {
+        let regional = &mut self.peers[p].regional;
+        regional.receiving_bytes += record.data.len() as u64;
+        if regional.receiving_bytes > BATCH_RECEIVE_BYTES_MAX {
+            return self.close_link(
+                p,
+                &format!(
+                    "a batch of more than {} MiB: the primary cuts batches far smaller",
+                    BATCH_RECEIVE_BYTES_MAX >> 20
+                ),
+            );
+        }
+        regional.receiving.push(record);
+    }
+
+    /// A batch is complete: it is stored, acknowledged, marked and applied, in that order.
+    pub(super) fn on_batch_end(&mut self, p: usize, lsn: u64) {
+        if self.role != Role::Secondary || !self.peers[p].is_my_primary {
+            return self.close_link(p, "a batch from a peer that is not this copy's primary");
+        }
+        if self.peers[p].resync_in.is_some() {
+            return self.close_link(p, "a batch end during a resync");
+        }
+        let regional = &mut self.peers[p].regional;
+        let records = std::mem::take(&mut regional.receiving);
+        regional.receiving_bytes = 0;
+        if regional.batches.len() >= BATCHES_WAITING_MAX {
+            // `can_receive` stopped reading before this: only a peer ignoring flow control
+            // gets here.
+            return self.close_link(p, "too many batches waiting to be applied");
+        }
+        regional.batches.push_back(BatchIn {
+            lsn,
+            records,
+            step: BatchStep::Waiting,
+        });
+    }
+
+    /// Moves the oldest complete batch of each regional link along.
+    pub(super) fn advance_batches(&mut self, p: usize) {
+        let Some(batch) = self.peers[p].regional.batches.front() else {
+            return;
+        };
+        match batch.step {
+            BatchStep::Waiting => {
+                if self.failed.is_some() {
+                    return;
+                }
+                let batch = self.peers[p].regional.batches.front_mut().expect("checked");
+                batch.step = BatchStep::Storing;
+                let action = Action::StageBatch {
+                    peer: p,
+                    lsn: batch.lsn,
+                    records: batch.records.clone(),
+                };
+                self.actions.push_back(action);
+            }
+            BatchStep::Storing | BatchStep::Applying => {}
+            BatchStep::Marking { seq } => {
+                let durable = self
+                    .peers
+                    .iter()
+                    .map(|peer| peer.persisted_mark_seq)
+                    .min()
+                    .unwrap_or(u64::MAX);
+                if durable < seq || self.failed.is_some() {
+                    return;
+                }
+                let batch = self.peers[p].regional.batches.front_mut().expect("checked");
+                batch.step = BatchStep::Applying;
+                let action = Action::ApplyBatch {
+                    peer: p,
+                    lsn: batch.lsn,
+                    records: batch.records.clone(),
+                };
+                self.actions.push_back(action);
+            }
+        }
+    }
+
+    /// An [`Action::StageBatch`] completed: the batch is durable here.
+    pub fn batch_staged(&mut self, p: usize, result: Result<(), String>) {
+        let Some(batch) = self.peers[p].regional.batches.front_mut() else {
+            return;
+        };
+        if batch.step != BatchStep::Storing {
+            return;
+        }
+        if let Err(error) = result {
+            return self.fail(format!("storing a batch in the stage file: {error}"));
+        }
+        let lsn = batch.lsn;
+        // Write-ahead marking: every peer may lack these blocks until it confirms `lsn`.
+        self.mark_seq += 1;
+        let seq = self.mark_seq;
+        let ranges: Vec<(u64, u64)> = batch
+            .records
+            .iter()
+            .map(|r| (r.offset_bytes, u64::from(r.len_bytes)))
+            .collect();
+        batch.step = BatchStep::Marking { seq };
+        for peer in &mut self.peers {
+            for &(offset, len) in &ranges {
+                peer.map.mark(offset, len);
+            }
+            peer.map_state.marked(lsn);
+        }
+        if self.peers[p].is_my_primary {
+            if let Err(error) = self.peers[p].session.acknowledge(lsn, lsn) {
+                self.close_for(p, error);
+            }
+        }
+    }
+
+    /// An [`Action::ApplyBatch`] completed: this copy holds the primary's volume as of the
+    /// batch's LSN.
+    pub fn batch_applied(&mut self, p: usize, result: Result<(), String>) {
+        let Some(batch) = self.peers[p].regional.batches.front() else {
+            return;
+        };
+        if batch.step != BatchStep::Applying {
+            return;
+        }
+        if let Err(error) = result {
+            return self.fail(format!("applying batch {}: {error}", batch.lsn));
+        }
+        let lsn = batch.lsn;
+        self.peers[p].regional.batches.pop_front();
+        assert!(lsn >= self.head_lsn, "batches apply in LSN order");
+        self.head_lsn = lsn;
+        self.appended_up_to = lsn;
+        self.local_durable_lsn = lsn;
+        self.settled_published = (lsn, lsn);
+        for peer in &mut self.peers {
+            // The batch's blocks were marked durably before it was applied.
+            peer.covered_lsn = peer.covered_lsn.max(lsn);
+            peer.covered_persisted_lsn = peer.covered_persisted_lsn.max(lsn);
+        }
+    }
+
+    /// Whether a batch is being stored or applied, or waits to be.
+    pub(super) fn batches_pending(&self) -> bool {
+        self.peers.iter().any(|p| !p.regional.batches.is_empty())
+    }
+}
