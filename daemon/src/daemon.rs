@@ -21,6 +21,7 @@ use crate::control::{
 use crate::datadir::{DataDir, DataDirError};
 use crate::metrics::{self, Metrics};
 use crate::nbd::{self, BoxFuture, Export, ExportLookup, Listener};
+use crate::replication::stage_file::StageFile;
 use crate::replication::tls::{RefusedBy, TlsIdentity};
 use crate::replication::transport::{self, PeerOrAddr, Transport, TransportEvent};
 use crate::replication::{
@@ -40,8 +41,8 @@ pub enum DaemonError {
     Control(#[from] ControlError),
     #[error("metrics endpoint: {0}")]
     Metrics(#[from] metrics::MetricsError),
-    #[error("volume {volume}: regional replicas are not available in this build yet; remove the [[volumes.replicas]] entry with mode = \"regional\" (metro replicas work)")]
-    RegionalUnavailable { volume: String },
+    #[error("volume {volume}: stage file: {source}")]
+    Stage { volume: String, source: io::Error },
     #[error("[tls] is required when peers are configured")]
     NoTls,
     #[error("[node] listen is required when peers are configured")]
@@ -62,17 +63,6 @@ pub enum DaemonError {
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), DaemonError> {
-    for volume in &config.volumes {
-        if volume
-            .replicas
-            .iter()
-            .any(|r| matches!(r.mode, ReplicaMode::Regional { .. }))
-        {
-            return Err(DaemonError::RegionalUnavailable {
-                volume: volume.name.clone(),
-            });
-        }
-    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("ferry")
@@ -249,7 +239,7 @@ pub(crate) async fn open_volume(
         volume: name.clone(),
         source,
     })?;
-    let peers: Vec<(String, std::path::PathBuf)> = replication::metro_peers(config)
+    let peers: Vec<(String, std::path::PathBuf)> = replication::replica_peers(config)
         .into_iter()
         .map(|p| {
             let path = data_dir.dirty_map(&name, &p.name);
@@ -291,8 +281,9 @@ pub(crate) async fn open_volume(
         Some(hook),
     )
     .await?;
+    let mut maps = std::mem::take(&mut *maps.lock().expect("maps lock"));
+    let stage_file = open_stage(config, data_dir, &volume, &mut maps).await?;
     tracing::info!(volume = %name, size_bytes = volume.size_bytes(), role = %meta.role, generation = meta.lineage.current_generation(), "volume ready");
-    let maps = std::mem::take(&mut *maps.lock().expect("maps lock"));
     Ok(VolumeReplication::new(
         Arc::new(volume),
         config,
@@ -301,10 +292,63 @@ pub(crate) async fn open_volume(
             meta_file,
             meta,
             maps,
+            stage_file,
         },
         metrics.volume(&name),
         |peer| metrics.replica(&name, peer),
     ))
+}
+
+/// A volume with a regional replica has a stage file. A batch stored there above the
+/// journal's head was acknowledged but maybe not applied whole when the node stopped: it is
+/// applied again now, before anything reads the volume (its blocks marked for every peer
+/// first, as at run time), so the copy is as of a batch boundary.
+async fn open_stage(
+    config: &VolumeConfig,
+    data_dir: &DataDir,
+    volume: &Volume,
+    maps: &mut [(DirtyFile, StartPeer)],
+) -> Result<Option<StageFile>, DaemonError> {
+    if !config
+        .replicas
+        .iter()
+        .any(|r| matches!(r.mode, ReplicaMode::Regional { .. }))
+    {
+        return Ok(None);
+    }
+    let stage_error = |source| DaemonError::Stage {
+        volume: config.name.clone(),
+        source,
+    };
+    let file = StageFile::open_or_create(&data_dir.stage(&config.name)).map_err(stage_error)?;
+    let Some((lsn, records)) = file.load().await.map_err(stage_error)? else {
+        return Ok(Some(file));
+    };
+    let head = volume.journal_stats().head_lsn;
+    if lsn > head {
+        for (dirty, start) in maps.iter_mut() {
+            for record in &records {
+                start
+                    .bitmap
+                    .mark(record.offset_bytes, u64::from(record.len_bytes));
+            }
+            start.state.marked(lsn);
+            dirty
+                .persist(&start.bitmap.take_changes(), start.state)
+                .await
+                .map_err(|source| DaemonError::DirtyMap {
+                    volume: config.name.clone(),
+                    source,
+                })?;
+        }
+        volume
+            .apply_batch(lsn, &records)
+            .await
+            .map_err(|e| stage_error(io::Error::other(e)))?;
+        tracing::info!(volume = %config.name, lsn, records = records.len(), "applied the stored batch again (the node stopped while applying it)");
+    }
+    file.clear().await.map_err(stage_error)?;
+    Ok(Some(file))
 }
 
 /// Opens the volumes, binds the listeners and serves until `stop` resolves.

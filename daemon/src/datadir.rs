@@ -78,6 +78,11 @@ impl DataDir {
         self.path.join(format!("{volume}.meta"))
     }
 
+    /// The stage file of `volume` (a regional secondary's last batch).
+    pub fn stage(&self, volume: &str) -> PathBuf {
+        self.path.join(format!("{volume}.stage"))
+    }
+
     /// The dirty map `volume` keeps for `peer`.
     pub fn dirty_map(&self, volume: &str, peer: &str) -> PathBuf {
         self.path.join(format!("{volume}.{peer}.dirty"))

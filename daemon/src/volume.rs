@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use ferry_protocol::repl::WriteRecord;
 use thiserror::Error;
 
 use crate::config::{Role, VolumeConfig};
@@ -81,6 +82,9 @@ pub struct Volume {
     gate: OnceLock<Arc<dyn WriteGate>>,
     /// Writes started and not yet answered, so that a demote can drain them.
     writes_in_flight: tokio::sync::watch::Sender<u64>,
+    /// Reads hold it shared; a regional batch is applied holding it alone, so that no read
+    /// sees part of a batch.
+    read_gate: tokio::sync::RwLock<()>,
 }
 
 impl Volume {
@@ -214,6 +218,7 @@ impl Volume {
             recovery,
             gate: OnceLock::new(),
             writes_in_flight: tokio::sync::watch::channel(0).0,
+            read_gate: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -291,6 +296,36 @@ impl Volume {
         self.device.sync().await
     }
 
+    /// Regional secondary: applies a stored batch as one unit: with reads held, writes its
+    /// records to the device in LSN order, fdatasyncs it, and restarts the (empty) journal at
+    /// `lsn + 1`, which records that the volume is now as of `lsn`.
+    pub async fn apply_batch(&self, lsn: u64, records: &[WriteRecord]) -> Result<(), String> {
+        let _reads_held = self.read_gate.write().await;
+        for record in records {
+            let result = if record.kind.has_payload() {
+                self.write_device(record.offset_bytes, &record.data).await
+            } else {
+                storage::zero(
+                    &*self.device,
+                    record.offset_bytes,
+                    u64::from(record.len_bytes),
+                    record.kind == ferry_protocol::journal::RecordKind::Punch,
+                )
+                .await
+            };
+            result.map_err(|e| format!("writing record {} to the device: {e}", record.lsn))?;
+        }
+        self.device
+            .sync()
+            .await
+            .map_err(|e| format!("fdatasync of the device: {e}"))?;
+        self.journal
+            .reset(Some(lsn + 1))
+            .await
+            .map_err(|e| format!("restarting the journal at {}: {e}", lsn + 1))?;
+        Ok(())
+    }
+
     pub fn recovery(&self) -> &RecoveryReport {
         &self.recovery
     }
@@ -311,6 +346,7 @@ impl Volume {
     /// Reads `len` bytes: unapplied journal records where there are any, the device elsewhere.
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ExportError> {
         let started = Instant::now();
+        let _gate = self.read_gate.read().await;
         let pieces = self.journal.lookup(offset, len as u64);
         let result = if let [only] = pieces.as_slice() {
             match &only.content {

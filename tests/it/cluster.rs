@@ -127,6 +127,9 @@ pub struct ClusterOptions {
     pub env_b: Vec<(String, String)>,
     /// Extra environment of node c's daemon (three-node clusters).
     pub env_c: Vec<(String, String)>,
+    /// Every link to or from this node is a regional replica with this `interval`; the
+    /// others stay metro.
+    pub regional: Option<(NodeId, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -142,6 +145,7 @@ impl Default for ClusterOptions {
             env_a: Vec::new(),
             env_b: Vec::new(),
             env_c: Vec::new(),
+            regional: None,
         }
     }
 }
@@ -152,6 +156,8 @@ pub struct PeerSpec {
     pub name: String,
     /// Where this node dials the peer: its listener, or the relay in front of it.
     pub address: SocketAddr,
+    /// `Some(interval)`: the replica on this peer is regional.
+    pub regional_interval: Option<String>,
 }
 
 /// Everything one node's config says, and where its files live. Public so that a test can
@@ -282,6 +288,13 @@ initial_role = "{initial_role}"
             initial_role = self.initial_role,
         ));
         for peer in &self.peers {
+            if let Some(interval) = &peer.regional_interval {
+                text.push_str(&format!(
+                    "\n[[volumes.replicas]]\npeer = \"{}\"\nmode = \"regional\"\ninterval = \"{interval}\"\n",
+                    peer.name
+                ));
+                continue;
+            }
             text.push_str(&format!(
                 r#"
 [[volumes.replicas]]
@@ -636,6 +649,11 @@ impl Cluster {
                     .map(|&peer| PeerSpec {
                         name: peer.name().to_string(),
                         address: address(id, peer),
+                        regional_interval: options
+                            .regional
+                            .as_ref()
+                            .filter(|(node, _)| *node == id || *node == peer)
+                            .map(|(_, interval)| interval.clone()),
                     })
                     .collect();
                 Node::new(NodeSpec {
@@ -1079,6 +1097,7 @@ impl Cluster {
         spec.peers = vec![PeerSpec {
             name: NodeId::B.name().to_string(),
             address: self.listen_addr(NodeId::B),
+            regional_interval: None,
         }];
         spec.tls_ca = ca.to_path_buf();
         spec.tls_cert = cert_dir.join("a.pem");

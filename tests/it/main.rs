@@ -66,6 +66,7 @@ mod metro_roles;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
 mod real_disk;
+mod regional;
 mod wire;
 
 // The shared test support (one seed helper, relay, NBD client and write model).

@@ -23,6 +23,7 @@
 
 pub mod dirty_file;
 pub mod meta_file;
+pub mod stage_file;
 mod stream;
 pub mod tls;
 pub mod transport;
@@ -35,8 +36,8 @@ use ferry_protocol::generation::{GenerationInfo, Role};
 use ferry_protocol::journal::RecordKind;
 use ferry_protocol::repl::{Message, WriteRecord, VERIFY_DIGEST_BYTES};
 use ferry_protocol::replication::{
-    Action, Meta, OpError, OpOutcome, PeerConfig, ReplicaState, Replicator, ReplicatorConfig,
-    ReplicatorStatus, StartPeer, Startup, VerifyStatus, WINDOW_BYTES,
+    Action, Meta, OnDisconnect, OpError, OpOutcome, PeerConfig, RegionalConfig, ReplicaState,
+    Replicator, ReplicatorConfig, ReplicatorStatus, StartPeer, Startup, VerifyStatus, WINDOW_BYTES,
 };
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -48,6 +49,7 @@ use crate::metrics::{ReplicaMetrics, VolumeMetrics};
 use crate::nbd::{BoxFuture, Export, ExportError};
 use crate::storage::{AlignedBuf, SharedBuf};
 use crate::volume::{Volume, WriteGate};
+use stage_file::StageFile;
 
 pub use dirty_file::{DirtyFile, Missing};
 pub use meta_file::{MetaError, MetaFile};
@@ -64,6 +66,8 @@ const DIGEST_READ_BYTES_MAX: u64 = 1 << 20;
 /// room for small messages. An honest peer reads, so the queue drains as QUIC sends; one that
 /// sends (heartbeats, verify requests) without reading the answers is cut off here.
 const QUEUED_BYTES_MAX: u64 = 2 * WINDOW_BYTES + (64 << 20);
+/// Silence after which a regional peer counts as lost (heartbeats go every quarter of it).
+const REGIONAL_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Records are stamped with their time at most this often, for `lag_seconds`.
 const LAG_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
 
@@ -84,6 +88,8 @@ struct PeerHandle {
     name: String,
     /// This node opens the volume's stream (the smaller node name does); the other accepts.
     opener: bool,
+    /// A regional replica (its logical bytes count at the tap, not at the send).
+    regional: bool,
     metrics: ReplicaMetrics,
 }
 
@@ -154,6 +160,8 @@ pub struct VolumeReplication {
     peers: Vec<PeerHandle>,
     meta_file: MetaFile,
     dirty_files: Vec<DirtyFile>,
+    /// Where batches of a regional primary are stored (volumes with a regional replica).
+    stage_file: Option<StageFile>,
     state: Mutex<State>,
     /// Wakes the task: timers, streams to open, results to publish.
     wake: Notify,
@@ -171,27 +179,40 @@ pub struct VolumeReplication {
 pub struct Opened {
     pub meta_file: MetaFile,
     pub meta: Meta,
-    /// One per metro peer, in config order.
+    /// One per peer, in config order.
     pub maps: Vec<(DirtyFile, StartPeer)>,
+    /// With a regional replica: the stage file, its batch (if any) already applied.
+    pub stage_file: Option<StageFile>,
 }
 
-/// The metro peers of a volume's config, as the replicator takes them.
-pub fn metro_peers(config: &VolumeConfig) -> Vec<PeerConfig> {
+/// The peers of a volume's config, as the replicator takes them.
+pub fn replica_peers(config: &VolumeConfig) -> Vec<PeerConfig> {
     config
         .replicas
         .iter()
-        .filter_map(|replica| match replica.mode {
+        .map(|replica| match replica.mode {
             ReplicaMode::Metro {
                 on_disconnect,
                 peer_timeout,
                 resync_max_rate_bytes_per_s,
-            } => Some(PeerConfig {
+            } => PeerConfig {
                 name: replica.peer.clone(),
                 on_disconnect,
                 peer_timeout,
                 resync_max_rate_bytes_per_s,
-            }),
-            ReplicaMode::Regional { .. } => None,
+                regional: None,
+            },
+            ReplicaMode::Regional {
+                interval,
+                max_rate_bytes_per_s,
+                ..
+            } => PeerConfig {
+                name: replica.peer.clone(),
+                on_disconnect: OnDisconnect::Degrade,
+                peer_timeout: REGIONAL_PEER_TIMEOUT,
+                resync_max_rate_bytes_per_s: max_rate_bytes_per_s,
+                regional: Some(RegionalConfig { interval }),
+            },
         })
         .collect()
 }
@@ -226,7 +247,7 @@ impl VolumeReplication {
         volume_metrics: VolumeMetrics,
         metrics: impl Fn(&str) -> ReplicaMetrics,
     ) -> Arc<VolumeReplication> {
-        let peers_config = metro_peers(config);
+        let peers_config = replica_peers(config);
         let now = Instant::now();
         let head = volume.journal_stats().head_lsn;
         let (dirty_files, start_peers): (Vec<DirtyFile>, Vec<StartPeer>) =
@@ -251,6 +272,7 @@ impl VolumeReplication {
             .map(|peer| PeerHandle {
                 name: peer.name.clone(),
                 opener: node < peer.name.as_str(),
+                regional: peer.regional.is_some(),
                 metrics: metrics(&peer.name),
             })
             .collect();
@@ -263,6 +285,7 @@ impl VolumeReplication {
             peers,
             meta_file: opened.meta_file,
             dirty_files,
+            stage_file: opened.stage_file,
             state: Mutex::new(State {
                 replicator,
                 links,
@@ -322,6 +345,10 @@ impl VolumeReplication {
 
     pub(crate) fn peer_metrics(&self, p: usize) -> &ReplicaMetrics {
         &self.peers[p].metrics
+    }
+
+    pub(crate) fn peer_is_regional(&self, p: usize) -> bool {
+        self.peers[p].regional
     }
 
     pub(crate) fn volume_metrics(&self) -> &VolumeMetrics {
@@ -554,6 +581,29 @@ impl VolumeReplication {
             Action::DeviceSync => {
                 let result = self.volume.sync_device().await.map_err(|e| e.to_string());
                 self.input(|r, _| r.device_synced(result));
+            }
+            Action::StageBatch { peer, lsn, records } => {
+                let result = match &self.stage_file {
+                    Some(file) => file.store(lsn, &records).await.map_err(|e| e.to_string()),
+                    None => Err("this volume has no stage file (no regional replica)".into()),
+                };
+                if let Err(error) = &result {
+                    tracing::error!(volume = %self.name(), %error, "storing a batch failed");
+                }
+                self.input(|r, _| r.batch_staged(peer, result));
+            }
+            Action::ApplyBatch { peer, lsn, records } => {
+                let mut result = self.volume.apply_batch(lsn, &records).await;
+                if let (Ok(()), Some(file)) = (&result, &self.stage_file) {
+                    result = file
+                        .clear()
+                        .await
+                        .map_err(|e| format!("clearing the stage file: {e}"));
+                }
+                if let Err(error) = &result {
+                    tracing::error!(volume = %self.name(), %error, "applying a batch failed");
+                }
+                self.input(|r, _| r.batch_applied(peer, result));
             }
             Action::Read {
                 id,
@@ -1013,7 +1063,12 @@ impl VolumeReplication {
                 let link = &state.links[p];
                 ReplicaStatus {
                     peer: peer.peer.clone(),
-                    mode: "metro".into(),
+                    mode: if self.peers[p].regional {
+                        "regional"
+                    } else {
+                        "metro"
+                    }
+                    .into(),
                     state: peer.state.as_str().into(),
                     acked_lsn: peer.acked_lsn,
                     lag_bytes: peer.lag_bytes,
@@ -1058,6 +1113,9 @@ fn lag_seconds(
     peer: &ferry_protocol::replication::PeerStatus,
     now: Instant,
 ) -> f64 {
+    if let Some(seconds) = peer.lag_seconds {
+        return seconds; // a regional peer: the replicator tracks it by age
+    }
     if peer.lag_bytes == 0 {
         return 0.0;
     }
@@ -1156,9 +1214,16 @@ impl JournalTap for VolumeReplication {
         if state.replicator.role() != Role::Primary {
             return;
         }
-        state.replicator.tap(op_record(lsn, op, fua));
+        let now = Instant::now();
+        let record = op_record(lsn, op, fua);
+        for peer in self.peers.iter().filter(|p| p.regional) {
+            // Bytes written, against the bytes batches put on the wire.
+            peer.metrics
+                .logical_bytes_total
+                .inc_by(u64::from(record.len_bytes));
+        }
+        state.replicator.tap(record, now);
         if !self.peers.is_empty() {
-            let now = Instant::now();
             if state
                 .lag_samples
                 .back()

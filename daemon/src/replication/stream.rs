@@ -79,6 +79,7 @@ pub(super) async fn write_loop(
 ) {
     let corrupt_at = corrupt_frame_at();
     let metrics = replication.peer_metrics(peer).clone();
+    let regional = replication.peer_is_regional(peer);
     let mut writes_sent = 0u64;
     let mut buf = BytesMut::new();
     let result: Result<(), String> = async {
@@ -92,9 +93,11 @@ pub(super) async fn write_loop(
                 match &message {
                     Message::Write(record) => {
                         writes_sent += 1;
-                        metrics
-                            .logical_bytes_total
-                            .inc_by(u64::from(record.len_bytes));
+                        if !regional {
+                            metrics
+                                .logical_bytes_total
+                                .inc_by(u64::from(record.len_bytes));
+                        }
                         if corrupt_at == Some(writes_sent) && buf.len() > start + 20 {
                             let at = buf.len() - 1;
                             buf[at] ^= 0x5a;

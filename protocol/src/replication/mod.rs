@@ -1220,7 +1220,8 @@ impl Replicator {
             Message::VerifyReply { id, digests } => self.on_verify_reply(p, id, digests),
             Message::Write(record) if self.is_regional(p) => {
                 if self.role != Role::Secondary || !self.peers[p].is_my_primary {
-                    return self.close_link(p, "a record from a peer that is not this copy's primary");
+                    return self
+                        .close_link(p, "a record from a peer that is not this copy's primary");
                 }
                 self.on_batch_record(p, record);
             }
@@ -1678,8 +1679,15 @@ impl Replicator {
         }
         if !peer.session.is_up() {
             return match self.role {
-                // Regional: what it lacks is tracked for a delta resync.
-                Role::Primary if peer.config.regional.is_some() => ReplicaState::Degraded,
+                // Regional: what it lacks is tracked for a delta resync (until the first
+                // handshake of this run, nothing says it lacks anything).
+                Role::Primary if peer.config.regional.is_some() => {
+                    if peer.contacted || peer.regional.lag.bytes() > 0 {
+                        ReplicaState::Degraded
+                    } else {
+                        ReplicaState::Connecting
+                    }
+                }
                 // Fenced: nothing is tracked as lost yet, writes wait for this peer's word.
                 Role::Primary if self.fenced && !peer.contacted => ReplicaState::Connecting,
                 Role::Primary if self.meta.protecting(peer.name()) => {
@@ -1706,7 +1714,9 @@ impl Replicator {
                 }
             }
             Some(Plan::Ship { .. }) if self.role == Role::Primary => match peer.config.regional {
-                Some(config) if peer.regional.lag.seconds(self.now) > config.interval.as_secs_f64() => {
+                Some(config)
+                    if peer.regional.lag.seconds(self.now) > config.interval.as_secs_f64() =>
+                {
                     ReplicaState::Lagging
                 }
                 _ => ReplicaState::InSync,

@@ -16,7 +16,8 @@ impl Replicator {
     /// A record got its LSN in the primary's journal (called by the journal writer, in LSN
     /// order, as it assigns the LSN). Ships it to every peer receiving records; for the
     /// others it is marked at the next [`advance`](Self::advance).
-    pub fn tap(&mut self, record: WriteRecord) {
+    pub fn tap(&mut self, record: WriteRecord, now: Instant) {
+        self.now = self.now.max(now);
         assert!(
             self.role == Role::Primary,
             "only a primary's journal is tapped"
@@ -37,7 +38,6 @@ impl Replicator {
             offset_bytes: record.offset_bytes,
             len_bytes,
         });
-        let now = self.now;
         for p in 0..self.peers.len() {
             if self.is_regional(p) {
                 self.peers[p]
@@ -280,10 +280,9 @@ impl Replicator {
     /// A fenced primary is released once every peer that protects it has answered.
     pub(super) fn update_fence(&mut self) {
         if self.fenced
-            && self
-                .peers
-                .iter()
-                .all(|p| p.contacted || p.config.regional.is_some() || !self.meta.protecting(p.name()))
+            && self.peers.iter().all(|p| {
+                p.contacted || p.config.regional.is_some() || !self.meta.protecting(p.name())
+            })
         {
             self.fenced = false;
         }
@@ -295,12 +294,12 @@ impl Replicator {
         self.holding = self.peers.iter().any(|peer| {
             peer.config.regional.is_none()
                 && peer.resync_out.as_ref().is_some_and(|r| {
-                r.started
-                    && r.ended_at.is_none()
-                    && !r.waiting_for_ranges
-                    && r.sent_bytes >= r.first_pass_bytes
-                    && r.todo.bytes() <= HANDOVER_HOLD_BYTES
-            })
+                    r.started
+                        && r.ended_at.is_none()
+                        && !r.waiting_for_ranges
+                        && r.sent_bytes >= r.first_pass_bytes
+                        && r.todo.bytes() <= HANDOVER_HOLD_BYTES
+                })
         });
     }
 

@@ -53,7 +53,8 @@ const LAG_STEP: Duration = Duration::from_millis(10);
 /// Lag steps kept at most; older ones are merged.
 const LAG_STEPS_MAX: usize = 100_000;
 
-const _: () = assert!(BATCH_CUT_BYTES + crate::repl::DATA_BYTES_MAX as u64 <= BATCH_RECEIVE_BYTES_MAX);
+const _: () =
+    assert!(BATCH_CUT_BYTES + crate::repl::DATA_BYTES_MAX as u64 <= BATCH_RECEIVE_BYTES_MAX);
 const _: () = assert!(BATCH_RECEIVE_BYTES_MAX <= super::WINDOW_BYTES * 2);
 
 /// The settings of a regional peer.
@@ -159,9 +160,9 @@ impl Lag {
     }
 
     pub(super) fn seconds(&self, now: Instant) -> f64 {
-        self.steps
-            .front()
-            .map_or(0.0, |step| now.saturating_duration_since(step.1).as_secs_f64())
+        self.steps.front().map_or(0.0, |step| {
+            now.saturating_duration_since(step.1).as_secs_f64()
+        })
     }
 }
 

@@ -271,7 +271,10 @@ impl Replicator {
             .peers
             .iter()
             .all(|peer| peer.covered_persisted_lsn >= head);
-        if !all_covered || !self.appends.is_empty() || self.reset_in_flight || self.batches_pending()
+        if !all_covered
+            || !self.appends.is_empty()
+            || self.reset_in_flight
+            || self.batches_pending()
         {
             return;
         }

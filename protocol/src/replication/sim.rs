@@ -1598,7 +1598,8 @@ impl Sim {
             acked_durable: BTreeSet::new(),
         });
         self.nodes[i].own_writes.insert(id);
-        self.rep(i).tap(record);
+        let now = self.now;
+        self.rep(i).tap(record, now);
         let at = self.journal_done_at(i);
         self.io(i, at, Io::JournalWrite { lsn });
         self.run_node(i);
