@@ -176,11 +176,6 @@ pub(super) async fn recover(
     name: &str,
     on_replayed: Option<RecoveryHook>,
 ) -> Result<Recovered, JournalError> {
-    let mut replayed_ranges: Vec<(u64, u64)> = Vec::new();
-    let corrupt = |reason: String| JournalError::Corrupt {
-        path: name.to_string(),
-        reason,
-    };
     // A process killed before its last fdatasync leaves batches in the page cache, and this
     // scan replays them. Made durable first (the write-ahead rule), so that a power loss
     // during the replay cannot leave device blocks torn by records the journal then lacks.
@@ -188,6 +183,52 @@ pub(super) async fn recover(
         .sync()
         .await
         .map_err(io_err("fdatasync of the journal before recovery"))?;
+    let superblock = read_superblock(journal, name).await?;
+    let Replayed {
+        scan,
+        records,
+        bytes,
+        ranges,
+        device_error,
+    } = replay(journal, device, superblock, on_replayed.is_some()).await?;
+    if let Some(error) = device_error {
+        return keep_in_journal(journal, superblock, name, on_replayed, error).await;
+    }
+    let mut report = scan.report;
+    report.records_replayed = records;
+    report.bytes_replayed = bytes;
+    let (pos, lsn) = (scan.pos, scan.lsn);
+    if let Some(hook) = on_replayed {
+        hook(ranges, lsn - 1)
+            .await
+            .map_err(io_err("recording the replayed ranges"))?;
+    }
+    let recovered = restart_ring(journal, superblock, pos, lsn).await?;
+    if report.records_replayed > 0 || report.stopped_reason.is_some() {
+        tracing::info!(
+            volume = name,
+            records = report.records_replayed,
+            bytes = report.bytes_replayed,
+            torn_tail_bytes = report.torn_tail_bytes,
+            stopped = report.stopped_reason.as_deref().unwrap_or("clean end"),
+            "journal recovered"
+        );
+    }
+    Ok(Recovered {
+        superblock: recovered,
+        report,
+        head: pos,
+        next_lsn: lsn,
+        device_failure: None,
+    })
+}
+
+/// The newest valid superblock, checked against the file it describes.
+async fn read_superblock(journal: &dyn Storage, name: &str) -> Result<Superblock, JournalError> {
+    let corrupt = |reason: String| JournalError::Corrupt {
+        path: name.to_string(),
+        reason,
+    };
     let slots = read_block(journal, 0, 2 * BLOCK_BYTES).await?;
     let superblock = [
         Superblock::decode(&slots[..BLOCK_BYTES]),
@@ -204,9 +245,35 @@ pub(super) async fn recover(
             journal.len_bytes()
         )));
     }
+    Ok(superblock)
+}
+
+/// What the replay did.
+struct Replayed<'a> {
+    /// The scan, stopped where the intact prefix of the ring ends.
+    scan: RingScan<'a>,
+    records: u64,
+    bytes: u64,
+    /// The replayed records' (offset, length), merged where adjacent; collected only when
+    /// asked for.
+    ranges: Vec<(u64, u64)>,
+    /// The device refused the replay (its write or its fdatasync).
+    device_error: Option<JournalError>,
+}
+
+/// Scans the ring from the superblock's tail and writes every intact record onto the device,
+/// a bounded chunk at a time, then makes the device durable. A device error stops the replay
+/// and is returned in [`Replayed`]; a journal error fails it.
+async fn replay<'a>(
+    journal: &'a dyn Storage,
+    device: &dyn Storage,
+    superblock: Superblock,
+    collect_ranges: bool,
+) -> Result<Replayed<'a>, JournalError> {
     let mut scan = RingScan::new(journal, superblock);
-    let mut records_replayed = 0u64;
-    let mut bytes_replayed = 0u64;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut records = 0u64;
+    let mut bytes = 0u64;
     // Intact records not yet written to the device, and the memory they hold.
     let mut replay: Vec<(u64, Op)> = Vec::new();
     let mut replay_memory_bytes = 0u64;
@@ -216,13 +283,13 @@ pub(super) async fn recover(
             // Zero records count too (RECORD_MEMORY_BYTES), so a ring full of small discards
             // is replayed in bounded chunks.
             replay_memory_bytes += record.payload_area_bytes() + RECORD_MEMORY_BYTES;
-            records_replayed += 1;
-            bytes_replayed += record.len_bytes as u64;
+            records += 1;
+            bytes += record.len_bytes as u64;
             let op = Op::from_record(&record, data);
-            if on_replayed.is_some() {
-                match replayed_ranges.last_mut() {
+            if collect_ranges {
+                match ranges.last_mut() {
                     Some((at, len)) if *at + *len == op.range().0 => *len += op.range().1,
-                    _ => replayed_ranges.push(op.range()),
+                    _ => ranges.push(op.range()),
                 }
             }
             replay.push((record.lsn, op));
@@ -246,19 +313,23 @@ pub(super) async fn recover(
             .map_err(device_err("syncing the device after replay"))
             .err();
     }
-    if let Some(error) = device_error {
-        drop(replay);
-        return keep_in_journal(journal, superblock, name, on_replayed, error).await;
-    }
-    let mut report = scan.report;
-    report.records_replayed = records_replayed;
-    report.bytes_replayed = bytes_replayed;
-    let (pos, lsn) = (scan.pos, scan.lsn);
-    if let Some(hook) = on_replayed {
-        hook(replayed_ranges, lsn - 1)
-            .await
-            .map_err(io_err("recording the replayed ranges"))?;
-    }
+    Ok(Replayed {
+        scan,
+        records,
+        bytes,
+        ranges,
+        device_error,
+    })
+}
+
+/// After a replay made the device durable: leaves an empty ring at ring offset `pos` whose
+/// next record is `lsn`, under a new journal id, and returns its superblock (durable).
+async fn restart_ring(
+    journal: &dyn Storage,
+    superblock: Superblock,
+    pos: u64,
+    lsn: u64,
+) -> Result<Superblock, JournalError> {
     // Destroy the block where the scan stopped: a torn batch there keeps a valid header, and a
     // later batch torn at the same place must not make its old payload look whole again.
     let zero = AlignedBuf::zeroed(BLOCK_BYTES).freeze();
@@ -285,23 +356,7 @@ pub(super) async fn recover(
         ..superblock
     };
     write_superblock(journal, &recovered).await?;
-    if report.records_replayed > 0 || report.stopped_reason.is_some() {
-        tracing::info!(
-            volume = name,
-            records = report.records_replayed,
-            bytes = report.bytes_replayed,
-            torn_tail_bytes = report.torn_tail_bytes,
-            stopped = report.stopped_reason.as_deref().unwrap_or("clean end"),
-            "journal recovered"
-        );
-    }
-    Ok(Recovered {
-        superblock: recovered,
-        report,
-        head: pos,
-        next_lsn: lsn,
-        device_failure: None,
-    })
+    Ok(recovered)
 }
 
 /// After the device failed during replay: scans the ring again (the same scan, since nothing
