@@ -71,6 +71,11 @@ pub(super) struct Applier {
     superblock: Superblock,
     events: mpsc::UnboundedSender<Event>,
     apply_limit: tokio::sync::watch::Receiver<u64>,
+    /// Every record up to here is durable in the journal: this applier's fdatasync of the
+    /// journal covered it (or recovery's, before the first round).
+    journal_durable_lsn: u64,
+    /// Every record up to here is written to the device and the device fdatasynced.
+    device_durable_lsn: u64,
 }
 
 impl Applier {
@@ -91,6 +96,8 @@ impl Applier {
             superblock,
             events,
             apply_limit,
+            journal_durable_lsn: superblock.tail_lsn - 1,
+            device_durable_lsn: superblock.tail_lsn - 1,
         }
     }
 
@@ -184,6 +191,9 @@ impl Applier {
             .sync()
             .await
             .map_err(device_err("fdatasync of the device"))?;
+        // The ring restarts empty at `next_lsn`: everything before it is on the device.
+        self.journal_durable_lsn = next_lsn - 1;
+        self.device_durable_lsn = next_lsn - 1;
         self.superblock = Superblock {
             sequence: self.superblock.sequence + 1,
             journal_id,
@@ -201,6 +211,22 @@ impl Applier {
         wave: usize,
     ) -> Result<(), JournalError> {
         let records: Vec<&ApplyRecord> = round.iter().flat_map(|b| b.records.iter()).collect();
+        let last = round.last().expect("a round has a batch");
+        // The writer completes batches in LSN order, so the tail only ever moves past a prefix
+        // of the ring.
+        assert_eq!(
+            records.first().map(|record| record.lsn),
+            Some(self.superblock.tail_lsn),
+            "a round starts at the journal's tail"
+        );
+        debug_assert!(
+            records
+                .iter()
+                .zip(self.superblock.tail_lsn..)
+                .all(|(record, lsn)| record.lsn == lsn),
+            "a round holds consecutive LSNs"
+        );
+        debug_assert_eq!(records.last().map(|record| record.lsn), Some(last.last_lsn));
         // The write-ahead rule: no record reaches the device before it is durable in the
         // journal. Completed batches may still be in the disk's (or the page) cache; applied
         // early, a power loss before the device's fdatasync could tear device blocks between
@@ -211,13 +237,20 @@ impl Applier {
             .sync()
             .await
             .map_err(io_err("fdatasync of the journal before applying"))?;
-        write_coalesced(&*self.device, records.iter().map(|r| (r.lsn, &r.op)), wave)
-            .await
-            .map_err(device_err("applying the journal to the device"))?;
+        self.journal_durable_lsn = last.last_lsn;
+        write_coalesced(
+            &*self.device,
+            records.iter().map(|r| (r.lsn, &r.op)),
+            self.journal_durable_lsn,
+            wave,
+        )
+        .await
+        .map_err(device_err("applying the journal to the device"))?;
         self.device
             .sync()
             .await
             .map_err(device_err("fdatasync of the device"))?;
+        self.device_durable_lsn = last.last_lsn;
         {
             let mut index = self.shared.index.lock().expect("index lock");
             for record in &records {
@@ -229,7 +262,6 @@ impl Applier {
                 .journal_unapplied_bytes
                 .set(crate::gauge_i64(index.data_bytes()));
         }
-        let last = round.last().expect("a round has a batch");
         self.superblock = Superblock {
             sequence: self.superblock.sequence + 1,
             tail_offset: last.end_pos,
@@ -237,6 +269,10 @@ impl Applier {
             ..self.superblock
         };
         // The records are durable on the device; only now may their journal space be reused.
+        assert!(
+            self.superblock.tail_lsn - 1 <= self.device_durable_lsn,
+            "the tail moves only past records written to the device and fdatasynced"
+        );
         write_superblock(&*self.journal, &self.superblock).await?;
         self.shared
             .applied_lsn
@@ -247,9 +283,11 @@ impl Applier {
             .set(crate::gauge_i64(last.last_lsn));
         let ring_bytes = round.iter().map(|b| b.ring_bytes).sum();
         let memory_bytes = round.iter().map(|b| b.memory_bytes).sum();
+        // `write_superblock` wrote with RWF_DSYNC: the new tail is durable.
         let _ = self.events.send(Event::Released {
             ring_bytes,
             memory_bytes,
+            applied_lsn: last.last_lsn,
         });
         Ok(())
     }
@@ -259,14 +297,20 @@ impl Applier {
 /// a private index leaves the newest contents of every range as disjoint pieces, so
 /// overwritten data is written once, adjacent pieces become one vectored write, and up to
 /// `concurrency` writes run at once. The device ends up exactly as if every record had been
-/// applied in order; the caller makes it durable. Used by the applier and by recovery.
+/// applied in order; the caller makes it durable. Used by the applier and by recovery, which
+/// both make the journal durable first: every record is at or below `journal_durable_lsn`.
 pub(super) async fn write_coalesced<'a>(
     device: &dyn Storage,
     records: impl Iterator<Item = (u64, &'a Op)>,
+    journal_durable_lsn: u64,
     concurrency: usize,
 ) -> std::io::Result<()> {
     let mut coalesced = Index::new();
     for (lsn, op) in records {
+        assert!(
+            lsn <= journal_durable_lsn,
+            "write-ahead: a record reaches the device only once it is durable in the journal"
+        );
         let (offset, len) = op.range();
         coalesced.insert(offset, len, lsn, op.content());
     }

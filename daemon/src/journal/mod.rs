@@ -615,6 +615,7 @@ fn split(op: Op) -> Vec<Op> {
     }
 }
 
+/// Writes `superblock` into its slot with RWF_DSYNC: it is durable when this returns.
 async fn write_superblock(
     storage: &dyn Storage,
     superblock: &Superblock,

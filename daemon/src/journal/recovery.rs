@@ -280,6 +280,12 @@ async fn replay<'a>(
     let mut device_error = None;
     while let Some(parts) = scan.next_batch().await? {
         for (record, data) in parts {
+            // What the writer acknowledged is a prefix of the ring; the scan keeps a prefix.
+            debug_assert_eq!(
+                record.lsn,
+                superblock.tail_lsn + records,
+                "recovery replays the ring from its tail without a gap"
+            );
             // Zero records count too (RECORD_MEMORY_BYTES), so a ring full of small discards
             // is replayed in bounded chunks.
             replay_memory_bytes += record.payload_area_bytes() + RECORD_MEMORY_BYTES;
@@ -419,6 +425,8 @@ async fn replay_chunk(
     write_coalesced(
         device,
         records.iter().map(|(lsn, op)| (*lsn, op)),
+        // `recover` made the whole journal file durable before the scan read any record.
+        u64::MAX,
         APPLY_WAVE_MAX,
     )
     .await

@@ -74,9 +74,12 @@ pub(super) enum Event {
         covers_lsn: u64,
         result: std::io::Result<()>,
     },
+    /// The applier applied records up to `applied_lsn`, made them durable on the device and
+    /// persisted the tail past them: their space and memory may be reused.
     Released {
         ring_bytes: u64,
         memory_bytes: u64,
+        applied_lsn: u64,
     },
     ApplyFailed(JournalError),
     /// The applier has applied everything it was given and stopped.
@@ -273,6 +276,11 @@ impl Writer {
                 // A flush covers writes completed before it arrived: those are at or below
                 // completed_lsn. Writes still in flight are not covered.
                 let target = self.completed_lsn;
+                // The sync started below covers every written batch, hence every completed one.
+                debug_assert!(
+                    target <= self.written_lsn,
+                    "a write is acknowledged only after its batch is written"
+                );
                 if target <= self.durable_lsn {
                     let _ = done.send(Ok(self.durable_lsn));
                 } else {
@@ -313,13 +321,22 @@ impl Writer {
                     self.fail_everything();
                     return;
                 }
+                // Started after those batches were written: the fdatasync made them durable.
+                assert!(
+                    covers_lsn <= self.written_lsn,
+                    "an fdatasync covers only batches written before it started"
+                );
                 self.durable_lsn = self.durable_lsn.max(covers_lsn);
                 let durable = self.durable_lsn;
                 let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flush_waiters)
                     .into_iter()
                     .partition(|(t, _)| *t <= durable);
                 self.flush_waiters = waiting;
-                for (_, done) in ready {
+                for (target, done) in ready {
+                    debug_assert!(
+                        target <= durable,
+                        "a FLUSH completes only when everything before it is durable"
+                    );
                     let _ = done.send(Ok(durable));
                 }
                 self.complete_in_order();
@@ -330,7 +347,12 @@ impl Writer {
             Event::Released {
                 ring_bytes,
                 memory_bytes,
+                applied_lsn,
             } => {
+                assert!(
+                    applied_lsn <= self.completed_lsn,
+                    "space comes back only from batches completed and handed to the applier"
+                );
                 self.unapplied_memory_bytes -= memory_bytes;
                 assert!(
                     ring_bytes <= self.used_bytes,
@@ -455,6 +477,10 @@ impl Writer {
             );
             if front.dsync && self.durable_lsn + 1 == front.first_lsn {
                 // Written with RWF_DSYNC after everything before it was durable.
+                assert!(
+                    front.last_lsn <= self.written_lsn,
+                    "a batch is durable by RWF_DSYNC only once written"
+                );
                 self.durable_lsn = front.last_lsn;
             }
             if front.fua && self.durable_lsn < front.last_lsn {
@@ -465,6 +491,16 @@ impl Writer {
                 return;
             }
             let batch = self.inflight.pop_front().expect("front exists");
+            // Recovery keeps a prefix of the ring, and the applier makes only written batches
+            // durable before applying them: both rely on these two.
+            assert!(
+                batch.last_lsn <= self.written_lsn,
+                "a write is acknowledged only after its batch and every earlier batch are written"
+            );
+            assert!(
+                !batch.fua || batch.last_lsn <= self.durable_lsn,
+                "a FUA write completes only when it and everything before it are durable"
+            );
             self.completed_lsn = batch.last_lsn;
             let now = Instant::now();
             for (done, queued_at, lsn) in batch.waiters {
@@ -623,6 +659,15 @@ impl Writer {
         iovecs.push(SharedBuf::from(AlignedBuf::zeroed(0))); // placeholder for the header
         let mut fua = false;
         let mut tap_panic = None;
+        // The index relies on this: the newest write to a range has the highest LSN.
+        assert_eq!(
+            first_lsn,
+            self.inflight
+                .back()
+                .map_or(self.completed_lsn, |batch| batch.last_lsn)
+                + 1,
+            "LSNs are assigned in increasing order, without gaps"
+        );
         {
             let tap = lock_value(&self.shared.tap).clone();
             let mut index = self.shared.index.lock().expect("index lock");
@@ -664,6 +709,10 @@ impl Writer {
         // RWF_DSYNC makes this batch durable by itself; that is enough for its FUA records only
         // if everything before it is durable already.
         let dsync = fua && self.inflight.is_empty() && self.durable_lsn == self.completed_lsn;
+        debug_assert!(
+            !dsync || self.durable_lsn + 1 == first_lsn,
+            "RWF_DSYNC is used only when everything before the batch is durable"
+        );
         let wrap_at = (skipped_bytes > 0).then_some(self.head);
         let end_pos = if start + batch_bytes == self.ring_bytes {
             0
@@ -672,6 +721,11 @@ impl Writer {
         };
         let ring_bytes = skipped_bytes + batch_bytes;
         self.used_bytes += ring_bytes;
+        // Checked by `submit_batches`; the applier hands space back only once it is reusable.
+        assert!(
+            self.used_bytes <= self.ring_bytes,
+            "a batch never overwrites space the applier has not released"
+        );
         self.shared
             .used_bytes
             .store(self.used_bytes, Ordering::Relaxed);
@@ -698,6 +752,21 @@ impl Writer {
             written: false,
         });
 
+        self.write_batch(id, first_lsn, start, wrap_at, iovecs, dsync);
+    }
+
+    /// Writes batch `id` (header and payloads, `iovecs`) at ring offset `start`, after the wrap
+    /// marker at `wrap_at` when the batch skips the end of the ring, and reports
+    /// [`Event::BatchWritten`].
+    fn write_batch(
+        &self,
+        id: u64,
+        first_lsn: u64,
+        start: u64,
+        wrap_at: Option<u64>,
+        iovecs: Vec<SharedBuf>,
+        dsync: bool,
+    ) {
         let storage = self.storage.clone();
         let events = self.events_tx.clone();
         let journal_id = self.journal_id;
