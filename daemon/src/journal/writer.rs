@@ -310,40 +310,7 @@ impl Writer {
                 }
                 self.complete_in_order();
             }
-            Event::Synced { covers_lsn, result } => {
-                self.sync_running = false;
-                if let Err(error) = result {
-                    // A failed fdatasync may have dropped dirty data: never retry and pretend.
-                    self.shared.fail(&JournalError::Io {
-                        what: "fdatasync of the journal",
-                        message: error.to_string(),
-                    });
-                    self.fail_everything();
-                    return;
-                }
-                // Started after those batches were written: the fdatasync made them durable.
-                assert!(
-                    covers_lsn <= self.written_lsn,
-                    "an fdatasync covers only batches written before it started"
-                );
-                self.durable_lsn = self.durable_lsn.max(covers_lsn);
-                let durable = self.durable_lsn;
-                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flush_waiters)
-                    .into_iter()
-                    .partition(|(t, _)| *t <= durable);
-                self.flush_waiters = waiting;
-                for (target, done) in ready {
-                    debug_assert!(
-                        target <= durable,
-                        "a FLUSH completes only when everything before it is durable"
-                    );
-                    let _ = done.send(Ok(durable));
-                }
-                self.complete_in_order();
-                if !self.flush_waiters.is_empty() && !self.sync_running {
-                    self.start_sync();
-                }
-            }
+            Event::Synced { covers_lsn, result } => self.on_synced(covers_lsn, result),
             Event::Released {
                 ring_bytes,
                 memory_bytes,
@@ -378,37 +345,76 @@ impl Writer {
                 next_lsn,
                 journal_id,
                 result,
-            } => {
-                let Some(resetting) = self.resetting.take() else {
-                    return;
-                };
-                match result {
-                    Ok(()) => {
-                        self.journal_id = journal_id;
-                        self.next_lsn = next_lsn;
-                        self.written_lsn = next_lsn - 1;
-                        self.completed_lsn = next_lsn - 1;
-                        self.durable_lsn = next_lsn - 1;
-                        self.shared.head_lsn.store(next_lsn - 1, Ordering::Relaxed);
-                        self.shared
-                            .applied_lsn
-                            .store(next_lsn - 1, Ordering::Relaxed);
-                        self.shared
-                            .metrics
-                            .journal_head_lsn
-                            .set(crate::gauge_i64(next_lsn - 1));
-                        self.shared
-                            .metrics
-                            .journal_applied_lsn
-                            .set(crate::gauge_i64(next_lsn - 1));
-                        let _ = resetting.done.send(Ok(next_lsn));
-                    }
-                    Err(error) => {
-                        let _ = resetting.done.send(Err(error.clone()));
-                        self.shared.fail(&error);
-                        self.fail_everything();
-                    }
-                }
+            } => self.on_reset_done(next_lsn, journal_id, result),
+        }
+    }
+
+    /// An fdatasync of the journal that covers records up to `covers_lsn` finished.
+    fn on_synced(&mut self, covers_lsn: u64, result: std::io::Result<()>) {
+        self.sync_running = false;
+        if let Err(error) = result {
+            // A failed fdatasync may have dropped dirty data: never retry and pretend.
+            self.shared.fail(&JournalError::Io {
+                what: "fdatasync of the journal",
+                message: error.to_string(),
+            });
+            self.fail_everything();
+            return;
+        }
+        // Started after those batches were written: the fdatasync made them durable.
+        assert!(
+            covers_lsn <= self.written_lsn,
+            "an fdatasync covers only batches written before it started"
+        );
+        self.durable_lsn = self.durable_lsn.max(covers_lsn);
+        let durable = self.durable_lsn;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flush_waiters)
+            .into_iter()
+            .partition(|(t, _)| *t <= durable);
+        self.flush_waiters = waiting;
+        for (target, done) in ready {
+            debug_assert!(
+                target <= durable,
+                "a FLUSH completes only when everything before it is durable"
+            );
+            let _ = done.send(Ok(durable));
+        }
+        self.complete_in_order();
+        if !self.flush_waiters.is_empty() && !self.sync_running {
+            self.start_sync();
+        }
+    }
+
+    /// The applier carried out the reset (see [`Resetting`]).
+    fn on_reset_done(&mut self, next_lsn: u64, journal_id: u64, result: Result<(), JournalError>) {
+        let Some(resetting) = self.resetting.take() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                self.journal_id = journal_id;
+                self.next_lsn = next_lsn;
+                self.written_lsn = next_lsn - 1;
+                self.completed_lsn = next_lsn - 1;
+                self.durable_lsn = next_lsn - 1;
+                self.shared.head_lsn.store(next_lsn - 1, Ordering::Relaxed);
+                self.shared
+                    .applied_lsn
+                    .store(next_lsn - 1, Ordering::Relaxed);
+                self.shared
+                    .metrics
+                    .journal_head_lsn
+                    .set(crate::gauge_i64(next_lsn - 1));
+                self.shared
+                    .metrics
+                    .journal_applied_lsn
+                    .set(crate::gauge_i64(next_lsn - 1));
+                let _ = resetting.done.send(Ok(next_lsn));
+            }
+            Err(error) => {
+                let _ = resetting.done.send(Err(error.clone()));
+                self.shared.fail(&error);
+                self.fail_everything();
             }
         }
     }
