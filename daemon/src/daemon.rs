@@ -361,16 +361,52 @@ pub async fn serve(
     // The control socket is bound first for the same reason: a live daemon answers on it.
     let control_listener = control::bind(&config.node.control_socket)?;
     let metrics = Metrics::new();
+    let node = open_volumes(&config, &data_dir, &metrics).await?;
+    let replication = start_replication(&config, &node, &metrics)?;
+    let listeners = bind_listeners(&config).await?;
+    let mut serving = start_serving(&config, control_listener, listeners, &node, &metrics);
+    tokio::select! {
+        _ = stop => {}
+        result = &mut serving.nbd_task => {
+            // The NBD server only returns early on a fatal listener error.
+            tracing::error!(?result, "NBD server stopped unexpectedly");
+        }
+    }
+    shut_down(serving, &node, replication).await;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Opens every configured volume, in config order (see [`open_volume`]).
+async fn open_volumes(
+    config: &Config,
+    data_dir: &DataDir,
+    metrics: &Metrics,
+) -> Result<Arc<Node>, DaemonError> {
     let mut volumes = Vec::with_capacity(config.volumes.len());
     for volume in &config.volumes {
-        volumes.push(open_volume(volume, &data_dir, &config.node.name, &metrics).await?);
+        volumes.push(open_volume(volume, data_dir, &config.node.name, metrics).await?);
     }
-    let node = Arc::new(Node {
+    Ok(Arc::new(Node {
         name: config.node.name.clone(),
         volumes,
-    });
+    }))
+}
 
-    // Replication: one QUIC endpoint on [node] listen, only when peers are configured.
+/// The replication endpoint of a node with peers: the QUIC transport and the task that hands
+/// its connections to the volumes.
+struct ReplicationEndpoint {
+    transport: Transport,
+    router: tokio::task::JoinHandle<()>,
+}
+
+/// Binds the QUIC endpoint on `[node] listen` (only when peers are configured), starts every
+/// volume's replication, then routes the endpoint's connections to the volumes.
+fn start_replication(
+    config: &Config,
+    node: &Arc<Node>,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<ReplicationEndpoint>, DaemonError> {
     let transport = if config.peers.is_empty() {
         None
     } else {
@@ -395,20 +431,27 @@ pub async fn serve(
     for volume in &node.volumes {
         volume.start();
     }
-    let (transport, transport_task) = match transport {
-        Some((transport, events)) => {
-            let task = tokio::spawn(route_transport_events(
-                events,
-                node.clone(),
-                metrics.clone(),
-                config.peers.clone(),
-            ));
-            (Some(transport), Some(task))
-        }
-        None => (None, None),
-    };
+    Ok(transport.map(|(transport, events)| ReplicationEndpoint {
+        transport,
+        router: tokio::spawn(route_transport_events(
+            events,
+            node.clone(),
+            metrics.clone(),
+            config.peers.clone(),
+        )),
+    }))
+}
 
-    // Bind everything before serving anything, so a bad address fails the start cleanly.
+/// Every listener the config names besides the control socket and the QUIC endpoint.
+struct Listeners {
+    nbd: Vec<Listener>,
+    metrics: Option<tokio::net::TcpListener>,
+    /// Socket files to remove at shutdown, the control socket's first.
+    unix_paths: Vec<PathBuf>,
+}
+
+/// Binds everything before serving anything, so a bad address fails the start cleanly.
+async fn bind_listeners(config: &Config) -> Result<Listeners, DaemonError> {
     let mut nbd_listeners = Vec::new();
     let mut unix_paths: Vec<PathBuf> = vec![config.node.control_socket.clone()];
     for addr in &config.nbd.listen {
@@ -421,33 +464,68 @@ pub async fn serve(
         Some(addr) => Some(metrics::bind_http(addr).await?),
         None => None,
     };
+    Ok(Listeners {
+        nbd: nbd_listeners,
+        metrics: metrics_listener,
+        unix_paths,
+    })
+}
 
+/// The servers of a running node, and what stops them.
+struct Serving {
+    shutdown_tx: watch::Sender<bool>,
+    control_task: tokio::task::JoinHandle<()>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    nbd_task: tokio::task::JoinHandle<Result<(), nbd::NbdError>>,
+    unix_paths: Vec<PathBuf>,
+}
+
+/// Starts the control, metrics and NBD servers on their listeners.
+fn start_serving(
+    config: &Config,
+    control_listener: tokio::net::UnixListener,
+    listeners: Listeners,
+    node: &Arc<Node>,
+    metrics: &Arc<Metrics>,
+) -> Serving {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let control_task = tokio::spawn(control::serve(
         control_listener,
         node.clone(),
         shutdown_rx.clone(),
     ));
-    let metrics_task = metrics_listener
+    let metrics_task = listeners
+        .metrics
         .map(|l| tokio::spawn(metrics::serve_http(l, metrics.clone(), shutdown_rx.clone())));
     let nbd_limits = nbd::ServerLimits {
         max_connections: config.nbd.max_connections,
     };
-    let mut nbd_task = tokio::spawn(nbd::serve(
-        nbd_listeners,
+    let nbd_task = tokio::spawn(nbd::serve(
+        listeners.nbd,
         node.clone(),
         nbd_limits,
         shutdown_rx.clone(),
     ));
     tracing::info!(node = %config.node.name, volumes = node.volumes.len(), "serving");
-
-    tokio::select! {
-        _ = stop => {}
-        result = &mut nbd_task => {
-            // The NBD server only returns early on a fatal listener error.
-            tracing::error!(?result, "NBD server stopped unexpectedly");
-        }
+    Serving {
+        shutdown_tx,
+        control_task,
+        metrics_task,
+        nbd_task,
+        unix_paths: listeners.unix_paths,
     }
+}
+
+/// Shuts down cleanly: stop accepting, drain in-flight I/O, apply and sync every journal,
+/// close the replication endpoint, remove the sockets.
+async fn shut_down(serving: Serving, node: &Node, replication: Option<ReplicationEndpoint>) {
+    let Serving {
+        shutdown_tx,
+        control_task,
+        metrics_task,
+        mut nbd_task,
+        unix_paths,
+    } = serving;
     let _ = shutdown_tx.send(true);
     // In-flight requests finish (bounded inside the server) before the journals close.
     if !nbd_task.is_finished()
@@ -463,10 +541,8 @@ pub async fn serve(
         volume.volume().close().await;
         tracing::info!(volume = %volume.name(), "journal applied and synced");
     }
-    if let Some(task) = transport_task {
-        task.abort();
-    }
-    if let Some(transport) = transport {
+    if let Some(ReplicationEndpoint { transport, router }) = replication {
+        router.abort();
         transport.shutdown().await;
     }
     let _ = control_task.await;
@@ -476,8 +552,6 @@ pub async fn serve(
     for path in unix_paths {
         let _ = std::fs::remove_file(path);
     }
-    tracing::info!("stopped cleanly");
-    Ok(())
 }
 
 /// Hands each peer connection to the volumes replicated with that peer, accepts the volume

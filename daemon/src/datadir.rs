@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! DATA_DIR/ferry.lock            flock held for the daemon's lifetime
-//! DATA_DIR/VOLUME.journal        the journal ring (journal.rs)
+//! DATA_DIR/VOLUME.journal        the journal ring (journal/)
 //! DATA_DIR/VOLUME.meta           role, lineage, consistency, peers (replication/meta_file.rs)
 //! DATA_DIR/VOLUME.PEER.dirty     what PEER may lack or hold differently (replication/dirty_file.rs)
 //! ```

@@ -85,6 +85,11 @@ impl Index {
             );
         }
         let end = offset + len;
+        debug_assert!(
+            self.overlapping(offset, end)
+                .all(|(_, piece)| piece.lsn < lsn),
+            "LSNs are inserted in increasing order: the newest write wins"
+        );
         self.cut(offset, end);
         self.data_bytes += content.data_bytes();
         self.pieces.insert(offset, Piece { end, lsn, content });
