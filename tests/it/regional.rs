@@ -140,67 +140,140 @@ fn regional_copy_promoted_after_kill9_holds_a_prefix_of_the_completed_writes() {
         cluster
             .promote(NodeId::B, true)
             .expect("promote --force of the regional copy");
-        let mut conn =
-            NbdConn::connect_unix(&cluster.nbd_socket(NodeId::B), crate::cluster::VOLUME)
-                .expect("connect to the promoted copy");
-        let data = conn.read(0, (BLOCKS * BLOCK) as u32).expect("read");
-        let held: Vec<u64> = data
-            .chunks(BLOCK as usize)
-            .map(stamp_of)
-            .collect::<Result<_, _>>()
-            .unwrap_or_else(|e| panic!("round {round} (seed {round_seed}): {e}"));
+        let held = read_stamps(&cluster, NodeId::B);
         let completed = completed.lock().expect("completed").clone();
-        let k = held.iter().copied().max().unwrap_or(0);
-        // The model after writes 1..=k (the write in flight at the kill, numbered one past
-        // the last completed, may be held or not).
-        let n = completed.len() as u64;
-        assert!(
-            k <= n + 1,
-            "round {round} (seed {round_seed}): the copy holds write {k}, but only {n} completed and one was in flight"
-        );
-        // The model after writes 1..=k; write n + 1 was in flight at the kill, and the one
-        // block holding it is where it went.
-        let mut expected = vec![0u64; BLOCKS as usize];
-        for (id, block, _) in &completed {
-            if *id <= k {
-                expected[*block as usize] = *id;
-            }
-        }
-        if k == n + 1 {
-            let at = held.iter().position(|id| *id == k).expect("k is held");
-            expected[at] = k;
-        }
-        let wrong: Vec<usize> = (0..BLOCKS as usize)
-            .filter(|&b| held[b] != expected[b])
-            .collect();
-        assert!(
-            wrong.is_empty(),
-            "round {round} (seed {round_seed}): not a prefix: {} blocks differ from the volume after write {k}, first block {} holds {} where {} was expected",
-            wrong.len(),
-            wrong[0],
-            held[wrong[0]],
-            expected[wrong[0]]
-        );
-        // What is missing completed within interval + transfer of the kill.
-        let missing = completed.iter().filter(|(id, _, _)| *id > k).count();
-        let oldest_missing = completed
-            .iter()
-            .find(|(id, _, _)| *id > k)
-            .map(|(_, _, at)| killed_at.saturating_duration_since(*at));
-        eprintln!(
-            "round {round}: {n} writes completed, the regional copy holds the first {k}; {missing} missing, the oldest completed {:?} before the kill",
-            oldest_missing
-        );
-        if let Some(age) = oldest_missing {
-            assert!(
-                age <= INTERVAL * 3,
-                "round {round} (seed {round_seed}): a write completed {age:?} before the kill is missing; the interval is {INTERVAL:?}"
-            );
-        }
-        let metrics = cluster.metrics(NodeId::B);
-        let _ = metric_sum(&metrics, "ferry_replica_lag_seconds", &[]);
+        let context = format!("round {round} (seed {round_seed})");
+        check_prefix(&held, &completed, killed_at, &context);
         cluster.kill9(NodeId::B);
     }
+}
+
+/// The write number each block of the region holds on node `id`.
+fn read_stamps(cluster: &Cluster, id: NodeId) -> Vec<u64> {
+    let mut conn =
+        NbdConn::connect_unix(&cluster.nbd_socket(id), crate::cluster::VOLUME).expect("connect");
+    let data = conn.read(0, (BLOCKS * BLOCK) as u32).expect("read");
+    data.chunks(BLOCK as usize)
+        .map(stamp_of)
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("node {}: {e}", id.name()))
+}
+
+/// Checks that `held` is the volume after the first k completed writes for some k (write
+/// n + 1, in flight at the kill, may be there or not), that what is missing completed
+/// recently, and returns k.
+fn check_prefix(
+    held: &[u64],
+    completed: &[(u64, u64, Instant)],
+    killed_at: Instant,
+    context: &str,
+) -> u64 {
+    let k = held.iter().copied().max().unwrap_or(0);
+    let n = completed.len() as u64;
+    assert!(
+        k <= n + 1,
+        "{context}: the copy holds write {k}, but only {n} completed and one was in flight"
+    );
+    // The model after writes 1..=k; write n + 1 was in flight at the kill, and the one
+    // block holding it is where it went.
+    let mut expected = vec![0u64; BLOCKS as usize];
+    for (id, block, _) in completed {
+        if *id <= k {
+            expected[*block as usize] = *id;
+        }
+    }
+    if k == n + 1 {
+        let at = held.iter().position(|id| *id == k).expect("k is held");
+        expected[at] = k;
+    }
+    let wrong: Vec<usize> = (0..BLOCKS as usize)
+        .filter(|&b| held[b] != expected[b])
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{context}: not a prefix: {} blocks differ from the volume after write {k}, first block {} holds {} where {} was expected",
+        wrong.len(),
+        wrong[0],
+        held[wrong[0]],
+        expected[wrong[0]]
+    );
+    // What is missing completed within interval + transfer of the kill.
+    let missing = completed.iter().filter(|(id, _, _)| *id > k).count();
+    let oldest_missing = completed
+        .iter()
+        .find(|(id, _, _)| *id > k)
+        .map(|(_, _, at)| killed_at.saturating_duration_since(*at));
+    eprintln!(
+        "{context}: {n} writes completed, the regional copy holds the first {k}; {missing} missing, the oldest completed {oldest_missing:?} before the kill"
+    );
+    if let Some(age) = oldest_missing {
+        assert!(
+            age <= INTERVAL * 3,
+            "{context}: a write completed {age:?} before the kill is missing; the interval is {INTERVAL:?}"
+        );
+    }
+    k
+}
+
+#[test]
+fn metro_peer_keeps_every_write_and_regional_peer_a_prefix_of_the_same_primary() {
+    let seed = crate::harness::test_seed("metro_and_regional");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cluster = Cluster::start(ClusterOptions {
+        node_count: 3,
+        size: "32MiB".into(),
+        journal_size: "32MiB".into(),
+        relay: true,
+        seed,
+        regional: Some((NodeId::C, "1s".into())),
+        ..ClusterOptions::default()
+    });
+    // Site c is far away; a and b are a metro pair.
+    for (x, y) in [(NodeId::A, NodeId::C), (NodeId::B, NodeId::C)] {
+        cluster
+            .pair_relay(x, y)
+            .both()
+            .set_delay(Duration::from_millis(20))
+            .set_rate(Some(12 << 20));
+    }
+    cluster.wait_replica_state_to(NodeId::A, NodeId::B, "in-sync", Duration::from_secs(60));
+    cluster.wait_replica_state_to(NodeId::A, NodeId::C, "in-sync", Duration::from_secs(60));
+    let stop = Arc::new(AtomicBool::new(false));
+    let completed: Completed = Arc::default();
+    let handle = writer(
+        cluster.nbd_socket(NodeId::A),
+        seed,
+        stop.clone(),
+        completed.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(rng.random_range(1500..3500)));
+    let killed_at = Instant::now();
+    cluster.kill9(NodeId::A);
+    stop.store(true, Ordering::Relaxed);
+    handle.join().expect("writer");
+    let completed = completed.lock().expect("completed").clone();
+    // Metro: b holds every completed write (its read-only export, before any promotion).
+    let held_b = read_stamps(&cluster, NodeId::B);
+    let mut last = vec![0u64; BLOCKS as usize];
+    for (id, block, _) in &completed {
+        last[*block as usize] = *id;
+    }
+    let n = completed.len() as u64;
+    for block in 0..BLOCKS as usize {
+        assert!(
+            held_b[block] == last[block] || held_b[block] == n + 1,
+            "seed {seed}: metro peer b lost a completed write: block {block} holds {} where write {} completed",
+            held_b[block],
+            last[block]
+        );
+    }
+    // Regional: c, promoted instead, holds a prefix.
+    cluster
+        .promote(NodeId::C, true)
+        .expect("promote --force of the regional copy");
+    let held_c = read_stamps(&cluster, NodeId::C);
+    let k = check_prefix(&held_c, &completed, killed_at, &format!("seed {seed}"));
+    eprintln!("metro peer b holds all {n} completed writes; regional peer c the first {k}");
 }
 
 #[test]
