@@ -317,6 +317,9 @@ pub async fn serve(
     // The control socket is bound first for the same reason: a live daemon answers on it.
     let control_listener = control::bind(&config.node.control_socket)?;
     let metrics = Metrics::new();
+    for peer in &config.peers {
+        metrics.peer(&peer.name);
+    }
     let mut volumes = Vec::with_capacity(config.volumes.len());
     for volume in &config.volumes {
         volumes.push(open_volume(volume, &data_dir, &config.node.name, &metrics).await?);

@@ -9,6 +9,9 @@
 //! - `interop`: third-party NBD clients (nbdinfo, qemu-io, nbdcopy, fio, nbdfuse + ext4),
 //!   metrics, status, config check.
 //! - `wire`: malformed and out-of-range input over raw sockets.
+//! - `contract`: the metrics contract (docs/metrics.txt) against a running two-node cluster:
+//!   exactly the listed families on both nodes, `promtool check metrics` clean, and the
+//!   operator series (role changes, writes suspended, resync size) following the cluster.
 //! - `crash`: kill -9 under concurrent writes, checked against the model.
 //! - `power_loss` (with the `fault-injection` feature, which `tests/run.sh` turns on): kill -9
 //!   plus the loss of every write the daemon had not made durable, replayed from the undo logs
@@ -53,6 +56,7 @@
 )]
 
 mod cluster;
+mod contract;
 mod crash;
 mod harness;
 mod interop;
