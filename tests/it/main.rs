@@ -12,6 +12,10 @@
 //! - `contract`: the metrics contract (docs/metrics.txt) against a running two-node cluster:
 //!   exactly the listed families on both nodes, `promtool check metrics` clean, and the
 //!   operator series (role changes, writes suspended, resync size) following the cluster.
+//! - `deploy`: the deploy/ files with the tools that read them: `promtool check rules` and
+//!   `promtool test rules`, every dashboard query parsed, only contract metrics in rules,
+//!   dashboard and docs, a runbook section per alert, the Kubernetes manifests (PyYAML) and
+//!   the systemd unit (`systemd-analyze verify`).
 //! - `crash`: kill -9 under concurrent writes, checked against the model.
 //! - `power_loss` (with the `fault-injection` feature, which `tests/run.sh` turns on): kill -9
 //!   plus the loss of every write the daemon had not made durable, replayed from the undo logs
@@ -58,6 +62,7 @@
 mod cluster;
 mod contract;
 mod crash;
+mod deploy;
 mod harness;
 mod interop;
 mod metro;
