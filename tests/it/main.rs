@@ -12,6 +12,9 @@
 //! - `contract`: the metrics contract (docs/metrics.txt) against a running two-node cluster:
 //!   exactly the listed families on both nodes, `promtool check metrics` clean, and the
 //!   operator series (role changes, writes suspended, resync size) following the cluster.
+//! - `prometheus`: a real Prometheus scraping a two-node cluster under load: every dashboard
+//!   query returns data, every alert's metrics are scraped, FerryReplicaNotInSync fires during
+//!   a partition and resolves after it.
 //! - `deploy`: the deploy/ files with the tools that read them: `promtool check rules` and
 //!   `promtool test rules`, every dashboard query parsed, only contract metrics in rules,
 //!   dashboard and docs, a runbook section per alert, the Kubernetes manifests (PyYAML) and
@@ -74,6 +77,7 @@ mod metro_repair;
 mod metro_roles;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
+mod prometheus;
 mod real_disk;
 mod wire;
 
