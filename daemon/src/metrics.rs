@@ -364,7 +364,7 @@ impl Metrics {
             ),
             resync_bytes: int_counter(
                 "ferry_resync_bytes_total",
-                "Bytes sent by resyncs (initial, delta, verify repair).",
+                "Data bytes sent by resyncs (initial, delta, verify repair); ranges of zeroes are not counted.",
                 &["volume", "peer"],
             ),
             peer_auth_failures: int_counter(
