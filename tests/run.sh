@@ -6,14 +6,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages="fio libnbd-bin python3-libnbd nbdkit qemu-utils iproute2 iptables fuse3 e2fsprogs"
-needed=(nbdinfo nbdcopy nbdfuse nbdsh qemu-io qemu-img qemu-nbd fio mkfs.ext4 e2fsck fusermount3 losetup)
+packages="fio libnbd-bin python3-libnbd nbdkit qemu-utils iproute2 iptables fuse3 e2fsprogs prometheus python3-yaml systemd"
+needed=(nbdinfo nbdcopy nbdfuse nbdsh qemu-io qemu-img qemu-nbd fio mkfs.ext4 e2fsck fusermount3 losetup
+        promtool systemd-analyze)
 missing=()
 for tool in "${needed[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then
     missing+=("python3-libnbd")
+fi
+if ! /usr/bin/python3 -c 'import yaml' >/dev/null 2>&1; then
+    missing+=("python3-yaml")
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -33,6 +37,10 @@ fi
 # Guardrails first: they fail in seconds where the tests take minutes.
 echo "== cargo fmt --check"
 cargo fmt --all --check
+# The alert rules and their unit tests (the `deploy` integration tests run them again, with
+# the dashboard's queries, the metrics contract and the manifests).
+echo "== promtool check rules / test rules (deploy/prometheus)"
+(cd deploy/prometheus && promtool check rules ferry-alerts.yml && promtool test rules ferry-alerts.test.yml)
 echo "== cargo clippy (workspace lints, warnings are errors)"
 cargo clippy --workspace --all-targets --features ferry/fault-injection -- -D warnings
 echo "== cargo deny (licenses, sources, one version per crate, advisories)"

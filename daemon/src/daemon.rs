@@ -361,6 +361,9 @@ pub async fn serve(
     // The control socket is bound first for the same reason: a live daemon answers on it.
     let control_listener = control::bind(&config.node.control_socket)?;
     let metrics = Metrics::new();
+    for peer in &config.peers {
+        metrics.peer(&peer.name);
+    }
     let node = open_volumes(&config, &data_dir, &metrics).await?;
     let replication = start_replication(&config, &node, &metrics)?;
     let listeners = bind_listeners(&config).await?;

@@ -35,6 +35,13 @@ const HTTP_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent scrape connections; more wait in the kernel's accept queue.
 const HTTP_CONNECTIONS_MAX: usize = 16;
 
+/// Where corruption is detected (`ferry_checksum_errors_total{where}`): a journal record at
+/// replay, a replication frame, a block of `ferry verify`. Every volume exports all three from
+/// its start, so that `increase()` sees the first error.
+pub const CHECKSUM_WHERE: [&str; 3] = ["journal", "replication", "verify"];
+/// The roles of `ferry_volume_role` and the `to` label of `ferry_volume_role_changes_total`.
+const ROLES: [&str; 2] = ["primary", "secondary"];
+
 /// NBD ops that get a pre-resolved counter; others fall back to a label lookup.
 const COMMON_OPS: [&str; 6] = ["read", "write", "flush", "trim", "write_zeroes", "disc"];
 /// The states of SPEC §5 (and `standby`: two secondaries of one primary, connected);
@@ -66,13 +73,17 @@ pub enum MetricsError {
 /// several daemons in one process do not collide).
 pub struct Metrics {
     registry: Registry,
+    build_info: IntGaugeVec,
     write_latency: HistogramVec,
     flush_latency: HistogramVec,
     read_latency: HistogramVec,
     io_requests: IntCounterVec,
     io_errors: IntCounterVec,
+    io_bytes: IntCounterVec,
     volume_role: IntGaugeVec,
+    volume_role_changes: IntCounterVec,
     replica_state: IntGaugeVec,
+    replica_split_brain: IntGaugeVec,
     replica_lag_bytes: IntGaugeVec,
     replica_lag_seconds: GaugeVec,
     replica_rtt: HistogramVec,
@@ -85,6 +96,7 @@ pub struct Metrics {
     journal_full_waits: IntCounterVec,
     journal_full_wait_seconds: CounterVec,
     resync_remaining_bytes: IntGaugeVec,
+    resync_total_bytes: IntGaugeVec,
     resync_bytes: IntCounterVec,
     peer_auth_failures: IntCounterVec,
     checksum_errors: IntCounterVec,
@@ -93,6 +105,7 @@ pub struct Metrics {
     recovery_torn_tail_bytes: IntGaugeVec,
     volume_failed: IntGaugeVec,
     volume_writes_held: IntGaugeVec,
+    volume_io_suspended: IntGaugeVec,
     volume_consistent: IntGaugeVec,
     verify_differing_bytes: IntGaugeVec,
 }
@@ -106,6 +119,10 @@ pub struct VolumeMetrics {
     pub write_latency_journal: Histogram,
     pub flush_latency: Histogram,
     pub read_latency: Histogram,
+    /// `ferry_io_bytes_total{op="read"}`: bytes returned by successful reads.
+    pub read_bytes_total: IntCounter,
+    /// `ferry_io_bytes_total{op="write"}`: bytes of successful writes (not zeroes or trims).
+    pub write_bytes_total: IntCounter,
     pub journal_used_bytes: IntGauge,
     pub journal_capacity_bytes: IntGauge,
     pub journal_head_lsn: IntGauge,
@@ -124,11 +141,17 @@ pub struct VolumeMetrics {
     pub volume_failed: IntGauge,
     /// `ferry_volume_writes_held`: 1 while client writes are held (fencing, a hand-over).
     pub writes_held: IntGauge,
+    /// `ferry_volume_io_suspended`: 1 while a metro replica with `on_disconnect = "suspend"`
+    /// has lost its peer: writes do not complete until it is back.
+    pub io_suspended: IntGauge,
     /// `ferry_volume_consistent`: 0 while a resync into this copy has not finished.
     pub volume_consistent: IntGauge,
     role_primary: IntGauge,
     role_secondary: IntGauge,
     role_vec: IntGaugeVec,
+    /// `ferry_volume_role_changes_total{to}`, in the order of [`ROLES`].
+    role_changes: [IntCounter; ROLES.len()],
+    role_changes_vec: IntCounterVec,
     io_requests_common: [IntCounter; COMMON_OPS.len()],
     io_errors_common: [IntCounter; COMMON_OPS.len()],
     io_requests_vec: IntCounterVec,
@@ -150,10 +173,14 @@ pub struct ReplicaMetrics {
     /// `ferry_replication_bytes_total{kind="wire"}`: bytes sent after compression, coalescing.
     pub wire_bytes_total: IntCounter,
     pub resync_remaining_bytes: IntGauge,
+    /// `ferry_resync_total_bytes`: the running resync's size (sent plus remaining).
+    pub resync_total_bytes: IntGauge,
     pub resync_bytes_total: IntCounter,
     /// `ferry_verify_differing_bytes`: what the last verify against the peer found.
     pub verify_differing_bytes: IntGauge,
     states: [IntGauge; REPLICA_STATES.len()],
+    /// `ferry_replica_split_brain`: follows the `split-brain` state (see `set_state`).
+    split_brain: IntGauge,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -164,6 +191,15 @@ fn latency_buckets() -> Vec<f64> {
         LATENCY_BUCKET_COUNT,
     )
     .expect("constant bucket parameters are valid")
+    .into_iter()
+    // Three significant digits: `le="0.0000128"` rather than `le="0.000012800000000000003"`
+    // (a tenth of the bytes of a scrape: bucket lines are most of it).
+    .map(|bound| {
+        format!("{bound:.2e}")
+            .parse()
+            .expect("a formatted float parses")
+    })
+    .collect()
 }
 
 impl Metrics {
@@ -202,6 +238,11 @@ impl Metrics {
             )
         };
         let metrics = Metrics {
+            build_info: int_gauge(
+                "ferry_build_info",
+                "Always 1; the version label says which Ferry this is.",
+                &["version"],
+            ),
             write_latency: histogram(
                 "ferry_write_latency_seconds",
                 "Client-visible write latency (stage=total) and its parts (journal, replica).",
@@ -219,15 +260,30 @@ impl Metrics {
                 "NBD requests answered with an error, by op.",
                 &["volume", "op"],
             ),
+            io_bytes: int_counter(
+                "ferry_io_bytes_total",
+                "Bytes of successful NBD reads (op=read) and writes (op=write).",
+                &["volume", "op"],
+            ),
             volume_role: int_gauge(
                 "ferry_volume_role",
                 "1 for the volume's current role, 0 otherwise.",
                 &["volume", "role"],
             ),
+            volume_role_changes: int_counter(
+                "ferry_volume_role_changes_total",
+                "Role changes of the volume since the daemon started, by the role taken.",
+                &["volume", "to"],
+            ),
             replica_state: int_gauge(
                 "ferry_replica_state",
                 "1 for the replica's current state, 0 otherwise.",
                 &["volume", "peer", "state"],
+            ),
+            replica_split_brain: int_gauge(
+                "ferry_replica_split_brain",
+                "1 while this copy and the peer's both wrote since they split; an operator must resolve.",
+                &["volume", "peer"],
             ),
             replica_lag_bytes: int_gauge(
                 "ferry_replica_lag_bytes",
@@ -301,9 +357,14 @@ impl Metrics {
                 "Bytes left to resync.",
                 &["volume", "peer"],
             ),
+            resync_total_bytes: int_gauge(
+                "ferry_resync_total_bytes",
+                "Size of the running resync: bytes sent plus bytes left (0 when none runs).",
+                &["volume", "peer"],
+            ),
             resync_bytes: int_counter(
                 "ferry_resync_bytes_total",
-                "Bytes sent by resyncs (initial, delta, verify repair).",
+                "Data bytes sent by resyncs (initial, delta, verify repair); ranges of zeroes are not counted.",
                 &["volume", "peer"],
             ),
             peer_auth_failures: int_counter(
@@ -341,6 +402,11 @@ impl Metrics {
                 "1 while client writes are held (a restarted primary fenced until its peers answer, a resync's hand-over).",
                 &["volume"],
             ),
+            volume_io_suspended: int_gauge(
+                "ferry_volume_io_suspended",
+                "1 while a metro replica with on_disconnect = \"suspend\" has lost its peer: writes do not complete until it is back.",
+                &["volume"],
+            ),
             volume_consistent: int_gauge(
                 "ferry_volume_consistent",
                 "0 while a resync into this copy has not finished (it cannot be promoted).",
@@ -353,6 +419,10 @@ impl Metrics {
             ),
             registry,
         };
+        metrics
+            .build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         Arc::new(metrics)
     }
 
@@ -366,6 +436,8 @@ impl Metrics {
             write_latency_journal: self.write_latency.with_label_values(&[name, "journal"]),
             flush_latency: self.flush_latency.with_label_values(&[name]),
             read_latency: self.read_latency.with_label_values(&[name]),
+            read_bytes_total: self.io_bytes.with_label_values(&[name, "read"]),
+            write_bytes_total: self.io_bytes.with_label_values(&[name, "write"]),
             journal_used_bytes: v(&self.journal_used_bytes),
             journal_capacity_bytes: v(&self.journal_capacity_bytes),
             journal_head_lsn: v(&self.journal_head_lsn),
@@ -380,6 +452,7 @@ impl Metrics {
             recovery_torn_tail_bytes: v(&self.recovery_torn_tail_bytes),
             volume_failed: v(&self.volume_failed),
             writes_held: v(&self.volume_writes_held),
+            io_suspended: v(&self.volume_io_suspended),
             volume_consistent: {
                 let gauge = v(&self.volume_consistent);
                 gauge.set(1);
@@ -388,11 +461,18 @@ impl Metrics {
             role_primary: self.volume_role.with_label_values(&[name, "primary"]),
             role_secondary: self.volume_role.with_label_values(&[name, "secondary"]),
             role_vec: self.volume_role.clone(),
+            role_changes: ROLES.map(|to| self.volume_role_changes.with_label_values(&[name, to])),
+            role_changes_vec: self.volume_role_changes.clone(),
             io_requests_common: ops(&self.io_requests),
             io_errors_common: ops(&self.io_errors),
             io_requests_vec: self.io_requests.clone(),
             io_errors_vec: self.io_errors.clone(),
-            checksum_errors_vec: self.checksum_errors.clone(),
+            checksum_errors_vec: {
+                for where_ in CHECKSUM_WHERE {
+                    self.checksum_errors.with_label_values(&[name, where_]);
+                }
+                self.checksum_errors.clone()
+            },
             volume: Arc::from(name),
         }
     }
@@ -412,11 +492,19 @@ impl Metrics {
                 .replication_bytes
                 .with_label_values(&[volume, peer, "wire"]),
             resync_remaining_bytes: self.resync_remaining_bytes.with_label_values(&pair),
+            resync_total_bytes: self.resync_total_bytes.with_label_values(&pair),
             resync_bytes_total: self.resync_bytes.with_label_values(&pair),
             verify_differing_bytes: self.verify_differing_bytes.with_label_values(&pair),
             states: REPLICA_STATES
                 .map(|state| self.replica_state.with_label_values(&[volume, peer, state])),
+            split_brain: self.replica_split_brain.with_label_values(&pair),
         }
+    }
+
+    /// Exports `ferry_peer_auth_failures_total` of a configured peer from the start (at 0), so
+    /// that `increase()` sees its first refusal.
+    pub fn peer(&self, peer: &str) {
+        self.peer_auth_failures.with_label_values(&[peer]);
     }
 
     /// Counts a peer refused for its certificate.
@@ -459,8 +547,25 @@ impl VolumeMetrics {
         }
     }
 
-    /// Sets `ferry_volume_role`: 1 for `role`, 0 for the other of primary/secondary.
+    /// Sets `ferry_volume_role`: 1 for `role`, 0 for the other of primary/secondary, and counts
+    /// a change in `ferry_volume_role_changes_total` (the first role set at start is not one).
     pub fn set_role(&self, role: &str) {
+        let previous = if self.role_primary.get() == 1 {
+            Some("primary")
+        } else if self.role_secondary.get() == 1 {
+            Some("secondary")
+        } else {
+            None
+        };
+        if previous.is_some_and(|previous| previous != role) {
+            match ROLES.iter().position(|known| *known == role) {
+                Some(index) => self.role_changes[index].inc(),
+                None => self
+                    .role_changes_vec
+                    .with_label_values(&[&*self.volume, role])
+                    .inc(),
+            }
+        }
         match role {
             "primary" => {
                 self.role_primary.set(1);
@@ -490,11 +595,14 @@ impl VolumeMetrics {
 
 impl ReplicaMetrics {
     /// Sets `ferry_replica_state`: 1 for `state`, 0 for every other state of SPEC §5.
+    /// `ferry_replica_split_brain` follows it.
     pub fn set_state(&self, state: &str) {
         debug_assert!(REPLICA_STATES.contains(&state), "unknown state {state}");
         for (name, gauge) in REPLICA_STATES.iter().zip(&self.states) {
             gauge.set(i64::from(*name == state));
         }
+        self.split_brain
+            .set(i64::from(state == ReplicaState::SplitBrain.as_str()));
     }
 }
 
@@ -634,6 +742,104 @@ fn response(
     out
 }
 
+/// The metric families of a text exposition in the form of the contract file
+/// (`docs/metrics.txt`): one line per family, `NAME TYPE LABEL,LABEL`, sorted, label names
+/// sorted (a histogram's `le` left out). Two expositions with the same lines export the same
+/// names, types and label names, whatever the label values and samples are.
+pub fn contract_lines(exposition: &str) -> Vec<String> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut families: BTreeMap<&str, (&str, BTreeSet<String>)> = BTreeMap::new();
+    for line in exposition.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            families.entry(name).or_insert((kind, BTreeSet::new())).0 = kind;
+        }
+    }
+    for line in exposition.lines().filter(|line| !line.starts_with('#')) {
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let sample = &line[..name_end];
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .filter_map(|suffix| sample.strip_suffix(suffix))
+            .find(|base| {
+                families
+                    .get(base)
+                    .is_some_and(|(kind, _)| *kind == "histogram")
+            })
+            .unwrap_or(sample);
+        let Some((_, labels)) = families.get_mut(family) else {
+            continue; // a sample without a TYPE line: not a family of this exposition
+        };
+        if line[name_end..].starts_with('{') {
+            labels.extend(
+                label_names(&line[name_end + 1..])
+                    .into_iter()
+                    .filter(|label| label != "le"),
+            );
+        }
+    }
+    families
+        .into_iter()
+        .map(|(name, (kind, labels))| {
+            let labels: Vec<String> = labels.into_iter().collect();
+            format!("{name} {kind} {}", labels.join(","))
+                .trim_end()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The label names of `a="x",b="y\"z"}...` (the text after a sample's `{`).
+fn label_names(mut rest: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    // Each pass consumes one `name="value"` pair; a pair takes at least 3 bytes, so the
+    // loop ends within the line's length.
+    while let Some(eq) = rest.find('=') {
+        let name = rest[..eq].trim_start_matches([',', ' ']);
+        if name.contains('}') {
+            break;
+        }
+        names.push(name.to_owned());
+        let value = &rest[eq + 1..];
+        let Some(value) = value.strip_prefix('"') else {
+            break;
+        };
+        let mut escaped = false;
+        let mut end = None;
+        for (index, byte) in value.bytes().enumerate() {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => {
+                    end = Some(index);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let Some(end) = end else { break };
+        rest = &value[end + 1..];
+        if rest.starts_with('}') {
+            break;
+        }
+    }
+    names
+}
+
+/// The contract lines of a contract file: the lines that are neither empty nor comments.
+pub fn contract_file_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    lines.sort();
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -700,9 +906,123 @@ mod tests {
         assert!(text.contains(r#"ferry_volume_role{role="secondary",volume="pg-data"} 1"#));
     }
 
+    /// Every family a node with one replicated volume exports, against the contract file; the
+    /// integration test `contract::running_cluster_exports_the_contract` checks a real daemon.
+    #[test]
+    fn families_match_the_contract_file() {
+        let metrics = Metrics::new();
+        let volume = metrics.volume("pg-data");
+        volume.set_role("primary");
+        metrics.replica("pg-data", "site-b").set_state("in-sync");
+        metrics.peer("site-b");
+        let contract = contract_file_lines(include_str!("../../docs/metrics.txt"));
+        let exported = contract_lines(&metrics.gather_text());
+        assert_eq!(
+            exported, contract,
+            "the exported families (left) differ from docs/metrics.txt (right)"
+        );
+    }
+
+    #[test]
+    fn contract_lines_read_labels_and_histograms() {
+        let text = "# HELP a_seconds x\n# TYPE a_seconds histogram\n\
+                    a_seconds_bucket{v=\"x,y=\\\"z\\\"\",le=\"1\"} 1\n\
+                    a_seconds_sum{v=\"x\"} 1\na_seconds_count{v=\"x\"} 1\n\
+                    # TYPE b_total counter\nb_total 3\n# TYPE c gauge\nc{z=\"}\",k=\"\"} 1\n";
+        assert_eq!(
+            contract_lines(text),
+            ["a_seconds histogram v", "b_total counter", "c gauge k,z"]
+        );
+        assert_eq!(
+            contract_file_lines("# comment\n\nc  gauge   k,z\nb_total counter\n"),
+            ["b_total counter", "c gauge k,z"]
+        );
+    }
+
+    #[test]
+    fn new_series_follow_roles_states_and_start_at_zero() {
+        let metrics = Metrics::new();
+        let volume = metrics.volume("v");
+        let replica = metrics.replica("v", "p");
+        volume.set_role("secondary");
+        volume.set_role("secondary");
+        let text = metrics.gather_text();
+        let version = env!("CARGO_PKG_VERSION");
+        for wanted in [
+            format!(r#"ferry_build_info{{version="{version}"}} 1"#),
+            r#"ferry_volume_role_changes_total{to="primary",volume="v"} 0"#.to_owned(),
+            r#"ferry_volume_role_changes_total{to="secondary",volume="v"} 0"#.to_owned(),
+            r#"ferry_checksum_errors_total{volume="v",where="replication"} 0"#.to_owned(),
+            r#"ferry_volume_io_suspended{volume="v"} 0"#.to_owned(),
+            r#"ferry_replica_split_brain{peer="p",volume="v"} 0"#.to_owned(),
+            r#"ferry_resync_total_bytes{peer="p",volume="v"} 0"#.to_owned(),
+        ] {
+            assert!(text.contains(&wanted), "missing {wanted}\n{text}");
+        }
+        volume.set_role("primary");
+        volume.set_role("secondary");
+        volume.set_role("secondary");
+        replica.set_state("split-brain");
+        let text = metrics.gather_text();
+        for wanted in [
+            r#"ferry_volume_role_changes_total{to="primary",volume="v"} 1"#,
+            r#"ferry_volume_role_changes_total{to="secondary",volume="v"} 1"#,
+            r#"ferry_replica_split_brain{peer="p",volume="v"} 1"#,
+            r#"ferry_replica_state{peer="p",state="split-brain",volume="v"} 1"#,
+        ] {
+            assert!(text.contains(wanted), "missing {wanted}\n{text}");
+        }
+        replica.set_state("resyncing");
+        assert!(metrics
+            .gather_text()
+            .contains(r#"ferry_replica_split_brain{peer="p",volume="v"} 0"#));
+    }
+
+    /// The series are bounded by volumes × peers: a node with 64 volumes of two peers each
+    /// exports 64 times the series of one volume (plus the node's own), whatever happens.
+    /// Prints the cost of one scrape (encoding time and bytes).
+    #[test]
+    fn scrape_of_64_volumes_is_bounded() {
+        fn series(text: &str) -> usize {
+            text.lines().filter(|line| !line.starts_with('#')).count()
+        }
+        let build = |volumes: usize| {
+            let metrics = Metrics::new();
+            for v in 0..volumes {
+                let name = format!("volume-{v:02}");
+                let volume = metrics.volume(&name);
+                volume.set_role("primary");
+                volume.write_latency_total.observe(0.000_1);
+                for peer in ["site-b", "site-c"] {
+                    metrics.peer(peer);
+                    metrics.replica(&name, peer).set_state("in-sync");
+                }
+            }
+            metrics
+        };
+        let one = build(1).gather_text();
+        let node_series = 1 + 2; // ferry_build_info, ferry_peer_auth_failures_total × 2 peers
+        let per_volume = series(&one) - node_series;
+        let metrics = build(64);
+        let started = std::time::Instant::now();
+        let text = metrics.gather_text();
+        let elapsed = started.elapsed();
+        assert_eq!(series(&text), node_series + 64 * per_volume);
+        eprintln!(
+            "scrape of 64 volumes × 2 peers: {} series, {} bytes, encoded in {:?}",
+            series(&text),
+            text.len(),
+            elapsed
+        );
+    }
+
     #[test]
     fn buckets_span_microseconds_to_seconds() {
         let buckets = latency_buckets();
+        assert!(
+            buckets.windows(2).all(|pair| pair[0] < pair[1]),
+            "{buckets:?}"
+        );
         assert!(buckets[0] <= 10e-6);
         assert!(*buckets.last().unwrap() >= 10.0);
         // Tens of microseconds must land in distinct buckets.

@@ -383,6 +383,9 @@ impl Volume {
         self.metrics
             .read_latency
             .observe(started.elapsed().as_secs_f64());
+        if result.is_ok() {
+            self.metrics.read_bytes_total.inc_by(u64::from(len));
+        }
         result
     }
 
@@ -422,14 +425,20 @@ impl Volume {
     }
 
     pub async fn write(&self, offset: u64, data: SharedBuf, fua: bool) -> Result<(), ExportError> {
-        self.append(
-            Op::Write {
-                offset_bytes: offset,
-                data,
-            },
-            fua,
-        )
-        .await
+        let len_bytes = data.len() as u64;
+        let result = self
+            .append(
+                Op::Write {
+                    offset_bytes: offset,
+                    data,
+                },
+                fua,
+            )
+            .await;
+        if result.is_ok() {
+            self.metrics.write_bytes_total.inc_by(len_bytes);
+        }
+        result
     }
 
     pub async fn write_zeroes(

@@ -538,7 +538,8 @@ pub fn cmd<S: AsRef<std::ffi::OsStr>>(program: &str, args: &[S]) -> Command {
     command
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+/// The first executable file `name` on PATH (or in the system binary directories).
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let extra = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from);
     std::env::split_paths(&path)

@@ -663,6 +663,11 @@ fn metrics_and_status_follow_writes() {
         metric_sum(&metrics, "ferry_io_requests_total", &["op=\"read\""]).unwrap_or(0.0) >= 1.0,
         "{metrics}"
     );
+    // 64 writes of 4 KiB and one read of 4 KiB, counted in bytes (the daemon is fresh).
+    let written = metric_sum(&metrics, "ferry_io_bytes_total", &["op=\"write\""]);
+    assert_eq!(written, Some(64.0 * 4096.0), "{metrics}");
+    let read = metric_sum(&metrics, "ferry_io_bytes_total", &["op=\"read\""]);
+    assert!(read.unwrap_or(0.0) >= 4096.0, "{read:?}:\n{metrics}");
     let capacity = metric_sum(
         &metrics,
         "ferry_journal_capacity_bytes",

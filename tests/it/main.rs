@@ -9,6 +9,16 @@
 //! - `interop`: third-party NBD clients (nbdinfo, qemu-io, nbdcopy, fio, nbdfuse + ext4),
 //!   metrics, status, config check.
 //! - `wire`: malformed and out-of-range input over raw sockets.
+//! - `contract`: the metrics contract (docs/metrics.txt) against a running two-node cluster:
+//!   exactly the listed families on both nodes, `promtool check metrics` clean, and the
+//!   operator series (role changes, writes suspended, resync size) following the cluster.
+//! - `prometheus`: a real Prometheus scraping a two-node cluster under load: every dashboard
+//!   query returns data, every alert's metrics are scraped, FerryReplicaNotInSync fires during
+//!   a partition and resolves after it.
+//! - `deploy`: the deploy/ files with the tools that read them: `promtool check rules` and
+//!   `promtool test rules`, every dashboard query parsed, only contract metrics in rules,
+//!   dashboard and docs, a runbook section per alert, the Kubernetes manifests (PyYAML) and
+//!   the systemd unit (`systemd-analyze verify`).
 //! - `crash`: kill -9 under concurrent writes, checked against the model.
 //! - `power_loss` (with the `fault-injection` feature, which `tests/run.sh` turns on): kill -9
 //!   plus the loss of every write the daemon had not made durable, replayed from the undo logs
@@ -53,7 +63,9 @@
 )]
 
 mod cluster;
+mod contract;
 mod crash;
+mod deploy;
 mod harness;
 mod interop;
 mod metro;
@@ -65,6 +77,7 @@ mod metro_repair;
 mod metro_roles;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
+mod prometheus;
 mod real_disk;
 mod regional;
 mod wire;

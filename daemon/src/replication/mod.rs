@@ -778,6 +778,9 @@ impl VolumeReplication {
                 .resync_remaining_bytes
                 .set(gauge(peer.resync_remaining_bytes));
             metrics
+                .resync_total_bytes
+                .set(gauge(peer.resync_total_bytes));
+            metrics
                 .verify_differing_bytes
                 .set(gauge(peer.verify.as_ref().map_or(0, |v| v.differing_bytes)));
         }
@@ -800,6 +803,12 @@ impl VolumeReplication {
         self.volume_metrics
             .writes_held
             .set(i64::from(status.writes_held.is_some()));
+        self.volume_metrics.io_suspended.set(i64::from(
+            status
+                .peers
+                .iter()
+                .any(|peer| peer.state == ReplicaState::Suspended),
+        ));
         self.volume_metrics
             .volume_consistent
             .set(i64::from(status.consistent));

@@ -592,6 +592,10 @@ pub struct PeerStatus {
     /// dirty map when it is not in sync.
     pub lag_bytes: u64,
     pub resync_remaining_bytes: u64,
+    /// The running resync's size: bytes sent so far plus `resync_remaining_bytes` (it grows
+    /// when writes land on ranges already sent); 0 when no resync is sent. With the remaining
+    /// bytes it gives the progress and, with the rate of bytes sent, the time left.
+    pub resync_total_bytes: u64,
     pub resynced_bytes: u64,
     pub last_error: Option<String>,
     /// The map's marked bytes.
@@ -1752,6 +1756,13 @@ impl Replicator {
         let resync_remaining_bytes = peer.resync_out.as_ref().map_or(0, |r| {
             r.todo.bytes() + r.reads.values().map(|(_, len)| len).sum::<u64>()
         });
+        // A range leaves `todo` for `reads` when its read is issued and is counted in
+        // `sent_bytes` when the read completes, so the sum never counts a range twice.
+        let resync_total_bytes = peer
+            .resync_out
+            .as_ref()
+            .filter(|r| r.started)
+            .map_or(0, |r| r.sent_bytes + resync_remaining_bytes);
         PeerStatus {
             peer: peer.name().to_owned(),
             state,
@@ -1759,6 +1770,7 @@ impl Replicator {
             durable_lsn: peer.acked_durable_lsn,
             lag_bytes,
             resync_remaining_bytes,
+            resync_total_bytes,
             resynced_bytes: peer.resynced_bytes,
             last_error: if state == ReplicaState::InSync {
                 None
