@@ -1171,6 +1171,18 @@ mod tests {
                 "metro-site-b.toml",
                 include_str!("../../config/metro-site-b.toml"),
             ),
+            (
+                "three-site-a.toml",
+                include_str!("../../config/three-site-a.toml"),
+            ),
+            (
+                "three-site-b.toml",
+                include_str!("../../config/three-site-b.toml"),
+            ),
+            (
+                "three-site-c.toml",
+                include_str!("../../config/three-site-c.toml"),
+            ),
         ] {
             let config = Config::parse_unchecked(text, Path::new(name))
                 .unwrap_or_else(|e| panic!("{name}: {e}"));

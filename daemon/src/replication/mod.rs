@@ -42,7 +42,7 @@ use ferry_protocol::replication::{
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::config::{ReplicaMode, VolumeConfig};
+use crate::config::{Compression, ReplicaMode, VolumeConfig};
 use crate::control::{ReplicaStatus, VerifyReport};
 use crate::journal::{JournalTap, Op};
 use crate::metrics::{ReplicaMetrics, VolumeMetrics};
@@ -66,6 +66,9 @@ const DIGEST_READ_BYTES_MAX: u64 = 1 << 20;
 /// room for small messages. An honest peer reads, so the queue drains as QUIC sends; one that
 /// sends (heartbeats, verify requests) without reading the answers is cut off here.
 const QUEUED_BYTES_MAX: u64 = 2 * WINDOW_BYTES + (64 << 20);
+/// zstd level of regional payloads: on half-compressible 4 KiB blocks level 1 compresses
+/// 1.91x at 237 MB/s, and whole-stream level 3 gains 1% for 2.3x the CPU (docs/regional.md).
+const ZSTD_LEVEL: i32 = 1;
 /// Silence after which a regional peer counts as lost (heartbeats go every quarter of it).
 const REGIONAL_PEER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Records are stamped with their time at most this often, for `lag_seconds`.
@@ -90,6 +93,8 @@ struct PeerHandle {
     opener: bool,
     /// A regional replica (its logical bytes count at the tap, not at the send).
     regional: bool,
+    /// The zstd level its write payloads are compressed at, if they are.
+    compression: Option<i32>,
     metrics: ReplicaMetrics,
 }
 
@@ -273,6 +278,17 @@ impl VolumeReplication {
                 name: peer.name.clone(),
                 opener: node < peer.name.as_str(),
                 regional: peer.regional.is_some(),
+                compression: config
+                    .replicas
+                    .iter()
+                    .find(|r| r.peer == peer.name)
+                    .and_then(|r| match r.mode {
+                        ReplicaMode::Regional {
+                            compression: Compression::Zstd,
+                            ..
+                        } => Some(ZSTD_LEVEL),
+                        _ => None,
+                    }),
                 metrics: metrics(&peer.name),
             })
             .collect();
@@ -349,6 +365,10 @@ impl VolumeReplication {
 
     pub(crate) fn peer_is_regional(&self, p: usize) -> bool {
         self.peers[p].regional
+    }
+
+    pub(crate) fn peer_compression(&self, p: usize) -> Option<i32> {
+        self.peers[p].compression
     }
 
     pub(crate) fn volume_metrics(&self) -> &VolumeMetrics {
@@ -1232,14 +1252,13 @@ impl JournalTap for VolumeReplication {
                 .inc_by(u64::from(record.len_bytes));
         }
         state.replicator.tap(record, now);
-        if !self.peers.is_empty() {
-            if state
+        if !self.peers.is_empty()
+            && state
                 .lag_samples
                 .back()
                 .is_none_or(|(_, at)| now.duration_since(*at) >= LAG_SAMPLE_INTERVAL)
-            {
-                state.lag_samples.push_back((lsn, now));
-            }
+        {
+            state.lag_samples.push_back((lsn, now));
         }
         // Messages go out now, in order; marks and persists wait for the task's pass.
         self.process(&mut state);

@@ -14,9 +14,9 @@ use ferry_protocol::stage::{self, StageError, HEADER_BYTES};
 
 use crate::storage::{self, AlignedBuf, OpenOptions, Storage};
 
-/// Bytes of the stage file: a header and the largest batch with its record descriptors.
-pub const STAGE_FILE_BYTES: u64 =
-    BATCH_RECEIVE_BYTES_MAX + (BATCH_RECEIVE_BYTES_MAX / 4096 + 2) * 4096;
+/// Bytes of the stage file: the header, the largest batch a secondary accepts (which counts
+/// more per record than its descriptor takes, see `BATCH_RECORD_COST_BYTES`) and padding.
+pub const STAGE_FILE_BYTES: u64 = BATCH_RECEIVE_BYTES_MAX + 2 * HEADER_BYTES as u64;
 
 /// The stage file of one volume.
 pub struct StageFile {

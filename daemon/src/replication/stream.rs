@@ -67,6 +67,26 @@ pub(super) fn cost(message: &Message) -> u64 {
 /// What a message without payload counts against the stream's queue bound (see [`cost`]).
 const CONTROL_COST_BYTES: u64 = 1024;
 
+/// Frames of several messages, and where each one ends in `buf`.
+struct Frames {
+    buf: BytesMut,
+    ends: Vec<usize>,
+}
+
+/// Encodes `messages` in order; write payloads compressed at `level` when given.
+fn encode_all(messages: &[Message], level: Option<i32>) -> Result<Frames, repl::FrameError> {
+    let mut buf = BytesMut::new();
+    let mut ends = Vec::with_capacity(messages.len());
+    for message in messages {
+        match level {
+            Some(level) => repl::encode_compressed(message, &mut buf, level)?,
+            None => repl::encode(message, &mut buf)?,
+        }
+        ends.push(buf.len());
+    }
+    Ok(Frames { buf, ends })
+}
+
 /// Encodes messages onto the stream, coalescing what is queued. Ends when the replication
 /// drops the sender (the stream closes after what was queued is written) or a write fails.
 pub(super) async fn write_loop(
@@ -80,17 +100,38 @@ pub(super) async fn write_loop(
     let corrupt_at = corrupt_frame_at();
     let metrics = replication.peer_metrics(peer).clone();
     let regional = replication.peer_is_regional(peer);
+    let compression = replication.peer_compression(peer);
     let mut writes_sent = 0u64;
-    let mut buf = BytesMut::new();
     let result: Result<(), String> = async {
         while let Some(message) = rx.recv().await {
-            let mut next = Some(message);
+            // What is queued goes out in one chunk, up to a bound.
+            let mut messages = vec![message];
+            let mut queued_bytes = 0;
             let mut taken = 0;
-            while let Some(message) = next.take() {
-                taken += cost(&message);
-                let start = buf.len();
-                repl::encode(&message, &mut buf).map_err(|e| e.to_string())?;
-                match &message {
+            loop {
+                let last = messages.last().expect("one at least");
+                taken += cost(last);
+                queued_bytes += cost(last);
+                if queued_bytes >= WRITE_COALESCE_BYTES_MAX as u64 {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(next) => messages.push(next),
+                    Err(_) => break,
+                }
+            }
+            let encoded = match compression {
+                // zstd costs CPU the client path must not wait behind: off the runtime.
+                Some(level) => tokio::task::spawn_blocking(move || {
+                    encode_all(&messages, Some(level)).map(|buf| (buf, messages))
+                })
+                .await
+                .map_err(|e| e.to_string())?,
+                None => encode_all(&messages, None).map(|buf| (buf, messages)),
+            };
+            let (mut frames, messages) = encoded.map_err(|e| e.to_string())?;
+            for (message, end) in messages.iter().zip(frames.ends.iter()) {
+                match message {
                     Message::Write(record) => {
                         writes_sent += 1;
                         if !regional {
@@ -98,9 +139,8 @@ pub(super) async fn write_loop(
                                 .logical_bytes_total
                                 .inc_by(u64::from(record.len_bytes));
                         }
-                        if corrupt_at == Some(writes_sent) && buf.len() > start + 20 {
-                            let at = buf.len() - 1;
-                            buf[at] ^= 0x5a;
+                        if corrupt_at == Some(writes_sent) && *end > 20 {
+                            frames.buf[*end - 1] ^= 0x5a;
                             tracing::warn!(volume = %replication.name(), peer = %replication.peer_name(peer), "fault injection: corrupted write frame {writes_sent}");
                         }
                     }
@@ -109,11 +149,8 @@ pub(super) async fn write_loop(
                     }
                     _ => {}
                 }
-                if buf.len() < WRITE_COALESCE_BYTES_MAX {
-                    next = rx.try_recv().ok();
-                }
             }
-            let frame = buf.split().freeze();
+            let frame = frames.buf.freeze();
             metrics.wire_bytes_total.inc_by(frame.len() as u64);
             send.write_chunk(frame).await.map_err(|e| e.to_string())?;
             queued.fetch_sub(taken, Ordering::Relaxed);

@@ -794,56 +794,12 @@ impl Replicator {
             .iter()
             .zip(startup.peers)
             .map(|(peer, start)| {
-                let protecting = meta.protecting(&peer.name);
-                Peer {
-                    session: Session::new(
-                        SessionConfig {
-                            node: config.node.clone(),
-                            peer: peer.name.clone(),
-                            volume: config.volume.clone(),
-                            size_bytes: config.size_bytes,
-                            peer_timeout: peer.peer_timeout,
-                            window_bytes: config.window_bytes,
-                            batched: peer.regional.is_some(),
-                        },
-                        now,
-                    ),
-                    config: peer.clone(),
-                    plan: None,
-                    last_error: None,
-                    map: start.bitmap,
-                    map_state: start.state,
-                    map_persist: None,
-                    persisted_mark_seq: 0,
-                    // Recovery marked every replayed record: everything up to the head is
-                    // confirmed or in the persisted map.
-                    covered_lsn: head,
-                    covered_persisted_lsn: head,
-                    acked_journal_lsn: 0,
-                    acked_durable_lsn: 0,
-                    // A peer that protected this copy may know its current generation.
-                    knows_generation: if protecting { current_generation } else { 0 },
-                    queue: VecDeque::new(),
-                    resync_out: None,
-                    resync_in: None,
-                    contacted: false,
-                    third_durable_lsn: None,
-                    pending_generation: None,
-                    flush_wanted_lsn: 0,
-                    flush_request_lsn: 0,
-                    flush_sent_lsn: 0,
-                    progress_sent: None,
-                    verify: None,
-                    resynced_bytes: 0,
-                    is_my_primary: false,
-                    deferred: VecDeque::new(),
-                    split_brain: false,
-                    peer_consistent: true,
-                    map_state_persisted: start.state,
-                    rtts: Vec::new(),
-                    demotion_hold: false,
-                    regional: regional::RegionalPeer::default(),
-                }
+                let knows = if meta.protecting(&peer.name) {
+                    current_generation
+                } else {
+                    0
+                };
+                Peer::new(&config, peer, start, head, knows, now)
             })
             .collect();
         let fenced = role == Role::Primary
@@ -897,6 +853,69 @@ impl Replicator {
             #[cfg(test)]
             adoptions: Vec::new(),
             config,
+        }
+    }
+}
+
+impl Peer {
+    /// A peer as a replicator starts: its map loaded, every record up to `head` covered
+    /// (recovery marked every replayed one), nothing acknowledged on any link yet.
+    fn new(
+        replicator: &ReplicatorConfig,
+        peer: &PeerConfig,
+        start: StartPeer,
+        head: u64,
+        knows_generation: u64,
+        now: Instant,
+    ) -> Peer {
+        Peer {
+            session: Session::new(
+                SessionConfig {
+                    node: replicator.node.clone(),
+                    peer: peer.name.clone(),
+                    volume: replicator.volume.clone(),
+                    size_bytes: replicator.size_bytes,
+                    peer_timeout: peer.peer_timeout,
+                    window_bytes: replicator.window_bytes,
+                    batched: peer.regional.is_some(),
+                },
+                now,
+            ),
+            config: peer.clone(),
+            plan: None,
+            last_error: None,
+            map: start.bitmap,
+            map_state: start.state,
+            map_persist: None,
+            persisted_mark_seq: 0,
+            // Recovery marked every replayed record: everything up to the head is
+            // confirmed or in the persisted map.
+            covered_lsn: head,
+            covered_persisted_lsn: head,
+            acked_journal_lsn: 0,
+            acked_durable_lsn: 0,
+            // A peer that protected this copy may know its current generation.
+            knows_generation,
+            queue: VecDeque::new(),
+            resync_out: None,
+            resync_in: None,
+            contacted: false,
+            third_durable_lsn: None,
+            pending_generation: None,
+            flush_wanted_lsn: 0,
+            flush_request_lsn: 0,
+            flush_sent_lsn: 0,
+            progress_sent: None,
+            verify: None,
+            resynced_bytes: 0,
+            is_my_primary: false,
+            deferred: VecDeque::new(),
+            split_brain: false,
+            peer_consistent: true,
+            map_state_persisted: start.state,
+            rtts: Vec::new(),
+            demotion_hold: false,
+            regional: regional::RegionalPeer::default(),
         }
     }
 }

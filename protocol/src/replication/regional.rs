@@ -46,6 +46,9 @@ pub const BATCH_BUFFER_BYTES: u64 = 256 << 20;
 /// Bytes of one batch a secondary accepts: a cut batch plus one record of the largest size,
 /// with room to spare.
 pub const BATCH_RECEIVE_BYTES_MAX: u64 = 128 << 20;
+/// What one record of a batch counts besides its payload (its descriptor in the stage file
+/// is smaller), so that batches of zero ranges are bounded too.
+pub const BATCH_RECORD_COST_BYTES: u64 = 64;
 /// Complete batches a secondary holds waiting to be stored and applied.
 pub const BATCHES_WAITING_MAX: usize = 2;
 /// Lag is tracked in steps of this length (bounded memory whatever the write rate).
@@ -70,7 +73,7 @@ pub(super) struct OpenBatch {
     records: Vec<Option<WriteRecord>>,
     /// Live records by (offset, LSN) → index in `records`.
     live: BTreeMap<(u64, u64), usize>,
-    payload_bytes: u64,
+    cost_bytes: u64,
     opened_at: Option<Instant>,
     /// Payload bytes of records dropped because a later one covered them.
     pub(super) coalesced_bytes: u64,
@@ -93,17 +96,17 @@ impl OpenBatch {
             let index = self.live.remove(&key).expect("listed");
             let older = self.records[index].take().expect("live");
             let bytes = older.data.len() as u64;
-            self.payload_bytes -= bytes;
+            self.cost_bytes -= bytes + BATCH_RECORD_COST_BYTES;
             self.coalesced_bytes += bytes;
         }
-        self.payload_bytes += record.data.len() as u64;
+        self.cost_bytes += record.data.len() as u64 + BATCH_RECORD_COST_BYTES;
         self.live.insert((start, record.lsn), self.records.len());
         self.records.push(Some(record));
         self.opened_at.get_or_insert(now);
     }
 
-    pub(super) fn payload_bytes(&self) -> u64 {
-        self.payload_bytes
+    pub(super) fn cost_bytes(&self) -> u64 {
+        self.cost_bytes
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -119,7 +122,7 @@ impl OpenBatch {
     pub(super) fn take(&mut self) -> Vec<WriteRecord> {
         let records = std::mem::take(&mut self.records);
         self.live.clear();
-        self.payload_bytes = 0;
+        self.cost_bytes = 0;
         self.opened_at = None;
         records.into_iter().flatten().collect()
     }
@@ -235,15 +238,15 @@ impl Replicator {
         let peer = &mut self.peers[p];
         let open = &peer.regional.open;
         let due = open.due(config.interval).is_some_and(|at| now >= at);
-        if !open.is_empty() && (due || open.payload_bytes() >= BATCH_CUT_BYTES) {
+        if !open.is_empty() && (due || open.cost_bytes() >= BATCH_CUT_BYTES) {
             let records = peer.regional.open.take();
             for record in records {
-                peer.regional.queued_bytes += record.data.len() as u64;
+                peer.regional.queued_bytes += record.data.len() as u64 + BATCH_RECORD_COST_BYTES;
                 peer.queue.push_back(record);
             }
             peer.regional.cuts.push_back(head);
         }
-        let waiting = peer.regional.queued_bytes + peer.regional.open.payload_bytes();
+        let waiting = peer.regional.queued_bytes + peer.regional.open.cost_bytes();
         if waiting > BATCH_BUFFER_BYTES {
             peer.regional.fell_behind += 1;
             let message = format!(
@@ -280,7 +283,7 @@ impl Replicator {
                 return;
             }
             let record = peer.queue.pop_front().expect("checked");
-            peer.regional.queued_bytes -= record.data.len() as u64;
+            peer.regional.queued_bytes -= record.data.len() as u64 + BATCH_RECORD_COST_BYTES;
             if let Err(error) = peer.session.send_record(record, now) {
                 return self.close_for(p, error);
             }
@@ -301,7 +304,7 @@ impl Replicator {
     /// A record of a regional link: it waits in memory for its batch's end.
     pub(super) fn on_batch_record(&mut self, p: usize, record: WriteRecord) {
         let regional = &mut self.peers[p].regional;
-        regional.receiving_bytes += record.data.len() as u64;
+        regional.receiving_bytes += record.data.len() as u64 + BATCH_RECORD_COST_BYTES;
         if regional.receiving_bytes > BATCH_RECEIVE_BYTES_MAX {
             return self.close_link(
                 p,
