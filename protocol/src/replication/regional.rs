@@ -447,3 +447,201 @@ impl Replicator {
         self.peers.iter().any(|p| !p.regional.batches.is_empty())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::RecordKind;
+    use bytes::Bytes;
+
+    fn write(lsn: u64, offset_bytes: u64, len: u32) -> WriteRecord {
+        WriteRecord {
+            lsn,
+            kind: RecordKind::Write,
+            fua: false,
+            offset_bytes,
+            len_bytes: len,
+            data: Bytes::from(vec![lsn as u8; len as usize]),
+        }
+    }
+
+    #[test]
+    fn a_batch_keeps_only_what_later_writes_do_not_cover() {
+        let now = Instant::now();
+        let mut batch = OpenBatch::default();
+        batch.push(write(1, 0, 8192), now);
+        batch.push(write(2, 4096, 4096), now); // partly over 1: both stay
+        batch.push(write(3, 65536, 4096), now);
+        assert_eq!(batch.cost_bytes(), 16384 + 3 * BATCH_RECORD_COST_BYTES);
+        batch.push(write(4, 0, 16384), now); // covers 1 and 2 wholly
+        assert_eq!(batch.coalesced_bytes, 8192 + 4096);
+        let zero = WriteRecord {
+            kind: RecordKind::Punch,
+            data: Bytes::new(),
+            ..write(5, 65536, 8192)
+        };
+        batch.push(zero, now); // a trim covers 3
+        let lsns: Vec<u64> = batch.take().iter().map(|r| r.lsn).collect();
+        assert_eq!(lsns, vec![4, 5], "the survivors, in LSN order");
+        assert!(batch.is_empty());
+        assert_eq!(batch.cost_bytes(), 0);
+        assert_eq!(batch.due(Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn lag_is_the_age_of_the_oldest_write_not_confirmed() {
+        let start = Instant::now();
+        let mut lag = Lag::default();
+        lag.push(1, start, 4096);
+        lag.push(2, start + Duration::from_millis(1), 4096); // same step
+        lag.push(3, start + Duration::from_millis(50), 512);
+        assert_eq!(lag.bytes(), 8704);
+        let now = start + Duration::from_millis(100);
+        assert!((lag.seconds(now) - 0.1).abs() < 1e-9);
+        lag.confirm(1); // a step goes only once all of it is confirmed
+        assert_eq!(lag.bytes(), 8704);
+        lag.confirm(2);
+        assert_eq!(lag.bytes(), 512);
+        assert!((lag.seconds(now) - 0.05).abs() < 1e-9);
+        lag.confirm(3);
+        assert_eq!((lag.bytes(), lag.seconds(now)), (0, 0.0));
+    }
+
+    // ---- two replicators over an in-memory link ----------------------------------------
+
+    use super::super::{
+        Meta, OnDisconnect, PeerConfig, ReplicaState, ReplicatorConfig, StartPeer, Startup,
+    };
+    use crate::bitmap::BlockBitmap;
+    use crate::generation::GenerationInfo;
+    use crate::repl::Message;
+
+    const SIZE: u64 = 16 << 20;
+
+    fn node(name: &str, peer: &str, role: Role, now: Instant) -> Replicator {
+        let mut meta = Meta::empty(role);
+        if role == Role::Primary {
+            meta.lineage = GenerationInfo::create(7, name).expect("lineage");
+        }
+        Replicator::new(
+            ReplicatorConfig {
+                node: name.into(),
+                volume: "vol".into(),
+                size_bytes: SIZE,
+                peers: vec![PeerConfig {
+                    name: peer.into(),
+                    on_disconnect: OnDisconnect::Degrade,
+                    peer_timeout: Duration::from_secs(10),
+                    resync_max_rate_bytes_per_s: None,
+                    regional: Some(RegionalConfig {
+                        interval: Duration::from_secs(1),
+                    }),
+                }],
+                window_bytes: 1 << 20,
+            },
+            Startup {
+                meta,
+                head_lsn: 0,
+                peers: vec![StartPeer {
+                    bitmap: BlockBitmap::new(SIZE),
+                    state: Default::default(),
+                }],
+            },
+            now,
+        )
+    }
+
+    /// Carries out every action of both sides until nothing moves; returns the batches the
+    /// secondary applied.
+    fn settle(a: &mut Replicator, b: &mut Replicator, now: Instant) -> Vec<(u64, Vec<u64>)> {
+        let mut applied = Vec::new();
+        for _ in 0..1000 {
+            let mut moved = false;
+            for side in 0..2 {
+                let (me, other) = if side == 0 {
+                    (&mut *a, &mut *b)
+                } else {
+                    (&mut *b, &mut *a)
+                };
+                me.advance(now);
+                while let Some(action) = me.poll_action() {
+                    moved = true;
+                    match action {
+                        Action::Transmit { message, .. } => other.message(0, message, now),
+                        Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
+                        Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
+                        Action::JournalFlush => {
+                            let head = me.head_lsn();
+                            me.journal_flushed(Ok(head));
+                        }
+                        Action::JournalReset { .. } => me.journal_reset(Ok(())),
+                        Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
+                            me.device_done(id, Ok(()))
+                        }
+                        Action::DeviceSync => me.device_synced(Ok(())),
+                        Action::Read { id, len_bytes, .. } => {
+                            me.read_done(id, Ok(bytes::Bytes::from(vec![0; len_bytes as usize])))
+                        }
+                        Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
+                        Action::ApplyBatch { peer, lsn, records } => {
+                            applied.push((lsn, records.iter().map(|r| r.lsn).collect()));
+                            me.batch_applied(peer, Ok(()));
+                        }
+                        other => panic!("unexpected action {other:?}"),
+                    }
+                }
+            }
+            if !moved {
+                return applied;
+            }
+        }
+        panic!("the two sides never settle");
+    }
+
+    #[test]
+    fn writes_never_wait_and_the_secondary_applies_whole_coalesced_batches() {
+        let start = Instant::now();
+        let mut a = node("a", "b", Role::Primary, start);
+        let mut b = node("b", "a", Role::Secondary, start);
+        a.connected(0, start);
+        b.connected(0, start);
+        settle(&mut a, &mut b, start);
+        assert_eq!(
+            a.status().peers[0].state,
+            ReplicaState::InSync,
+            "{:?}",
+            a.status()
+        );
+        let generation = a.status().generation;
+        // Three writes, the first overwritten by the third: each completes at once.
+        let mut now = start + Duration::from_millis(10);
+        for (lsn, offset) in [(1, 0), (2, 8192), (3, 0)] {
+            a.tap(write(lsn, offset, 4096), now);
+            assert_eq!(
+                a.settled(),
+                (lsn, lsn),
+                "a regional peer never holds a write"
+            );
+        }
+        assert!(
+            settle(&mut a, &mut b, now).is_empty(),
+            "nothing ships before the cut"
+        );
+        assert!(a.status().peers[0].lag_bytes > 0);
+        now += Duration::from_secs(1);
+        let applied = settle(&mut a, &mut b, now);
+        assert_eq!(
+            applied,
+            vec![(3, vec![2, 3])],
+            "one batch, without the overwritten write"
+        );
+        assert_eq!(b.head_lsn(), 3, "the secondary is as of the batch's end");
+        let status = a.status();
+        assert_eq!(status.peers[0].lag_bytes, 0);
+        assert_eq!(status.peers[0].coalesced_bytes, 4096);
+        assert_eq!(
+            status.generation, generation,
+            "no generation for a regional peer"
+        );
+    }
+}
