@@ -85,7 +85,7 @@ def latency(bench, server):
 
 
 def counters(node):
-    samples = nb.parse_metrics(node.metrics())
+    samples = node.metrics()
     return (nb.metric_sum(samples, "ferry_replication_bytes_total", kind="logical"),
             nb.metric_sum(samples, "ferry_replication_bytes_total", kind="wire"))
 

@@ -1131,6 +1131,9 @@ impl Replicator {
         }
         for p in 0..self.peers.len() {
             earliest(self.batch_due(p));
+            if self.peers[p].map.has_changes() {
+                earliest(self.map_persist_due(p));
+            }
         }
         if let Some(PendingOp::Promote {
             deadline,
@@ -1485,6 +1488,8 @@ impl Replicator {
     }
 
     fn maybe_persist_map(&mut self, p: usize) {
+        let due = self.map_persist_due(p);
+        let now = self.now;
         let peer = &mut self.peers[p];
         // A failed volume stores nothing more (fail-stop): what the files hold is the last
         // state that was whole, and a change half made when it failed (a promotion's role
@@ -1498,6 +1503,12 @@ impl Replicator {
             peer.covered_persisted_lsn = peer.covered_persisted_lsn.max(peer.covered_lsn);
             peer.persisted_mark_seq = self.mark_seq;
             return;
+        }
+        if due.is_some() {
+            return; // a regional peer's marks go at most every MAP_PERSIST_INTERVAL
+        }
+        if peer.config.regional.is_some() {
+            peer.regional.map_persisted_at = Some(now);
         }
         let changes = peer.map.take_changes();
         let state = peer.map_state;

@@ -136,6 +136,7 @@ impl Replicator {
     }
 
     pub(super) fn on_ack(&mut self, p: usize, journal_lsn: u64, durable_lsn: u64) {
+        let head = self.head_lsn;
         let peer = &mut self.peers[p];
         peer.acked_journal_lsn = peer.acked_journal_lsn.max(journal_lsn);
         peer.confirm(durable_lsn);
@@ -147,9 +148,20 @@ impl Replicator {
             .is_some_and(|end| durable_lsn >= end);
         if ended {
             let resync = peer.resync_out.take().expect("checked");
-            // The peer holds this copy as of the end, durably: every mark is stale.
-            peer.map.clear_all();
-            peer.map_state = super::MapState::default();
+            if peer.config.regional.is_some() {
+                // A regional peer's records are always marked, those tapped since the end
+                // too, and it may not hold them yet: the marks stay until it confirms every
+                // record marked (never cleared here: that lost writes after a restart of the
+                // peer, tests/it/regional.rs).
+                peer.map_state = super::MapState {
+                    marked_through_lsn: head,
+                    resync_only: false,
+                };
+            } else {
+                // The peer holds this copy as of the end, durably: every mark is stale.
+                peer.map.clear_all();
+                peer.map_state = super::MapState::default();
+            }
             peer.resynced_bytes = resync.sent_bytes;
             peer.split_brain = false;
             peer.last_error = None;
