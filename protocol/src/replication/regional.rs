@@ -537,7 +537,6 @@ mod tests {
     };
     use crate::bitmap::BlockBitmap;
     use crate::generation::GenerationInfo;
-    use crate::repl::Message;
 
     const SIZE: u64 = 16 << 20;
 
