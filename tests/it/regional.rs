@@ -362,7 +362,7 @@ fn regional_secondary_killed_mid_stream_comes_back_at_a_batch_boundary() {
 #[test]
 fn regional_link_cut_then_restored_catches_up_without_holding_writes() {
     let seed = crate::harness::test_seed("regional_link_cut");
-    let mut cluster = Cluster::start(ClusterOptions {
+    let cluster = Cluster::start(ClusterOptions {
         size: "32MiB".into(),
         journal_size: "32MiB".into(),
         relay: true,
