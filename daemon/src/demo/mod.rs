@@ -33,6 +33,11 @@ const KEEP_ENV: &str = "FERRY_DEMO_KEEP";
 const VOLUME_BYTES: u64 = 64 << 20;
 const JOURNAL_BYTES: u64 = 32 << 20;
 const PEER_TIMEOUT: &str = "2s";
+/// The regional peer's batch interval.
+const REGIONAL_INTERVAL: &str = "1s";
+/// Blocks at the end of the volume written one at a time with numbered stamps, so that the
+/// regional copy read back says which prefix of them it holds.
+const STAMP_BLOCKS: u64 = 1024;
 /// The demo writes whole journal blocks.
 use ferry_protocol::journal::BLOCK_BYTES;
 /// Writes one at a time on the metro pair (the latency measurement).
@@ -141,17 +146,15 @@ struct Node {
 }
 
 impl Node {
-    /// Writes the node's config: one metro volume replicated to `peer`.
-    #[allow(clippy::too_many_arguments)]
+    /// Writes the node's config: one volume replicated to each of `peers` (name, address,
+    /// regional or metro).
     fn create(
         root: &Path,
         certs: &Path,
-        name: &'static str,
-        role: &str,
+        (name, role): (&'static str, &str),
         listen: SocketAddr,
         metrics: SocketAddr,
-        peer: &str,
-        peer_address: SocketAddr,
+        peers: &[(&str, SocketAddr, bool)],
     ) -> Result<Node, DemoError> {
         let dir = root.join(name);
         std::fs::create_dir(&dir).map_err(setup("node directory"))?;
@@ -163,25 +166,41 @@ impl Node {
             metrics,
             dir,
         };
-        let text = format!(
+        let mut text = format!(
             "[node]\nname = \"{name}\"\ndata_dir = \"{data}\"\ncontrol_socket = \"{control}\"\n\
              metrics_listen = \"{metrics}\"\nlisten = \"{listen}\"\n\n\
              [nbd]\nlisten = [\"unix:{nbd}\"]\n\n\
-             [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
-             [[peers]]\nname = \"{peer}\"\naddress = \"{peer_address}\"\n\n\
-             [[volumes]]\nname = \"{VOLUME}\"\ndevice = \"{device}\"\nsize = \"{size}MiB\"\n\
-             journal_size = \"{journal}MiB\"\ninitial_role = \"{role}\"\n\n\
-             [[volumes.replicas]]\npeer = \"{peer}\"\nmode = \"metro\"\npeer_timeout = \"{PEER_TIMEOUT}\"\n",
+             [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
             data = node.dir.display(),
             control = node.control.display(),
             nbd = node.nbd.display(),
             ca = certs.join("ca.pem").display(),
             cert = certs.join(format!("{name}.pem")).display(),
             key = certs.join(format!("{name}.key")).display(),
+        );
+        for (peer, address, _) in peers {
+            text.push_str(&format!(
+                "\n[[peers]]\nname = \"{peer}\"\naddress = \"{address}\"\n"
+            ));
+        }
+        text.push_str(&format!(
+            "\n[[volumes]]\nname = \"{VOLUME}\"\ndevice = \"{device}\"\nsize = \"{size}MiB\"\n\
+             journal_size = \"{journal}MiB\"\ninitial_role = \"{role}\"\n",
             device = node.dir.join("volume.img").display(),
             size = VOLUME_BYTES >> 20,
             journal = JOURNAL_BYTES >> 20,
-        );
+        ));
+        for (peer, _, regional) in peers {
+            text.push_str(&if *regional {
+                format!(
+                    "\n[[volumes.replicas]]\npeer = \"{peer}\"\nmode = \"regional\"\ninterval = \"{REGIONAL_INTERVAL}\"\n"
+                )
+            } else {
+                format!(
+                    "\n[[volumes.replicas]]\npeer = \"{peer}\"\nmode = \"metro\"\npeer_timeout = \"{PEER_TIMEOUT}\"\n"
+                )
+            });
+        }
         std::fs::write(&node.config, text).map_err(setup("config"))?;
         Ok(node)
     }
@@ -364,7 +383,8 @@ async fn wait_until(
 
 /// Mean of `ferry_write_latency_seconds` by stage and of `ferry_replica_rtt_seconds`, from one
 /// node's /metrics (a plain HTTP GET).
-async fn scrape_means(address: SocketAddr) -> Result<Vec<(String, f64, u64)>, String> {
+/// The `/metrics` text of a node.
+async fn fetch_metrics(address: SocketAddr) -> Result<String, String> {
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(address).await?;
         stream
@@ -374,16 +394,23 @@ async fn scrape_means(address: SocketAddr) -> Result<Vec<(String, f64, u64)>, St
         stream.read_to_string(&mut body).await?;
         Ok::<String, std::io::Error>(body)
     };
-    let text = tokio::time::timeout(Duration::from_secs(5), fetch)
+    tokio::time::timeout(Duration::from_secs(5), fetch)
         .await
         .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let find = |prefix: &str, label: &str| -> Option<f64> {
-        text.lines()
-            .find(|l| l.starts_with(prefix) && l.contains(label))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-    };
+        .map_err(|e| e.to_string())
+}
+
+/// The value of the first sample of `prefix` whose labels contain `label`.
+fn sample(text: &str, prefix: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix) && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn scrape_means(address: SocketAddr) -> Result<Vec<(String, f64, u64)>, String> {
+    let text = fetch_metrics(address).await?;
+    let find = |prefix: &str, label: &str| sample(&text, prefix, label);
     let mut out = Vec::new();
     for (what, name, label) in [
         (

@@ -12,11 +12,12 @@ use rand::{RngExt, SeedableRng};
 use serde_json::{json, Value};
 
 use super::{
-    bytes, client, connect, describe_bad, free_tcp, free_udp, generation, ms, read_all, read_only,
-    replica, role, scrape_means, send_one, setup, state, status, volume, wait_until, Clock, Daemon,
-    DemoError, FailoverCheck, InFlight, Latencies, Model, Node, BLOCK_BYTES, FAILOVER_WRITES,
-    JOURNAL_BYTES, PEER_TIMEOUT, PIPELINED_MAX, PIPELINED_MIN, PIPELINE_DEPTH, PROMOTE_RETRY_LIMIT,
-    QD1_WRITES, VOLUME_BYTES,
+    bytes, client, connect, describe_bad, fetch_metrics, free_tcp, free_udp, generation, ms,
+    read_all, read_only, replica, role, sample, scrape_means, send_one, setup, state, status,
+    volume, wait_until, Clock, Daemon, DemoError, FailoverCheck, InFlight, Latencies, Model, Node,
+    BLOCK_BYTES, FAILOVER_WRITES, JOURNAL_BYTES, PEER_TIMEOUT, PIPELINED_MAX, PIPELINED_MIN,
+    PIPELINE_DEPTH, PROMOTE_RETRY_LIMIT, QD1_WRITES, REGIONAL_INTERVAL, STAMP_BLOCKS, STATE_LIMIT,
+    VOLUME_BYTES,
 };
 use crate::control;
 use crate::nbd::client::NbdClient;
@@ -60,6 +61,8 @@ struct Killed {
     before: Value,
     /// Writes in flight that got no reply: each block may hold the old or the new contents.
     uncertain: HashMap<u64, Vec<u8>>,
+    /// Bytes written for c and sent to it, from a's /metrics just before the kill.
+    regional_bytes: (f64, f64),
 }
 
 /// The promoted copy b, how long the failover took and what the check of b found.
@@ -83,17 +86,18 @@ pub(super) async fn scenario(dir: &Path) -> Result<(), DemoError> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
-    println!("ferry demo: metro (synchronous) replication between two nodes on this machine; the primary is");
-    println!("killed with SIGKILL mid-write, the secondary is promoted and verified, the old primary rejoins");
+    println!("ferry demo: a primary with a metro (synchronous) peer and a regional (asynchronous) peer on this");
+    println!("machine; the primary is killed with SIGKILL mid-write, the metro peer is promoted and verified");
+    println!("block by block, the regional copy is checked as a prefix, the old primary rejoins");
     println!(
         "  directory {}   seed {seed} (FERRY_SEED={seed} replays the workload)",
         dir.display()
     );
-    let (a, b) = create_nodes(dir)?;
+    let (a, b, c) = create_nodes(dir)?;
     let mut run = Run {
         clock: Clock(Instant::now()),
         rng: StdRng::seed_from_u64(seed),
-        model: Model::new(VOLUME_BYTES / BLOCK_BYTES as u64),
+        model: Model::new(VOLUME_BYTES / BLOCK_BYTES as u64 - STAMP_BLOCKS),
         deviations: Vec::new(),
         notes: Vec::new(),
         qd1: PhaseLatencies::default(),
@@ -103,6 +107,7 @@ pub(super) async fn scenario(dir: &Path) -> Result<(), DemoError> {
     };
 
     let (mut da, mut db) = start_pair(&run, &a, &b).await?;
+    let mut dc = start_regional(&run, &a, &c).await?;
     let mut na = connect(&a, &mut da).await?;
     if read_only(&na) {
         return Err(DemoError::Verify(
@@ -111,8 +116,17 @@ pub(super) async fn scenario(dir: &Path) -> Result<(), DemoError> {
     }
     write_qd1(&mut run, &mut na).await?;
     run.server_means = scrape_means(a.metrics).await;
+    // Numbered writes on a second connection, alone for a batch interval and a half, then
+    // beside the pipelined writes until the kill.
+    let stamps = Stamps::start(&a, run.model.blocks, run.rng.random()).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    run.clock.step(format!(
+        "numbered 4 KiB writes at QD1 on a second connection to a, into its last {STAMP_BLOCKS} blocks (they go on until the kill)"
+    ));
     let killed = write_pipelined_then_kill(&mut run, &a, na, &mut da).await?;
     drop(da);
+    let stamped = stamps.finish().await;
+    let regional = check_regional(&mut run, &c, &mut dc, &stamped, &killed).await?;
     let (mut nb, mut failover) = promote_b(&mut run, &b, &mut db, &killed).await?;
     verify_promoted(&mut run, &mut nb, &mut failover, &killed).await?;
     let written_alone = write_alone(&mut run, &b, &mut nb, &mut failover).await?;
@@ -129,50 +143,243 @@ pub(super) async fn scenario(dir: &Path) -> Result<(), DemoError> {
     nb.disconnect().await.map_err(client("disconnect from b"))?;
     let stop_a = da.terminate("a")?;
     let stop_b = db.terminate("b")?;
+    let stop_c = dc.terminate("c")?;
     run.clock.step(format!(
-        "SIGTERM: a stopped cleanly in {}, b in {} (exit 0)",
+        "SIGTERM: a stopped cleanly in {}, b in {}, c in {} (exit 0)",
         ms(stop_a),
-        ms(stop_b)
+        ms(stop_b),
+        ms(stop_c)
     ));
     print_report(&mut run, &failover, &killed, &rejoined);
+    regional.print();
+    print_findings(&run.notes, &run.deviations);
     Ok(())
 }
 
-/// Certificates, ports and configs of nodes a (primary) and b (secondary).
-fn create_nodes(dir: &Path) -> Result<(Node, Node), DemoError> {
+/// Certificates, ports and configs of nodes a (primary), b (its metro secondary) and c (its
+/// regional secondary).
+fn create_nodes(dir: &Path) -> Result<(Node, Node, Node), DemoError> {
     let certs = dir.join("certs");
     std::fs::create_dir(&certs).map_err(setup("certificate directory"))?;
-    crate::replication::tls::cert_init(&certs, &["a".to_string(), "b".to_string()])
-        .map_err(setup("making certificates"))?;
-    let (udp_a, udp_b, tcp_a, tcp_b) = (free_udp()?, free_udp()?, free_tcp()?, free_tcp()?);
+    let names = ["a", "b", "c"].map(String::from);
+    crate::replication::tls::cert_init(&certs, &names).map_err(setup("making certificates"))?;
+    let udp = [free_udp()?, free_udp()?, free_udp()?];
+    let tcp = [free_tcp()?, free_tcp()?, free_tcp()?];
     let addr = |r: std::io::Result<std::net::SocketAddr>| r.map_err(setup("local address"));
-    let (listen_a, listen_b) = (addr(udp_a.local_addr())?, addr(udp_b.local_addr())?);
-    let (metrics_a, metrics_b) = (addr(tcp_a.local_addr())?, addr(tcp_b.local_addr())?);
+    let listen = [
+        addr(udp[0].local_addr())?,
+        addr(udp[1].local_addr())?,
+        addr(udp[2].local_addr())?,
+    ];
+    let metrics = [
+        addr(tcp[0].local_addr())?,
+        addr(tcp[1].local_addr())?,
+        addr(tcp[2].local_addr())?,
+    ];
     let a = Node::create(
-        dir, &certs, "a", "primary", listen_a, metrics_a, "b", listen_b,
+        dir,
+        &certs,
+        ("a", "primary"),
+        listen[0],
+        metrics[0],
+        &[("b", listen[1], false), ("c", listen[2], true)],
     )?;
     let b = Node::create(
         dir,
         &certs,
-        "b",
-        "secondary",
-        listen_b,
-        metrics_b,
-        "a",
-        listen_a,
+        ("b", "secondary"),
+        listen[1],
+        metrics[1],
+        &[("a", listen[0], false), ("c", listen[2], true)],
     )?;
-    drop((udp_a, udp_b, tcp_a, tcp_b));
+    let c = Node::create(
+        dir,
+        &certs,
+        ("c", "secondary"),
+        listen[2],
+        metrics[2],
+        &[("a", listen[0], true), ("b", listen[1], true)],
+    )?;
+    drop((udp, tcp));
     println!(
-        "  setup   CA + certificates for a and b (mutual TLS); QUIC {listen_a} <-> {listen_b};"
+        "  setup   CA + certificates for a, b and c (mutual TLS); QUIC a {} b {} c {};",
+        listen[0], listen[1], listen[2]
     );
     println!(
-        "          volume `{}` {} MiB, journal {} MiB per node; a primary, b secondary, metro, peer_timeout {PEER_TIMEOUT}",
+        "          volume `{}` {} MiB, journal {} MiB per node; a primary; b metro (peer_timeout {PEER_TIMEOUT});",
         super::VOLUME,
         VOLUME_BYTES >> 20,
         JOURNAL_BYTES >> 20
     );
+    println!("          c regional (interval {REGIONAL_INTERVAL}, zstd), all on loopback");
     println!();
-    Ok((a, b))
+    Ok((a, b, c))
+}
+
+/// Starts c and waits until a's regional replica of it is in sync.
+async fn start_regional(run: &Run, a: &Node, c: &Node) -> Result<Daemon, DemoError> {
+    let mut dc = Daemon::start(c, "c.log")?;
+    let t = Instant::now();
+    loop {
+        dc.check_alive("c")?;
+        let sa = status(a).await?;
+        let to_c = &volume(&sa)["replicas"][1];
+        if to_c["state"] == "in-sync" {
+            run.clock.step(format!(
+                "started c; a's regional replica of c in-sync {} after start",
+                ms(t.elapsed())
+            ));
+            return Ok(dc);
+        }
+        if t.elapsed() > STATE_LIMIT {
+            return Err(DemoError::Daemon(format!(
+                "a's regional replica of c not in-sync within {STATE_LIMIT:?}: {to_c}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A second client of a that writes numbered stamps one at a time into the last blocks,
+/// while the main client writes pipelined: the order the regional copy must keep.
+struct Stamps {
+    task: tokio::task::JoinHandle<Vec<(u64, u64, Instant)>>,
+}
+
+fn stamp(id: u64) -> Vec<u8> {
+    id.to_le_bytes().repeat(BLOCK_BYTES / 8)
+}
+
+impl Stamps {
+    async fn start(a: &Node, first_block: u64, seed: u64) -> Result<Stamps, DemoError> {
+        let mut conn = NbdClient::connect_unix(&a.nbd, super::VOLUME)
+            .await
+            .map_err(client("connect the stamp writer to a"))?;
+        let task = tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut done = Vec::new();
+            for id in 1.. {
+                let block = first_block + rng.random_range(0..STAMP_BLOCKS);
+                let offset = block * BLOCK_BYTES as u64;
+                if conn.write(offset, &stamp(id), false).await.is_err() {
+                    break; // a is gone
+                }
+                done.push((id, block, Instant::now()));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            done
+        });
+        Ok(Stamps { task })
+    }
+
+    /// The stamps a completed, in order, once a is gone.
+    async fn finish(self) -> Vec<(u64, u64, Instant)> {
+        match tokio::time::timeout(STATE_LIMIT, self.task).await {
+            Ok(Ok(done)) => done,
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// What the regional copy held when a died.
+struct RegionalCheck {
+    stamped: u64,
+    held: u64,
+    oldest_missing: Option<Duration>,
+    lag_seconds: f64,
+    logical: f64,
+    wire: f64,
+}
+
+impl RegionalCheck {
+    fn print(&self) {
+        println!(
+            "  regional: c's numbered blocks held exactly the first {} of the {} numbered writes a completed (a prefix,",
+            self.held, self.stamped
+        );
+        println!(
+            "            nothing after a gap); the oldest it lacked completed {} before the kill (interval {REGIONAL_INTERVAL});",
+            self.oldest_missing.map_or("-".to_string(), ms)
+        );
+        println!(
+            "            its lag_seconds just before the kill {:.2}; bytes to c {} on the wire for {} written ({:.2}x)",
+            self.lag_seconds,
+            bytes(whole(self.wire)),
+            bytes(whole(self.logical)),
+            self.wire / self.logical.max(1.0)
+        );
+        println!();
+    }
+}
+
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a byte counter
+fn whole(value: f64) -> u64 {
+    value.max(0.0) as u64
+}
+
+/// Reads c's stamped blocks (its read-only export, before anyone is promoted): they must be
+/// what a held after the first k stamped writes for some k (SPEC §2, regional consistency).
+async fn check_regional(
+    run: &mut Run,
+    c: &Node,
+    dc: &mut Daemon,
+    stamped: &[(u64, u64, Instant)],
+    killed: &Killed,
+) -> Result<RegionalCheck, DemoError> {
+    let first_block = run.model.blocks;
+    let mut nc = connect(c, dc).await?;
+    let data = nc
+        .read(
+            first_block * BLOCK_BYTES as u64,
+            u32::try_from(STAMP_BLOCKS * BLOCK_BYTES as u64).unwrap_or(u32::MAX),
+        )
+        .await
+        .map_err(client("read c"))?;
+    let mut held = Vec::with_capacity(crate::usize_from(STAMP_BLOCKS));
+    for block in data.chunks(BLOCK_BYTES) {
+        let id = u64::from_le_bytes(block[..8].try_into().unwrap_or([0; 8]));
+        if block != stamp(id).as_slice() && block.iter().any(|b| *b != 0) {
+            return Err(DemoError::Verify(
+                "a stamped block of c is torn (not one whole write)".into(),
+            ));
+        }
+        held.push(id);
+    }
+    let k = held.iter().copied().max().unwrap_or(0);
+    let n = stamped.len() as u64;
+    let mut expected = vec![0u64; held.len()];
+    for (id, block, _) in stamped {
+        if *id <= k {
+            expected[crate::usize_from(*block - first_block)] = *id;
+        }
+    }
+    if k == n + 1 {
+        if let Some(at) = held.iter().position(|id| *id == k) {
+            expected[at] = k; // the write in flight at the kill
+        }
+    }
+    let wrong = (0..held.len()).filter(|&i| held[i] != expected[i]).count();
+    if k > n + 1 || wrong > 0 {
+        return Err(DemoError::Verify(format!(
+            "the regional copy c is not a prefix of a's writes: it holds stamp {k} of {n}, and {wrong} blocks differ from a's volume after stamp {k}"
+        )));
+    }
+    let oldest_missing = stamped
+        .iter()
+        .find(|(id, _, _)| *id > k)
+        .map(|(_, _, at)| killed.at.saturating_duration_since(*at));
+    let to_c = &volume(&killed.before)["replicas"][1];
+    run.clock.step(format!(
+        "read c's stamped blocks (read-only export, before any promotion): the first {k} of {n} stamps, a prefix"
+    ));
+    Ok(RegionalCheck {
+        stamped: n,
+        held: k,
+        oldest_missing,
+        lag_seconds: to_c["lag_seconds"].as_f64().unwrap_or(0.0),
+        logical: killed.regional_bytes.0,
+        wire: killed.regional_bytes.1,
+    })
 }
 
 /// Starts both nodes and waits for the initial full sync.
@@ -280,6 +487,21 @@ async fn write_pipelined_then_kill(
     let seconds = started.elapsed().as_secs_f64();
     // While the pipeline is full: what a says about b, then refill it and kill a at once.
     let before = status(a).await?;
+    let text = fetch_metrics(a.metrics).await.unwrap_or_default();
+    let regional_bytes = (
+        sample(
+            &text,
+            "ferry_replication_bytes_total",
+            "kind=\"logical\",peer=\"c\"",
+        )
+        .unwrap_or(0.0),
+        sample(
+            &text,
+            "ferry_replication_bytes_total",
+            "kind=\"wire\",peer=\"c\"",
+        )
+        .unwrap_or(0.0),
+    );
     for _ in 0..PIPELINE_DEPTH {
         send_one(&mut na, &mut run.model, &mut run.rng, &mut inflight).await?;
     }
@@ -323,6 +545,7 @@ async fn write_pipelined_then_kill(
         at,
         before,
         uncertain,
+        regional_bytes,
     })
 }
 
@@ -447,10 +670,13 @@ async fn verify_promoted(
     let t = Instant::now();
     let model = &run.model;
     let zero_crc = crc32fast::hash(&[0u8; BLOCK_BYTES]);
-    let mut expected_crc = vec![zero_crc; crate::usize_from(model.blocks)];
+    let mut expected_crc = vec![zero_crc; crate::usize_from(VOLUME_BYTES / BLOCK_BYTES as u64)];
     let mut check = FailoverCheck::default();
     read_all(nb, |block, got| {
         expected_crc[crate::usize_from(block)] = crc32fast::hash(got);
+        if block >= model.blocks {
+            return; // the stamped blocks: compared between a and b after the rejoin
+        }
         let in_flight = killed.uncertain.get(&block);
         let old_ok = match model.completed.get(&block) {
             Some(data) => data == got,
@@ -610,7 +836,7 @@ async fn compare_copies(
     failover: &Failover,
 ) -> Result<(), DemoError> {
     let t = Instant::now();
-    let blocks = crate::usize_from(run.model.blocks);
+    let blocks = crate::usize_from(VOLUME_BYTES / BLOCK_BYTES as u64);
     let mut na = connect(a, da).await?;
     let a_read_only = read_only(&na);
     let mut a_blocks = Vec::with_capacity(blocks);
@@ -701,9 +927,7 @@ fn print_report(run: &mut Run, failover: &Failover, killed: &Killed, rejoined: &
         failover.check.inflight_old
     );
     println!("            the old primary rejoins as secondary of the newer generation, and both copies end identical");
-    println!("  not shown: regional (asynchronous) replication is not built yet, so this demo has no regional peer (SPEC §8 names one)");
     println!();
-    print_findings(&run.notes, &run.deviations);
 }
 
 fn print_findings(notes: &[String], deviations: &[String]) {
