@@ -58,7 +58,7 @@ pub enum ControlError {
     UnknownVolume { volume: String },
     /// The request's op is not one this daemon knows.
     #[error(
-        "unknown op `{op}`; this daemon knows: status, promote, demote, resolve, verify (is the ferry binary newer than the daemon?)"
+        "unknown op `{op}`; this daemon knows: status, promote, demote, resolve, verify, pause, resume (is the ferry binary newer than the daemon?)"
     )]
     UnknownOp { op: String },
     /// The request is not a JSON object with a string "op", or a field has the wrong type.
@@ -172,6 +172,22 @@ pub trait ControlHandler: Send + Sync + 'static {
         Box::pin(async move {
             Err(ControlError::UnknownOp {
                 op: "resolve".into(),
+            })
+        })
+    }
+
+    /// `ferry pause` / `ferry resume VOLUME [--peer NAME]` (SPEC §3): stops or restarts
+    /// shipping to regional peers. Returns `{"volume": ..., "paused": bool, "peers": [...]}`.
+    fn pause(
+        &self,
+        volume: &str,
+        peer: Option<&str>,
+        paused: bool,
+    ) -> BoxFuture<'_, Result<Value, ControlError>> {
+        let _ = (volume, peer, paused);
+        Box::pin(async move {
+            Err(ControlError::UnknownOp {
+                op: if paused { "pause" } else { "resume" }.into(),
             })
         })
     }
@@ -507,6 +523,11 @@ async fn dispatch(line: &[u8], handler: &dyn ControlHandler) -> Result<Value, Co
                 }
             }
             handler.resolve(volume, peer).await
+        }
+        "pause" | "resume" => {
+            let volume = required_volume(&fields, op)?;
+            let peer = optional_string(&fields, "peer")?;
+            handler.pause(volume, peer, op == "pause").await
         }
         "verify" => {
             let volume = required_volume(&fields, op)?;

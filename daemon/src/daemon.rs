@@ -155,6 +155,20 @@ impl ControlHandler for Node {
         })
     }
 
+    fn pause(
+        &self,
+        volume: &str,
+        peer: Option<&str>,
+        paused: bool,
+    ) -> BoxFuture<'_, Result<Value, ControlError>> {
+        let volume = volume.to_string();
+        let peer = peer.map(str::to_owned);
+        Box::pin(async move {
+            let peers = self.volume(&volume)?.set_paused(peer.as_deref(), paused)?;
+            Ok(json!({ "volume": volume, "paused": paused, "peers": peers }))
+        })
+    }
+
     fn verify(
         &self,
         volume: &str,

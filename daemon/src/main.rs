@@ -88,6 +88,23 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Stop shipping to VOLUME's regional replicas (writes keep being tracked; a resume
+    /// resyncs only what changed). Not kept across a restart of the daemon.
+    Pause {
+        /// The volume, as named in the config.
+        volume: String,
+        /// Only this regional peer (default: every regional peer of the volume).
+        #[arg(long, value_name = "NAME")]
+        peer: Option<String>,
+    },
+    /// Restart shipping to VOLUME's paused regional replicas.
+    Resume {
+        /// The volume, as named in the config.
+        volume: String,
+        /// Only this regional peer (default: every regional peer of the volume).
+        #[arg(long, value_name = "NAME")]
+        peer: Option<String>,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -157,6 +174,8 @@ fn main() -> ExitCode {
             peer,
             repair,
         } => verify(&cli.socket, &volume, peer, repair),
+        Command::Pause { volume, peer } => pause(&cli.socket, "pause", &volume, peer),
+        Command::Resume { volume, peer } => pause(&cli.socket, "resume", &volume, peer),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
@@ -265,6 +284,27 @@ fn describe_role_change(volume: &str, result: &Value) -> String {
     match result.get("generation").and_then(Value::as_u64) {
         Some(generation) => format!("{name}: now {role} (generation {generation:#x})"),
         None => format!("{name}: now {role}"),
+    }
+}
+
+/// `ferry pause` / `ferry resume`: names the peers it applied to.
+fn pause(socket: &Path, op: &str, volume: &str, peer: Option<String>) -> ExitCode {
+    match call(socket, json!({ "op": op, "volume": volume, "peer": peer })) {
+        Ok(result) => {
+            let peers: Vec<&str> = result
+                .get("peers")
+                .and_then(Value::as_array)
+                .map(|peers| peers.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let what = if op == "pause" {
+                "paused (writes are tracked; `ferry resume` resyncs what changed)"
+            } else {
+                "resumed"
+            };
+            println!("{volume}: shipping to {} {what}", peers.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
     }
 }
 

@@ -413,3 +413,65 @@ fn regional_link_cut_then_restored_catches_up_without_holding_writes() {
         "the regional copy differs from the primary after catching up (seed {seed})"
     );
 }
+
+#[test]
+fn pause_stops_shipping_and_resume_catches_up_with_only_what_changed() {
+    let seed = crate::harness::test_seed("regional_pause");
+    let cluster = Cluster::start(ClusterOptions {
+        size: "32MiB".into(),
+        journal_size: "32MiB".into(),
+        seed,
+        regional: Some((NodeId::B, "200ms".into())),
+        ..ClusterOptions::default()
+    });
+    cluster.wait_replica_state(NodeId::A, "in-sync", Duration::from_secs(60));
+    // Only regional replicas pause; an unknown peer is refused.
+    let a = cluster.node(NodeId::A);
+    let unknown = a.ctl(&["pause", crate::cluster::VOLUME, "--peer", "nobody"]);
+    assert_eq!(unknown.status.code(), Some(1), "{unknown}");
+    let paused = a.ctl(&["pause", crate::cluster::VOLUME]);
+    assert_eq!(paused.status.code(), Some(0), "{paused}");
+    cluster.wait_replica_state(NodeId::A, "paused", Duration::from_secs(10));
+    let head_b = cluster.volume_status(NodeId::B)["journal"]["head_lsn"].clone();
+    let mut conn = NbdConn::connect_unix(&cluster.nbd_socket(NodeId::A), crate::cluster::VOLUME)
+        .expect("connect");
+    for id in 1..=200u64 {
+        conn.write((id % 64) * BLOCK, &stamp(id), false)
+            .expect("write while paused");
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let replica = cluster.replica(NodeId::A);
+    assert_eq!(replica["state"], "paused", "{replica}");
+    assert!(replica["lag_bytes"].as_u64().unwrap_or(0) > 0, "{replica}");
+    assert_eq!(
+        cluster.volume_status(NodeId::B)["journal"]["head_lsn"],
+        head_b,
+        "nothing shipped while paused"
+    );
+    let resumed = a.ctl(&["resume", crate::cluster::VOLUME, "--peer", "b"]);
+    assert_eq!(resumed.status.code(), Some(0), "{resumed}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let replica = cluster.replica(NodeId::A);
+        let heads = (
+            cluster.volume_status(NodeId::A)["journal"]["head_lsn"].clone(),
+            cluster.volume_status(NodeId::B)["journal"]["head_lsn"].clone(),
+        );
+        if replica["state"] == "in-sync" && replica["lag_bytes"] == 0 && heads.0 == heads.1 {
+            // A delta: the 64 blocks written, not the volume.
+            let resynced = replica["resynced_bytes"].as_u64().unwrap_or(u64::MAX);
+            assert!(
+                resynced <= 64 * BLOCK,
+                "resume sent {resynced} bytes: {replica}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never caught up: {replica}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        read_stamps(&cluster, NodeId::A),
+        read_stamps(&cluster, NodeId::B),
+        "the copies differ after resume (seed {seed})"
+    );
+}

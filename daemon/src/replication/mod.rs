@@ -1028,6 +1028,24 @@ impl VolumeReplication {
         self.run_op(|r, _| r.begin_demote()).await
     }
 
+    /// `ferry pause` / `ferry resume VOLUME [--peer NAME]` (SPEC §3): returns the regional
+    /// peers it applied to.
+    pub fn set_paused(&self, peer: Option<&str>, paused: bool) -> Result<Vec<String>, OpError> {
+        let result = self
+            .input(|r, _| r.set_paused(peer, paused))
+            .unwrap_or_else(|| {
+                Err(OpError::Failed {
+                    volume: self.name().to_owned(),
+                    reason: "the replicator stopped after an internal error".into(),
+                })
+            });
+        if let Ok(peers) = &result {
+            tracing::info!(volume = %self.name(), ?peers, paused, "shipping {} by the operator", if paused { "paused" } else { "resumed" });
+            self.wake.notify_one();
+        }
+        result
+    }
+
     /// `ferry resolve VOLUME --discard-local [--peer NAME]` (SPEC §3).
     pub async fn resolve(&self, peer: Option<&str>) -> Result<OpOutcome, OpError> {
         self.run_op(|r, _| r.begin_resolve(peer)).await

@@ -393,6 +393,8 @@ pub enum OpError {
     Failed { volume: String, reason: String },
     #[error("the link to {peer} was lost while the demotion of {volume} drained its writes: this copy stays primary (the writes in flight complete as degraded writes, tracked for {peer}); run ferry demote again once {peer} is back")]
     PeerLost { peer: String, volume: String },
+    #[error("{peer} is not a regional replica of {volume}: pause and resume apply to regional replicas only")]
+    NotRegional { peer: String, volume: String },
     #[error("verify of {volume} needs this node to be primary and {peer} in sync; it is {state}")]
     CannotVerify {
         volume: String,
@@ -418,6 +420,7 @@ impl OpError {
             OpError::Failed { .. } => "volume-failed",
             OpError::PeerLost { .. } => "peer-lost",
             OpError::CannotVerify { .. } => "cannot-verify",
+            OpError::NotRegional { .. } => "not-regional",
         }
     }
 }
@@ -1156,6 +1159,13 @@ impl Replicator {
             });
             return;
         }
+        if self.peers[p].regional.paused {
+            self.actions.push_back(Action::CloseStream {
+                peer: p,
+                reason: "shipping to this peer is paused (ferry resume)".into(),
+            });
+            return;
+        }
         if self.peers[p].resync_in.is_some() {
             // The end of a resync from this peer is still being made durable.
             self.actions.push_back(Action::CloseStream {
@@ -1710,6 +1720,9 @@ impl Replicator {
         let peer = &self.peers[p];
         if peer.split_brain {
             return ReplicaState::SplitBrain;
+        }
+        if peer.regional.paused {
+            return ReplicaState::Paused;
         }
         if !peer.session.is_up() {
             return match self.role {

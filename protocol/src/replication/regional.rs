@@ -34,7 +34,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::{Action, Replicator};
+use super::{Action, OpError, Replicator};
 use crate::generation::Role;
 use crate::repl::WriteRecord;
 
@@ -208,6 +208,8 @@ pub(super) struct RegionalPeer {
     pub(super) lag: Lag,
     /// Primary: times the link was given up because batches piled up.
     pub(super) fell_behind: u64,
+    /// `ferry pause`: no link to the peer until `ferry resume` (its writes are in its map).
+    pub(super) paused: bool,
     /// Primary: when the map was last stored (see [`MAP_PERSIST_INTERVAL`]).
     pub(super) map_persisted_at: Option<Instant>,
     /// Secondary: records of the batch being received.
@@ -220,6 +222,49 @@ pub(super) struct RegionalPeer {
 impl Replicator {
     pub(super) fn is_regional(&self, p: usize) -> bool {
         self.peers[p].config.regional.is_some()
+    }
+
+    /// `ferry pause` / `ferry resume` (SPEC §3) for one regional peer, or every one: a paused
+    /// peer's link closes and stays closed; its writes keep being marked in its map, so a
+    /// resume catches it up with a delta resync, never a full copy. Not stored: a restart
+    /// ships again. Returns the peers it applied to.
+    pub fn set_paused(&mut self, peer: Option<&str>, paused: bool) -> Result<Vec<String>, OpError> {
+        let targets: Vec<usize> = match peer {
+            Some(name) => {
+                let Some(p) = self.peers.iter().position(|q| q.name() == name) else {
+                    return Err(OpError::UnknownPeer {
+                        peer: name.to_owned(),
+                        volume: self.volume().to_owned(),
+                    });
+                };
+                if !self.is_regional(p) {
+                    return Err(OpError::NotRegional {
+                        peer: name.to_owned(),
+                        volume: self.volume().to_owned(),
+                    });
+                }
+                vec![p]
+            }
+            None => (0..self.peers.len())
+                .filter(|p| self.is_regional(*p))
+                .collect(),
+        };
+        if targets.is_empty() {
+            return Err(OpError::NotRegional {
+                peer: "no replica".to_owned(),
+                volume: self.volume().to_owned(),
+            });
+        }
+        for &p in &targets {
+            self.peers[p].regional.paused = paused;
+            if paused && self.peers[p].session.is_connected() {
+                self.close_link(p, "paused by the operator (ferry pause)");
+            }
+        }
+        Ok(targets
+            .iter()
+            .map(|p| self.peers[*p].name().to_owned())
+            .collect())
     }
 
     // ---- primary ---------------------------------------------------------------------------
