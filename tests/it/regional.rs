@@ -475,3 +475,88 @@ fn pause_stops_shipping_and_resume_catches_up_with_only_what_changed() {
         "the copies differ after resume (seed {seed})"
     );
 }
+
+/// Plays a power loss on every file of node `id` that kept an undo log (its device image, its
+/// journal, its stage file, its maps and meta).
+fn power_loss_revert(cluster: &Cluster, id: NodeId, seed: u64) -> u64 {
+    let dir = cluster.node(id).spec.dir.clone();
+    let mut sectors = 0;
+    for (index, dir) in [dir.clone(), dir.join("data")].iter().enumerate() {
+        let reports = ferry::storage::power_loss::revert_dir(dir, seed ^ ((index as u64) << 56))
+            .unwrap_or_else(|error| panic!("revert the undo logs in {}: {error}", dir.display()));
+        assert!(
+            index == 1 || !reports.is_empty(),
+            "no undo log under {} (is FERRY_FAULT_POWER_LOSS=1 working?)",
+            dir.display()
+        );
+        sectors += reports.iter().map(|(_, r)| r.sectors_reverted).sum::<u64>();
+    }
+    sectors
+}
+
+#[test]
+fn regional_secondary_power_cut_mid_apply_comes_back_at_a_batch_boundary() {
+    let seed = crate::harness::test_seed("regional_secondary_power_loss");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cluster = Cluster::start(ClusterOptions {
+        size: "32MiB".into(),
+        journal_size: "32MiB".into(),
+        relay: true,
+        seed,
+        regional: Some((NodeId::B, "200ms".into())),
+        // A slow device: applying a batch takes a while, so the power often goes mid-apply.
+        env_b: vec![
+            ("FERRY_FAULT_POWER_LOSS".into(), "1".into()),
+            ("FERRY_FAULT_DEVICE_WRITE_DELAY_US".into(), "1500".into()),
+        ],
+        ..ClusterOptions::default()
+    });
+    cluster.relay().both().set_delay(Duration::from_millis(10));
+    cluster.wait_replica_state(NodeId::A, "in-sync", Duration::from_secs(60));
+    let stop = Arc::new(AtomicBool::new(false));
+    let completed: Completed = Arc::default();
+    let handle = writer(
+        cluster.nbd_socket(NodeId::A),
+        seed,
+        stop.clone(),
+        completed.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(rng.random_range(800..2500)));
+    // The power goes on b (batches arrive every 200 ms, so one is likely being stored or
+    // applied); the link stays cut so that b comes back alone, as of what it had on disk.
+    cluster.relay().both().cut();
+    let cut_at = Instant::now();
+    cluster.kill9(NodeId::B);
+    stop.store(true, Ordering::Relaxed);
+    handle.join().expect("writer");
+    let sectors = power_loss_revert(&cluster, NodeId::B, seed);
+    cluster.start_node(NodeId::B);
+    let completed = completed.lock().expect("completed").clone();
+    let held = read_stamps(&cluster, NodeId::B);
+    let k = check_prefix(
+        &held,
+        &completed,
+        cut_at,
+        &format!("seed {seed}, after a power loss on b ({sectors} sectors taken back)"),
+    );
+    // Back on the link, it catches up to the primary exactly.
+    cluster.relay().both().restore();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let replica = cluster.replica(NodeId::A);
+        let heads = (
+            cluster.volume_status(NodeId::A)["journal"]["head_lsn"].clone(),
+            cluster.volume_status(NodeId::B)["journal"]["head_lsn"].clone(),
+        );
+        if replica["state"] == "in-sync" && replica["lag_bytes"] == 0 && heads.0 == heads.1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never caught up: {replica}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        read_stamps(&cluster, NodeId::A),
+        read_stamps(&cluster, NodeId::B),
+        "the regional copy differs from the primary after catching up (seed {seed}, it held {k})"
+    );
+}
