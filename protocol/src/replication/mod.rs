@@ -779,6 +779,11 @@ impl Replicator {
             "one dirty map per configured peer"
         );
         assert!(startup.head_lsn <= LSN_MAX, "the journal head is in range");
+        assert!(
+            config.peers.iter().all(|p| p.regional.is_none())
+                || config.window_bytes >= regional::BATCH_WINDOW_BYTES_MIN,
+            "a regional peer's window holds a whole batch"
+        );
         let mut meta = startup.meta;
         meta.lineage.head_lsn = 0;
         // What the file holds; compared with `meta` to know when to store it again.

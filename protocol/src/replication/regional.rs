@@ -47,8 +47,8 @@ pub const BATCH_BUFFER_BYTES: u64 = 256 << 20;
 /// with room to spare.
 pub const BATCH_RECEIVE_BYTES_MAX: u64 = 128 << 20;
 /// What one record of a batch counts besides its payload (its descriptor in the stage file
-/// is smaller), so that batches of zero ranges are bounded too.
-pub const BATCH_RECORD_COST_BYTES: u64 = 64;
+/// is smaller), so that batches of zero ranges are bounded too: what the link's window counts.
+pub const BATCH_RECORD_COST_BYTES: u64 = super::session::RECORD_OVERHEAD_BYTES;
 /// Complete batches a secondary holds waiting to be stored and applied.
 pub const BATCHES_WAITING_MAX: usize = 2;
 /// A regional primary stores its peer's map at most this often: nothing but the journal's
@@ -56,6 +56,8 @@ pub const BATCHES_WAITING_MAX: usize = 2;
 /// fdatasync per client write would double the latency of the journal's own (measured:
 /// 4 KiB QD1 write p50 2.0x standalone with a store per pass).
 pub const MAP_PERSIST_INTERVAL: Duration = Duration::from_millis(200);
+/// Bytes a regional link may send at once above its `max_rate` after being idle.
+pub const RATE_BURST_BYTES: f64 = (1 << 20) as f64;
 /// Lag is tracked in steps of this length (bounded memory whatever the write rate).
 const LAG_STEP: Duration = Duration::from_millis(10);
 /// Lag steps kept at most; older ones are merged.
@@ -64,6 +66,12 @@ const LAG_STEPS_MAX: usize = 100_000;
 const _: () =
     assert!(BATCH_CUT_BYTES + crate::repl::DATA_BYTES_MAX as u64 <= BATCH_RECEIVE_BYTES_MAX);
 const _: () = assert!(BATCH_RECEIVE_BYTES_MAX <= super::WINDOW_BYTES * 2);
+/// The secondary acknowledges a batch only once it has all of it: the largest batch (cut at
+/// [`BATCH_CUT_BYTES`], plus the record that crossed it) must fit the link's window, or the
+/// sender would wait for an acknowledgement that never comes.
+pub const BATCH_WINDOW_BYTES_MIN: u64 =
+    BATCH_CUT_BYTES + crate::repl::DATA_BYTES_MAX as u64 + 2 * BATCH_RECORD_COST_BYTES;
+const _: () = assert!(BATCH_WINDOW_BYTES_MIN <= super::WINDOW_BYTES);
 
 /// The settings of a regional peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +216,10 @@ pub(super) struct RegionalPeer {
     pub(super) lag: Lag,
     /// Primary: times the link was given up because batches piled up.
     pub(super) fell_behind: u64,
+    /// Primary, with `max_rate`: bytes the link may send now (a token bucket of
+    /// [`RATE_BURST_BYTES`]), as of `tokens_at`.
+    pub(super) tokens: f64,
+    pub(super) tokens_at: Option<Instant>,
     /// `ferry pause`: no link to the peer until `ferry resume` (its writes are in its map).
     pub(super) paused: bool,
     /// Primary: when the map was last stored (see [`MAP_PERSIST_INTERVAL`]).
@@ -313,9 +325,17 @@ impl Replicator {
         }
     }
 
-    /// Sends queued records and batch ends while the window has room.
+    /// Sends queued records and batch ends while the window (and `max_rate`) has room.
     pub(super) fn pump_batches(&mut self, p: usize) {
         let now = self.now;
+        let rate = self.peers[p].config.resync_max_rate_bytes_per_s;
+        if let Some(rate) = rate {
+            let regional = &mut self.peers[p].regional;
+            let at = regional.tokens_at.unwrap_or(now);
+            let earned = now.saturating_duration_since(at).as_secs_f64() * rate as f64;
+            regional.tokens = (regional.tokens + earned).min(RATE_BURST_BYTES);
+            regional.tokens_at = Some(now);
+        }
         loop {
             let peer = &mut self.peers[p];
             let next_record = peer.queue.front().map(|r| (r.lsn, r.data.len() as u64));
@@ -334,6 +354,12 @@ impl Replicator {
             if !peer.session.can_send(len_bytes) {
                 return;
             }
+            if rate.is_some() && peer.regional.tokens < len_bytes as f64 {
+                return; // `max_rate`: `batch_due` says when
+            }
+            if rate.is_some() {
+                peer.regional.tokens -= len_bytes as f64;
+            }
             let record = peer.queue.pop_front().expect("checked");
             peer.regional.queued_bytes -= record.data.len() as u64 + BATCH_RECORD_COST_BYTES;
             if let Err(error) = peer.session.send_record(record, now) {
@@ -342,13 +368,29 @@ impl Replicator {
         }
     }
 
-    /// When the open batch of a regional peer must be cut.
+    /// When the open batch of a regional peer must be cut, or `max_rate` lets the next queued
+    /// record go.
     pub(super) fn batch_due(&self, p: usize) -> Option<Instant> {
-        let config = self.peers[p].config.regional?;
+        let peer = &self.peers[p];
+        let config = peer.config.regional?;
         if !self.shipping_records(p) {
             return None;
         }
-        self.peers[p].regional.open.due(config.interval)
+        let cut = peer.regional.open.due(config.interval);
+        let paced = match (peer.config.resync_max_rate_bytes_per_s, peer.queue.front()) {
+            (Some(rate), Some(record)) if rate > 0 => {
+                let missing = record.data.len() as f64 - peer.regional.tokens;
+                (missing > 0.0).then(|| {
+                    peer.regional.tokens_at.unwrap_or(self.now)
+                        + Duration::from_secs_f64(missing / rate as f64)
+                })
+            }
+            _ => None,
+        };
+        match (cut, paced) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     // ---- secondary -------------------------------------------------------------------------
@@ -604,7 +646,7 @@ mod tests {
                         interval: Duration::from_secs(1),
                     }),
                 }],
-                window_bytes: 1 << 20,
+                window_bytes: super::super::WINDOW_BYTES,
             },
             Startup {
                 meta,
@@ -709,6 +751,48 @@ mod tests {
         assert_eq!(
             status.generation, generation,
             "no generation for a regional peer"
+        );
+    }
+
+    #[test]
+    fn max_rate_paces_what_a_batch_puts_on_the_link() {
+        let start = Instant::now();
+        let mut a = node("a", "b", Role::Primary, start);
+        a.peers[0].config.resync_max_rate_bytes_per_s = Some(1 << 20);
+        let mut b = node("b", "a", Role::Secondary, start);
+        a.connected(0, start);
+        b.connected(0, start);
+        settle(&mut a, &mut b, start);
+        // 2 MiB written in 64 KiB records; the batch is cut after the interval.
+        for lsn in 1..=32u64 {
+            a.tap(write(lsn, lsn * 65536, 65536), start);
+        }
+        let mut now = start + Duration::from_secs(1);
+        settle(&mut a, &mut b, now);
+        now += Duration::from_millis(500);
+        settle(&mut a, &mut b, now);
+        let received = b.peers[0].regional.receiving.len();
+        // A burst of 1 MiB after the idle second, then 1 MiB/s: well short of the 32.
+        assert!(
+            (8..=25).contains(&received),
+            "1 MiB of burst and half a second at 1 MiB/s let 16 to 24 records of 64 KiB go, not {received}"
+        );
+        let mut applied = Vec::new();
+        for _ in 0..1000 {
+            let due = a
+                .poll_timeout()
+                .expect("the paced records wait for a timer");
+            now = now.max(due);
+            applied.extend(settle(&mut a, &mut b, now));
+            if !applied.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(applied.len(), 1, "the whole batch arrives, paced");
+        let took = now - (start + Duration::from_secs(1));
+        assert!(
+            took >= Duration::from_millis(900) && took <= Duration::from_millis(2200),
+            "2 MiB at 1 MiB/s with a 1 MiB burst took {took:?}"
         );
     }
 }
