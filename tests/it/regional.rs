@@ -148,6 +148,25 @@ fn regional_copy_promoted_after_kill9_holds_a_prefix_of_the_completed_writes() {
     }
 }
 
+/// Waits (bounded) until a's regional replica of b is in sync with nothing to ship and b's
+/// head is a's (acknowledged means stored at b; applied is when its head reaches a's);
+/// returns a's replica status.
+fn wait_caught_up(cluster: &Cluster) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let replica = cluster.replica(NodeId::A);
+        let heads = (
+            cluster.volume_status(NodeId::A)["journal"]["head_lsn"].clone(),
+            cluster.volume_status(NodeId::B)["journal"]["head_lsn"].clone(),
+        );
+        if replica["state"] == "in-sync" && replica["lag_bytes"] == 0 && heads.0 == heads.1 {
+            return replica;
+        }
+        assert!(Instant::now() < deadline, "never caught up: {replica}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The write number each block of the region holds on node `id`.
 fn read_stamps(cluster: &Cluster, id: NodeId) -> Vec<u64> {
     let mut conn =
@@ -312,20 +331,7 @@ fn regional_secondary_killed_mid_stream_comes_back_at_a_batch_boundary() {
         "the primary kept taking writes while its regional peer restarted"
     );
     // Once caught up, the copy equals the primary block for block.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        // Acknowledged means stored at the peer; applied is when its head reaches ours.
-        let replica = cluster.replica(NodeId::A);
-        let heads = (
-            cluster.volume_status(NodeId::A)["journal"]["head_lsn"].clone(),
-            cluster.volume_status(NodeId::B)["journal"]["head_lsn"].clone(),
-        );
-        if replica["state"] == "in-sync" && replica["lag_bytes"] == 0 && heads.0 == heads.1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never caught up: {replica}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_caught_up(&cluster);
     let (held_a, held_b) = (
         read_stamps(&cluster, NodeId::A),
         read_stamps(&cluster, NodeId::B),
@@ -394,19 +400,7 @@ fn regional_link_cut_then_restored_catches_up_without_holding_writes() {
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     handle.join().expect("writer");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let replica = cluster.replica(NodeId::A);
-        let heads = (
-            cluster.volume_status(NodeId::A)["journal"]["head_lsn"].clone(),
-            cluster.volume_status(NodeId::B)["journal"]["head_lsn"].clone(),
-        );
-        if replica["state"] == "in-sync" && replica["lag_bytes"] == 0 && heads.0 == heads.1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never caught up: {replica}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_caught_up(&cluster);
     assert_eq!(
         read_stamps(&cluster, NodeId::A),
         read_stamps(&cluster, NodeId::B),
@@ -450,25 +444,13 @@ fn pause_stops_shipping_and_resume_catches_up_with_only_what_changed() {
     );
     let resumed = a.ctl(&["resume", crate::cluster::VOLUME, "--peer", "b"]);
     assert_eq!(resumed.status.code(), Some(0), "{resumed}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let replica = cluster.replica(NodeId::A);
-        let heads = (
-            cluster.volume_status(NodeId::A)["journal"]["head_lsn"].clone(),
-            cluster.volume_status(NodeId::B)["journal"]["head_lsn"].clone(),
-        );
-        if replica["state"] == "in-sync" && replica["lag_bytes"] == 0 && heads.0 == heads.1 {
-            // A delta: the 64 blocks written, not the volume.
-            let resynced = replica["resynced_bytes"].as_u64().unwrap_or(u64::MAX);
-            assert!(
-                resynced <= 64 * BLOCK,
-                "resume sent {resynced} bytes: {replica}"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "never caught up: {replica}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let replica = wait_caught_up(&cluster);
+    // A delta: the 64 blocks written, not the volume.
+    let resynced = replica["resynced_bytes"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        resynced <= 64 * BLOCK,
+        "resume sent {resynced} bytes: {replica}"
+    );
     assert_eq!(
         read_stamps(&cluster, NodeId::A),
         read_stamps(&cluster, NodeId::B),
@@ -541,19 +523,7 @@ fn regional_secondary_power_cut_mid_apply_comes_back_at_a_batch_boundary() {
     );
     // Back on the link, it catches up to the primary exactly.
     cluster.relay().both().restore();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let replica = cluster.replica(NodeId::A);
-        let heads = (
-            cluster.volume_status(NodeId::A)["journal"]["head_lsn"].clone(),
-            cluster.volume_status(NodeId::B)["journal"]["head_lsn"].clone(),
-        );
-        if replica["state"] == "in-sync" && replica["lag_bytes"] == 0 && heads.0 == heads.1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never caught up: {replica}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_caught_up(&cluster);
     assert_eq!(
         read_stamps(&cluster, NodeId::A),
         read_stamps(&cluster, NodeId::B),
