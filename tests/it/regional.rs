@@ -52,37 +52,86 @@ fn stamp_of(block: &[u8]) -> Result<u64, String> {
 /// Completed writes in completion order: (write number, block, completed at).
 type Completed = Arc<Mutex<Vec<(u64, u64, Instant)>>>;
 
-fn writer(
-    cluster_nbd: std::path::PathBuf,
-    seed: u64,
+/// A seeded writer on its own thread: one connection, numbered writes at QD1 (one in ten
+/// FUA, a FLUSH now and then), about 2 MB/s, a load the WAN of these tests carries (the
+/// promise holds while the link keeps up; a link that does not is the state `lagging`).
+struct Writer {
     stop: Arc<AtomicBool>,
     completed: Completed,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let Ok(mut conn) = NbdConn::connect_unix(&cluster_nbd, crate::cluster::VOLUME) else {
-            return;
-        };
-        let mut id = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            id += 1;
-            let block = rng.random_range(0..BLOCKS);
-            let fua = rng.random_range(0..10) == 0;
-            if conn.write(block * BLOCK, &stamp(id), fua).is_err() {
-                return; // the primary is gone
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(nbd: std::path::PathBuf, seed: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let completed: Completed = Arc::default();
+        let handle = std::thread::spawn({
+            let (stop, completed) = (stop.clone(), completed.clone());
+            move || {
+                let mut rng = StdRng::seed_from_u64(seed);
+                let Ok(mut conn) = NbdConn::connect_unix(&nbd, crate::cluster::VOLUME) else {
+                    return;
+                };
+                let mut id = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    id += 1;
+                    let block = rng.random_range(0..BLOCKS);
+                    let fua = rng.random_range(0..10) == 0;
+                    if conn.write(block * BLOCK, &stamp(id), fua).is_err() {
+                        return; // the primary is gone
+                    }
+                    completed
+                        .lock()
+                        .expect("completed")
+                        .push((id, block, Instant::now()));
+                    if rng.random_range(0..50) == 0 && conn.flush().is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_micros(1500));
+                }
             }
-            completed
-                .lock()
-                .expect("completed")
-                .push((id, block, Instant::now()));
-            if rng.random_range(0..50) == 0 && conn.flush().is_err() {
-                return;
-            }
-            // About 2 MB/s: a load the WAN below carries (the promise holds while the link
-            // keeps up; a link that does not is the state `lagging`, tested elsewhere).
-            std::thread::sleep(Duration::from_micros(1500));
+        });
+        Writer {
+            stop,
+            completed,
+            handle,
         }
-    })
+    }
+
+    /// Writes completed so far.
+    fn count(&self) -> usize {
+        self.completed.lock().expect("completed").len()
+    }
+
+    /// Stops the writer; the writes it saw complete, in order.
+    fn stop(self) -> Vec<(u64, u64, Instant)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("writer");
+        let completed = self.completed.lock().expect("completed");
+        completed.clone()
+    }
+}
+
+/// Two nodes, a primary and its regional peer b (`interval`), through a relay adding
+/// `one_way` each way, with `env_b` for b's daemon; returns once b is in sync.
+fn regional_pair(
+    seed: u64,
+    interval: &str,
+    one_way: Duration,
+    env_b: Vec<(String, String)>,
+) -> Cluster {
+    let cluster = Cluster::start(ClusterOptions {
+        size: "32MiB".into(),
+        journal_size: "32MiB".into(),
+        relay: true,
+        seed,
+        regional: Some((NodeId::B, interval.into())),
+        env_b,
+        ..ClusterOptions::default()
+    });
+    cluster.relay().both().set_delay(one_way);
+    cluster.wait_replica_state(NodeId::A, "in-sync", Duration::from_secs(60));
+    cluster
 }
 
 #[test]
@@ -91,57 +140,22 @@ fn regional_copy_promoted_after_kill9_holds_a_prefix_of_the_completed_writes() {
     for round in 0..rounds() {
         let round_seed = seed.wrapping_add(round);
         let mut rng = StdRng::seed_from_u64(round_seed);
-        let mut cluster = Cluster::start(ClusterOptions {
-            size: "32MiB".into(),
-            journal_size: "32MiB".into(),
-            relay: true,
-            seed: round_seed,
-            regional: Some((NodeId::B, "1s".into())),
-            ..ClusterOptions::default()
-        });
         // A WAN: 20 ms each way, 100 Mbit/s, a little loss.
+        let mut cluster = regional_pair(round_seed, "1s", Duration::from_millis(20), Vec::new());
         cluster
             .relay()
             .both()
-            .set_delay(Duration::from_millis(20))
             .set_rate(Some(12 << 20))
             .set_loss(0.001);
-        cluster.wait_replica_state(NodeId::A, "in-sync", Duration::from_secs(60));
-        let stop = Arc::new(AtomicBool::new(false));
-        let completed: Completed = Arc::default();
-        let handle = writer(
-            cluster.nbd_socket(NodeId::A),
-            round_seed,
-            stop.clone(),
-            completed.clone(),
-        );
-        let run_for = Duration::from_millis(rng.random_range(1500..4000));
-        let started = Instant::now();
-        while started.elapsed() < run_for {
-            std::thread::sleep(Duration::from_millis(250));
-            if std::env::var_os("FERRY_REGIONAL_TRACE").is_some() {
-                let replica = cluster.replica(NodeId::A);
-                eprintln!(
-                    "{:?}: a head {} acked {} lag {} / {}s state {}; b head {}",
-                    started.elapsed(),
-                    cluster.volume_status(NodeId::A)["journal"]["head_lsn"],
-                    replica["acked_lsn"],
-                    replica["lag_bytes"],
-                    replica["lag_seconds"],
-                    replica["state"],
-                    cluster.volume_status(NodeId::B)["journal"]["head_lsn"],
-                );
-            }
-        }
+        let writer = Writer::start(cluster.nbd_socket(NodeId::A), round_seed);
+        std::thread::sleep(Duration::from_millis(rng.random_range(1500..4000)));
         let killed_at = Instant::now();
         cluster.kill9(NodeId::A);
-        stop.store(true, Ordering::Relaxed);
-        handle.join().expect("writer");
+        let completed = writer.stop();
         cluster
             .promote(NodeId::B, true)
             .expect("promote --force of the regional copy");
         let held = read_stamps(&cluster, NodeId::B);
-        let completed = completed.lock().expect("completed").clone();
         let context = format!("round {round} (seed {round_seed})");
         check_prefix(&held, &completed, killed_at, &context);
         cluster.kill9(NodeId::B);
@@ -257,20 +271,11 @@ fn metro_peer_keeps_every_write_and_regional_peer_a_prefix_of_the_same_primary()
     }
     cluster.wait_replica_state_to(NodeId::A, NodeId::B, "in-sync", Duration::from_secs(60));
     cluster.wait_replica_state_to(NodeId::A, NodeId::C, "in-sync", Duration::from_secs(60));
-    let stop = Arc::new(AtomicBool::new(false));
-    let completed: Completed = Arc::default();
-    let handle = writer(
-        cluster.nbd_socket(NodeId::A),
-        seed,
-        stop.clone(),
-        completed.clone(),
-    );
+    let writer = Writer::start(cluster.nbd_socket(NodeId::A), seed);
     std::thread::sleep(Duration::from_millis(rng.random_range(1500..3500)));
     let killed_at = Instant::now();
     cluster.kill9(NodeId::A);
-    stop.store(true, Ordering::Relaxed);
-    handle.join().expect("writer");
-    let completed = completed.lock().expect("completed").clone();
+    let completed = writer.stop();
     // Metro: b holds every completed write (its read-only export, before any promotion).
     let held_b = read_stamps(&cluster, NodeId::B);
     let mut last = vec![0u64; BLOCKS as usize];
@@ -299,33 +304,16 @@ fn metro_peer_keeps_every_write_and_regional_peer_a_prefix_of_the_same_primary()
 fn regional_secondary_killed_mid_stream_comes_back_at_a_batch_boundary() {
     let seed = crate::harness::test_seed("regional_secondary_kill");
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut cluster = Cluster::start(ClusterOptions {
-        size: "32MiB".into(),
-        journal_size: "32MiB".into(),
-        relay: true,
-        seed,
-        regional: Some((NodeId::B, "200ms".into())),
-        ..ClusterOptions::default()
-    });
-    cluster.relay().both().set_delay(Duration::from_millis(20));
-    cluster.wait_replica_state(NodeId::A, "in-sync", Duration::from_secs(60));
-    let stop = Arc::new(AtomicBool::new(false));
-    let completed: Completed = Arc::default();
-    let handle = writer(
-        cluster.nbd_socket(NodeId::A),
-        seed,
-        stop.clone(),
-        completed.clone(),
-    );
+    let mut cluster = regional_pair(seed, "200ms", Duration::from_millis(20), Vec::new());
+    let writer = Writer::start(cluster.nbd_socket(NodeId::A), seed);
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(rng.random_range(300..1200)));
         cluster.kill9(NodeId::B);
         cluster.start_node(NodeId::B);
     }
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    handle.join().expect("writer");
-    let n = completed.lock().expect("completed").len();
+    let completed = writer.stop();
+    let n = completed.len();
     assert!(
         n > 0,
         "the primary kept taking writes while its regional peer restarted"
@@ -368,38 +356,21 @@ fn regional_secondary_killed_mid_stream_comes_back_at_a_batch_boundary() {
 #[test]
 fn regional_link_cut_then_restored_catches_up_without_holding_writes() {
     let seed = crate::harness::test_seed("regional_link_cut");
-    let cluster = Cluster::start(ClusterOptions {
-        size: "32MiB".into(),
-        journal_size: "32MiB".into(),
-        relay: true,
-        seed,
-        regional: Some((NodeId::B, "500ms".into())),
-        ..ClusterOptions::default()
-    });
-    cluster.relay().both().set_delay(Duration::from_millis(20));
-    cluster.wait_replica_state(NodeId::A, "in-sync", Duration::from_secs(60));
-    let stop = Arc::new(AtomicBool::new(false));
-    let completed: Completed = Arc::default();
-    let handle = writer(
-        cluster.nbd_socket(NodeId::A),
-        seed,
-        stop.clone(),
-        completed.clone(),
-    );
+    let cluster = regional_pair(seed, "500ms", Duration::from_millis(20), Vec::new());
+    let writer = Writer::start(cluster.nbd_socket(NodeId::A), seed);
     std::thread::sleep(Duration::from_millis(500));
     cluster.relay().both().cut();
-    let before = completed.lock().expect("completed").len();
+    let before = writer.count();
     // Longer than the peer timeout: the primary gives the link up and tracks the peer.
     cluster.wait_replica_state(NodeId::A, "degraded", Duration::from_secs(30));
-    let during = completed.lock().expect("completed").len();
+    let during = writer.count();
     assert!(
         during > before + 100,
         "writes kept completing with the regional peer cut off ({before} then {during})"
     );
     cluster.relay().both().restore();
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    handle.join().expect("writer");
+    writer.stop();
     wait_caught_up(&cluster);
     assert_eq!(
         read_stamps(&cluster, NodeId::A),
@@ -480,40 +451,26 @@ fn power_loss_revert(cluster: &Cluster, id: NodeId, seed: u64) -> u64 {
 fn regional_secondary_power_cut_mid_apply_comes_back_at_a_batch_boundary() {
     let seed = crate::harness::test_seed("regional_secondary_power_loss");
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut cluster = Cluster::start(ClusterOptions {
-        size: "32MiB".into(),
-        journal_size: "32MiB".into(),
-        relay: true,
+    // A slow device: applying a batch takes a while, so the power often goes mid-apply.
+    let mut cluster = regional_pair(
         seed,
-        regional: Some((NodeId::B, "200ms".into())),
-        // A slow device: applying a batch takes a while, so the power often goes mid-apply.
-        env_b: vec![
+        "200ms",
+        Duration::from_millis(10),
+        vec![
             ("FERRY_FAULT_POWER_LOSS".into(), "1".into()),
             ("FERRY_FAULT_DEVICE_WRITE_DELAY_US".into(), "1500".into()),
         ],
-        ..ClusterOptions::default()
-    });
-    cluster.relay().both().set_delay(Duration::from_millis(10));
-    cluster.wait_replica_state(NodeId::A, "in-sync", Duration::from_secs(60));
-    let stop = Arc::new(AtomicBool::new(false));
-    let completed: Completed = Arc::default();
-    let handle = writer(
-        cluster.nbd_socket(NodeId::A),
-        seed,
-        stop.clone(),
-        completed.clone(),
     );
+    let writer = Writer::start(cluster.nbd_socket(NodeId::A), seed);
     std::thread::sleep(Duration::from_millis(rng.random_range(800..2500)));
     // The power goes on b (batches arrive every 200 ms, so one is likely being stored or
     // applied); the link stays cut so that b comes back alone, as of what it had on disk.
     cluster.relay().both().cut();
     let cut_at = Instant::now();
     cluster.kill9(NodeId::B);
-    stop.store(true, Ordering::Relaxed);
-    handle.join().expect("writer");
+    let completed = writer.stop();
     let sectors = power_loss_revert(&cluster, NodeId::B, seed);
     cluster.start_node(NodeId::B);
-    let completed = completed.lock().expect("completed").clone();
     let held = read_stamps(&cluster, NodeId::B);
     let k = check_prefix(
         &held,
