@@ -274,6 +274,11 @@ pub struct ReplicaStatus {
     pub protecting: bool,
     /// The last `ferry verify` against this peer.
     pub verify: Option<VerifyReport>,
+    /// A delta resync this copy receives from the peer: "staged" (stored whole first; this
+    /// copy stays at its last batch boundary and can be promoted) or "in-place" (this copy
+    /// is inconsistent until it ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<String>,
 }
 
 /// What a `ferry verify` found (the `verify` reply, and `verify` in a replica's status).
@@ -1264,6 +1269,7 @@ mod tests {
             last_error: None,
             dirty_bytes: 0,
             protecting: true,
+            catch_up: None,
             verify: None,
         });
         status.volumes[0].replicas.push(ReplicaStatus {
@@ -1290,6 +1296,7 @@ mod tests {
                 busy_bytes: 0,
                 repaired: false,
             }),
+            catch_up: Some("staged".to_string()),
         });
         let text = render_status(&status);
         for wanted in [

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::sync::watch;
 
-use ferry_protocol::replication::{self as ledger, OpOutcome, StartPeer};
+use ferry_protocol::replication::{self as ledger, Meta, OpOutcome, StartPeer};
 
 use crate::config::ReplicaMode;
 use crate::config::{Config, ListenAddr, VolumeConfig};
@@ -21,6 +21,7 @@ use crate::control::{
 use crate::datadir::{DataDir, DataDirError};
 use crate::metrics::{self, Metrics};
 use crate::nbd::{self, BoxFuture, Export, ExportLookup, Listener};
+use crate::replication::catchup_file::CatchUpFile;
 use crate::replication::stage_file::StageFile;
 use crate::replication::tls::{RefusedBy, TlsIdentity};
 use crate::replication::transport::{self, PeerOrAddr, Transport, TransportEvent};
@@ -245,7 +246,7 @@ pub(crate) async fn open_volume(
     metrics: &Metrics,
 ) -> Result<Arc<VolumeReplication>, DaemonError> {
     let name = config.name.clone();
-    let (meta_file, meta) = MetaFile::open_or_create(&data_dir.meta(&name), || {
+    let (meta_file, mut meta) = MetaFile::open_or_create(&data_dir.meta(&name), || {
         replication::first_meta(config.initial_role, node)
     })
     .await
@@ -296,6 +297,8 @@ pub(crate) async fn open_volume(
     )
     .await?;
     let mut maps = std::mem::take(&mut *maps.lock().expect("maps lock"));
+    let catchup_file =
+        open_catchup(config, data_dir, &volume, &meta_file, &mut meta, &mut maps).await?;
     let stage_file = open_stage(config, data_dir, &volume, &mut maps).await?;
     tracing::info!(volume = %name, size_bytes = volume.size_bytes(), role = %meta.role, generation = meta.lineage.current_generation(), "volume ready");
     Ok(VolumeReplication::new(
@@ -307,10 +310,59 @@ pub(crate) async fn open_volume(
             meta,
             maps,
             stage_file,
+            catchup_file,
         },
         metrics.volume(&name),
         |peer| metrics.replica(&name, peer),
     ))
+}
+
+/// A volume with a regional replica has a catch-up file. When the meta names a committed
+/// catch-up, the node stopped between storing it whole and recording it applied: it is
+/// applied again now (whole; applying is idempotent), before anything reads the volume, and
+/// recorded, so the copy is as of the catch-up's end. A catch-up the meta does not name was
+/// abandoned (nothing of it reached the device) and its file goes.
+async fn open_catchup(
+    config: &VolumeConfig,
+    data_dir: &DataDir,
+    volume: &Volume,
+    meta_file: &MetaFile,
+    meta: &mut Meta,
+    maps: &mut [(DirtyFile, StartPeer)],
+) -> Result<Option<CatchUpFile>, DaemonError> {
+    let regional = config
+        .replicas
+        .iter()
+        .any(|r| matches!(r.mode, ReplicaMode::Regional { .. }));
+    let path = data_dir.catchup(&config.name);
+    let stage_error = |source| DaemonError::Stage {
+        volume: config.name.clone(),
+        source,
+    };
+    let mut file = CatchUpFile::open(&path).map_err(stage_error)?;
+    if let Some(lsn) = meta.catchup_lsn {
+        file.apply(volume, lsn, false)
+            .await
+            .map_err(|e| stage_error(io::Error::other(e)))?;
+        // As at run time: this copy holds exactly the sender's volume as of `lsn`, every
+        // block it received marked for every peer (durably, before it was stored).
+        for (dirty, start) in maps.iter_mut() {
+            start.state.marked_through_lsn = lsn;
+            start.state.resync_only = false;
+            dirty
+                .persist(&start.bitmap.take_changes(), start.state)
+                .await
+                .map_err(|source| DaemonError::DirtyMap {
+                    volume: config.name.clone(),
+                    source,
+                })?;
+        }
+        meta.catchup_lsn = None;
+        meta_file.store(meta).await.map_err(stage_error)?;
+        tracing::info!(volume = %config.name, lsn, "applied the stored catch-up again (the node stopped while applying it)");
+    }
+    file.remove();
+    Ok(regional.then_some(file))
 }
 
 /// A volume with a regional replica has a stage file. A batch stored there above the

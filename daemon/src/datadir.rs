@@ -83,6 +83,12 @@ impl DataDir {
         self.path.join(format!("{volume}.stage"))
     }
 
+    /// The catch-up file of `volume` (a regional secondary's catch-up, stored whole before it
+    /// reaches the device); its segments are this path with `.0`, `.1`, ... appended.
+    pub fn catchup(&self, volume: &str) -> PathBuf {
+        self.path.join(format!("{volume}.catchup"))
+    }
+
     /// The dirty map `volume` keeps for `peer`.
     pub fn dirty_map(&self, volume: &str, peer: &str) -> PathBuf {
         self.path.join(format!("{volume}.{peer}.dirty"))

@@ -326,6 +326,12 @@ impl Volume {
         Ok(())
     }
 
+    /// Holds every read of the volume until the guard drops: something applied to the device
+    /// as one unit is never seen in part.
+    pub async fn hold_reads(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.read_gate.write().await
+    }
+
     pub fn recovery(&self) -> &RecoveryReport {
         &self.recovery
     }

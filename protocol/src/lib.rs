@@ -15,6 +15,7 @@
 )]
 
 pub mod bitmap;
+pub mod catchup;
 pub mod generation;
 pub mod journal;
 pub mod nbd;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::cluster::{metric_sum, Cluster, ClusterOptions, NodeId};
+use crate::cluster::{metric_sum, replica_of, Cluster, ClusterOptions, NodeId};
 use crate::nbd_wire::NbdConn;
 
 const BLOCK: u64 = 4096;
@@ -485,5 +485,182 @@ fn regional_secondary_power_cut_mid_apply_comes_back_at_a_batch_boundary() {
         read_stamps(&cluster, NodeId::A),
         read_stamps(&cluster, NodeId::B),
         "the regional copy differs from the primary after catching up (seed {seed}, it held {k})"
+    );
+}
+
+/// Cuts the link until the primary gives the regional peer up (`degraded`), with the writer
+/// running; stops the writer and restores the link through a slow pipe (`rate` bytes/s), so
+/// that the catch-up from the map takes a while; returns once b reports it staged, with the
+/// writes that completed and when the link was cut.
+fn cut_until_degraded_then_catch_up_slowly(
+    cluster: &Cluster,
+    seed: u64,
+    rate: u64,
+) -> (Vec<(u64, u64, Instant)>, Instant) {
+    let writer = Writer::start(cluster.nbd_socket(NodeId::A), seed);
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.relay().both().cut();
+    let cut_at = Instant::now();
+    cluster.wait_replica_state(NodeId::A, "degraded", Duration::from_secs(30));
+    let completed = writer.stop();
+    cluster.relay().both().set_rate(Some(rate)).restore();
+    let volume = cluster.wait_volume(
+        NodeId::B,
+        "catching up, staged",
+        Duration::from_secs(60),
+        |volume| replica_of(volume, "a").is_ok_and(|replica| replica["catch_up"] == "staged"),
+    );
+    assert_eq!(
+        volume["consistent"], true,
+        "a staged catch-up leaves the copy consistent: {volume}"
+    );
+    (completed, cut_at)
+}
+
+#[test]
+fn regional_copy_promoted_during_its_catch_up_holds_a_prefix_of_the_completed_writes() {
+    let seed = crate::harness::test_seed("regional_promote_mid_catch_up");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cluster = regional_pair(seed, "500ms", Duration::from_millis(20), Vec::new());
+    let (completed, cut_at) = cut_until_degraded_then_catch_up_slowly(&cluster, seed, 256 << 10);
+    // Its read-only export shows its last batch boundary meanwhile.
+    let during = read_stamps(&cluster, NodeId::B);
+    check_prefix(
+        &during,
+        &completed,
+        cut_at,
+        &format!("seed {seed}, b's export during its catch-up"),
+    );
+    std::thread::sleep(Duration::from_millis(rng.random_range(0..1500)));
+    let status = cluster.volume_status(NodeId::B);
+    cluster.kill9(NodeId::A);
+    cluster.promote(NodeId::B, true).unwrap_or_else(|error| {
+        panic!("promote --force during the catch-up (seed {seed}): {error}; b was {status}")
+    });
+    let held = read_stamps(&cluster, NodeId::B);
+    let k = check_prefix(
+        &held,
+        &completed,
+        cut_at,
+        &format!("seed {seed}, b promoted during its catch-up"),
+    );
+    eprintln!("b was {}", status["replicas"]);
+    assert!(k > 0, "b held nothing of the first writes (seed {seed})");
+}
+
+#[test]
+fn regional_secondary_power_cut_during_its_catch_up_comes_back_at_a_boundary() {
+    let seed = crate::harness::test_seed("regional_power_loss_mid_catch_up");
+    let mut rng = StdRng::seed_from_u64(seed);
+    // A slow device: the catch-up's apply takes a while, so the power often goes during it
+    // (or while it is still being stored: both must come back at a boundary).
+    let mut cluster = regional_pair(
+        seed,
+        "500ms",
+        Duration::from_millis(10),
+        vec![
+            ("FERRY_FAULT_POWER_LOSS".into(), "1".into()),
+            ("FERRY_FAULT_DEVICE_WRITE_DELAY_US".into(), "3000".into()),
+        ],
+    );
+    let (completed, cut_at) = cut_until_degraded_then_catch_up_slowly(&cluster, seed, 1 << 20);
+    std::thread::sleep(Duration::from_millis(rng.random_range(0..4000)));
+    cluster.relay().both().cut();
+    let status = cluster.volume_status(NodeId::B);
+    cluster.kill9(NodeId::B);
+    let sectors = power_loss_revert(&cluster, NodeId::B, seed);
+    cluster.start_node(NodeId::B);
+    let held = read_stamps(&cluster, NodeId::B);
+    let k = check_prefix(
+        &held,
+        &completed,
+        cut_at,
+        &format!(
+            "seed {seed}, b after a power loss during its catch-up ({sectors} sectors taken back)"
+        ),
+    );
+    let log =
+        std::fs::read_to_string(cluster.node(NodeId::B).spec.stderr_path()).unwrap_or_default();
+    eprintln!(
+        "b was {}; at its start it {}",
+        status["replicas"],
+        if log.contains("applied the stored catch-up again") {
+            "applied the stored catch-up again"
+        } else {
+            "had no stored catch-up to apply"
+        }
+    );
+    assert_eq!(
+        cluster.volume_status(NodeId::B)["consistent"],
+        true,
+        "seed {seed}"
+    );
+    cluster.relay().both().set_rate(None).restore();
+    wait_caught_up(&cluster);
+    assert_eq!(
+        read_stamps(&cluster, NodeId::A),
+        read_stamps(&cluster, NodeId::B),
+        "the regional copy differs from the primary after catching up (seed {seed}, it held {k})"
+    );
+}
+
+#[test]
+fn regional_secondary_killed_mid_catch_up_apply_applies_it_whole_at_start() {
+    let seed = crate::harness::test_seed("regional_kill_mid_catch_up_apply");
+    // b kills itself halfway through writing the committed catch-up to its device, and the
+    // power goes with it.
+    let mut cluster = regional_pair(
+        seed,
+        "500ms",
+        Duration::from_millis(10),
+        vec![
+            ("FERRY_FAULT_POWER_LOSS".into(), "1".into()),
+            ("FERRY_FAULT_KILL_MID_CATCHUP_APPLY".into(), "1".into()),
+        ],
+    );
+    let (completed, cut_at) = cut_until_degraded_then_catch_up_slowly(&cluster, seed, 4 << 20);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster.node(NodeId::B).try_volume_status().is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "b never reached the catch-up's apply (seed {seed})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.relay().both().cut();
+    cluster.kill9(NodeId::B);
+    let sectors = power_loss_revert(&cluster, NodeId::B, seed);
+    // Later catch-ups run to their end.
+    cluster
+        .node_mut(NodeId::B)
+        .spec
+        .env
+        .retain(|(name, _)| name != "FERRY_FAULT_KILL_MID_CATCHUP_APPLY");
+    cluster.start_node(NodeId::B);
+    let log =
+        std::fs::read_to_string(cluster.node(NodeId::B).spec.stderr_path()).unwrap_or_default();
+    assert!(
+        log.contains("applied the stored catch-up again"),
+        "b did not apply its stored catch-up at start (seed {seed})"
+    );
+    // The catch-up led to the primary's head after the writer stopped: every write.
+    let held = read_stamps(&cluster, NodeId::B);
+    let k = check_prefix(
+        &held,
+        &completed,
+        cut_at,
+        &format!("seed {seed}, b killed mid-apply ({sectors} sectors taken back)"),
+    );
+    assert_eq!(
+        k,
+        completed.len() as u64,
+        "the catch-up was committed: b holds every write (seed {seed})"
+    );
+    cluster.relay().both().set_rate(None).restore();
+    wait_caught_up(&cluster);
+    assert_eq!(
+        read_stamps(&cluster, NodeId::A),
+        read_stamps(&cluster, NodeId::B),
+        "seed {seed}"
     );
 }

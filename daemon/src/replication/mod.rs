@@ -21,6 +21,7 @@
 //! and nothing blocks on I/O: the journal's apply limit is a watch channel, and the volume's
 //! role an atomic. Status and metrics read the volume only after releasing the lock.
 
+pub mod catchup_file;
 pub mod dirty_file;
 pub mod meta_file;
 pub mod stage_file;
@@ -49,6 +50,8 @@ use crate::metrics::{ReplicaMetrics, VolumeMetrics};
 use crate::nbd::{BoxFuture, Export, ExportError};
 use crate::storage::{AlignedBuf, SharedBuf};
 use crate::volume::{Volume, WriteGate};
+use catchup_file::CatchUpFile;
+use ferry_protocol::catchup::CatchUpRecord;
 use stage_file::StageFile;
 
 pub use dirty_file::{DirtyFile, Missing};
@@ -178,6 +181,9 @@ pub struct VolumeReplication {
     /// Records to journal under the primary's LSNs, in order.
     appends: mpsc::UnboundedSender<WriteRecord>,
     append_rx: Mutex<Option<mpsc::UnboundedReceiver<WriteRecord>>>,
+    /// Work on the catch-up file, in the order the replicator asked for it.
+    catchups: mpsc::UnboundedSender<Action>,
+    catchup_rx: Mutex<Option<(mpsc::UnboundedReceiver<Action>, Option<CatchUpFile>)>>,
 }
 
 /// Everything a volume's replication starts from.
@@ -188,6 +194,9 @@ pub struct Opened {
     pub maps: Vec<(DirtyFile, StartPeer)>,
     /// With a regional replica: the stage file, its batch (if any) already applied.
     pub stage_file: Option<StageFile>,
+    /// With a regional replica: the catch-up file, its committed catch-up (if the meta named
+    /// one) already applied.
+    pub catchup_file: Option<CatchUpFile>,
 }
 
 /// The peers of a volume's config, as the replicator takes them.
@@ -294,6 +303,7 @@ impl VolumeReplication {
             .collect();
         let links = peers.iter().map(|_| Link::default()).collect();
         let (appends, append_rx) = mpsc::unbounded_channel();
+        let (catchups, catchup_rx) = mpsc::unbounded_channel();
         let replication = Arc::new_cyclic(|me| VolumeReplication {
             me: me.clone(),
             volume: volume.clone(),
@@ -318,6 +328,8 @@ impl VolumeReplication {
             admission: watch::channel(Admission::ReadOnly).0,
             appends,
             append_rx: Mutex::new(Some(append_rx)),
+            catchups,
+            catchup_rx: Mutex::new(Some((catchup_rx, opened.catchup_file))),
         });
         {
             let mut state = replication.lock();
@@ -334,6 +346,9 @@ impl VolumeReplication {
     pub fn start(self: &Arc<Self>) {
         if let Some(rx) = self.append_rx.lock().expect("append lock").take() {
             tokio::spawn(self.clone().appender(rx));
+        }
+        if let Some((rx, file)) = self.catchup_rx.lock().expect("catch-up lock").take() {
+            tokio::spawn(self.clone().catchup_worker(rx, file));
         }
         tokio::spawn(self.clone().run());
     }
@@ -473,6 +488,13 @@ impl VolumeReplication {
                     self.volume_metrics.volume_failed.set(1);
                     state.failure_logged = true;
                 }
+                // One worker, in order: the file's contents follow the order of the ranges.
+                action @ (Action::CatchUpWrite { .. }
+                | Action::CatchUpCommit { .. }
+                | Action::CatchUpApply { .. }
+                | Action::CatchUpDrop) => {
+                    let _ = self.catchups.send(action);
+                }
                 other => {
                     let me = self.arc();
                     tokio::spawn(async move { me.execute(other).await });
@@ -602,28 +624,8 @@ impl VolumeReplication {
                 let result = self.volume.sync_device().await.map_err(|e| e.to_string());
                 self.input(|r, _| r.device_synced(result));
             }
-            Action::StageBatch { peer, lsn, records } => {
-                let result = match &self.stage_file {
-                    Some(file) => file.store(lsn, &records).await.map_err(|e| e.to_string()),
-                    None => Err("this volume has no stage file (no regional replica)".into()),
-                };
-                if let Err(error) = &result {
-                    tracing::error!(volume = %self.name(), %error, "storing a batch failed");
-                }
-                self.input(|r, _| r.batch_staged(peer, result));
-            }
-            Action::ApplyBatch { peer, lsn, records } => {
-                let mut result = self.volume.apply_batch(lsn, &records).await;
-                if let (Ok(()), Some(file)) = (&result, &self.stage_file) {
-                    result = file
-                        .clear()
-                        .await
-                        .map_err(|e| format!("clearing the stage file: {e}"));
-                }
-                if let Err(error) = &result {
-                    tracing::error!(volume = %self.name(), %error, "applying a batch failed");
-                }
-                self.input(|r, _| r.batch_applied(peer, result));
+            action @ (Action::StageBatch { .. } | Action::ApplyBatch { .. }) => {
+                self.execute_batch(action).await;
             }
             Action::Read {
                 id,
@@ -653,8 +655,44 @@ impl VolumeReplication {
                 self.volume.drain_writes().await;
                 self.input(|r, _| r.writes_drained());
             }
-            // Handled under the lock in `process`.
-            Action::Transmit { .. } | Action::CloseStream { .. } | Action::Fail { .. } => {}
+            // Handled under the lock in `process`, or by the catch-up worker.
+            Action::Transmit { .. }
+            | Action::CloseStream { .. }
+            | Action::Fail { .. }
+            | Action::CatchUpWrite { .. }
+            | Action::CatchUpCommit { .. }
+            | Action::CatchUpApply { .. }
+            | Action::CatchUpDrop => {}
+        }
+    }
+
+    /// Stores or applies a regional secondary's batch.
+    async fn execute_batch(&self, action: Action) {
+        match action {
+            Action::StageBatch { peer, lsn, records } => {
+                let result = match &self.stage_file {
+                    Some(file) => file.store(lsn, &records).await.map_err(|e| e.to_string()),
+                    None => Err("this volume has no stage file (no regional replica)".into()),
+                };
+                if let Err(error) = &result {
+                    tracing::error!(volume = %self.name(), %error, "storing a batch failed");
+                }
+                self.input(|r, _| r.batch_staged(peer, result));
+            }
+            Action::ApplyBatch { peer, lsn, records } => {
+                let mut result = self.volume.apply_batch(lsn, &records).await;
+                if let (Ok(()), Some(file)) = (&result, &self.stage_file) {
+                    result = file
+                        .clear()
+                        .await
+                        .map_err(|e| format!("clearing the stage file: {e}"));
+                }
+                if let Err(error) = &result {
+                    tracing::error!(volume = %self.name(), %error, "applying a batch failed");
+                }
+                self.input(|r, _| r.batch_applied(peer, result));
+            }
+            _ => {}
         }
     }
 
@@ -701,6 +739,71 @@ impl VolumeReplication {
 
     /// Journals the primary's records in order; a second task reports each completion in
     /// the same order.
+    /// Carries out the catch-up file's actions one at a time, in order.
+    async fn catchup_worker(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Action>,
+        mut file: Option<CatchUpFile>,
+    ) {
+        const NO_FILE: &str = "this volume has no catch-up file (no regional replica)";
+        while let Some(action) = rx.recv().await {
+            match action {
+                Action::CatchUpWrite {
+                    id,
+                    catchup,
+                    offset_bytes,
+                    len_bytes,
+                    data,
+                } => {
+                    let record = CatchUpRecord {
+                        offset_bytes,
+                        len_bytes,
+                        data,
+                    };
+                    let result = match file.as_mut() {
+                        Some(file) => file.append(catchup, &record).await,
+                        None => Err(NO_FILE.into()),
+                    };
+                    if let Err(error) = &result {
+                        tracing::warn!(volume = %self.name(), %error, "the catch-up file cannot take the catch-up");
+                    }
+                    self.input(|r, _| r.device_done(id, result));
+                }
+                Action::CatchUpCommit { catchup, lsn } => {
+                    let result = match file.as_mut() {
+                        Some(file) => file.commit(catchup, lsn).await,
+                        None => Err(NO_FILE.into()),
+                    };
+                    if let Err(error) = &result {
+                        tracing::warn!(volume = %self.name(), %error, "storing the catch-up failed");
+                    }
+                    self.input(|r, _| r.catchup_committed(result));
+                }
+                Action::CatchUpApply { lsn } => {
+                    let result = match file.as_ref() {
+                        Some(file) => file.apply(&self.volume, lsn, true).await,
+                        None => Err(NO_FILE.into()),
+                    };
+                    match &result {
+                        Ok(()) => {
+                            tracing::info!(volume = %self.name(), lsn, "the catch-up reached the device whole")
+                        }
+                        Err(error) => {
+                            tracing::error!(volume = %self.name(), %error, "applying the catch-up failed")
+                        }
+                    }
+                    self.input(|r, _| r.catchup_applied(result));
+                }
+                Action::CatchUpDrop => {
+                    if let Some(file) = file.as_mut() {
+                        file.remove();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
     async fn appender(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<WriteRecord>) {
         type Pending = Result<oneshot::Receiver<Result<u64, crate::journal::JournalError>>, String>;
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Pending>();
@@ -1133,6 +1236,7 @@ impl VolumeReplication {
                         .verify
                         .as_ref()
                         .map(|v| verify_report(self.name(), &peer.peer, v)),
+                    catch_up: peer.catch_up.map(str::to_owned),
                 }
             })
             .collect();

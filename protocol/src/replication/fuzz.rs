@@ -91,6 +91,10 @@ fn run_actions(rep: &mut Replicator) {
             Action::DeviceSync => rep.device_synced(Ok(())),
             Action::StageBatch { peer, .. } => rep.batch_staged(peer, Ok(())),
             Action::ApplyBatch { peer, .. } => rep.batch_applied(peer, Ok(())),
+            Action::CatchUpWrite { id, .. } => rep.device_done(id, Ok(())),
+            Action::CatchUpCommit { .. } => rep.catchup_committed(Ok(())),
+            Action::CatchUpApply { .. } => rep.catchup_applied(Ok(())),
+            Action::CatchUpDrop => {}
             Action::Read { id, len_bytes, .. } => {
                 rep.read_done(id, Ok(Bytes::from(vec![0; len_bytes as usize])))
             }

@@ -128,14 +128,19 @@ impl Replicator {
             // The peer holds this copy's records up to `from_lsn` (its head).
             self.peers[p].acked_journal_lsn = from_lsn;
             self.peers[p].confirm(durable);
+            self.peers[p].regional.lag.confirm(durable);
         }
         if resync {
             self.notice_peer_tail(p, from_lsn);
             let out = self.new_resync_out(full, true);
             self.peers[p].resync_out = Some(out);
-        } else if self.head_lsn > from_lsn {
-            // Records tapped during the handshake were marked, not queued: they go
-            // in a resync the peer did not have to report anything for.
+        } else if self.head_lsn > from_lsn
+            || (self.peers[p].map_state.resync_only && !self.peers[p].map.is_clean())
+        {
+            // Records tapped during the handshake were marked, not queued; or marks that only
+            // a resync clears are left from one that did not finish (the peer went before
+            // it confirmed the end, a verify repair): they go in a resync the peer did not
+            // have to report anything for.
             let out = self.new_resync_out(false, false);
             self.peers[p].resync_out = Some(out);
         } else if self.meta.protecting(self.peers[p].name()) {
@@ -173,7 +178,7 @@ impl Replicator {
         let name = self.peers[p].config.name.clone();
         self.meta.set_protecting(&name, true);
         if resync {
-            let resync_in = self.new_resync_in(full);
+            let resync_in = self.new_resync_in(p, full, from_lsn >= self.head_lsn);
             self.peers[p].resync_in = Some(resync_in);
         }
     }

@@ -9,7 +9,9 @@ use crate::generation::{GenerationInfo, Role, HISTORY_ENTRIES_MAX};
 use crate::repl::{put_lineage, put_string, role_byte, FrameError, Reader};
 
 /// Version of the encoded contents.
-const META_VERSION: u16 = 1;
+/// Version 2 added `catchup_lsn`; version 1 (no catch-up pending) is still read.
+const META_VERSION: u16 = 2;
+const META_VERSION_1: u16 = 1;
 /// Most peers a meta records.
 pub const META_PEERS_MAX: usize = 64;
 
@@ -40,6 +42,10 @@ pub struct Meta {
     /// `ferry resolve --discard-local` was run, naming the peer whose copy wins; cleared when
     /// the resync from it completes.
     pub resolving_with: Option<String>,
+    /// A regional secondary's staged catch-up to this LSN is committed in its catch-up file
+    /// and `lineage` already names where it leads; the device may not hold it yet. The
+    /// daemon applies it at start before anything reads the volume, then clears this.
+    pub catchup_lsn: Option<u64>,
 }
 
 impl Meta {
@@ -51,6 +57,7 @@ impl Meta {
             consistent: true,
             peers: Vec::new(),
             resolving_with: None,
+            catchup_lsn: None,
         }
     }
 
@@ -97,6 +104,13 @@ impl Meta {
                 put_string(&mut out, peer)?;
             }
         }
+        match self.catchup_lsn {
+            None => out.put_u8(0),
+            Some(lsn) => {
+                out.put_u8(1);
+                out.put_u64_le(lsn);
+            }
+        }
         Ok(out.to_vec())
     }
 
@@ -106,7 +120,8 @@ impl Meta {
             payload: bytes::Bytes::copy_from_slice(bytes),
             message: "meta",
         };
-        if r.u16()? != META_VERSION {
+        let version = r.u16()?;
+        if version != META_VERSION && version != META_VERSION_1 {
             return Err(FrameError::Invalid("meta version"));
         }
         let role = r.role()?;
@@ -130,6 +145,11 @@ impl Meta {
             });
         }
         let resolving_with = if r.bool()? { Some(r.string()?) } else { None };
+        let catchup_lsn = if version >= META_VERSION && r.bool()? {
+            Some(r.u64()?)
+        } else {
+            None
+        };
         r.finish()?;
         Ok(Meta {
             role,
@@ -137,6 +157,7 @@ impl Meta {
             consistent,
             peers,
             resolving_with,
+            catchup_lsn,
         })
     }
 }
@@ -160,6 +181,7 @@ mod tests {
         meta.set_protecting("b", true);
         meta.set_protecting("c", false);
         meta.resolving_with = Some("b".into());
+        meta.catchup_lsn = Some(41);
         let bytes = meta.encode().unwrap();
         let decoded = Meta::decode(&bytes).unwrap();
         let mut expected = meta.clone();
@@ -175,5 +197,17 @@ mod tests {
         let mut version = bytes;
         version[0] = 9;
         assert!(Meta::decode(&version).is_err());
+    }
+
+    #[test]
+    fn a_version_1_meta_still_reads() {
+        let mut meta = Meta::empty(Role::Secondary);
+        meta.lineage = GenerationInfo::create(7, "a").unwrap();
+        let mut bytes = meta.encode().unwrap();
+        // Version 1 ended after `resolving_with`.
+        bytes[0..2].copy_from_slice(&META_VERSION_1.to_le_bytes());
+        bytes.pop();
+        let decoded = Meta::decode(&bytes).unwrap();
+        assert_eq!(decoded, meta);
     }
 }

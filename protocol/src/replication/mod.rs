@@ -337,6 +337,27 @@ pub enum Action {
         lsn: u64,
         records: Vec<WriteRecord>,
     },
+    /// Regional secondary, staged catch-up `catchup`: append this range's contents (`data`,
+    /// or zeros when `None`) to the catch-up file, in the order issued, starting a fresh file
+    /// for a new `catchup`; the device is not touched. Then [`Replicator::device_done`] (once
+    /// the range is in the file's order; it is durable only at the commit).
+    CatchUpWrite {
+        id: u64,
+        catchup: u64,
+        offset_bytes: u64,
+        len_bytes: u64,
+        data: Option<Bytes>,
+    },
+    /// Regional secondary: make catch-up `catchup` durable and mark it complete in its file
+    /// as leading to `lsn`; then [`Replicator::catchup_committed`].
+    CatchUpCommit { catchup: u64, lsn: u64 },
+    /// Regional secondary: with reads of the volume held, write the committed catch-up to the
+    /// device, fdatasync it and restart the (empty) journal at `lsn + 1`; then
+    /// [`Replicator::catchup_applied`].
+    CatchUpApply { lsn: u64 },
+    /// Regional secondary: the catch-up file's contents are no longer needed (applied and
+    /// recorded, or abandoned); free its space. Nothing reports back.
+    CatchUpDrop,
     /// Read the volume (the newest data, journal included); then [`Replicator::read_done`].
     Read {
         id: u64,
@@ -458,6 +479,8 @@ struct PendingAppend {
 struct DeviceOp {
     peer: usize,
     resync: u64,
+    /// An append to the catch-up file, not a device write.
+    staged: bool,
     offset_bytes: u64,
     len_bytes: u64,
 }
@@ -514,6 +537,12 @@ enum EndStep {
     Drain,
     Sync,
     Reset,
+    /// Staged: the catch-up file is being made durable and marked complete.
+    Commit,
+    /// Staged: the meta names the committed catch-up and the lineage it leads to.
+    Adopt,
+    /// Staged: the catch-up is being written to the device, with reads held.
+    Apply,
     Maps,
     Meta,
 }
@@ -533,6 +562,10 @@ struct ResyncIn {
     /// The resync's end arrived (it may still wait in the backlog): records may follow it,
     /// resync messages may not.
     end_received: bool,
+    /// A regional catch-up that goes to the catch-up file first and reaches the device as
+    /// one unit at its end, so the copy stays at its last batch boundary (consistent,
+    /// promotable) until then. See [`regional`].
+    staged: bool,
 }
 
 /// An online verify this copy runs against one peer.
@@ -613,6 +646,10 @@ pub struct PeerStatus {
     pub coalesced_bytes: u64,
     /// Regional peers: times shipping stopped because batches piled up.
     pub fell_behind: u64,
+    /// This copy receives a delta resync from the peer: `"staged"` (stored whole first, the
+    /// copy stays at its last batch boundary and promotable) or `"in-place"` (written to
+    /// the device as it comes, the copy inconsistent until it ends).
+    pub catch_up: Option<&'static str>,
 }
 
 /// The volume-wide status.
@@ -1033,9 +1070,12 @@ impl Replicator {
             .resync_in
             .as_ref()
             .is_some_and(|r| matches!(r.phase, InPhase::Ending { .. }))
+            && peer.resync_in.take().is_some_and(|r| r.staged)
         {
-            peer.resync_in = None;
+            // Nothing of an abandoned catch-up reached the device.
+            self.actions.push_back(Action::CatchUpDrop);
         }
+        let peer = &mut self.peers[p];
         peer.is_my_primary = false;
         peer.deferred.clear();
         // Nothing of a batch is stored before its end: an incomplete one is dropped (complete
@@ -1831,6 +1871,13 @@ impl Replicator {
             lag_seconds: regional.then(|| peer.regional.lag.seconds(self.now)),
             coalesced_bytes: peer.regional.open.coalesced_bytes,
             fell_behind: peer.regional.fell_behind,
+            catch_up: peer.resync_in.as_ref().filter(|r| !r.full).map(|r| {
+                if r.staged {
+                    "staged"
+                } else {
+                    "in-place"
+                }
+            }),
         }
     }
 }

@@ -229,6 +229,9 @@ pub(super) struct RegionalPeer {
     pub(super) receiving_bytes: u64,
     /// Secondary: complete batches, oldest first (the first one is being worked on).
     pub(super) batches: VecDeque<BatchIn>,
+    /// Secondary: the catch-up file could not take a catch-up (no space, an I/O error):
+    /// the next one writes the device in place, leaving the copy inconsistent until it ends.
+    pub(super) stage_refused: Option<String>,
 }
 
 impl Replicator {
@@ -416,7 +419,11 @@ impl Replicator {
         if self.role != Role::Secondary || !self.peers[p].is_my_primary {
             return self.close_link(p, "a batch from a peer that is not this copy's primary");
         }
-        if self.peers[p].resync_in.is_some() {
+        if self.peers[p]
+            .resync_in
+            .as_ref()
+            .is_some_and(|r| !r.end_received)
+        {
             return self.close_link(p, "a batch end during a resync");
         }
         let regional = &mut self.peers[p].regional;
@@ -436,6 +443,9 @@ impl Replicator {
 
     /// Moves the oldest complete batch of each regional link along.
     pub(super) fn advance_batches(&mut self, p: usize) {
+        if self.peers[p].resync_in.is_some() {
+            return; // batches that follow a resync's end wait for it to finish
+        }
         let Some(batch) = self.peers[p].regional.batches.front() else {
             return;
         };
@@ -620,10 +630,12 @@ mod tests {
     // ---- two replicators over an in-memory link ----------------------------------------
 
     use super::super::{
-        Meta, OnDisconnect, PeerConfig, ReplicaState, ReplicatorConfig, StartPeer, Startup,
+        Meta, OnDisconnect, OpOutcome, PeerConfig, ReplicaState, ReplicatorConfig, StartPeer,
+        Startup,
     };
     use crate::bitmap::BlockBitmap;
     use crate::generation::GenerationInfo;
+    use crate::repl::Message;
 
     const SIZE: u64 = 16 << 20;
 
@@ -705,6 +717,232 @@ mod tests {
             }
         }
         panic!("the two sides never settle");
+    }
+
+    /// What the secondary's side of a staged catch-up did, in order.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Io {
+        DeviceWrite,
+        Staged(u64),
+        Commit(u64),
+        Apply(u64),
+        Drop,
+    }
+
+    /// Like [`settle`], with `deliver` choosing which of `a`'s messages reach `b`, and the
+    /// secondary's catch-up I/O recorded.
+    fn settle_catchup(
+        a: &mut Replicator,
+        b: &mut Replicator,
+        now: Instant,
+        deliver: &dyn Fn(&Message) -> bool,
+        io: &mut Vec<Io>,
+    ) {
+        for _ in 0..1000 {
+            let mut moved = false;
+            for side in 0..2 {
+                let (me, other) = if side == 0 {
+                    (&mut *a, &mut *b)
+                } else {
+                    (&mut *b, &mut *a)
+                };
+                me.advance(now);
+                while let Some(action) = me.poll_action() {
+                    moved = true;
+                    match action {
+                        Action::Transmit { message, .. } => {
+                            if side == 1 || deliver(&message) {
+                                other.message(0, message, now)
+                            }
+                        }
+                        Action::CloseStream { .. } => {}
+                        Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
+                        Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
+                        Action::JournalFlush => {
+                            let head = me.head_lsn();
+                            me.journal_flushed(Ok(head));
+                        }
+                        Action::JournalReset { .. } => me.journal_reset(Ok(())),
+                        Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
+                            io.push(Io::DeviceWrite);
+                            me.device_done(id, Ok(()))
+                        }
+                        Action::DeviceSync => me.device_synced(Ok(())),
+                        Action::Read { id, len_bytes, .. } => {
+                            me.read_done(id, Ok(bytes::Bytes::from(vec![7; len_bytes as usize])))
+                        }
+                        Action::CatchUpWrite {
+                            id, offset_bytes, ..
+                        } => {
+                            io.push(Io::Staged(offset_bytes));
+                            me.device_done(id, Ok(()))
+                        }
+                        Action::CatchUpCommit { lsn, .. } => {
+                            io.push(Io::Commit(lsn));
+                            me.catchup_committed(Ok(()))
+                        }
+                        Action::CatchUpApply { lsn } => {
+                            io.push(Io::Apply(lsn));
+                            me.catchup_applied(Ok(()))
+                        }
+                        Action::CatchUpDrop => io.push(Io::Drop),
+                        Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
+                        Action::ApplyBatch { peer, .. } => me.batch_applied(peer, Ok(())),
+                        other => panic!("unexpected action {other:?}"),
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the two sides never settle");
+    }
+
+    /// A primary and its regional secondary that holds batch 1; then the link drops and the
+    /// primary writes blocks 2..=5 the secondary lacks.
+    fn apart_after_one_batch(start: Instant) -> (Replicator, Replicator, Instant) {
+        let mut a = node("a", "b", Role::Primary, start);
+        let mut b = node("b", "a", Role::Secondary, start);
+        a.connected(0, start);
+        b.connected(0, start);
+        settle(&mut a, &mut b, start);
+        a.tap(write(1, 0, 4096), start);
+        let mut now = start + Duration::from_secs(1);
+        settle(&mut a, &mut b, now);
+        assert_eq!(b.head_lsn(), 1);
+        a.disconnected(0, "cut", now);
+        b.disconnected(0, "cut", now);
+        settle(&mut a, &mut b, now);
+        for lsn in 2..=5u64 {
+            a.tap(write(lsn, lsn * 65536, 4096), now);
+        }
+        now += Duration::from_millis(100);
+        settle(&mut a, &mut b, now);
+        (a, b, now)
+    }
+
+    #[test]
+    fn a_catch_up_reaches_the_device_whole_at_its_end_and_the_copy_stays_consistent() {
+        let start = Instant::now();
+        let (mut a, mut b, now) = apart_after_one_batch(start);
+        a.connected(0, now);
+        b.connected(0, now);
+        let mut io = Vec::new();
+        settle_catchup(&mut a, &mut b, now, &|_| true, &mut io);
+        assert!(!io.contains(&Io::DeviceWrite), "{io:?}");
+        let staged = io.iter().filter(|e| matches!(e, Io::Staged(_))).count();
+        // The four blocks it lacks, and block 0 of batch 1, still in its own map for the
+        // primary (marked when applied, not yet cleared): the delta of the two maps.
+        assert_eq!(staged, 5, "what the copy lacks is staged: {io:?}");
+        let commit = io.iter().position(|e| *e == Io::Commit(5)).expect("commit");
+        let apply = io.iter().position(|e| *e == Io::Apply(5)).expect("apply");
+        let dropped = io.iter().position(|e| *e == Io::Drop).expect("drop");
+        assert!(commit < apply && apply < dropped, "{io:?}");
+        assert!(io[..commit].iter().all(|e| matches!(e, Io::Staged(_))));
+        assert_eq!(b.head_lsn(), 5);
+        assert!(b.meta().consistent);
+        assert_eq!(b.meta().catchup_lsn, None);
+        assert_eq!(a.status().peers[0].state, ReplicaState::InSync);
+    }
+
+    #[test]
+    fn a_copy_promoted_during_its_catch_up_stays_at_its_last_batch() {
+        let start = Instant::now();
+        let (mut a, mut b, now) = apart_after_one_batch(start);
+        a.connected(0, now);
+        b.connected(0, now);
+        let mut io = Vec::new();
+        // The primary is lost after sending part of the catch-up, before its end.
+        let deliver = |m: &Message| !matches!(m, Message::ResyncEnd { .. });
+        settle_catchup(&mut a, &mut b, now, &deliver, &mut io);
+        assert!(io.iter().any(|e| matches!(e, Io::Staged(_))), "{io:?}");
+        assert!(
+            b.meta().consistent,
+            "a staged catch-up leaves the copy consistent"
+        );
+        b.begin_promote(true, now)
+            .expect("a consistent copy may be promoted");
+        let mut rest = Vec::new();
+        let mut idle = node("x", "y", Role::Secondary, now);
+        settle_catchup(&mut idle, &mut b, now, &|_| false, &mut rest);
+        assert!(
+            matches!(b.take_op_result(), Some(Ok(OpOutcome::Promoted { .. }))),
+            "{:?}",
+            b.status()
+        );
+        assert_eq!(b.role(), Role::Primary);
+        assert_eq!(b.head_lsn(), 1, "promoted at its last batch boundary");
+        assert!(
+            !io.iter()
+                .chain(&rest)
+                .any(|e| matches!(e, Io::DeviceWrite | Io::Commit(_) | Io::Apply(_))),
+            "nothing of the unfinished catch-up reached the device: {io:?} {rest:?}"
+        );
+        assert!(rest.contains(&Io::Drop) || io.contains(&Io::Drop));
+    }
+
+    #[test]
+    fn a_catch_up_the_file_cannot_take_is_abandoned_and_the_next_one_writes_in_place() {
+        let start = Instant::now();
+        let (mut a, mut b, now) = apart_after_one_batch(start);
+        a.connected(0, now);
+        b.connected(0, now);
+        // The first staged write fails (no space): the catch-up is abandoned.
+        a.advance(now);
+        b.advance(now);
+        let mut failed = false;
+        for _ in 0..200 {
+            while let Some(action) = a.poll_action() {
+                match action {
+                    Action::Transmit { message, .. } => b.message(0, message, now),
+                    Action::PersistMeta { .. } => a.meta_persisted(Ok(())),
+                    Action::PersistMap { peer, .. } => a.map_persisted(peer, Ok(())),
+                    Action::Read { id, len_bytes, .. } => {
+                        a.read_done(id, Ok(bytes::Bytes::from(vec![7; len_bytes as usize])))
+                    }
+                    _ => {}
+                }
+            }
+            while let Some(action) = b.poll_action() {
+                match action {
+                    Action::Transmit { message, .. } => a.message(0, message, now),
+                    Action::PersistMeta { .. } => b.meta_persisted(Ok(())),
+                    Action::PersistMap { peer, .. } => b.map_persisted(peer, Ok(())),
+                    Action::JournalReset { .. } => b.journal_reset(Ok(())),
+                    Action::CatchUpWrite { id, .. } => {
+                        failed = true;
+                        b.device_done(id, Err("No space left on device".into()))
+                    }
+                    Action::DeviceWrite { .. } => panic!("staged first"),
+                    _ => {}
+                }
+            }
+            a.advance(now);
+            b.advance(now);
+            if failed {
+                break;
+            }
+        }
+        assert!(failed);
+        assert!(b.meta().consistent);
+        assert_eq!(b.head_lsn(), 1);
+        assert!(b
+            .take_notices()
+            .iter()
+            .any(|n| n.contains("could not take the catch-up")));
+        // The next link catches up in place.
+        a.disconnected(0, "restart", now);
+        b.disconnected(0, "restart", now);
+        let mut io = Vec::new();
+        settle_catchup(&mut a, &mut b, now, &|_| true, &mut io);
+        a.connected(0, now);
+        b.connected(0, now);
+        settle_catchup(&mut a, &mut b, now, &|_| true, &mut io);
+        assert!(io.contains(&Io::DeviceWrite), "{io:?}");
+        assert!(!io.iter().any(|e| matches!(e, Io::Staged(_))), "{io:?}");
+        assert_eq!(b.head_lsn(), 5);
+        assert!(b.meta().consistent);
     }
 
     #[test]

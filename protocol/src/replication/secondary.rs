@@ -116,7 +116,8 @@ impl Replicator {
             if self.peers[p].resync_in.is_none() {
                 // A resync the primary starts on a link that was carrying records (records
                 // it marked during the handshake, a verify repair): nothing to report first.
-                let resync = self.new_resync_in(*kind == crate::repl::ResyncKind::Full);
+                // The link carried records: this copy holds a prefix of the primary's.
+                let resync = self.new_resync_in(p, *kind == crate::repl::ResyncKind::Full, true);
                 self.peers[p].resync_in = Some(ResyncIn {
                     phase: InPhase::Preparing {
                         reset_issued: false,
@@ -176,10 +177,30 @@ impl Replicator {
         }
     }
 
-    pub(super) fn new_resync_in(&mut self, full: bool) -> ResyncIn {
+    /// A resync from peer `p` into this copy. `forward`: this copy holds nothing the primary
+    /// lacks (it rolls nothing back), so the resync only moves it to a later point of the
+    /// same history. A forward, delta resync of a consistent copy over a regional link is
+    /// *staged*: it goes to the catch-up file first and reaches the device as one unit at
+    /// its end, so the copy stays at its last batch boundary until then.
+    pub(super) fn new_resync_in(&mut self, p: usize, full: bool, forward: bool) -> ResyncIn {
         let id = self.next_resync_id;
         self.next_resync_id += 1;
+        let regional_delta = self.is_regional(p) && !full && forward;
+        let consistent = self.meta.consistent && self.meta_persisted.consistent;
+        let staged = regional_delta && consistent && self.peers[p].regional.stage_refused.is_none();
+        if let (true, true, Some(reason)) = (
+            regional_delta,
+            consistent,
+            self.peers[p].regional.stage_refused.as_ref(),
+        ) {
+            self.notices.push_back(format!(
+                "volume {}: the catch-up from {} writes the device in place, because the catch-up file could not take the last one ({reason}): this copy is inconsistent, and cannot be promoted, until it ends",
+                self.config.volume,
+                self.peers[p].name()
+            ));
+        }
         ResyncIn {
+            staged,
             id,
             full,
             phase: InPhase::Reporting,
@@ -346,12 +367,16 @@ impl Replicator {
                     return;
                 }
                 Message::ResyncData { .. } | Message::ResyncZero { .. } => {
-                    // The copy is marked inconsistent, durably, before its device changes.
-                    if self.meta.consistent {
-                        self.meta.consistent = false;
-                    }
-                    if self.meta_persisted.consistent {
-                        return;
+                    let staged = resync.staged;
+                    // The copy is marked inconsistent, durably, before its device changes (a
+                    // staged catch-up leaves the device alone until its end).
+                    if !staged {
+                        if self.meta.consistent {
+                            self.meta.consistent = false;
+                        }
+                        if self.meta_persisted.consistent {
+                            return;
+                        }
                     }
                     if marks_durable_seq < seq {
                         return; // its marks are not durable yet
@@ -384,37 +409,13 @@ impl Replicator {
                     let (message, _) = resync.backlog.pop_front().expect("checked");
                     let id = self.next_id;
                     self.next_id += 1;
-                    let (offset_bytes, len_bytes, action) = match message {
-                        Message::ResyncData { offset_bytes, data } => {
-                            let len = data.len() as u64;
-                            (
-                                offset_bytes,
-                                len,
-                                Action::DeviceWrite {
-                                    id,
-                                    offset_bytes,
-                                    data,
-                                },
-                            )
-                        }
-                        Message::ResyncZero {
-                            offset_bytes,
-                            len_bytes,
-                        } => (
-                            offset_bytes,
-                            len_bytes,
-                            Action::DeviceZero {
-                                id,
-                                offset_bytes,
-                                len_bytes,
-                            },
-                        ),
-                        _ => unreachable!("matched above"),
-                    };
+                    let (offset_bytes, len_bytes, action) =
+                        resync_write(id, current, message, staged);
                     self.device_ops.insert(
                         id,
                         DeviceOp {
                             peer: p,
+                            staged,
                             resync: current,
                             offset_bytes,
                             len_bytes,
@@ -440,6 +441,9 @@ impl Replicator {
             .device_bytes_in_flight
             .saturating_sub(op.len_bytes.min(DEVICE_BYTES_IN_FLIGHT_MAX));
         if let Err(error) = result {
+            if op.staged {
+                return self.catchup_refused(op.peer, op.resync, error);
+            }
             return self.fail(format!("writing resync data to the device: {error}"));
         }
         // Its blocks were marked for every peer before it was issued.
@@ -456,7 +460,39 @@ impl Replicator {
 
     /// The end of a resync into this copy, step by step (see [`EndStep`]).
     fn end_resync_in(&mut self, p: usize, lsn: u64, step: EndStep) {
+        let staged = self.peers[p].resync_in.as_ref().is_some_and(|r| r.staged);
         let next = match step {
+            EndStep::Drain if staged => {
+                if !self.device_ops.is_empty() {
+                    return;
+                }
+                let catchup = self.peers[p].resync_in.as_ref().expect("checked").id;
+                self.actions
+                    .push_back(Action::CatchUpCommit { catchup, lsn });
+                EndStep::Commit
+            }
+            EndStep::Commit | EndStep::Apply => return, // their completions move on
+            EndStep::Adopt => {
+                // Once the meta names the committed catch-up, a restart applies it before
+                // anything reads the volume: from here the copy is as of `lsn`, in the
+                // sender's lineage.
+                if self.meta.catchup_lsn != Some(lsn) {
+                    let Some(lineage) = self.peers[p]
+                        .resync_in
+                        .as_ref()
+                        .and_then(|r| r.lineage.clone())
+                    else {
+                        return;
+                    };
+                    self.meta.lineage.adopt(&lineage, 0);
+                    self.meta.catchup_lsn = Some(lsn);
+                }
+                if !self.meta_settled() {
+                    return;
+                }
+                self.actions.push_back(Action::CatchUpApply { lsn });
+                EndStep::Apply
+            }
             EndStep::Drain => {
                 if !self.device_ops.is_empty() || self.device_sync_in_flight {
                     return;
@@ -505,6 +541,7 @@ impl Replicator {
                 adopted.adopt(&lineage, 0);
                 self.meta.lineage = adopted;
                 self.meta.consistent = true;
+                self.meta.catchup_lsn = None;
                 // A pending resolution is done: this copy holds the winner's lineage.
                 let resolution = self.meta.resolving_with.is_some();
                 #[cfg(test)]
@@ -550,7 +587,11 @@ impl Replicator {
 
     /// The copy now holds the sender's volume as of `lsn`, durably, with its lineage stored.
     fn finish_resync_in(&mut self, p: usize, lsn: u64) {
-        self.peers[p].resync_in = None;
+        let resync = self.peers[p].resync_in.take();
+        if resync.is_some_and(|r| r.staged) {
+            self.actions.push_back(Action::CatchUpDrop);
+        }
+        self.peers[p].regional.stage_refused = None;
         self.head_lsn = lsn;
         self.appended_up_to = lsn;
         self.local_durable_lsn = lsn;
@@ -584,5 +625,141 @@ impl Replicator {
                 self.close_link(q, "this copy took another lineage; deciding again");
             }
         }
+    }
+}
+
+impl Replicator {
+    /// An [`Action::CatchUpCommit`] completed.
+    pub fn catchup_committed(&mut self, result: Result<(), String>) {
+        let Some((p, lsn, id)) = self.staged_at(EndStep::Commit) else {
+            return;
+        };
+        if let Err(error) = result {
+            return self.catchup_refused(p, id, error);
+        }
+        if let Some(resync) = self.peers[p].resync_in.as_mut() {
+            resync.phase = InPhase::Ending {
+                lsn,
+                step: EndStep::Adopt,
+            };
+        }
+    }
+
+    /// An [`Action::CatchUpApply`] completed: the device holds the catch-up, and the journal
+    /// restarted after it.
+    pub fn catchup_applied(&mut self, result: Result<(), String>) {
+        let Some((p, lsn, _)) = self.staged_at(EndStep::Apply) else {
+            return;
+        };
+        if let Err(error) = result {
+            // The device may hold part of it: the meta names the catch-up, so the next start
+            // applies it whole again before anything reads the volume.
+            return self.fail(format!("applying the catch-up to {lsn}: {error}"));
+        }
+        self.tail.clear();
+        if let Some(resync) = self.peers[p].resync_in.as_mut() {
+            resync.phase = InPhase::Ending {
+                lsn,
+                step: EndStep::Maps,
+            };
+        }
+    }
+
+    /// The staged resync waiting at `step`: (peer, LSN, id).
+    fn staged_at(&self, step: EndStep) -> Option<(usize, u64, u64)> {
+        self.peers.iter().enumerate().find_map(|(p, peer)| {
+            let resync = peer.resync_in.as_ref().filter(|r| r.staged)?;
+            match resync.phase {
+                InPhase::Ending { lsn, step: at } if at == step => Some((p, lsn, resync.id)),
+                _ => None,
+            }
+        })
+    }
+
+    /// The catch-up file could not take staged resync `id` (no space, an I/O error): it is
+    /// abandoned (nothing of it reached the device) and the link restarts; the next catch-up
+    /// writes the device in place. The copy stays at its last batch boundary meanwhile.
+    pub(super) fn catchup_refused(&mut self, p: usize, id: u64, error: String) {
+        let Some(resync) = self.peers[p].resync_in.as_ref() else {
+            return;
+        };
+        if resync.id != id || !resync.staged {
+            return;
+        }
+        self.peers[p].resync_in = None;
+        self.notices.push_back(format!(
+            "volume {}: the catch-up file could not take the catch-up from {} ({error}); it is abandoned, this copy stays at its last batch boundary, and the next catch-up writes the device in place",
+            self.config.volume,
+            self.peers[p].name()
+        ));
+        self.peers[p].regional.stage_refused = Some(error);
+        self.actions.push_back(Action::CatchUpDrop);
+        self.close_link(p, "the catch-up file could not take the catch-up");
+    }
+}
+
+/// The I/O that carries out one resync message into this copy: a device write, or with
+/// `staged` an append to the catch-up file. Returns (offset, length, action).
+fn resync_write(id: u64, catchup: u64, message: Message, staged: bool) -> (u64, u64, Action) {
+    match (message, staged) {
+        (Message::ResyncData { offset_bytes, data }, false) => {
+            let len = data.len() as u64;
+            (
+                offset_bytes,
+                len,
+                Action::DeviceWrite {
+                    id,
+                    offset_bytes,
+                    data,
+                },
+            )
+        }
+        (
+            Message::ResyncZero {
+                offset_bytes,
+                len_bytes,
+            },
+            false,
+        ) => (
+            offset_bytes,
+            len_bytes,
+            Action::DeviceZero {
+                id,
+                offset_bytes,
+                len_bytes,
+            },
+        ),
+        (Message::ResyncData { offset_bytes, data }, true) => {
+            let len_bytes = data.len() as u64;
+            (
+                offset_bytes,
+                len_bytes,
+                Action::CatchUpWrite {
+                    id,
+                    catchup,
+                    offset_bytes,
+                    len_bytes,
+                    data: Some(data),
+                },
+            )
+        }
+        (
+            Message::ResyncZero {
+                offset_bytes,
+                len_bytes,
+            },
+            true,
+        ) => (
+            offset_bytes,
+            len_bytes,
+            Action::CatchUpWrite {
+                id,
+                catchup,
+                offset_bytes,
+                len_bytes,
+                data: None,
+            },
+        ),
+        _ => unreachable!("matched above"),
     }
 }

@@ -845,7 +845,12 @@ impl Sim {
                 let after = self.latency(i, 1, 5);
                 self.io(i, after, Io::DeviceSync);
             }
-            Action::StageBatch { .. } | Action::ApplyBatch { .. } => {
+            Action::StageBatch { .. }
+            | Action::ApplyBatch { .. }
+            | Action::CatchUpWrite { .. }
+            | Action::CatchUpCommit { .. }
+            | Action::CatchUpApply { .. }
+            | Action::CatchUpDrop => {
                 unreachable!("the simulated volumes have metro peers only")
             }
             Action::Read {
