@@ -17,6 +17,7 @@ use crate::config::ReplicaMode;
 use crate::config::{Config, ListenAddr, VolumeConfig};
 use crate::control::{
     self, ControlError, ControlHandler, JournalStatus, RecoveryStatus, StatusResult, VolumeStatus,
+    STATUS_SCHEMA_VERSION,
 };
 use crate::datadir::{DataDir, DataDirError};
 use crate::metrics::{self, Metrics};
@@ -121,6 +122,7 @@ impl ControlHandler for Node {
             Some(name) => vec![self.volume(name)?],
         };
         Ok(StatusResult {
+            schema_version: STATUS_SCHEMA_VERSION,
             node: self.name.clone(),
             volumes: selected.into_iter().map(|v| volume_status(v)).collect(),
         })

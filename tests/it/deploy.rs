@@ -331,9 +331,15 @@ for kind in ("DaemonSet", "Pod"):
         ferry = ferry[0]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert probe in ferry, f"{path}: ferry has no {probe}"
-        # The liveness probe must never depend on the peer: only the local control socket.
-        liveness = " ".join(ferry["livenessProbe"]["exec"]["command"])
-        assert "status" in liveness and "consistent" not in liveness, f"{path}: {liveness}"
+        # The liveness probe must never depend on the peer: only the local control socket,
+        # and `ferry status` exits 1 or 2 for a replica out of sync (a partition), 3 only
+        # when the daemon does not answer: startup and liveness must accept 0 to 2.
+        for probe in ("startupProbe", "livenessProbe"):
+            command = " ".join(ferry[probe]["exec"]["command"])
+            assert "ferry status" in command and "consistent" not in command, f"{path}: {command}"
+            assert "-lt 3" in command, f"{path}: {probe} fails on a degraded replica: {command}"
+        readiness = " ".join(ferry["readinessProbe"]["exec"]["command"])
+        assert "-lt 3" in readiness, f"{path}: readiness fails on a degraded replica: {readiness}"
         annotations = doc["spec"]["template"]["metadata"]["annotations"] if kind == "DaemonSet" else doc["metadata"]["annotations"]
         assert annotations.get("prometheus.io/scrape") == "true", f"{path}: not annotated for scraping"
 print("ok", sorted(kinds))
