@@ -583,15 +583,14 @@ async fn route_transport_events(
 ) {
     while let Some(event) = events.recv().await {
         match event {
+            // The transport logs connections and their loss, once each.
             TransportEvent::PeerConnected { peer, connection } => {
-                tracing::info!(%peer, "peer connected");
                 for volume in &node.volumes {
                     volume.set_connection(&peer, Some(connection.clone()));
                 }
                 tokio::spawn(accept_streams(node.clone(), peer, connection));
             }
-            TransportEvent::PeerDisconnected { peer, reason } => {
-                tracing::info!(%peer, %reason, "peer disconnected");
+            TransportEvent::PeerDisconnected { peer, .. } => {
                 for volume in &node.volumes {
                     volume.set_connection(&peer, None);
                 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use ferry::config::{Config, DEFAULT_CONTROL_SOCKET};
 use ferry::control::{self, ControlError, StatusResult};
 use ferry::status::{self as health, Health};
@@ -28,6 +28,16 @@ const VERIFY_PROGRESS_LOG: Duration = Duration::from_secs(30);
 /// How long one progress poll of `ferry verify` may take; a slow answer skips a report.
 const VERIFY_PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// One line per event for people: time, level, message, fields.
+    Text,
+    /// One JSON object per line (timestamp, level, target, message and the event's fields at
+    /// the top level), for log collectors.
+    Json,
+}
+
 #[derive(Parser)]
 #[command(
     name = "ferry",
@@ -38,6 +48,15 @@ struct Cli {
     /// Control socket of the daemon, for the client commands.
     #[arg(long, global = true, env = "FERRY_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
     socket: PathBuf,
+    /// How log lines on stderr are written.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -179,7 +198,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return usage_error(&error),
     };
-    init_logging();
+    init_logging(cli.log_format);
     match cli.command {
         Command::Run { config } => run(&config),
         Command::Demo => match ferry::demo::run() {
@@ -277,7 +296,7 @@ fn usage_error(error: &clap::Error) -> ExitCode {
 fn subcommand_of(args: &[String]) -> Option<&str> {
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        if arg == "--socket" {
+        if arg == "--socket" || arg == "--log-format" {
             args.next();
         } else if !arg.starts_with('-') {
             return Some(arg);
@@ -286,15 +305,26 @@ fn subcommand_of(args: &[String]) -> Option<&str> {
     None
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only help a terminal; in a journal or log file they are noise.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            // Colour codes only help a terminal; in a journal or log file they are noise.
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
+        // The event's fields at the top level, next to "message": what log collectors
+        // index without a second parse.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 fn fail(message: &str) -> ExitCode {
@@ -753,9 +783,13 @@ mod tests {
             &["ferry", "status", "--watch", "x"],
             &["ferry", "status", "--count", "3"],
             &["ferry", "status", "--watch", "1", "--count", "0"],
+            &["ferry", "--log-format", "xml", "status"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
+        let cli = Cli::try_parse_from(["ferry", "run", "--config", "f", "--log-format", "json"])
+            .expect("parse");
+        assert_eq!(cli.log_format, LogFormat::Json);
     }
 
     /// Every command a status fix names exists in this CLI.
@@ -776,7 +810,11 @@ mod tests {
             Some("status")
         );
         assert_eq!(
-            subcommand_of(&words(&["--socket=/s", "promote"])),
+            subcommand_of(&words(&["--log-format=json", "--socket=/s", "status"])),
+            Some("status")
+        );
+        assert_eq!(
+            subcommand_of(&words(&["--log-format", "json", "promote"])),
             Some("promote")
         );
         assert_eq!(subcommand_of(&words(&["--socket", "status"])), None);

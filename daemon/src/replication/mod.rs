@@ -201,6 +201,8 @@ impl StreamHandle {
 struct State {
     replicator: Replicator,
     links: Vec<Link>,
+    /// "writes held" was logged and its end not yet.
+    held_logged: bool,
     /// The operator command waiting for its result.
     op_waiter: Option<oneshot::Sender<Result<OpOutcome, OpError>>>,
     failure_logged: bool,
@@ -367,6 +369,7 @@ impl VolumeReplication {
                 replicator,
                 links,
                 op_waiter: None,
+                held_logged: false,
                 failure_logged: false,
                 reported_at: None,
                 published_role: None,
@@ -572,11 +575,25 @@ impl VolumeReplication {
         } else {
             Admission::Held
         };
-        self.admission.send_if_modified(|current| {
+        let held_now = admission == Admission::Held;
+        let changed = self.admission.send_if_modified(|current| {
             let changed = *current != admission;
             *current = admission;
             changed
         });
+        if changed && held_now {
+            let why = replicator.writes_held().unwrap_or_default();
+            if why.starts_with("fenced") {
+                tracing::warn!(volume = %self.name(), %why, "writes held");
+            } else {
+                // A resync's hand-over: brief and expected.
+                tracing::info!(volume = %self.name(), %why, "writes held");
+            }
+            state.held_logged = true;
+        } else if changed && state.held_logged {
+            state.held_logged = false;
+            tracing::info!(volume = %self.name(), "writes admitted again");
+        }
         if let Some(result) = replicator.take_op_result() {
             match state.op_waiter.take() {
                 Some(waiter) => {
@@ -841,7 +858,11 @@ impl VolumeReplication {
                 ) {
                     tracing::warn!(volume = %self.name(), peer = %peer.peer, from, to = peer.state.as_str(), %why, "replica state");
                 } else {
-                    tracing::info!(volume = %self.name(), peer = %peer.peer, from, to = peer.state.as_str(), "replica state");
+                    if why.is_empty() {
+                        tracing::info!(volume = %self.name(), peer = %peer.peer, from, to = peer.state.as_str(), "replica state");
+                    } else {
+                        tracing::info!(volume = %self.name(), peer = %peer.peer, from, to = peer.state.as_str(), %why, "replica state");
+                    }
                 }
                 link.reported = Some(peer.state);
                 metrics.set_state(peer.state.as_str());
@@ -1052,6 +1073,25 @@ impl VolumeReplication {
 
     // ---- operator commands ----------------------------------------------------------------
 
+    /// One line per operator command: the role it changed to, or why it was refused (the
+    /// refusal also goes back to the operator, but the log is where the history is kept).
+    fn log_op(&self, command: &str, result: &Result<OpOutcome, OpError>) {
+        match result {
+            Ok(OpOutcome::Promoted { generation }) => {
+                tracing::info!(volume = %self.name(), cause = command, generation, "role change: now primary");
+            }
+            Ok(OpOutcome::Demoted) => {
+                tracing::info!(volume = %self.name(), cause = command, "role change: now secondary");
+            }
+            Ok(OpOutcome::Resolving { peer }) => {
+                tracing::warn!(volume = %self.name(), cause = command, %peer, "role change: now secondary; this copy's writes since the split brain are discarded and resynced from the peer");
+            }
+            Err(error) => {
+                tracing::info!(volume = %self.name(), command, %error, "operator command refused");
+            }
+        }
+    }
+
     async fn run_op(
         &self,
         begin: impl FnOnce(&mut Replicator, Instant) -> Result<(), OpError>,
@@ -1083,12 +1123,23 @@ impl VolumeReplication {
 
     /// `ferry promote` (SPEC §3).
     pub async fn promote(&self, force: bool) -> Result<OpOutcome, OpError> {
-        self.run_op(|r, now| r.begin_promote(force, now)).await
+        let result = self.run_op(|r, now| r.begin_promote(force, now)).await;
+        self.log_op(
+            if force {
+                "ferry promote --force"
+            } else {
+                "ferry promote"
+            },
+            &result,
+        );
+        result
     }
 
     /// `ferry demote` (SPEC §3).
     pub async fn demote(&self) -> Result<OpOutcome, OpError> {
-        self.run_op(|r, _| r.begin_demote()).await
+        let result = self.run_op(|r, _| r.begin_demote()).await;
+        self.log_op("ferry demote", &result);
+        result
     }
 
     /// `ferry pause` / `ferry resume VOLUME [--peer NAME]` (SPEC §3): returns the regional
@@ -1111,7 +1162,9 @@ impl VolumeReplication {
 
     /// `ferry resolve VOLUME --discard-local [--peer NAME]` (SPEC §3).
     pub async fn resolve(&self, peer: Option<&str>) -> Result<OpOutcome, OpError> {
-        self.run_op(|r, _| r.begin_resolve(peer)).await
+        let result = self.run_op(|r, _| r.begin_resolve(peer)).await;
+        self.log_op("ferry resolve --discard-local", &result);
+        result
     }
 
     /// `ferry verify VOLUME [--peer NAME] [--repair]` (SPEC §3): runs until the comparison
