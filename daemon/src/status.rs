@@ -74,7 +74,7 @@ pub fn assess(status: &StatusResult) -> Vec<Finding> {
         assess_volume(&status.node, volume, &mut findings);
     }
     // Stable: the order of volumes and replicas is kept within one health.
-    findings.sort_by(|a, b| b.health.cmp(&a.health));
+    findings.sort_by_key(|finding| std::cmp::Reverse(finding.health));
     findings
 }
 
@@ -329,8 +329,7 @@ fn resync_progress(replica: &ReplicaStatus) -> String {
         None => text.push_str(", measuring the rate"),
         Some(rate) if rate <= 0.0 => text.push_str(", STALLED"),
         Some(rate) => {
-            // The rate fits a u64 for any real link; a float to integer cast saturates.
-            let _ = write!(text, ", {}/s", human_bytes(rate as u64));
+            let _ = write!(text, ", {}/s", human_rate(rate));
             if let Some(eta) = replica.resync_eta_seconds {
                 let _ = write!(text, ", {} left", human_duration(eta));
             }
@@ -339,12 +338,29 @@ fn resync_progress(replica: &ReplicaStatus) -> String {
     text
 }
 
+/// A rate in bytes per second, in the units of [`human_bytes`]: "4.0 MiB", "512 B".
+fn human_rate(bytes_per_second: f64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if !bytes_per_second.is_finite() || bytes_per_second < 1024.0 {
+        return format!("{:.0} B", bytes_per_second.max(0.0));
+    }
+    let mut value = bytes_per_second / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// "45 s", "4 min 10 s", "2 h 5 min", "3 d 4 h".
 pub fn human_duration(seconds: f64) -> String {
     if !seconds.is_finite() || seconds < 0.0 {
         return "?".to_string();
     }
-    // Rounded up: "0 s left" would be a lie while bytes remain. Saturates for absurd values.
+    // Rounded up: "0 s left" would be a lie while bytes remain. The value is finite and not
+    // negative (checked above), and `as` saturates the absurdly large ones.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let total = seconds.ceil() as u64;
     let (days, hours, minutes, secs) = (
         total / 86_400,
@@ -792,6 +808,14 @@ mod tests {
         assert_eq!(human_duration(f64::NAN), "?");
         assert_eq!(human_duration(-1.0), "?");
         assert_eq!(human_duration(f64::INFINITY), "?");
+    }
+
+    #[test]
+    fn rates_use_binary_units() {
+        assert_eq!(human_rate(0.0), "0 B");
+        assert_eq!(human_rate(512.4), "512 B");
+        assert_eq!(human_rate(f64::from(4u32 << 20)), "4.0 MiB");
+        assert_eq!(human_rate(f64::NAN), "0 B");
     }
 
     #[test]
