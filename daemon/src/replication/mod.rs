@@ -576,6 +576,8 @@ impl VolumeReplication {
             Admission::Held
         };
         let held_now = admission == Admission::Held;
+        let open_now = admission == Admission::Open;
+        let read_only_now = admission == Admission::ReadOnly;
         let changed = self.admission.send_if_modified(|current| {
             let changed = *current != admission;
             *current = admission;
@@ -592,7 +594,12 @@ impl VolumeReplication {
             state.held_logged = true;
         } else if changed && state.held_logged {
             state.held_logged = false;
-            tracing::info!(volume = %self.name(), "writes admitted again");
+            if open_now {
+                tracing::info!(volume = %self.name(), "writes admitted again");
+            } else if read_only_now {
+                tracing::info!(volume = %self.name(), "writes no longer held: this copy is secondary now, its export read-only");
+            }
+            // Failed: the failure has its own line.
         }
         if let Some(result) = replicator.take_op_result() {
             match state.op_waiter.take() {
