@@ -209,9 +209,18 @@ pub trait ControlHandler: Send + Sync + 'static {
     }
 }
 
+/// The version of the `status` result's layout, its `schema_version`. It grows when a field
+/// changes meaning or disappears; fields are added without a new version, so scripts ignore
+/// the fields they do not know.
+pub const STATUS_SCHEMA_VERSION: u32 = 1;
+
 /// The `result` of `status` (SPEC §5).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusResult {
+    /// [`STATUS_SCHEMA_VERSION`] of the daemon that answered (0: a daemon from before the
+    /// field existed).
+    #[serde(default)]
+    pub schema_version: u32,
     pub node: String,
     pub volumes: Vec<VolumeStatus>,
 }
@@ -263,6 +272,18 @@ pub struct ReplicaStatus {
     pub lag_bytes: u64,
     pub lag_seconds: f64,
     pub resync_remaining_bytes: u64,
+    /// The running resync's size (bytes done plus `resync_remaining_bytes`); 0 when no
+    /// resync is sent to the peer.
+    #[serde(default)]
+    pub resync_total_bytes: u64,
+    /// How fast the running resync progressed over the last 10 s; None while there is no
+    /// resync or it has run for less than a second.
+    #[serde(default)]
+    pub resync_rate_bytes_per_second: Option<f64>,
+    /// `resync_remaining_bytes` at that rate; None without a rate or with a rate of 0 (a
+    /// stalled resync).
+    #[serde(default)]
+    pub resync_eta_seconds: Option<f64>,
     /// Bytes sent by the last completed resync.
     pub resynced_bytes: u64,
     /// Why the replica is not in sync, or None.
@@ -701,7 +722,7 @@ fn remote_error(req: &Value, reply: &Value) -> ControlError {
 // Human output.
 
 /// "10.0 GiB", "512 B": binary units, like the config.
-fn human_bytes(bytes: u64) -> String {
+pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
     if bytes < 1024 {
         return format!("{bytes} B");
@@ -717,7 +738,7 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 /// Renders rows as left-aligned columns separated by two spaces.
-fn render_table(rows: &[Vec<String>], out: &mut String) {
+pub fn render_table(rows: &[Vec<String>], out: &mut String) {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|column| {
@@ -740,158 +761,6 @@ fn render_table(rows: &[Vec<String>], out: &mut String) {
         out.push_str(line.trim_end());
         out.push('\n');
     }
-}
-
-/// The lines under the volume table: recovery, journal, and every state that needs attention.
-fn render_volume_notes(volume: &VolumeStatus, out: &mut String) {
-    let recovery = &volume.recovery;
-    let journal = &volume.journal;
-    let _ = write!(
-        out,
-        "\n{}: recovery replayed {} records ({}), torn tail {}",
-        volume.name,
-        recovery.records_replayed,
-        human_bytes(recovery.bytes_replayed),
-        human_bytes(recovery.torn_tail_bytes),
-    );
-    if let Some(reason) = &recovery.stopped_reason {
-        let _ = write!(out, ", stopped: {reason}");
-    }
-    let _ = writeln!(
-        out,
-        "\n{}: journal {} unapplied, {} writes waited for space",
-        volume.name,
-        human_bytes(journal.unapplied_bytes),
-        journal.full_waits
-    );
-    if let Some(failure) = &volume.failure {
-        let _ = writeln!(
-            out,
-            "{}: FAILED, serving no writes until restart: {failure}",
-            volume.name
-        );
-    }
-    if let Some(held) = &volume.writes_held {
-        let _ = writeln!(out, "{}: WRITES HELD: {held}", volume.name);
-    }
-    if !volume.consistent {
-        let _ = writeln!(
-            out,
-            "{}: not consistent (a resync into it has not finished); it cannot be promoted",
-            volume.name
-        );
-    }
-    if let Some(peer) = &volume.resolving_with {
-        let _ = writeln!(
-            out,
-            "{}: resolving a split brain: this copy's writes are discarded and resynced from {peer}",
-            volume.name
-        );
-    }
-    if let Some(primary) = &volume.following {
-        let _ = writeln!(out, "{}: following {primary}", volume.name);
-    }
-}
-
-/// One volume's replica table, then its verify reports.
-fn render_replicas(replicas: &[ReplicaStatus], out: &mut String) {
-    // Errors are long (a refused certificate, a split brain); the column is shown only
-    // when some replica has one.
-    let any_error = replicas.iter().any(|r| r.last_error.is_some());
-    let mut header = vec![
-        "  PEER",
-        "MODE",
-        "STATE",
-        "ACKED LSN",
-        "LAG",
-        "RESYNC LEFT",
-        "RESYNCED",
-    ];
-    if any_error {
-        header.push("LAST ERROR");
-    }
-    let mut replica_rows = vec![header.into_iter().map(str::to_string).collect::<Vec<_>>()];
-    for replica in replicas {
-        let mut row = vec![
-            format!("  {}", replica.peer),
-            replica.mode.clone(),
-            replica.state.clone(),
-            replica.acked_lsn.to_string(),
-            format!(
-                "{} / {:.3} s",
-                human_bytes(replica.lag_bytes),
-                replica.lag_seconds
-            ),
-            human_bytes(replica.resync_remaining_bytes),
-            human_bytes(replica.resynced_bytes),
-        ];
-        if any_error {
-            row.push(
-                replica
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "-".to_string()),
-            );
-        }
-        replica_rows.push(row);
-    }
-    render_table(&replica_rows, out);
-    for replica in replicas {
-        if let Some(verify) = &replica.verify {
-            let _ = writeln!(out, "  {}", render_verify(verify));
-        }
-    }
-}
-
-/// The table `ferry status` prints for people.
-pub fn render_status(s: &StatusResult) -> String {
-    let mut out = format!("node {}\n", s.node);
-    if s.volumes.is_empty() {
-        out.push_str("no volumes\n");
-        return out;
-    }
-    let mut rows = vec![[
-        "VOLUME",
-        "ROLE",
-        "SIZE",
-        "JOURNAL",
-        "HEAD LSN",
-        "APPLIED LSN",
-        "GEN",
-        "DEVICE",
-    ]
-    .map(str::to_string)
-    .to_vec()];
-    for volume in &s.volumes {
-        let journal = &volume.journal;
-        let use_percent = if journal.capacity_bytes == 0 {
-            "-".to_string()
-        } else {
-            // Precision loss is irrelevant for a one-decimal percentage.
-            let percent = journal.used_bytes as f64 * 100.0 / journal.capacity_bytes as f64;
-            format!("{percent:.1}%")
-        };
-        rows.push(vec![
-            volume.name.clone(),
-            volume.role.clone(),
-            human_bytes(volume.size_bytes),
-            format!("{use_percent} of {}", human_bytes(journal.capacity_bytes)),
-            journal.head_lsn.to_string(),
-            journal.applied_lsn.to_string(),
-            volume.generation.to_string(),
-            volume.device.clone(),
-        ]);
-    }
-    render_table(&rows, &mut out);
-    for volume in &s.volumes {
-        render_volume_notes(volume, &mut out);
-        if volume.replicas.is_empty() {
-            let _ = writeln!(out, "{}: no replicas", volume.name);
-            continue;
-        }
-        render_replicas(&volume.replicas, &mut out);
-    }
-    out
 }
 
 /// One line about a verify, for `ferry status` and `ferry verify`.
@@ -1065,6 +934,7 @@ mod tests {
 
     fn sample() -> StatusResult {
         StatusResult {
+            schema_version: STATUS_SCHEMA_VERSION,
             node: "site-a".to_string(),
             volumes: vec![volume("pg-data"), volume("logs")],
         }
@@ -1255,70 +1125,11 @@ mod tests {
     }
 
     #[test]
-    fn render_shows_the_essentials() {
-        let mut status = sample();
-        status.volumes[0].replicas.push(ReplicaStatus {
-            peer: "site-b".to_string(),
-            mode: "metro".to_string(),
-            state: "in-sync".to_string(),
-            acked_lsn: 1234,
-            lag_bytes: 0,
-            lag_seconds: 0.0,
-            resync_remaining_bytes: 0,
-            resynced_bytes: 0,
-            last_error: None,
-            dirty_bytes: 0,
-            protecting: true,
-            catch_up: None,
-            verify: None,
-        });
-        status.volumes[0].replicas.push(ReplicaStatus {
-            peer: "site-c".to_string(),
-            mode: "regional".to_string(),
-            state: "resyncing".to_string(),
-            acked_lsn: 1100,
-            lag_bytes: 3 << 20,
-            lag_seconds: 12.5,
-            resync_remaining_bytes: 512 << 20,
-            resynced_bytes: 1 << 30,
-            last_error: Some("timed out after 10 s".to_string()),
-            dirty_bytes: 3 << 20,
-            protecting: true,
-            verify: Some(VerifyReport {
-                volume: "pg-data".into(),
-                peer: "site-c".into(),
-                running: false,
-                repair: false,
-                total_bytes: 10 << 30,
-                checked_bytes: 10 << 30,
-                differing_bytes: 8192,
-                differing_ranges: vec![(4096, 8192)],
-                busy_bytes: 0,
-                repaired: false,
-            }),
-            catch_up: Some("staged".to_string()),
-        });
-        let text = render_status(&status);
-        for wanted in [
-            "node site-a",
-            "VOLUME",
-            "pg-data  primary  10.0 GiB  25.0% of 1.0 GiB  1234",
-            "pg-data: recovery replayed 12 records (48.0 KiB), torn tail 512 B, stopped: checksum mismatch at lsn 1235",
-            "  site-b  metro     in-sync    1234",
-            "  site-c  regional  resyncing  1100       3.0 MiB / 12.500 s  512.0 MiB    1.0 GiB   timed out after 10 s",
-            "RESYNC LEFT  RESYNCED  LAST ERROR",
-            "logs: no replicas",
-            "verify of pg-data against site-c: 10.0 GiB of 10.0 GiB compared, 8.0 KiB DIFFER (bytes 4096+8192)",
-        ] {
-            assert!(text.contains(wanted), "missing {wanted:?} in:\n{text}");
-        }
-        // The error column appears only when some replica has an error.
-        status.volumes[0].replicas.pop();
-        let text = render_status(&status);
-        assert!(!text.contains("LAST ERROR"), "{text}");
-        assert!(text.contains("  site-b  metro  in-sync  1234"), "{text}");
+    fn human_bytes_uses_binary_units() {
         assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(10 << 30), "10.0 GiB");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::config::ReplicaMode;
 use crate::config::{Config, ListenAddr, VolumeConfig};
 use crate::control::{
     self, ControlError, ControlHandler, JournalStatus, RecoveryStatus, StatusResult, VolumeStatus,
+    STATUS_SCHEMA_VERSION,
 };
 use crate::datadir::{DataDir, DataDirError};
 use crate::metrics::{self, Metrics};
@@ -122,6 +123,7 @@ impl ControlHandler for Node {
             Some(name) => vec![self.volume(name)?],
         };
         Ok(StatusResult {
+            schema_version: STATUS_SCHEMA_VERSION,
             node: self.name.clone(),
             volumes: selected.into_iter().map(|v| volume_status(v)).collect(),
         })
@@ -633,15 +635,14 @@ async fn route_transport_events(
 ) {
     while let Some(event) = events.recv().await {
         match event {
+            // The transport logs connections and their loss, once each.
             TransportEvent::PeerConnected { peer, connection } => {
-                tracing::info!(%peer, "peer connected");
                 for volume in &node.volumes {
                     volume.set_connection(&peer, Some(connection.clone()));
                 }
                 tokio::spawn(accept_streams(node.clone(), peer, connection));
             }
-            TransportEvent::PeerDisconnected { peer, reason } => {
-                tracing::info!(%peer, %reason, "peer disconnected");
+            TransportEvent::PeerDisconnected { peer, .. } => {
                 for volume in &node.volumes {
                     volume.set_connection(&peer, None);
                 }

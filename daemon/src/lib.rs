@@ -21,6 +21,7 @@ pub mod journal;
 pub mod metrics;
 pub mod nbd;
 pub mod replication;
+pub mod status;
 pub mod storage;
 pub mod volume;
 

@@ -809,7 +809,7 @@ impl Cluster {
     pub fn status_cli(&self, id: NodeId) -> Value {
         let output = self.node(id).ctl(&["status", "--json"]);
         assert!(
-            output.status.success(),
+            harness::status_answered(&output),
             "node {}: ferry status --json failed: {output}",
             id.name()
         );

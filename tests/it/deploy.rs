@@ -332,8 +332,14 @@ for kind in ("DaemonSet", "Pod"):
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert probe in ferry, f"{path}: ferry has no {probe}"
         # The liveness probe must never depend on the peer: only the local control socket.
-        liveness = " ".join(ferry["livenessProbe"]["exec"]["command"])
-        assert "status" in liveness and "consistent" not in liveness, f"{path}: {liveness}"
+        # `ferry status --check` exits 1 or 2 for a replica out of sync (a partition); plain
+        # `ferry status` exits 0 whenever the daemon answers: no probe may use --check.
+        for probe in ("startupProbe", "livenessProbe"):
+            command = " ".join(ferry[probe]["exec"]["command"])
+            assert "ferry status" in command and "consistent" not in command, f"{path}: {command}"
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            command = " ".join(ferry[probe]["exec"]["command"])
+            assert "--check" not in command, f"{path}: {probe} fails on a degraded replica: {command}"
         annotations = doc["spec"]["template"]["metadata"]["annotations"] if kind == "DaemonSet" else doc["metadata"]["annotations"]
         assert annotations.get("prometheus.io/scrape") == "true", f"{path}: not annotated for scraping"
 print("ok", sorted(kinds))

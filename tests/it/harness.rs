@@ -279,7 +279,7 @@ journal_size = "{journal_size}"
                     .args(["status", "--json"]),
                 Duration::from_secs(5),
             );
-            if output.status.success()
+            if status_answered(&output)
                 && serde_json::from_str::<serde_json::Value>(&output.stdout).is_ok()
             {
                 return;
@@ -353,7 +353,7 @@ journal_size = "{journal_size}"
     pub fn status_json(&self) -> serde_json::Value {
         let output = self.ctl(&["status", "--json"]);
         assert!(
-            output.status.success(),
+            status_answered(&output),
             "ferry status --json failed: {output}"
         );
         serde_json::from_str(&output.stdout).unwrap_or_else(|error| {
@@ -417,6 +417,12 @@ pub fn set_daemon_log_filter(command: &mut Command) {
     if !run_has_filter {
         command.env("RUST_LOG", "info");
     }
+}
+
+/// Whether `ferry status` (without `--check`) got an answer from the daemon: it exits 0
+/// whatever the state it reports, 1 when the daemon does not answer.
+pub fn status_answered(output: &Output) -> bool {
+    output.status.code() == Some(0)
 }
 
 /// Waits for a child to exit, polling, at most `timeout`.

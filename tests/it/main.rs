@@ -45,6 +45,10 @@
 //!   (qemu-io, kill -9, ext4 with discard through nbdfuse), and a device file whose
 //!   filesystem fills up (one volume fails readable, the node serves on, a restart recovers);
 //!   peak memory under streams of small discards and under many connections.
+//! - `operations`: the runbook test: every procedure of docs/operations.md (first setup,
+//!   switchover, failover, failback, split brain, a full journal, replacing a node, upgrading,
+//!   rotating certificates) run from the document's own commands against a real pair; also
+//!   `ferry status`'s exit codes and fixes, JSON logs, and a quiet steady state.
 //! - `metro3`: three metro copies: the secondaries never resync each other, a copy that was
 //!   away catches up, the third copy follows a promoted secondary.
 //!
@@ -75,6 +79,7 @@ mod metro_hostile;
 mod metro_power;
 mod metro_repair;
 mod metro_roles;
+mod operations;
 #[cfg(feature = "fault-injection")]
 mod power_loss;
 mod prometheus;

@@ -114,6 +114,67 @@ struct Link {
     /// The state last reported, and since when the peer has lacked completed writes.
     reported: Option<ReplicaState>,
     lagging_since: Option<Instant>,
+    /// The progress of the resync sent to this peer, for its rate and time left.
+    resync_rate: ResyncRate,
+}
+
+/// How far back the rate of a resync looks.
+const RESYNC_RATE_WINDOW: Duration = Duration::from_secs(10);
+/// One progress sample per this much time: the window holds at most 21.
+const RESYNC_RATE_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
+/// A rate needs samples this far apart before it is reported (a first guess from two
+/// samples 100 ms apart would swing wildly).
+const RESYNC_RATE_SPAN_MIN: Duration = Duration::from_secs(1);
+
+/// The rate of one peer's resync: how fast its bytes done (`resync_total_bytes` minus
+/// `resync_remaining_bytes`, which never goes back within one resync) grow over the last
+/// [`RESYNC_RATE_WINDOW`]. Starts again with each resync, so it is never negative.
+#[derive(Default)]
+struct ResyncRate {
+    /// (when, bytes done), oldest first, at least [`RESYNC_RATE_SAMPLE_INTERVAL`] apart.
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl ResyncRate {
+    fn sample(&mut self, now: Instant, total_bytes: u64, remaining_bytes: u64) {
+        if total_bytes == 0 {
+            // No resync is sent: the next one starts from nothing.
+            self.samples.clear();
+            return;
+        }
+        let done = total_bytes.saturating_sub(remaining_bytes);
+        if self.samples.back().is_some_and(|&(_, last)| done < last) {
+            // Less done than before: another resync started since the last sample.
+            self.samples.clear();
+        }
+        if self
+            .samples
+            .back()
+            .is_some_and(|&(at, _)| now.duration_since(at) < RESYNC_RATE_SAMPLE_INTERVAL)
+        {
+            return;
+        }
+        self.samples.push_back((now, done));
+        while self
+            .samples
+            .front()
+            .is_some_and(|&(at, _)| now.duration_since(at) > RESYNC_RATE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Bytes per second over the window, or None until the samples span
+    /// [`RESYNC_RATE_SPAN_MIN`]. 0 means the resync made no progress in the window.
+    fn bytes_per_second(&self) -> Option<f64> {
+        let (&(first_at, first), &(last_at, last)) = (self.samples.front()?, self.samples.back()?);
+        let span = last_at.duration_since(first_at);
+        if span < RESYNC_RATE_SPAN_MIN {
+            return None;
+        }
+        // Precision loss is irrelevant for a rate shown with three digits.
+        Some(last.saturating_sub(first) as f64 / span.as_secs_f64())
+    }
 }
 
 struct StreamHandle {
@@ -143,6 +204,8 @@ impl StreamHandle {
 struct State {
     replicator: Replicator,
     links: Vec<Link>,
+    /// "writes held" was logged and its end not yet.
+    held_logged: bool,
     /// The operator command waiting for its result.
     op_waiter: Option<oneshot::Sender<Result<OpOutcome, OpError>>>,
     failure_logged: bool,
@@ -316,6 +379,7 @@ impl VolumeReplication {
                 replicator,
                 links,
                 op_waiter: None,
+                held_logged: false,
                 failure_logged: false,
                 reported_at: None,
                 published_role: None,
@@ -533,11 +597,32 @@ impl VolumeReplication {
         } else {
             Admission::Held
         };
-        self.admission.send_if_modified(|current| {
+        let held_now = admission == Admission::Held;
+        let open_now = admission == Admission::Open;
+        let read_only_now = admission == Admission::ReadOnly;
+        let changed = self.admission.send_if_modified(|current| {
             let changed = *current != admission;
             *current = admission;
             changed
         });
+        if changed && held_now {
+            let why = replicator.writes_held().unwrap_or_default();
+            if why.starts_with("fenced") {
+                tracing::warn!(volume = %self.name(), %why, "writes held");
+            } else {
+                // A resync's hand-over: brief and expected.
+                tracing::info!(volume = %self.name(), %why, "writes held");
+            }
+            state.held_logged = true;
+        } else if changed && state.held_logged {
+            state.held_logged = false;
+            if open_now {
+                tracing::info!(volume = %self.name(), "writes admitted again");
+            } else if read_only_now {
+                tracing::info!(volume = %self.name(), "writes no longer held: this copy is secondary now, its export read-only");
+            }
+            // Failed: the failure has its own line.
+        }
         if let Some(result) = replicator.take_op_result() {
             match state.op_waiter.take() {
                 Some(waiter) => {
@@ -883,7 +968,11 @@ impl VolumeReplication {
                 ) {
                     tracing::warn!(volume = %self.name(), peer = %peer.peer, from, to = peer.state.as_str(), %why, "replica state");
                 } else {
-                    tracing::info!(volume = %self.name(), peer = %peer.peer, from, to = peer.state.as_str(), "replica state");
+                    if why.is_empty() {
+                        tracing::info!(volume = %self.name(), peer = %peer.peer, from, to = peer.state.as_str(), "replica state");
+                    } else {
+                        tracing::info!(volume = %self.name(), peer = %peer.peer, from, to = peer.state.as_str(), %why, "replica state");
+                    }
                 }
                 link.reported = Some(peer.state);
                 metrics.set_state(peer.state.as_str());
@@ -903,6 +992,8 @@ impl VolumeReplication {
             metrics
                 .resync_total_bytes
                 .set(gauge(peer.resync_total_bytes));
+            link.resync_rate
+                .sample(now, peer.resync_total_bytes, peer.resync_remaining_bytes);
             metrics
                 .verify_differing_bytes
                 .set(gauge(peer.verify.as_ref().map_or(0, |v| v.differing_bytes)));
@@ -1092,6 +1183,25 @@ impl VolumeReplication {
 
     // ---- operator commands ----------------------------------------------------------------
 
+    /// One line per operator command: the role it changed to, or why it was refused (the
+    /// refusal also goes back to the operator, but the log is where the history is kept).
+    fn log_op(&self, command: &str, result: &Result<OpOutcome, OpError>) {
+        match result {
+            Ok(OpOutcome::Promoted { generation }) => {
+                tracing::info!(volume = %self.name(), cause = command, generation, "role change: now primary");
+            }
+            Ok(OpOutcome::Demoted) => {
+                tracing::info!(volume = %self.name(), cause = command, "role change: now secondary");
+            }
+            Ok(OpOutcome::Resolving { peer }) => {
+                tracing::warn!(volume = %self.name(), cause = command, %peer, "role change: now secondary; this copy's writes since the split brain are discarded and resynced from the peer");
+            }
+            Err(error) => {
+                tracing::info!(volume = %self.name(), command, %error, "operator command refused");
+            }
+        }
+    }
+
     async fn run_op(
         &self,
         begin: impl FnOnce(&mut Replicator, Instant) -> Result<(), OpError>,
@@ -1123,12 +1233,23 @@ impl VolumeReplication {
 
     /// `ferry promote` (SPEC §3).
     pub async fn promote(&self, force: bool) -> Result<OpOutcome, OpError> {
-        self.run_op(|r, now| r.begin_promote(force, now)).await
+        let result = self.run_op(|r, now| r.begin_promote(force, now)).await;
+        self.log_op(
+            if force {
+                "ferry promote --force"
+            } else {
+                "ferry promote"
+            },
+            &result,
+        );
+        result
     }
 
     /// `ferry demote` (SPEC §3).
     pub async fn demote(&self) -> Result<OpOutcome, OpError> {
-        self.run_op(|r, _| r.begin_demote()).await
+        let result = self.run_op(|r, _| r.begin_demote()).await;
+        self.log_op("ferry demote", &result);
+        result
     }
 
     /// `ferry pause` / `ferry resume VOLUME [--peer NAME]` (SPEC §3): returns the regional
@@ -1151,7 +1272,9 @@ impl VolumeReplication {
 
     /// `ferry resolve VOLUME --discard-local [--peer NAME]` (SPEC §3).
     pub async fn resolve(&self, peer: Option<&str>) -> Result<OpOutcome, OpError> {
-        self.run_op(|r, _| r.begin_resolve(peer)).await
+        let result = self.run_op(|r, _| r.begin_resolve(peer)).await;
+        self.log_op("ferry resolve --discard-local", &result);
+        result
     }
 
     /// `ferry verify VOLUME [--peer NAME] [--repair]` (SPEC §3): runs until the comparison
@@ -1211,6 +1334,7 @@ impl VolumeReplication {
             .enumerate()
             .map(|(p, peer)| {
                 let link = &state.links[p];
+                let rate = link.resync_rate.bytes_per_second();
                 ReplicaStatus {
                     peer: peer.peer.clone(),
                     mode: if self.peers[p].regional {
@@ -1224,6 +1348,12 @@ impl VolumeReplication {
                     lag_bytes: peer.lag_bytes,
                     lag_seconds: lag_seconds(&state.lag_samples, link, peer, now),
                     resync_remaining_bytes: peer.resync_remaining_bytes,
+                    resync_total_bytes: peer.resync_total_bytes,
+                    resync_rate_bytes_per_second: rate,
+                    resync_eta_seconds: rate
+                        .filter(|rate| *rate > 0.0 && peer.resync_total_bytes > 0)
+                        // Precision loss is irrelevant for an estimate in seconds.
+                        .map(|rate| peer.resync_remaining_bytes as f64 / rate),
                     resynced_bytes: peer.resynced_bytes,
                     last_error: if peer.state == ReplicaState::InSync {
                         None
@@ -1470,6 +1600,39 @@ mod tests {
     use crate::config::Config;
     use crate::datadir::DataDir;
     use crate::metrics::Metrics;
+
+    /// The rate of a resync comes from its progress over the last 10 s, is unknown for the
+    /// first second, starts again with a new resync, and is 0 (never negative) when stalled.
+    #[test]
+    fn resync_rate_follows_progress_and_restarts_with_each_resync() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut rate = ResyncRate::default();
+        assert_eq!(rate.bytes_per_second(), None);
+        // 10 MiB total, 1 MiB done per second, sampled every 100 ms like report().
+        for tick in 0..=20u64 {
+            rate.sample(at(tick * 100), 10 << 20, (10 << 20) - (tick << 20) / 10);
+            if tick < 10 {
+                assert_eq!(rate.bytes_per_second(), None, "tick {tick}");
+            }
+        }
+        let measured = rate.bytes_per_second().expect("two seconds of samples");
+        assert!((measured - f64::from(1u32 << 20)).abs() < 1.0, "{measured}");
+        assert!(rate.samples.len() <= 5, "{}", rate.samples.len());
+        // Stalled for 11 s: the window holds only samples without progress.
+        for tick in 21..=130u64 {
+            rate.sample(at(tick * 100), 10 << 20, 8 << 20);
+        }
+        assert_eq!(rate.bytes_per_second(), Some(0.0));
+        assert!(rate.samples.len() <= 21, "{}", rate.samples.len());
+        // A new, smaller resync: less done than before, so it starts from scratch.
+        rate.sample(at(13_100), 4 << 20, 4 << 20);
+        assert_eq!(rate.samples.len(), 1);
+        assert_eq!(rate.bytes_per_second(), None);
+        // The resync ends: no samples left.
+        rate.sample(at(13_600), 0, 0);
+        assert!(rate.samples.is_empty());
+    }
 
     /// A panic inside the replicator (a bug: peer input cannot reach one, see the fuzz) stops
     /// that volume's replication for good, visibly, instead of poisoning the lock for every

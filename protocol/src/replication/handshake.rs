@@ -135,12 +135,15 @@ impl Replicator {
             let out = self.new_resync_out(full, true);
             self.peers[p].resync_out = Some(out);
         } else if self.head_lsn > from_lsn
-            || (self.peers[p].map_state.resync_only && !self.peers[p].map.is_clean())
+            || (self.is_regional(p)
+                && self.peers[p].map_state.resync_only
+                && !self.peers[p].map.is_clean())
         {
-            // Records tapped during the handshake were marked, not queued; or marks that only
-            // a resync clears are left from one that did not finish (the peer went before
-            // it confirmed the end, a verify repair): they go in a resync the peer did not
-            // have to report anything for.
+            // Records tapped during the handshake were marked, not queued; or, for a regional
+            // peer, marks that only a resync clears are left from one whose end the peer
+            // applied but never confirmed (it stopped first): they go in a resync the peer
+            // did not have to report anything for, rather than staying marked until the next
+            // outage. (A metro peer keeps them until its next resync.)
             let out = self.new_resync_out(false, false);
             self.peers[p].resync_out = Some(out);
         } else if self.meta.protecting(self.peers[p].name()) {
