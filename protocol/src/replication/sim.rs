@@ -2828,6 +2828,11 @@ impl Sim {
         if primary == r || !ready {
             return;
         }
+        // The promise holds for a copy that followed the primary it replaces; one whose
+        // lineage an operator forked meanwhile meets it as a split brain, rightly.
+        let followed = self.nodes[r].process.as_ref().is_some_and(|p| {
+            p.rep.status().following.as_deref() == Some(node_name(primary).as_str())
+        });
         let power = self.rng.chance(50);
         self.trace(|| {
             format!(
@@ -2858,7 +2863,7 @@ impl Sim {
                             .iter()
                             .any(|s| s.state == ReplicaState::SplitBrain)
                 });
-        if result.is_ok() && !split {
+        if result.is_ok() && !split && followed {
             self.regional_failover = Some((r, primary, false));
         }
         self.run_node(r);
