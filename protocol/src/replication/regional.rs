@@ -786,6 +786,7 @@ mod tests {
                             me.catchup_applied(Ok(()))
                         }
                         Action::CatchUpDrop => io.push(Io::Drop),
+                        Action::Drain => me.writes_drained(),
                         Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
                         Action::ApplyBatch { peer, .. } => me.batch_applied(peer, Ok(())),
                         other => panic!("unexpected action {other:?}"),
@@ -880,6 +881,54 @@ mod tests {
             "nothing of the unfinished catch-up reached the device: {io:?} {rest:?}"
         );
         assert!(rest.contains(&Io::Drop) || io.contains(&Io::Drop));
+    }
+
+    /// Found by the simulator (seed 4294967297): a primary rolled back by a resync kept the
+    /// lag of the writes it had tapped before, above its new head, so once primary again it
+    /// showed its regional peer `lagging`, with a `lag_seconds` growing for ever.
+    #[test]
+    fn a_copy_rolled_back_and_promoted_again_counts_no_lag_of_its_old_writes() {
+        let start = Instant::now();
+        let (mut a, mut b, mut now) = apart_after_one_batch(start);
+        // a's site is lost: b is promoted at its last batch (1); a held writes 2..=5.
+        b.begin_promote(true, now).expect("promote b");
+        let mut io = Vec::new();
+        let mut idle = node("x", "y", Role::Secondary, now);
+        settle_catchup(&mut idle, &mut b, now, &|_| false, &mut io);
+        assert_eq!(b.role(), Role::Primary);
+        // a comes back, meets the newer generation and gives up its writes after 1.
+        a.connected(0, now);
+        b.connected(0, now);
+        settle_catchup(&mut a, &mut b, now, &|_| true, &mut io);
+        assert_eq!(a.role(), Role::Secondary);
+        // Its demotion closed the stream: the next one resyncs it.
+        a.disconnected(0, "demoted", now);
+        b.disconnected(0, "demoted", now);
+        a.connected(0, now);
+        b.connected(0, now);
+        settle_catchup(&mut a, &mut b, now, &|_| true, &mut io);
+        assert_eq!(a.head_lsn(), 1, "{:?} {:?}", a.status(), b.status());
+        // Failing back: b steps down, a is promoted, and b follows it again.
+        now += Duration::from_secs(1);
+        b.begin_demote().expect("demote b");
+        settle_catchup(&mut a, &mut b, now, &|_| true, &mut io);
+        a.disconnected(0, "failback", now);
+        b.disconnected(0, "failback", now);
+        a.begin_promote(true, now).expect("promote a");
+        settle_catchup(&mut a, &mut idle, now, &|_| false, &mut io);
+        assert_eq!(a.role(), Role::Primary);
+        a.connected(0, now);
+        b.connected(0, now);
+        settle_catchup(&mut a, &mut b, now, &|_| true, &mut io);
+        now += Duration::from_secs(5);
+        settle_catchup(&mut a, &mut b, now, &|_| true, &mut io);
+        let status = a.status();
+        assert_eq!(
+            status.peers[0].state,
+            ReplicaState::InSync,
+            "no write is missing at b: {status:?}"
+        );
+        assert_eq!(status.peers[0].lag_seconds, Some(0.0));
     }
 
     #[test]

@@ -605,6 +605,10 @@ impl Replicator {
             peer.covered_persisted_lsn = lsn;
             peer.acked_journal_lsn = 0;
             peer.acked_durable_lsn = 0;
+            // Writes this copy tapped as a primary before are no longer its history (a rolled
+            // back tail may even sit above `lsn`, where no acknowledgement would ever confirm
+            // it): what a regional peer lacks is counted again from here.
+            peer.regional.lag = super::regional::Lag::default();
         }
         let peer = &mut self.peers[p];
         peer.split_brain = false;

@@ -1,9 +1,21 @@
-//! The metro simulator: two or three nodes running the real [`Replicator`] over simulated
-//! disks, network and clock, driven through seeded fault schedules (TigerBeetle's VOPR is the
-//! model). Everything non-deterministic is faked: the clock jumps to the next event, the
-//! network delivers in order per link with delays and drops links, and each node's disks are
-//! a journal, a device, a metadata file and dirty-map files with page caches that a `kill -9`
-//! keeps and a power loss tears.
+//! The replication simulator: two or three nodes running the real [`Replicator`] over
+//! simulated disks, network and clock, driven through seeded fault schedules (TigerBeetle's
+//! VOPR is the model). Everything non-deterministic is faked: the clock jumps to the next
+//! event, the network delivers in order per link with delays and drops links, and each node's
+//! disks are a journal, a device, a metadata file, dirty-map files, and (for a regional copy)
+//! the stage file and the catch-up file, with page caches that a `kill -9` keeps and a power
+//! loss tears.
+//!
+//! Seeds below [`REGIONAL_SEEDS`] run metro peers only. From it on, the last node is a
+//! regional copy (of a metro pair, or of a lone primary): a batch is stored whole in the stage
+//! file (one write and an fdatasync: it lands whole, not at all, or torn), then applied (device
+//! writes, device sync, journal restarted, stage cleared; a crash stops it after any step); a
+//! catch-up is appended to the catch-up file (unsynced), committed (sync, header, sync),
+//! named by the meta, then applied the same way. A start does what the daemon's
+//! `open_catchup` and `open_stage` do: a committed catch-up the meta names is applied again
+//! and recorded, a stored batch above the journal's head is applied again. Crashes are aimed
+//! at those I/Os, links to the regional copy are cut long enough for catch-ups, and the
+//! primary's site is lost with `promote --force` of the regional copy, even mid catch-up.
 //!
 //! The sim plays the daemon's part exactly as `ferry run` does: records get their LSN and
 //! are tapped before their journal write completes; a client write completes when its record
@@ -23,30 +35,41 @@
 //!   settle), with no split brain outstanding, every copy is in sync, consistent, and holds
 //!   exactly the primary's records: byte for byte the same blocks as the record history says.
 //!   Every completed write is in the final history or was discarded by an operator.
+//! - **Regional consistency.** A regional copy that is a consistent secondary holds, block
+//!   for block, the volume after the writes of its history, which only moves forward along
+//!   its primary's history (to a batch's or catch-up's end); promoted, it is at its last
+//!   batch boundary. Completed writes of the old lineage above it are the regional RPO. After
+//!   the failover, the old primary comes back without a split brain and is resynced by a
+//!   delta. Its acknowledgements promise no RPO 0.
 //! - The replicator's own assertions.
 //!
 //! `FERRY_SEED=N` replays one seed (`FERRY_TRACE=1` prints every event); `FERRY_LONG=1` runs
 //! many thousands.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::{
-    Action, Meta, OnDisconnect, OpOutcome, PeerConfig, ReplicaState, Replicator, ReplicatorConfig,
-    StartPeer, Startup, WINDOW_BYTES,
+    Action, Meta, OnDisconnect, OpOutcome, PeerConfig, RegionalConfig, ReplicaState, Replicator,
+    ReplicatorConfig, StartPeer, Startup, WINDOW_BYTES,
 };
 use crate::bitmap::{BlockBitmap, BLOCK_BYTES};
 use crate::generation::{GenerationInfo, Role};
 use crate::journal::RecordKind;
-use crate::repl::{Message, WriteRecord, VERIFY_DIGEST_BYTES};
+use crate::repl::{Message, ResyncKind, WriteRecord, VERIFY_DIGEST_BYTES};
 
 const VOLUME_BLOCKS: u64 = 48;
 const SIZE_BYTES: u64 = VOLUME_BLOCKS * BLOCK_BYTES;
 const PEER_TIMEOUT: Duration = Duration::from_millis(400);
 const REOPEN_DELAY: Duration = Duration::from_millis(100);
 const APPLY_INTERVAL: Duration = Duration::from_millis(60);
+/// Seeds from here on run a topology with a regional copy (below: metro only), so every seed
+/// says what it runs and the metro seeds keep their schedules.
+const REGIONAL_SEEDS: u64 = 1 << 32;
+/// Histories of batch and catch-up ends a node keeps until it stores what they end.
+const END_HISTORIES_MAX: usize = 16;
 
 /// splitmix64: a tiny seeded generator, so every run replays from its seed.
 #[derive(Debug, Clone)]
@@ -148,6 +171,77 @@ struct MapFile {
     state: super::MapState,
 }
 
+/// One range of a batch or catch-up: its first block and what each block holds.
+type Range = (u64, Vec<Content>);
+
+/// The ranges of records, as a batch or the device sees them.
+fn record_ranges(records: &[WriteRecord]) -> Vec<Range> {
+    records
+        .iter()
+        .map(|record| {
+            let first_block = record.offset_bytes / BLOCK_BYTES;
+            let contents = match record.kind {
+                RecordKind::Write => decode_blocks(&record.data),
+                RecordKind::Zero | RecordKind::Punch => {
+                    vec![0; (u64::from(record.len_bytes) / BLOCK_BYTES) as usize]
+                }
+            };
+            (first_block, contents)
+        })
+        .collect()
+}
+
+/// A whole batch in `VOLUME.stage`. `history` is the model's record history the batch leads
+/// to (its sender's, up to `lsn`): bookkeeping of the oracle, not bytes of the file.
+#[derive(Debug, Clone)]
+struct StagedBatch {
+    lsn: u64,
+    ranges: Vec<Range>,
+    history: Vec<Content>,
+}
+
+/// `VOLUME.catchup.N`: ranges appended in order (in the page cache until the commit's
+/// fdatasync), and the header a commit writes after it, naming the LSN the catch-up leads to
+/// (with the history it leads to, for the oracle).
+#[derive(Debug, Clone, Default)]
+struct CatchUpFile {
+    catchup: Option<u64>,
+    ranges: Vec<Range>,
+    /// Ranges made durable (by a commit).
+    synced: usize,
+    committed: Option<(u64, Vec<Content>)>,
+}
+
+impl CatchUpFile {
+    /// The file of catch-up `catchup`: a new one starts empty (the daemon removes the old).
+    fn start(&mut self, catchup: u64) {
+        if self.catchup != Some(catchup) {
+            *self = CatchUpFile {
+                catchup: Some(catchup),
+                ..CatchUpFile::default()
+            };
+        }
+    }
+}
+
+/// A batch or a committed catch-up being applied, in steps: one device write per range, the
+/// device's fdatasync, the journal's restart at `lsn + 1`, and for a batch the stage file's
+/// clearing. A crash stops it after any step.
+#[derive(Debug, Clone)]
+struct ApplyInFlight {
+    lsn: u64,
+    ranges: Vec<Range>,
+    clears_stage: bool,
+    /// The record history the copy holds once the journal restarted.
+    history: Vec<Content>,
+}
+
+impl ApplyInFlight {
+    fn steps(&self) -> usize {
+        self.ranges.len() + 2 + usize::from(self.clears_stage)
+    }
+}
+
 /// Everything of a node that survives its process.
 #[derive(Debug, Clone)]
 struct Disks {
@@ -158,6 +252,73 @@ struct Disks {
     maps: Vec<MapFile>,
     /// A map persist in flight per peer: the pages it carries.
     maps_in_flight: Vec<Option<(Vec<(usize, Vec<u64>)>, super::MapState)>>,
+    /// `VOLUME.stage` (regional secondary), and a store in flight (one write and one
+    /// fdatasync: it lands whole, not at all, or torn, which reads as no batch).
+    stage: Option<StagedBatch>,
+    stage_in_flight: Option<StagedBatch>,
+    catchup: CatchUpFile,
+    /// A commit in flight: (catch-up, LSN, history).
+    catchup_commit_in_flight: Option<(u64, u64, Vec<Content>)>,
+    apply_in_flight: Option<ApplyInFlight>,
+}
+
+/// Restarts the journal empty at `next_lsn` (applying what it holds first), as the daemon's
+/// `Journal::reset` does.
+fn restart_journal(disks: &mut Disks, next_lsn: u64) {
+    for record in disks.journal.records.values() {
+        for (k, content) in record.contents.iter().enumerate() {
+            disks.device.blocks[(record.first_block + k as u64) as usize] = *content;
+        }
+    }
+    disks.device.sync();
+    disks.journal.records.clear();
+    disks.journal.next_lsn = next_lsn;
+    disks.journal.durable_lsn = next_lsn - 1;
+    disks.journal.applied_lsn = next_lsn - 1;
+}
+
+/// Carries out the first `steps` steps of `apply` on `node`'s disks (all of them when it
+/// completes; fewer when a crash cuts it).
+fn apply_steps(node: &mut Node, apply: &ApplyInFlight, steps: usize, seed: u64, i: usize) {
+    let disks = &mut node.disks;
+    for (first_block, contents) in apply.ranges.iter().take(steps) {
+        for (k, content) in contents.iter().enumerate() {
+            disks.device.blocks[(first_block + k as u64) as usize] = *content;
+        }
+    }
+    let writes = apply.ranges.len();
+    if steps > writes {
+        disks.device.sync();
+    }
+    if steps > writes + 1 {
+        restart_journal(disks, apply.lsn + 1);
+        // From here the copy is as of `lsn`: a restart does not apply it again.
+        check_forward(seed, i, &node.history, &apply.history, "an apply");
+        node.history = apply.history.clone();
+    }
+    if steps > writes + 2 {
+        node.disks.stage = None;
+    }
+}
+
+/// Checks that a regional copy moving from `old` to `new` moves forward in the same history
+/// (write order is kept: what it held is a prefix of what it now holds).
+fn check_forward(seed: u64, node: usize, old: &[Content], new: &[Content], what: &str) {
+    assert!(
+        new.len() >= old.len(),
+        "seed {seed}: {} goes back from LSN {} to {} by {what}",
+        node_name(node),
+        old.len(),
+        new.len()
+    );
+    for (k, (a, b)) in old.iter().zip(new).enumerate() {
+        assert!(
+            a == b || *a == u64::MAX || *b == u64::MAX,
+            "seed {seed}: {} held write {a} at LSN {} and {what} puts write {b} there: not a later point of the same history",
+            node_name(node),
+            k + 1
+        );
+    }
 }
 
 /// A client write as the client sees it.
@@ -196,6 +357,8 @@ struct Process {
     last_journal_done: Instant,
     /// Last published settled LSNs.
     settled: (u64, u64),
+    /// The catch-up file's I/O runs in one task, in order: when the last one completes.
+    last_catchup_done: Instant,
 }
 
 struct Node {
@@ -210,6 +373,10 @@ struct Node {
     /// Writes made on this node as primary (ids), for the split-brain check.
     own_writes: BTreeSet<u64>,
     restart_at: Option<Instant>,
+    /// Histories of the batch and catch-up ends this node received over a regional link,
+    /// newest last, as (LSN, sender's history up to it): what a stored batch or catch-up
+    /// leads to.
+    end_histories: VecDeque<(u64, Vec<Content>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -222,11 +389,20 @@ enum Event {
         epoch: u64,
         to: usize,
         message: Message,
+        /// For the end of a batch or catch-up over a regional link: the sender's history up
+        /// to its LSN when it was sent.
+        history: Option<Vec<Content>>,
     },
     /// A stream closes at `to` (the other end closed it).
     Closed { link: usize, epoch: u64, to: usize },
     /// Try to (re)open a link.
     Reopen { link: usize },
+    /// A partition of `link` heals.
+    Heal { link: usize },
+    /// kill -9 or a power loss of `node`'s process `boot`, in the middle of an I/O.
+    Crash { node: usize, boot: u64, power: bool },
+    /// The primary's site is lost and the regional copy `node` is promoted (`--force`).
+    RegionalFailover { node: usize, boot: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -266,6 +442,20 @@ enum Io {
     ClientFlush {
         flush: usize,
     },
+    StageBatch {
+        peer: usize,
+    },
+    ApplyBatch {
+        peer: usize,
+    },
+    CatchUpWrite {
+        id: u64,
+        catchup: u64,
+        range: Range,
+    },
+    CatchUpCommit,
+    CatchUpApply,
+    CatchUpDrop,
 }
 
 #[derive(Debug, Clone)]
@@ -293,6 +483,14 @@ struct Faults {
     operator_percent: u64,
     corrupt_percent: u64,
     suspend: bool,
+    /// The node whose links are regional (the others are a metro pair), if any.
+    regional: Option<usize>,
+    regional_interval: Duration,
+    /// Chance that a stage, apply or catch-up I/O of the regional copy is cut by a crash.
+    regional_crash_percent: u64,
+    /// Chance (in tenths of a percent) that a staged range of a catch-up is followed by the
+    /// loss of the primary's site and `promote --force` of the regional copy.
+    regional_failover_permille: u64,
 }
 
 struct Sim {
@@ -321,6 +519,31 @@ struct Sim {
     zero_writes: BTreeSet<u64>,
     /// The node whose message is being handled (a zero record's id is its record's).
     sender: Option<usize>,
+    /// Since a promotion of the regional copy, and until the next quiet checkpoint: its
+    /// lowest LSN then. Writes of the old lineage above it are the regional RPO, given up by
+    /// design.
+    regional_boundary: Option<u64>,
+    /// A failover to the regional copy after the primary's site was lost: (promoted, old
+    /// primary, promotion done). No split brain may follow while no other operator command
+    /// intervenes (it is dropped then).
+    regional_failover: Option<(usize, usize, bool)>,
+    /// The regional copy's expected blocks, for the history they were computed from.
+    regional_expected: Option<(Vec<Content>, Option<Vec<Content>>)>,
+    /// The node that issued the last client write.
+    last_writer: Option<usize>,
+    stats: RegionalStats,
+}
+
+/// What the regional side of the runs did, summed over seeds.
+#[derive(Debug, Clone, Copy, Default)]
+struct RegionalStats {
+    batches_applied: u64,
+    catchups_applied: u64,
+    catchups_abandoned: u64,
+    reapplied_at_start: u64,
+    crashes_mid_io: u64,
+    failovers: u64,
+    checks: u64,
 }
 
 fn node_name(i: usize) -> String {
@@ -353,6 +576,11 @@ impl Sim {
             steps: 0,
             zero_writes: BTreeSet::new(),
             sender: None,
+            regional_boundary: None,
+            regional_failover: None,
+            regional_expected: None,
+            last_writer: None,
+            stats: RegionalStats::default(),
         };
         let lineage = GenerationInfo::create(0x7777, "a").expect("a lineage");
         for i in 0..nodes {
@@ -397,6 +625,11 @@ impl Sim {
                     meta_in_flight: None,
                     maps,
                     maps_in_flight: vec![None; nodes - 1],
+                    stage: None,
+                    stage_in_flight: None,
+                    catchup: CatchUpFile::default(),
+                    catchup_commit_in_flight: None,
+                    apply_in_flight: None,
                 },
                 process: None,
                 slow: 1,
@@ -404,6 +637,7 @@ impl Sim {
                 history: Vec::new(),
                 own_writes: BTreeSet::new(),
                 restart_at: None,
+                end_histories: VecDeque::new(),
             });
         }
         for a in 0..nodes {
@@ -461,6 +695,11 @@ impl Sim {
         }
     }
 
+    /// Whether the link between nodes `x` and `y` is regional.
+    fn regional_link(&self, x: usize, y: usize) -> bool {
+        self.faults.regional.is_some_and(|r| r == x || r == y)
+    }
+
     fn link_of(&self, x: usize, y: usize) -> usize {
         let (a, b) = (x.min(y), x.max(y));
         self.links
@@ -483,7 +722,9 @@ impl Sim {
                 },
                 peer_timeout: PEER_TIMEOUT,
                 resync_max_rate_bytes_per_s: None,
-                regional: None,
+                regional: self.regional_link(node, j).then_some(RegionalConfig {
+                    interval: self.faults.regional_interval,
+                }),
             })
             .collect();
         ReplicatorConfig {
@@ -520,6 +761,85 @@ impl Sim {
         disks.journal.next_lsn = head + 1;
         disks.journal.durable_lsn = head;
         disks.journal.applied_lsn = head;
+        // The open hook marks what recovery replayed in every map, durably.
+        for map in &mut disks.maps {
+            let mut bitmap =
+                BlockBitmap::from_words(SIZE_BYTES, map.words.clone()).expect("a valid map");
+            super::mark_replayed(&mut bitmap, &mut map.state, &ranges, head);
+            map.words = bitmap.words().to_vec();
+        }
+        // `open_catchup`: a committed catch-up the meta names is applied again, whole, and
+        // recorded (every map as of its LSN, the meta no longer naming it); any other
+        // catch-up file was abandoned and goes.
+        let mut reached: Option<(Vec<Content>, &str)> = None;
+        let mut reapplied = 0;
+        if let Some(lsn) = disks.meta.catchup_lsn {
+            let Some((committed_lsn, history)) = disks.catchup.committed.clone() else {
+                panic!(
+                    "seed {}: the meta of {} names the catch-up to {lsn}, and its file holds no committed catch-up",
+                    self.seed,
+                    node_name(i)
+                );
+            };
+            assert_eq!(
+                committed_lsn,
+                lsn,
+                "seed {}: the meta of {} names the catch-up to {lsn}, its file holds the one to {committed_lsn}",
+                self.seed,
+                node_name(i)
+            );
+            for (first_block, contents) in &disks.catchup.ranges {
+                for (k, content) in contents.iter().enumerate() {
+                    disks.device.blocks[(first_block + k as u64) as usize] = *content;
+                }
+            }
+            disks.device.sync();
+            restart_journal(disks, lsn + 1);
+            head = lsn;
+            for map in &mut disks.maps {
+                map.state.marked_through_lsn = lsn;
+                map.state.resync_only = false;
+            }
+            disks.meta.catchup_lsn = None;
+            reached = Some((history, "the catch-up applied again at start"));
+            reapplied += 1;
+        }
+        disks.catchup = CatchUpFile::default();
+        // `open_stage`: a stored batch above the journal's head is applied again (its ranges
+        // marked in every map first); the stage file is cleared.
+        if let Some(batch) = disks.stage.take() {
+            if batch.lsn > head {
+                for map in &mut disks.maps {
+                    let mut bitmap = BlockBitmap::from_words(SIZE_BYTES, map.words.clone())
+                        .expect("a valid map");
+                    for (first_block, contents) in &batch.ranges {
+                        bitmap.mark(
+                            first_block * BLOCK_BYTES,
+                            contents.len() as u64 * BLOCK_BYTES,
+                        );
+                    }
+                    map.words = bitmap.words().to_vec();
+                    map.state.marked(batch.lsn);
+                }
+                for (first_block, contents) in &batch.ranges {
+                    for (k, content) in contents.iter().enumerate() {
+                        disks.device.blocks[(first_block + k as u64) as usize] = *content;
+                    }
+                }
+                disks.device.sync();
+                restart_journal(disks, batch.lsn + 1);
+                head = batch.lsn;
+                reached = Some((batch.history, "the batch applied again at start"));
+                reapplied += 1;
+            }
+        }
+        if let Some((history, what)) = reached {
+            check_forward(self.seed, i, &node.history, &history, what);
+            node.history = history;
+        }
+        self.stats.reapplied_at_start += reapplied;
+        let node = &mut self.nodes[i];
+        let disks = &mut node.disks;
         // Writes this node made that a power loss took from its journal: allowed for writes
         // neither FUA nor flushed (SPEC §2, crash recovery).
         let dropped: Vec<u64> = node.history.iter().skip(head as usize).copied().collect();
@@ -537,14 +857,13 @@ impl Sim {
             }
         }
         let mut peers = Vec::new();
-        for map in &mut disks.maps {
-            let mut bitmap =
+        for map in &disks.maps {
+            let bitmap =
                 BlockBitmap::from_words(SIZE_BYTES, map.words.clone()).expect("a valid map");
-            let mut state = map.state;
-            super::mark_replayed(&mut bitmap, &mut state, &ranges, head);
-            map.words = bitmap.words().to_vec();
-            map.state = state;
-            peers.push(StartPeer { bitmap, state });
+            peers.push(StartPeer {
+                bitmap,
+                state: map.state,
+            });
         }
         let startup = Startup {
             meta: disks.meta.clone(),
@@ -561,6 +880,7 @@ impl Sim {
             next_apply: self.now + APPLY_INTERVAL,
             last_journal_done: self.now,
             settled: (head, head),
+            last_catchup_done: self.now,
         });
         node.restart_at = None;
         self.trace(|| format!("{} boots at head {head}", node_name(i)));
@@ -608,6 +928,36 @@ impl Sim {
                     disks.maps[p].state = state;
                 }
             }
+        }
+        // The regional secondary's files: a stage store in flight lands whole, not at all, or
+        // torn (no whole batch, ignored at start); a catch-up commit in flight lands or not
+        // (its header is written after the ranges are synced); an apply stops after any of
+        // its steps, what it wrote in the page cache (kill -9 keeps it, a power loss tears
+        // what was not synced, below).
+        if let Some(batch) = disks.stage_in_flight.take() {
+            match self.rng.below(3) {
+                0 => {}
+                1 => disks.stage = Some(batch),
+                _ => disks.stage = None,
+            }
+        }
+        if let Some((catchup, lsn, history)) = disks.catchup_commit_in_flight.take() {
+            if self.rng.chance(50) {
+                disks.catchup.start(catchup);
+                disks.catchup.synced = disks.catchup.ranges.len();
+                disks.catchup.committed = Some((lsn, history));
+            }
+        }
+        if let Some(apply) = disks.apply_in_flight.take() {
+            let steps = self.rng.below(apply.steps() as u64 + 1) as usize;
+            apply_steps(node, &apply, steps, self.seed, i);
+        }
+        let disks = &mut node.disks;
+        let unsynced = disks.catchup.ranges.len() - disks.catchup.synced;
+        if power && unsynced > 0 {
+            // Appends to the catch-up file that no commit synced: a random prefix survives.
+            let keep = disks.catchup.synced + self.rng.below(unsynced as u64 + 1) as usize;
+            disks.catchup.ranges.truncate(keep);
         }
         if power {
             // Only durable journal records survive, plus a random prefix of the rest.
@@ -845,13 +1195,102 @@ impl Sim {
                 let after = self.latency(i, 1, 5);
                 self.io(i, after, Io::DeviceSync);
             }
-            Action::StageBatch { .. }
-            | Action::ApplyBatch { .. }
-            | Action::CatchUpWrite { .. }
-            | Action::CatchUpCommit { .. }
-            | Action::CatchUpApply { .. }
-            | Action::CatchUpDrop => {
-                unreachable!("the simulated volumes have metro peers only")
+            Action::StageBatch { peer, lsn, records } => {
+                let history = self.end_history(i, lsn);
+                let batch = StagedBatch {
+                    lsn,
+                    ranges: record_ranges(&records),
+                    history,
+                };
+                let disks = &mut self.nodes[i].disks;
+                assert!(disks.stage_in_flight.is_none(), "one store at a time");
+                disks.stage_in_flight = Some(batch);
+                let after = self.latency(i, 1, 6);
+                self.maybe_crash_mid_io(i, after);
+                self.io(i, after, Io::StageBatch { peer });
+            }
+            Action::ApplyBatch { peer, lsn, records } => {
+                let seed = self.seed;
+                let disks = &mut self.nodes[i].disks;
+                let Some(stored) = disks.stage.clone().filter(|b| b.lsn == lsn) else {
+                    panic!(
+                        "seed {seed}: {} applies batch {lsn}, which its stage file does not hold",
+                        node_name(i)
+                    );
+                };
+                assert_eq!(
+                    record_ranges(&records),
+                    stored.ranges,
+                    "seed {seed}: the batch applied is the one stored"
+                );
+                assert!(disks.apply_in_flight.is_none(), "one apply at a time");
+                disks.apply_in_flight = Some(ApplyInFlight {
+                    lsn,
+                    ranges: stored.ranges,
+                    clears_stage: true,
+                    history: stored.history,
+                });
+                let after = self.latency(i, 2, 8);
+                self.maybe_crash_mid_io(i, after);
+                self.io(i, after, Io::ApplyBatch { peer });
+            }
+            Action::CatchUpWrite {
+                id,
+                catchup,
+                offset_bytes,
+                len_bytes,
+                data,
+            } => {
+                let contents = match data {
+                    Some(data) => decode_blocks(&data),
+                    None => vec![0; (len_bytes / BLOCK_BYTES) as usize],
+                };
+                let range = (offset_bytes / BLOCK_BYTES, contents);
+                let after = self.catchup_done_at(i);
+                self.maybe_crash_mid_io(i, after);
+                if self.rng.below(1000) < self.faults.regional_failover_permille {
+                    let boot = self.nodes[i].process.as_ref().expect("running").boot;
+                    let at = self.rng.ms(0, 3);
+                    self.schedule(at, Event::RegionalFailover { node: i, boot });
+                }
+                self.io(i, after, Io::CatchUpWrite { id, catchup, range });
+            }
+            Action::CatchUpCommit { catchup, lsn } => {
+                let history = self.end_history(i, lsn);
+                let disks = &mut self.nodes[i].disks;
+                assert!(
+                    disks.catchup_commit_in_flight.is_none(),
+                    "one commit at a time"
+                );
+                disks.catchup_commit_in_flight = Some((catchup, lsn, history));
+                let after = self.catchup_done_at(i);
+                self.maybe_crash_mid_io(i, after);
+                self.io(i, after, Io::CatchUpCommit);
+            }
+            Action::CatchUpApply { lsn } => {
+                let seed = self.seed;
+                let disks = &mut self.nodes[i].disks;
+                let Some((_, history)) = disks.catchup.committed.clone().filter(|c| c.0 == lsn)
+                else {
+                    panic!(
+                        "seed {seed}: {} applies the catch-up to {lsn}, which its file does not hold committed",
+                        node_name(i)
+                    );
+                };
+                assert!(disks.apply_in_flight.is_none(), "one apply at a time");
+                disks.apply_in_flight = Some(ApplyInFlight {
+                    lsn,
+                    ranges: disks.catchup.ranges.clone(),
+                    clears_stage: false,
+                    history,
+                });
+                let after = self.catchup_done_at(i);
+                self.maybe_crash_mid_io(i, after);
+                self.io(i, after, Io::CatchUpApply);
+            }
+            Action::CatchUpDrop => {
+                let after = self.catchup_done_at(i);
+                self.io(i, after, Io::CatchUpDrop);
             }
             Action::Read {
                 id,
@@ -903,6 +1342,53 @@ impl Sim {
         let at = (self.now + latency).max(process.last_journal_done + Duration::from_micros(10));
         process.last_journal_done = at;
         at - self.now
+    }
+
+    /// When a catch-up file I/O issued now completes (they run in one task, in order).
+    fn catchup_done_at(&mut self, i: usize) -> Duration {
+        let latency = self.latency(i, 1, 4);
+        let process = self.nodes[i].process.as_mut().expect("running");
+        let at = (self.now + latency).max(process.last_catchup_done + Duration::from_micros(10));
+        process.last_catchup_done = at;
+        at - self.now
+    }
+
+    /// Sometimes cuts an I/O of the regional copy (completing `after` from now) by a crash
+    /// before it completes: kill -9 or a power loss in the middle of a stage, an apply, a
+    /// catch-up.
+    fn maybe_crash_mid_io(&mut self, i: usize, after: Duration) {
+        if self.faults.regional != Some(i) || !self.rng.chance(self.faults.regional_crash_percent) {
+            return;
+        }
+        let boot = self.nodes[i].process.as_ref().expect("running").boot;
+        let power = self.rng.chance(50);
+        let at = Duration::from_micros(self.rng.below(after.as_micros() as u64));
+        self.schedule(
+            at,
+            Event::Crash {
+                node: i,
+                boot,
+                power,
+            },
+        );
+    }
+
+    /// The sender's history up to `lsn`, as of the end of the batch or catch-up to `lsn`
+    /// that node `i` received last.
+    fn end_history(&self, i: usize, lsn: u64) -> Vec<Content> {
+        self.nodes[i]
+            .end_histories
+            .iter()
+            .rev()
+            .find(|(end, _)| *end == lsn)
+            .map(|(_, history)| history.clone())
+            .unwrap_or_else(|| {
+                panic!(
+                    "seed {}: {} stores something ending at {lsn}, and received no end there",
+                    self.seed,
+                    node_name(i)
+                )
+            })
     }
 
     fn journal_add(&mut self, i: usize, record: &WriteRecord) {
@@ -1103,6 +1589,78 @@ impl Sim {
                     .collect();
                 self.rep(i).digest_done(id, Ok(digests));
             }
+            Io::StageBatch { peer } => {
+                let fail = self.nodes[i].fail_persist;
+                let Some(batch) = self.nodes[i].disks.stage_in_flight.take() else {
+                    return;
+                };
+                if fail {
+                    // A failed fdatasync: the file may hold the batch or not.
+                    if self.rng.chance(50) {
+                        self.nodes[i].disks.stage = Some(batch);
+                    }
+                    self.rep(i)
+                        .batch_staged(peer, Err("injected failure".into()));
+                } else {
+                    self.nodes[i].disks.stage = Some(batch);
+                    self.rep(i).batch_staged(peer, Ok(()));
+                }
+            }
+            Io::ApplyBatch { peer } => {
+                let apply = self.nodes[i]
+                    .disks
+                    .apply_in_flight
+                    .take()
+                    .expect("an apply in flight");
+                apply_steps(&mut self.nodes[i], &apply, apply.steps(), self.seed, i);
+                self.stats.batches_applied += 1;
+                self.trace(|| format!("{} applied the batch to {}", node_name(i), apply.lsn));
+                self.rep(i).batch_applied(peer, Ok(()));
+            }
+            Io::CatchUpWrite { id, catchup, range } => {
+                let fail = self.nodes[i].fail_persist;
+                self.catchup_file(i, catchup);
+                if fail {
+                    self.stats.catchups_abandoned += 1;
+                    self.rep(i)
+                        .device_done(id, Err("No space left on device (injected)".into()));
+                } else {
+                    self.nodes[i].disks.catchup.ranges.push(range);
+                    self.rep(i).device_done(id, Ok(()));
+                }
+            }
+            Io::CatchUpCommit => {
+                let fail = self.nodes[i].fail_persist;
+                let Some((catchup, lsn, history)) =
+                    self.nodes[i].disks.catchup_commit_in_flight.take()
+                else {
+                    return;
+                };
+                self.catchup_file(i, catchup);
+                if fail {
+                    self.rep(i)
+                        .catchup_committed(Err("injected failure".into()));
+                } else {
+                    let file = &mut self.nodes[i].disks.catchup;
+                    file.synced = file.ranges.len();
+                    file.committed = Some((lsn, history));
+                    self.rep(i).catchup_committed(Ok(()));
+                }
+            }
+            Io::CatchUpApply => {
+                let apply = self.nodes[i]
+                    .disks
+                    .apply_in_flight
+                    .take()
+                    .expect("an apply in flight");
+                apply_steps(&mut self.nodes[i], &apply, apply.steps(), self.seed, i);
+                self.stats.catchups_applied += 1;
+                self.trace(|| format!("{} applied the catch-up to {}", node_name(i), apply.lsn));
+                self.rep(i).catchup_applied(Ok(()));
+            }
+            Io::CatchUpDrop => {
+                self.nodes[i].disks.catchup = CatchUpFile::default();
+            }
             Io::ClientFlush { flush } => {
                 let journal = &mut self.nodes[i].disks.journal;
                 let target = self.flushes[flush].lsn;
@@ -1121,6 +1679,22 @@ impl Sim {
                 self.rep(i).request_durable(durable);
             }
         }
+    }
+
+    /// The catch-up file as catch-up `catchup` writes it: a new catch-up starts a fresh file,
+    /// which must never throw away a committed catch-up the stored meta names.
+    fn catchup_file(&mut self, i: usize, catchup: u64) {
+        let disks = &mut self.nodes[i].disks;
+        if disks.catchup.catchup != Some(catchup) {
+            assert!(
+                disks.meta.catchup_lsn.is_none(),
+                "seed {}: {} starts catch-up {catchup} while its meta names the committed one to {:?}",
+                self.seed,
+                node_name(i),
+                disks.meta.catchup_lsn
+            );
+        }
+        disks.catchup.start(catchup);
     }
 
     /// The applier: records up to the apply limit (and written) go to the device, which is
@@ -1164,7 +1738,19 @@ impl Sim {
         let settled = process.rep.settled();
         process.settled = settled;
         let boot = process.boot;
-        let acks: Vec<(u64, u64)> = (0..peers).map(|p| process.rep.acked_by(p)).collect();
+        // A regional peer's acknowledgement promises the client nothing (RPO 0 is metro's):
+        // its copy is checked by the regional oracle instead.
+        let regional = self.faults.regional;
+        let acks: Vec<(u64, u64)> = (0..peers)
+            .map(|p| {
+                let node = Self::node_of_peer(i, p);
+                if regional.is_some_and(|r| r == i || r == node) {
+                    (0, 0)
+                } else {
+                    process.rep.acked_by(p)
+                }
+            })
+            .collect();
         let journal = &self.nodes[i].disks.journal;
         let written_lsn = journal
             .records
@@ -1264,6 +1850,35 @@ impl Sim {
             self.schedule_reopen(link);
             return;
         }
+        if let (Message::ResyncBegin { kind, .. }, Some((_, old, true))) =
+            (&message, self.regional_failover)
+        {
+            assert!(
+                to != old || *kind != ResyncKind::Full,
+                "seed {}: the old primary {} is resynced in full after the failover to the regional copy, not by a delta",
+                self.seed,
+                node_name(old)
+            );
+        }
+        let history = match &message {
+            Message::BatchEnd { lsn } | Message::ResyncEnd { lsn, .. }
+                if self.regional_link(from, to) =>
+            {
+                let history = self.nodes[from].history.get(..*lsn as usize);
+                Some(
+                    history
+                        .unwrap_or_else(|| {
+                            panic!(
+                                "seed {}: {} ends a batch or catch-up at {lsn} beyond its history",
+                                self.seed,
+                                node_name(from)
+                            )
+                        })
+                        .to_vec(),
+                )
+            }
+            _ => None,
+        };
         let direction = usize::from(from != self.links[link].a);
         let delay = self.rng.ms(0, 3);
         let at = (self.now + delay).max(self.links[link].last_delivery[direction]);
@@ -1277,6 +1892,7 @@ impl Sim {
                 epoch,
                 to,
                 message,
+                history,
             },
         );
     }
@@ -1341,12 +1957,22 @@ impl Sim {
                 epoch,
                 to,
                 message,
+                history,
             } => {
                 if self.links[link].epoch != epoch || !self.links[link].up {
                     return true;
                 }
                 if self.nodes[to].process.is_none() {
                     return true;
+                }
+                if let (Some(history), Message::BatchEnd { lsn } | Message::ResyncEnd { lsn, .. }) =
+                    (history, &message)
+                {
+                    let ends = &mut self.nodes[to].end_histories;
+                    if ends.len() >= END_HISTORIES_MAX {
+                        ends.pop_front();
+                    }
+                    ends.push_back((*lsn, history));
                 }
                 let from = if self.links[link].a == to {
                     self.links[link].b
@@ -1383,6 +2009,35 @@ impl Sim {
                 self.schedule_reopen(link);
             }
             Event::Reopen { link } => self.reopen(link),
+            Event::Heal { link } => {
+                if self.links[link].partitioned {
+                    self.links[link].partitioned = false;
+                    self.trace(|| format!("link {link} healed"));
+                    self.schedule_reopen(link);
+                }
+            }
+            Event::Crash { node, boot, power } => {
+                if self.nodes[node]
+                    .process
+                    .as_ref()
+                    .is_some_and(|p| p.boot == boot)
+                {
+                    self.stats.crashes_mid_io += 1;
+                    self.crash(node, power);
+                    let after = self.rng.ms(50, 1500);
+                    self.nodes[node].restart_at = Some(self.now + after);
+                    self.check_rpo();
+                }
+            }
+            Event::RegionalFailover { node, boot } => {
+                if self.nodes[node]
+                    .process
+                    .as_ref()
+                    .is_some_and(|p| p.boot == boot)
+                {
+                    self.regional_failover(node);
+                }
+            }
         }
         true
     }
@@ -1501,6 +2156,7 @@ impl Sim {
             self.collect_op(i);
         }
         self.check_rpo();
+        self.check_regional();
     }
 
     /// A role change asked the daemon to drain client writes: once none is in flight.
@@ -1535,6 +2191,16 @@ impl Sim {
             self.trace(|| format!("{} op result {result:?}", node_name(i)));
             if let Ok(OpOutcome::Promoted { .. }) = result {
                 self.failovers += 1;
+                if self.faults.regional == Some(i) {
+                    self.regional_promoted(i);
+                } else if self.faults.regional.is_some() && self.last_writer == self.faults.regional
+                {
+                    // The regional copy was the primary (its writes completed with no copy
+                    // holding them, every link of it is regional) and another is promoted:
+                    // what it wrote above this copy's head is the regional RPO too.
+                    let boundary = self.nodes[i].history.len() as u64;
+                    self.give_up_above(boundary);
+                }
             }
         }
     }
@@ -1562,6 +2228,7 @@ impl Sim {
             return;
         }
         let i = candidates[self.rng.below(candidates.len() as u64) as usize];
+        self.last_writer = Some(i);
         let blocks = 1 + self.rng.below(3);
         let first_block = self.rng.below(VOLUME_BLOCKS - blocks + 1);
         let fua = self.rng.chance(20);
@@ -1722,6 +2389,10 @@ impl Sim {
         self.run_until(until);
         self.check_converged();
         self.faults.drop_percent = drop_percent;
+        // Settled: every copy holds the primary's history, what a regional failover gave up
+        // is given up everywhere.
+        self.regional_boundary = None;
+        self.regional_failover = None;
     }
 
     /// A pair in split brain that no operator is resolving yet (or an inconsistent copy
@@ -1771,6 +2442,7 @@ impl Sim {
     }
 
     fn resolve(&mut self, victim: usize, winner: usize) -> bool {
+        self.regional_failover = None;
         let winner_name = node_name(winner);
         self.trace(|| {
             format!(
@@ -1789,6 +2461,12 @@ impl Sim {
     }
 
     fn operator_promote(&mut self, i: usize, force: bool) {
+        if self
+            .regional_failover
+            .is_some_and(|(promoted, _, _)| promoted != i)
+        {
+            self.regional_failover = None;
+        }
         self.trace(|| {
             format!(
                 "operator: promote {}{}",
@@ -1846,7 +2524,7 @@ impl Sim {
                         status
                             .peers
                             .iter()
-                            .map(|s| (s.peer.clone(), s.state.as_str(), s.last_error.clone(), s.dirty_bytes))
+                            .map(|s| (s.peer.clone(), s.state.as_str(), s.last_error.clone(), s.dirty_bytes, s.lag_seconds))
                             .collect::<Vec<_>>()
                     ));
                 } else {
@@ -1991,6 +2669,21 @@ impl Sim {
                     self.discarded.insert(w.id);
                     continue;
                 }
+                let unprotected = (0..self.nodes.len())
+                    .filter(|j| *j != w.node)
+                    .all(|j| self.regional_link(w.node, j));
+                if held
+                    && !kept
+                    && (unprotected || self.regional_boundary.is_some_and(|b| w.lsn > b))
+                {
+                    // The regional copy was promoted at `b`: the old lineage's writes after
+                    // it are the regional RPO (docs/regional.md, "Failover"). So are the
+                    // writes of a primary whose every peer is regional, once another copy is
+                    // promoted: the generation rule ignores regional peers, so they are a tail
+                    // to give up, never a split brain.
+                    self.discarded.insert(w.id);
+                    continue;
+                }
                 // Giving up a write another copy still holds loses nothing yet: that copy
                 // meets this lineage as a split brain, or gives it up itself (checked then).
                 let elsewhere = (0..self.nodes.len()).any(|j| {
@@ -2086,6 +2779,223 @@ impl Sim {
             self.operator_event();
         } else if roll < 900 + f.operator_percent + f.corrupt_percent {
             // Nothing here corrupts; verify runs at checkpoints.
+        } else if let (Some(r), true) = (f.regional, roll >= 975) {
+            self.regional_event(r);
+        }
+    }
+
+    /// A fault aimed at the regional copy `r`: its links cut for long enough that a catch-up
+    /// follows, a crash, or the loss of the primary's site and a failover to it.
+    fn regional_event(&mut self, r: usize) {
+        let choice = self.rng.below(20);
+        if choice < 10 {
+            let links: Vec<usize> = (0..self.links.len())
+                .filter(|l| self.links[*l].a == r || self.links[*l].b == r)
+                .collect();
+            let link = links[self.rng.below(links.len() as u64) as usize];
+            if !self.links[link].partitioned {
+                self.links[link].partitioned = true;
+                if self.links[link].up {
+                    self.links[link].up = false;
+                    self.links[link].epoch += 1;
+                }
+                let after = self.rng.ms(200, 3000);
+                self.trace(|| format!("link {link} CUT for {after:?}"));
+                self.schedule(after, Event::Heal { link });
+            }
+        } else if choice < 19 {
+            if self.nodes[r].process.is_some() {
+                let power = self.rng.chance(50);
+                self.crash(r, power);
+                let after = self.rng.ms(50, 1500);
+                self.nodes[r].restart_at = Some(self.now + after);
+                self.check_rpo();
+            }
+        } else {
+            self.regional_failover(r);
+        }
+    }
+
+    /// The primary's site is lost (its process killed or its power cut) and the operator
+    /// promotes the regional copy `r` with `--force`. The old primary comes back later.
+    fn regional_failover(&mut self, r: usize) {
+        let Some(primary) = self.primary() else {
+            return;
+        };
+        let ready = self.nodes[r].process.as_ref().is_some_and(|p| {
+            p.rep.role() == Role::Secondary && !p.rep.op_in_progress() && p.rep.meta().consistent
+        });
+        if primary == r || !ready {
+            return;
+        }
+        // The promise holds for a copy that followed the primary it replaces; one whose
+        // lineage an operator forked meanwhile meets it as a split brain, rightly.
+        let followed = self.nodes[r].process.as_ref().is_some_and(|p| {
+            p.rep.status().following.as_deref() == Some(node_name(primary).as_str())
+        });
+        let power = self.rng.chance(50);
+        self.trace(|| {
+            format!(
+                "the site of {} is lost; the regional copy {} is promoted",
+                node_name(primary),
+                node_name(r)
+            )
+        });
+        self.crash(primary, power);
+        let after = self.rng.ms(300, 2500);
+        self.nodes[primary].restart_at = Some(self.now + after);
+        self.check_rpo();
+        let now = self.now;
+        let result = self.rep(r).begin_promote(true, now);
+        self.trace(|| format!("  -> {result:?}"));
+        // A split brain already there (or being resolved) is the operator's, not the
+        // failover's.
+        let split = self.split_brain_pair().is_some()
+            || self
+                .nodes
+                .iter()
+                .filter_map(|n| n.process.as_ref())
+                .any(|p| {
+                    let status = p.rep.status();
+                    status.resolving_with.is_some()
+                        || status
+                            .peers
+                            .iter()
+                            .any(|s| s.state == ReplicaState::SplitBrain)
+                });
+        if result.is_ok() && !split && followed {
+            self.regional_failover = Some((r, primary, false));
+        }
+        self.run_node(r);
+    }
+
+    /// The regional copy `r` became primary: it must be at its last batch boundary, and the
+    /// old lineage's writes above it are the regional RPO.
+    fn regional_promoted(&mut self, r: usize) {
+        self.stats.failovers += 1;
+        let boundary = self.nodes[r].history.len() as u64;
+        let head = self.rep(r).head_lsn();
+        assert_eq!(
+            head,
+            boundary,
+            "seed {}: the regional copy {} is promoted at {head}, and its last batch boundary is {boundary}",
+            self.seed,
+            node_name(r)
+        );
+        self.check_regional_copy(r, "promoted");
+        self.trace(|| {
+            format!(
+                "the regional copy {} is primary at {boundary}",
+                node_name(r)
+            )
+        });
+        self.give_up_above(boundary);
+        if let Some((promoted, old, false)) = self.regional_failover {
+            if promoted == r {
+                self.regional_failover = Some((promoted, old, true));
+            }
+        }
+    }
+
+    /// A promotion at `boundary` over a regional link: the completed writes above it are the
+    /// regional RPO. Until the next checkpoint the lowest such LSN counts: an old primary that
+    /// comes back unfenced (no metro peer) may complete writes above it before it learns of
+    /// the promotion, and copies may be demoted and promoted again meanwhile.
+    fn give_up_above(&mut self, boundary: u64) {
+        self.regional_boundary = Some(self.regional_boundary.map_or(boundary, |b| b.min(boundary)));
+        for w in &self.writes {
+            if w.completed && w.lsn > boundary {
+                self.discarded.insert(w.id);
+            }
+        }
+    }
+
+    /// The blocks of the regional copy `r` equal the volume after the writes of its history
+    /// (a prefix of its primary's history, checked as it moved: a batch boundary).
+    fn check_regional_copy(&mut self, r: usize, when: &str) {
+        let Some(expected) = self.regional_expected_content(r) else {
+            return;
+        };
+        self.stats.checks += 1;
+        let actual = self.read_volume(r, 0, VOLUME_BLOCKS);
+        let differing: Vec<(usize, Content, Content)> = (0..VOLUME_BLOCKS as usize)
+            .filter(|b| actual[*b] != expected[*b])
+            .map(|b| (b, actual[b], expected[b]))
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "seed {}: the regional copy {} ({when}, at LSN {}) is not the volume after a prefix of the writes: blocks {differing:?} (block, has, expected) at {} ms",
+            self.seed,
+            node_name(r),
+            self.nodes[r].history.len(),
+            self.ms()
+        );
+    }
+
+    /// What the regional copy's blocks must be (None while its history names a record the
+    /// model does not know), computed again only when its history changed.
+    fn regional_expected_content(&mut self, r: usize) -> Option<Vec<Content>> {
+        if let Some((history, content)) = &self.regional_expected {
+            if *history == self.nodes[r].history {
+                return content.clone();
+            }
+        }
+        let history = self.nodes[r].history.clone();
+        let mut blocks = vec![0; VOLUME_BLOCKS as usize];
+        let mut known = true;
+        for id in &history {
+            let Some(w) = (*id as usize)
+                .checked_sub(1)
+                .and_then(|k| self.writes.get(k))
+            else {
+                known = false;
+                break;
+            };
+            assert_eq!(w.id, *id, "writes are kept in id order");
+            for b in w.first_block..w.first_block + w.blocks {
+                blocks[b as usize] = self.write_content(w);
+            }
+        }
+        let content = known.then_some(blocks);
+        self.regional_expected = Some((history, content.clone()));
+        content
+    }
+
+    /// The regional promise, after every event: a regional copy that is a consistent
+    /// secondary holds the volume after some prefix of its primary's writes. After a
+    /// failover to it, no split brain follows while no other operator command intervened.
+    fn check_regional(&mut self) {
+        let Some(r) = self.faults.regional else {
+            return;
+        };
+        let checked = self.nodes[r]
+            .process
+            .as_ref()
+            .is_some_and(|p| p.rep.role() == Role::Secondary && p.rep.meta().consistent)
+            && self.nodes[r].disks.meta.consistent;
+        if checked {
+            self.check_regional_copy(r, "a consistent secondary");
+        }
+        if let Some((promoted, old, true)) = self.regional_failover {
+            for (x, y) in [(promoted, old), (old, promoted)] {
+                let Some(process) = &self.nodes[x].process else {
+                    continue;
+                };
+                let split = process
+                    .rep
+                    .status()
+                    .peers
+                    .iter()
+                    .any(|s| s.peer == node_name(y) && s.state == ReplicaState::SplitBrain);
+                assert!(
+                    !split,
+                    "seed {}: {} sees a split brain with {} after the failover to the regional copy at {} ms",
+                    self.seed,
+                    node_name(x),
+                    node_name(y),
+                    self.ms()
+                );
+            }
         }
     }
 
@@ -2128,6 +3038,7 @@ impl Sim {
                     .as_ref()
                     .is_some_and(|p| p.rep.role() == Role::Primary && !p.rep.op_in_progress())
             }) {
+                self.regional_failover = None;
                 self.trace(|| format!("operator: demote {}", node_name(i)));
                 let _ = self.rep(i).begin_demote();
                 self.run_node(i);
@@ -2157,7 +3068,7 @@ impl Sim {
 
 fn faults_for(seed: u64) -> Faults {
     let mut rng = Rng(seed ^ 0xfa17);
-    Faults {
+    let mut faults = Faults {
         nodes: if rng.chance(50) { 2 } else { 3 },
         kill_percent: rng.below(6),
         power_percent: rng.below(6),
@@ -2168,7 +3079,21 @@ fn faults_for(seed: u64) -> Faults {
         operator_percent: rng.below(30),
         corrupt_percent: 0,
         suspend: rng.chance(20),
+        regional: None,
+        regional_interval: Duration::ZERO,
+        regional_crash_percent: 0,
+        regional_failover_permille: 0,
+    };
+    if seed >= REGIONAL_SEEDS {
+        // The last node is the regional copy: of a metro pair (three nodes), or of a lone
+        // primary (two). Drawn apart, so the metro draws above stay those of the metro seeds.
+        let mut rng = Rng(seed ^ 0x7e61_0a1c);
+        faults.regional = Some(faults.nodes - 1);
+        faults.regional_interval = rng.ms(30, 400);
+        faults.regional_crash_percent = rng.below(8);
+        faults.regional_failover_permille = rng.below(12);
     }
+    faults
 }
 
 /// One seeded run: phases of random writes and faults, each ending at a quiet checkpoint.
@@ -2202,25 +3127,36 @@ fn simulate(seed: u64) -> Sim {
     sim
 }
 
-fn seeds_to_run() -> Vec<u64> {
+/// The seeds of one test: the metro seeds count from 0, the regional ones from
+/// [`REGIONAL_SEEDS`]; `FERRY_SEED` replays one (in the test of its kind).
+fn seeds_to_run(regional: bool) -> Vec<u64> {
     if let Some(seed) = ferry_testkit::seed::replay_seed() {
-        return vec![seed];
+        return if (seed >= REGIONAL_SEEDS) == regional {
+            vec![seed]
+        } else {
+            Vec::new()
+        };
     }
     let count = if std::env::var_os("FERRY_LONG").is_some() {
-        20_000
+        if regional {
+            5_000
+        } else {
+            20_000
+        }
     } else {
         std::env::var("FERRY_SIM_RUNS")
             .ok()
             .and_then(|n| n.parse().ok())
-            .unwrap_or(300)
+            .unwrap_or(if regional { 100 } else { 300 })
     };
-    (0..count).collect()
+    let first = if regional { REGIONAL_SEEDS } else { 0 };
+    (first..first + count).collect()
 }
 
 #[test]
 fn metro_simulation_keeps_every_promise() {
     let mut totals = (0u64, 0u64, 0u64, 0u64, 0u64);
-    for seed in seeds_to_run() {
+    for seed in seeds_to_run(false) {
         eprintln!("metro simulation seed {seed} (replay: FERRY_SEED={seed})");
         let sim = simulate(seed);
         totals.0 += sim.steps;
@@ -2233,6 +3169,36 @@ fn metro_simulation_keeps_every_promise() {
         "metro simulation: {} steps, {} completed writes, {} failovers, {} split brains resolved, {} resyncs",
         totals.0, totals.1, totals.2, totals.3, totals.4
     );
+}
+
+#[test]
+fn regional_simulation_keeps_every_promise() {
+    let seeds = seeds_to_run(true);
+    let runs = seeds.len();
+    let mut totals = RegionalStats::default();
+    let mut steps = 0;
+    for seed in seeds {
+        eprintln!("regional simulation seed {seed} (replay: FERRY_SEED={seed})");
+        let sim = simulate(seed);
+        steps += sim.steps;
+        let s = sim.stats;
+        totals.batches_applied += s.batches_applied;
+        totals.catchups_applied += s.catchups_applied;
+        totals.catchups_abandoned += s.catchups_abandoned;
+        totals.reapplied_at_start += s.reapplied_at_start;
+        totals.crashes_mid_io += s.crashes_mid_io;
+        totals.failovers += s.failovers;
+        totals.checks += s.checks;
+    }
+    eprintln!("regional simulation: {steps} steps, {totals:?}");
+    if runs >= 50 {
+        // The schedules reach what they are meant to reach.
+        assert!(totals.batches_applied > 0, "{totals:?}");
+        assert!(totals.catchups_applied > 0, "{totals:?}");
+        assert!(totals.reapplied_at_start > 0, "{totals:?}");
+        assert!(totals.crashes_mid_io > 0, "{totals:?}");
+        assert!(totals.failovers > 0, "{totals:?}");
+    }
 }
 
 /// Seeds that once found a bug, kept so that it stays fixed (each runs its whole schedule):
