@@ -62,8 +62,8 @@
 //! unnoticed (its own map of this copy marks what it received and this copy did not confirm
 //! durable). This keeps the map's fdatasyncs off the client's path when a peer is lost
 //! (DRBD's activity log buys the same with a coarse on-disk extent record; the journal
-//! already is that record here). The map is still stored while it changes, at most every
-//! [`METRO_MAP_PERSIST_INTERVAL`], which is what lets the journal release the records.
+//! already is that record here). The map is still stored as soon as it changes, off the
+//! client's path, which is what lets the journal release the records.
 //!
 //! # Who ships
 //!
@@ -129,13 +129,6 @@ pub const RESYNC_READS_MAX: usize = 8;
 pub const ZERO_RUN_BYTES_MAX: u64 = 1 << 30;
 /// A resync holds new writes for its hand-over once at most this much is left to send.
 pub const HANDOVER_HOLD_BYTES: u64 = 2 << 20;
-/// A metro primary stores a peer's map at most this often while it marks records (the peer
-/// is lost or being resynced): the journal keeps those records until then, so this bounds
-/// how far the journal's release lags, and the map costs two fdatasyncs per interval instead
-/// of two per client write (measured: with a store per pass, degraded 4 KiB QD1 write p50
-/// stayed 1.4-2.3x standalone even once writes no longer waited for the store; 0.8-1.3x with
-/// this interval, in the same noisy conditions).
-pub const METRO_MAP_PERSIST_INTERVAL: Duration = Duration::from_millis(50);
 /// Every copy makes its journal durable at least this often while records arrive, so the
 /// other copies' journals keep moving; the primary reports its progress as often.
 pub const DURABLE_INTERVAL: Duration = Duration::from_millis(20);
@@ -711,8 +704,6 @@ struct Peer {
     demotion_hold: bool,
     /// Batches, for a regional peer.
     regional: regional::RegionalPeer,
-    /// Primary: when the map was last stored (see [`Replicator::map_persist_due`]).
-    map_persisted_at: Option<Instant>,
 }
 
 /// Metro replication of one volume. See the module doc.
@@ -948,7 +939,6 @@ impl Peer {
             rtts: Vec::new(),
             demotion_hold: false,
             regional: regional::RegionalPeer::default(),
-            map_persisted_at: None,
         }
     }
 }
@@ -1164,8 +1154,7 @@ impl Replicator {
         }
         for p in 0..self.peers.len() {
             earliest(self.batch_due(p));
-            let peer = &self.peers[p];
-            if peer.map.has_changes() || peer.map_state != peer.map_state_persisted {
+            if self.peers[p].map.has_changes() {
                 earliest(self.map_persist_due(p));
             }
         }
@@ -1528,28 +1517,6 @@ impl Replicator {
         peer.map_state = MapState::default();
     }
 
-    /// When a primary may store peer `p`'s map next, if it must wait. Only marks of records
-    /// wait: they settle writes while in memory (see "Completion" in the module doc) and
-    /// nothing but the journal's release waits for them in the file, so storing them at most
-    /// every [`METRO_MAP_PERSIST_INTERVAL`] ([`regional::MAP_PERSIST_INTERVAL`] for a
-    /// regional peer) keeps the map's writes and fdatasyncs from competing with the
-    /// journal's on every client write. A write-ahead mark (a device write waits for it)
-    /// goes at once, and so does anything on a secondary.
-    fn map_persist_due(&self, p: usize) -> Option<Instant> {
-        let peer = &self.peers[p];
-        if self.role != Role::Primary || peer.persisted_mark_seq < self.mark_seq {
-            return None;
-        }
-        let interval = if peer.config.regional.is_some() {
-            regional::MAP_PERSIST_INTERVAL
-        } else {
-            METRO_MAP_PERSIST_INTERVAL
-        };
-        peer.map_persisted_at
-            .map(|at| at + interval)
-            .filter(|due| *due > self.now)
-    }
-
     fn maybe_persist_map(&mut self, p: usize) {
         let due = self.map_persist_due(p);
         let now = self.now;
@@ -1568,9 +1535,11 @@ impl Replicator {
             return;
         }
         if due.is_some() {
-            return; // a primary's marks of records wait for the interval
+            return; // a regional peer's marks go at most every MAP_PERSIST_INTERVAL
         }
-        peer.map_persisted_at = Some(now);
+        if peer.config.regional.is_some() {
+            peer.regional.map_persisted_at = Some(now);
+        }
         let changes = peer.map.take_changes();
         let state = peer.map_state;
         peer.map_state_persisted = state;

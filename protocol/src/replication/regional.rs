@@ -222,6 +222,8 @@ pub(super) struct RegionalPeer {
     pub(super) tokens_at: Option<Instant>,
     /// `ferry pause`: no link to the peer until `ferry resume` (its writes are in its map).
     pub(super) paused: bool,
+    /// Primary: when the map was last stored (see [`MAP_PERSIST_INTERVAL`]).
+    pub(super) map_persisted_at: Option<Instant>,
     /// Secondary: records of the batch being received.
     pub(super) receiving: Vec<WriteRecord>,
     pub(super) receiving_bytes: u64,
@@ -532,6 +534,22 @@ impl Replicator {
             peer.covered_lsn = peer.covered_lsn.max(lsn);
             peer.covered_persisted_lsn = peer.covered_persisted_lsn.max(lsn);
         }
+    }
+
+    /// When a regional primary may store peer `p`'s map next, if it must wait: only marks of
+    /// records wait (a write-ahead mark, which a device write waits for, goes at once).
+    pub(super) fn map_persist_due(&self, p: usize) -> Option<Instant> {
+        let peer = &self.peers[p];
+        if peer.config.regional.is_none()
+            || self.role != Role::Primary
+            || peer.persisted_mark_seq < self.mark_seq
+        {
+            return None;
+        }
+        peer.regional
+            .map_persisted_at
+            .map(|at| at + MAP_PERSIST_INTERVAL)
+            .filter(|due| *due > self.now)
     }
 
     /// Whether a batch is being stored or applied, or waits to be.
