@@ -694,7 +694,15 @@ class Bench:
                        server.size_bytes)
         return {"p50_us": pct(job["read"], "50"), "p99_us": pct(job["read"], "99"), "iops": job["read"]["iops"]}
 
-    def fua_qd1(self, server):
+    def fua_after_burst(self, server):
+        """FUA QD1 right after a sequential burst (1 MiB writes, QD8, min(runtime, 5) s), with
+        no warm-up: the journal's applier is still busy with the burst, as when a user tries
+        FUA writes after copying a file in."""
+        self.fio(server, "burst", ["--rw=write", "--bs=1m", "--iodepth=8", "--time_based",
+                                   f"--runtime={max(1, min(self.runtime, 5))}"], server.size_bytes)
+        return self.fua_qd1(server, warmup=False)
+
+    def fua_qd1(self, server, warmup=True):
         import nbd  # only the system Python has it; checked in main()
 
         handle = nbd.NBD()
@@ -708,7 +716,7 @@ class Bench:
             buffer = os.urandom(4096)
             latencies_ns = []
             # Warm up for a second, as fio's ramp_time does.
-            end = time.monotonic() + 1
+            end = time.monotonic() + (1 if warmup else 0)
             while time.monotonic() < end:
                 handle.pwrite(buffer, rng.randrange(blocks) * 4096, nbd.CMD_FLAG_FUA)
             end = time.monotonic() + self.runtime
@@ -801,7 +809,33 @@ METRICS = [
     ("qd32_1", "4k randwrite QD32 1 conn (IOPS)", "qd32", (1,), "iops", "higher", 1.5, "all"),
     ("qd32_4", "4k randwrite QD32 4 conn x QD8 (IOPS)", "qd32", (4,), "iops", "higher", 1.5, "base"),
     ("rr_p50", "4k randread QD1 p50 (us)", "randread_qd1", (), "p50_us", "lower", 1.1, "base"),
+    ("fua_burst_p50", "4k FUA QD1 after a seq burst p50 (us)", "fua_after_burst", (), "p50_us", "lower", 0.9, "base"),
+    ("fua_burst_p99", "4k FUA QD1 after a seq burst p99 (us)", None, "fua_burst_p50", "p99_us", "lower", 1.2, "base"),
 ]
+
+# The goals of the hot-path work, printed with PASS/MISS at the end of the report.
+# (label, kind, target, better): kind picks how the ratio is computed in `goal_rows`.
+GOALS = [
+    ("standalone FUA QD1 p50 vs qemu-nbd", "base:fua_p50", 0.9, "lower"),
+    ("standalone FUA QD1 p99 vs qemu-nbd", "base:fua_p99", 1.2, "lower"),
+    ("standalone FUA QD1 p50 vs qemu-nbd, right after a burst", "base:fua_burst_p50", 0.9, "lower"),
+    ("standalone FUA QD1 p99 vs qemu-nbd, right after a burst", "base:fua_burst_p99", 1.2, "lower"),
+    ("standalone 4k write QD1 p50 vs qemu-nbd", "base:rw_p50", 1.0, "lower"),
+    ("standalone 4k randwrite QD32 1 conn vs qemu-nbd", "base:qd32_1", 1.5, "higher"),
+    ("standalone 4k randwrite 4 x QD8 vs qemu-nbd", "base:qd32_4", 1.5, "higher"),
+    ("standalone 1 MiB seq QD8 vs qemu-nbd", "base:seq", 1.0, "higher"),
+    ("metro-lo FUA p50 vs (standalone FUA p50 + UDP RTT p50)", "fua_floor:metro-lo", 1.2, "lower"),
+    ("metro-1ms FUA p50 vs (standalone FUA p50 + UDP RTT p50)", "fua_floor:metro-1ms", 1.1, "lower"),
+    ("metro-lo QD32 IOPS vs standalone", "metro:metro-lo:qd32_1", 0.8, "higher"),
+    ("metro-lo 1 MiB seq MB/s vs standalone", "metro:metro-lo:seq", 0.8, "higher"),
+    ("degraded write QD1 p50 vs standalone, worst window after the loss", "degraded:write", 1.1, "lower"),
+    ("degraded FUA QD1 p50 vs standalone, worst window after the loss", "degraded:fua", 1.1, "lower"),
+]
+# Peak RSS bound under QD32: the unapplied-record cap of one volume, the NBD payload cap of the
+# connections (128 MiB each), plus 32 MiB.
+RSS_UNAPPLIED_CAP_MIB = 64
+RSS_NBD_CONNECTION_CAP_MIB = 128
+RSS_SLACK_MIB = 32
 
 
 def verdict(ratio, better, target):
@@ -943,6 +977,25 @@ def measure_floors(ctx, bench, servers, floors):
         log(f"UDP RTT for {server.name} ...")
         floors[server.name] = {"rtt": ping_rtt(ctx.relay, server.rtt_ms)}
     measure_durable(ctx, bench, floors, "before")
+
+
+# ---------------------------------------------------------------------------------------------
+# Degraded: write latency second by second after the metro peer is killed (degraded_bench.py).
+
+
+def degraded_round(ctx, results, size_bytes):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import degraded_bench
+
+    window = max(1.0, min(ctx.args.runtime, 2))
+    try:
+        results["degraded"] = degraded_bench.measure(ctx, ctx.ferry, min(size_bytes, 256 * MIB), window,
+                                                     4 if ctx.args.quick else 6, log_prefix="degraded: ")
+        for problem in results["degraded"]["problems"]:
+            ctx.problem("degraded", problem)
+    except Exception as error:
+        results["degraded"] = {"error": str(error)}
+        ctx.problem("degraded", str(error))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1149,7 +1202,7 @@ def main():
     if args.outage_seconds is None:
         args.outage_seconds = 5.0 if args.quick else 30.0
     rtts = [float(r) for r in args.rtts.split(",") if r.strip()]
-    all_names = ["ferry", "qemu-nbd", "metro-lo"] + [rtt_label(r) for r in rtts] + ["resync"]
+    all_names = ["ferry", "qemu-nbd", "metro-lo"] + [rtt_label(r) for r in rtts] + ["degraded", "resync"]
     wanted = set()
     for item in args.only.split(","):
         item = item.strip()
@@ -1173,7 +1226,7 @@ def main():
         sys.exit("cannot import nbd: run with /usr/bin/python3 (apt-get install python3-libnbd)")
     if wanted - {"qemu-nbd"} and not os.access(args.ferry, os.X_OK):
         sys.exit(f"{args.ferry} not found: build it first with `cargo build --release -p ferry` in {ROOT}")
-    need_relay = any(n.startswith("metro") or n == "resync" for n in wanted)
+    need_relay = any(n.startswith("metro") or n in ("resync", "degraded") for n in wanted)
     if need_relay:
         args.relay = build_relay(args)
 
@@ -1229,6 +1282,8 @@ def main():
         results["log_warnings"] = collect_log_warnings(servers)
         if not args.keep:
             remove_volume_files(workdir)  # the resync test needs the space more than they do
+        if "degraded" in wanted:
+            degraded_round(ctx, results, size_bytes)
         if "resync" in wanted:
             resync_bench(ctx, results)
             results["log_warnings"] += collect_log_warnings(ctx.extra_servers)
@@ -1490,6 +1545,14 @@ def report(ctx, servers, raw, floors, results):
             print(f"  FAILED: {resync['error']}")
         print()
 
+    degraded = results.get("degraded")
+    if degraded and "error" not in degraded:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import degraded_bench
+
+        degraded_bench.report(degraded)
+    print_goals(ctx, raw, floors, results)
+
     warnings = results.get("log_warnings") or []
     if warnings:
         print("WARN/ERROR lines in the Ferry logs (grouped):")
@@ -1504,6 +1567,65 @@ def report(ctx, servers, raw, floors, results):
             if problem["log"]:
                 print("    " + problem["log"].rstrip().replace("\n", "\n    "))
         print()
+
+
+def goal_ratio(kind, raw, floors, results):
+    """(ratio, detail) of one goal, or (None, why not)."""
+    def value(name, key):
+        for k, _, function, fargs, value_key, *_ in METRICS:
+            if k == key:
+                return value_of(raw, name, key, fargs, function, value_key)
+        return None
+
+    parts = kind.split(":")
+    if parts[0] == "base":
+        ferry, qemu = value("ferry", parts[1]), value("qemu-nbd", parts[1])
+        ratio = ratio_of(ferry, qemu)
+        return ratio, f"ferry {fmt(ferry)} / qemu-nbd {fmt(qemu)}"
+    if parts[0] == "fua_floor":
+        metro, standalone = value(parts[1], "fua_p50"), value("ferry", "fua_p50")
+        rtt = (floors.get(parts[1]) or {}).get("rtt", {}).get("p50_us")
+        if metro is None or standalone is None or rtt is None:
+            return None, "not run"
+        return metro / (standalone + rtt), f"{fmt(metro)} / ({fmt(standalone)} + {fmt(rtt)})"
+    if parts[0] == "metro":
+        metro, standalone = value(parts[1], parts[2]), value("ferry", parts[2])
+        return ratio_of(metro, standalone), f"{fmt(metro)} / {fmt(standalone)}"
+    if parts[0] == "degraded":
+        degraded = results.get("degraded") or {}
+        ratio = degraded.get(f"{parts[1]}_worst_ratio")
+        if ratio is None:
+            return None, degraded.get("error", "not run")
+        windows = degraded[f"degraded_{parts[1]}"][1:]
+        return ratio, "p50 per window: " + ", ".join(fmt(w["p50_us"]) for w in windows)
+    return None, "unknown"
+
+
+def print_goals(ctx, raw, floors, results):
+    print("Goals (ratios within this run):")
+    lines = [["goal", "ratio", "target", "verdict", "figures (us, IOPS or MB/s)"]]
+    results["goals"] = []
+    for label, kind, target, better in GOALS:
+        ratio, detail = goal_ratio(kind, raw, floors, results)
+        sign = "<=" if better == "lower" else ">="
+        verdict_text = "-" if ratio is None else verdict(ratio, better, target).split()[-1]
+        lines.append([label, "-" if ratio is None else f"{ratio:.2f}x", f"{sign} {target}x", verdict_text, detail])
+        results["goals"].append({"goal": label, "ratio": ratio, "target": target, "better": better,
+                                 "verdict": verdict_text, "detail": detail})
+    # Peak RSS under QD32, against the configured caps.
+    for key, connections in (("qd32_1", 1), ("qd32_4", 4)):
+        bound = RSS_UNAPPLIED_CAP_MIB + RSS_NBD_CONNECTION_CAP_MIB * connections + RSS_SLACK_MIB
+        for name in raw:
+            hwm = raw.get(name, {}).get(key, {}).get("vmhwm_kib")
+            if not hwm or any(h is None for h in hwm):
+                continue
+            peak = max(hwm) / 1024
+            ok = peak <= bound
+            lines.append([f"{name} peak RSS under {key} (per process)", f"{peak:.1f} MiB", f"<= {bound} MiB",
+                          "PASS" if ok else "MISS", " + ".join(f"{h / 1024:.1f}" for h in hwm)])
+            results["goals"].append({"goal": f"{name} peak RSS {key}", "mib": peak, "bound_mib": bound,
+                                     "verdict": "PASS" if ok else "MISS"})
+    print_table(lines)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::sync::watch;
 
-use ferry_protocol::replication::{self as ledger, Meta, OpOutcome, StartPeer};
+use ferry_protocol::replication::{Meta, OpOutcome, StartPeer};
 
 use crate::config::ReplicaMode;
 use crate::config::{Config, ListenAddr, VolumeConfig};
@@ -279,10 +279,8 @@ pub(crate) async fn open_volume(
                 for (_, path) in &peers {
                     let (file, mut bitmap, mut state) =
                         DirtyFile::open(path, size_bytes, missing).await?;
-                    ledger::mark_replayed(&mut bitmap, &mut state, &ranges, head);
-                    if bitmap.has_changes() {
-                        file.persist(&bitmap.take_changes(), state).await?;
-                    }
+                    file.mark_replayed(&mut bitmap, &mut state, &ranges, head)
+                        .await?;
                     opened.push((file, StartPeer { bitmap, state }));
                 }
                 *maps.lock().expect("maps lock") = opened;

@@ -22,6 +22,15 @@
 //!   must come back to a (every write a client saw complete is on a), a must report b
 //!   in-sync, `ferry verify vol` on a must exit 0, and both exports must be byte-identical.
 //!
+//! - **Crash while degraded** (`metro_degraded_primary_{kill9,power_loss}_then_reconnect_*`):
+//!   the link is cut first, a degrades and takes the workload alone (its writes complete on
+//!   marks in memory; the journal keeps each record until the map is stored), then a is killed
+//!   -9 or loses power. After the restart and the link's return, the delta resync must carry
+//!   every write b lacks: b holds every completed write (kill -9), both copies are
+//!   byte-identical and `ferry verify` finds no difference. The workload covers the whole
+//!   volume so that the map stays sparse and the last writes before the crash are known only
+//!   from the journal (recovery marking nothing fails both with hundreds of blocks missing).
+//!
 //! Each run prints what the fault took: the records a's recovery replayed and its head
 //! against b's, the bytes the undo-log revert gave back per file, the completed writes that
 //! were not durable at the kill, and the resync bytes. A seed whose power loss took nothing
@@ -962,5 +971,156 @@ fn metro_power_loss_restart_as_primary_keeps_what_was_flushed_and_ends_identical
     eprintln!(
         "metro_power_loss_restart_as_primary_keeps_what_was_flushed_and_ends_identical took {:?}",
         started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Way 3: the primary crashes while degraded, then the peer comes back
+// ---------------------------------------------------------------------------------------------
+
+/// The primary a loses its peer (the link is cut; `on_disconnect = "degrade"`), takes the
+/// workload alone (its writes complete on marks that are in memory, the journal holding each
+/// record until the map is stored), and is killed -9 (`power` false) or loses power in the
+/// middle of it. It restarts, the link heals, and the delta resync must carry to b every write
+/// b lacks: b ends holding exactly what a holds, a holds every completed write (kill -9) or
+/// every FUA or FLUSHed one (power loss), and `ferry verify` finds no difference.
+fn degraded_primary_crash_then_reconnect(name: &str, power: bool) {
+    let seed = harness::test_seed(name);
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6465_6772);
+    let mut options = cluster_options(seed);
+    if !power {
+        options.env_a.clear();
+    }
+    let mut cluster = Cluster::start(options);
+    // The whole volume, so that the map stays sparse: the writes of the last moments before
+    // the crash mostly land on blocks nothing marked before, and only their records (replayed
+    // and marked at recovery) tell the resync about them.
+    let region_blocks = cluster.volume_size_bytes() / BLOCK_BYTES as u64;
+    let spec = WorkloadSpec::once(seed, WRITERS, region_blocks);
+    cluster.wait_replica_state(A, "in-sync", SYNC_TIMEOUT);
+    let baseline = read_region(&cluster.nbd_socket(A), region_blocks);
+    let mut failures = Vec::new();
+
+    // 1. The link goes; a degrades.
+    cluster.relay().both().cut();
+    cluster.wait_replica_state(
+        A,
+        "degraded",
+        cluster.peer_timeout() + Duration::from_secs(10),
+    );
+
+    // 2. The workload on a alone, then the crash in its plain phase.
+    let mixed_writes = rng.random_range(60..200);
+    let plain_for = Duration::from_millis(rng.random_range(100..600));
+    let revert_seed = rng.random::<u64>();
+    let load = PowerLoad::start(&cluster.nbd_socket(A), spec, mixed_writes);
+    if !load.wait_plain_phase(MIXED_PHASE_TIMEOUT) {
+        panic!(
+            "the writers did not all reach the plain phase within {MIXED_PHASE_TIMEOUT:?} while \
+             a was degraded (seed {seed}): errors {:?}; a: {}",
+            load.history.errors(),
+            cluster.volume_status(A)
+        );
+    }
+    std::thread::sleep(plain_for);
+    let before_kill = cluster.volume_status(A);
+    let killed_at = Instant::now();
+    let completed_at_kill = load.history.completed();
+    cluster.kill9(A);
+    let load = load.finish();
+    let early = load.errors_before(killed_at);
+    assert!(
+        early.is_empty(),
+        "writes failed before the kill (seed {seed}): {early:?}"
+    );
+    let what = if power { "power loss" } else { "kill -9" };
+    eprintln!(
+        "{what} of a while degraded after {plain_for:?} of plain writes: {completed_at_kill} \
+         writes completed ({} FUA, {} FLUSHes, {} not durable); a before the kill: replica {}, \
+         head {:?}",
+        load.fua_completed(),
+        load.flushes_completed(),
+        load.not_durable(),
+        cluster::replica_of(&before_kill, B.name()).unwrap_or_else(Value::String),
+        head_lsn(&before_kill),
+    );
+    if power {
+        for (path, report) in revert_node(&cluster, A, revert_seed) {
+            eprintln!(
+                "power loss: undo-log revert of {}: {} bytes taken back",
+                path.display(),
+                report.sectors_reverted * 512
+            );
+        }
+    }
+
+    // 3. a restarts, still alone: it holds what the crash kind promises.
+    cluster.restart(A);
+    let restarted = cluster.volume_status(A);
+    eprintln!("a restarted: {}", recovery_text(&restarted));
+    let region = read_region(&cluster.nbd_socket(A), region_blocks);
+    let violations = if power {
+        model::verify_region_after_power_loss(
+            &region,
+            &baseline,
+            &load.records,
+            &load.flushes,
+            &spec,
+        )
+    } else {
+        model::verify_region(&region, &baseline, &load.records, &spec)
+    };
+    if let Some(text) = violations_text(&violations, &format!("a after the {what}, alone")) {
+        failures.push(text);
+    }
+
+    // 4. The link heals: a resyncs b, and b ends with what a holds.
+    cluster.relay().both().restore();
+    match wait_peer_in_sync(&cluster, A, "after the link healed") {
+        Ok(replica) => {
+            eprintln!(
+                "a resynced {} bytes to b; a's replica: {replica}",
+                replica["resynced_bytes"]
+            );
+            if replica["resynced_bytes"].as_u64().unwrap_or(0) == 0 && completed_at_kill > 0 {
+                failures.push(format!(
+                    "b missed {completed_at_kill} writes, but the resync sent nothing: {replica}"
+                ));
+            }
+            let region_b = read_region(&cluster.nbd_socket(B), region_blocks);
+            if !power {
+                // Every completed write is on b now.
+                let on_b = model::verify_region(&region_b, &baseline, &load.records, &spec);
+                if let Some(text) = violations_text(&on_b, "b after the resync") {
+                    failures.push(text);
+                }
+            }
+            verify_cli(&cluster, A, &mut failures);
+            if let Some(difference) = compare_nodes(&cluster) {
+                failures.push(format!(
+                    "after the resync that followed the {what}: {difference}"
+                ));
+            }
+        }
+        Err(text) => failures.push(text),
+    }
+    report(&mut cluster, &failures, seed);
+    eprintln!("{name} took {:?}", started.elapsed());
+}
+
+#[test]
+fn metro_degraded_primary_kill9_then_reconnect_resyncs_every_write() {
+    degraded_primary_crash_then_reconnect(
+        "metro_degraded_primary_kill9_then_reconnect_resyncs_every_write",
+        false,
+    );
+}
+
+#[test]
+fn metro_degraded_primary_power_loss_then_reconnect_resyncs_every_write() {
+    degraded_primary_crash_then_reconnect(
+        "metro_degraded_primary_power_loss_then_reconnect_resyncs_every_write",
+        true,
     );
 }

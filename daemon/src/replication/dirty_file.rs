@@ -242,6 +242,29 @@ impl DirtyFile {
     }
 }
 
+impl DirtyFile {
+    /// Recovery: marks the ranges of the records it replayed (the newest at `head_lsn`) and
+    /// stores the map before the journal forgets them. The state is stored even when every
+    /// bit was set already: a `marked_through_lsn` left below `head_lsn` in the file would let
+    /// an acknowledgement of an older LSN clear marks of the replayed records after the next
+    /// restart, and completed writes rely on exactly these marks (see "Completion" in
+    /// `ferry_protocol::replication`).
+    pub async fn mark_replayed(
+        &self,
+        bitmap: &mut BlockBitmap,
+        state: &mut MapState,
+        ranges: &[(u64, u64)],
+        head_lsn: u64,
+    ) -> io::Result<()> {
+        let loaded = *state;
+        ferry_protocol::replication::mark_replayed(bitmap, state, ranges, head_lsn);
+        if bitmap.has_changes() || *state != loaded {
+            self.persist(&bitmap.take_changes(), *state).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Runs of consecutive changed pages, each at most [`IO_BATCH_BYTES`], as one vectored write.
 fn runs(changes: &BitmapChanges) -> Vec<(usize, Vec<SharedBuf>)> {
     let max_pages = (IO_BATCH_BYTES / PAGE_BYTES) as usize;
@@ -415,6 +438,43 @@ mod tests {
         assert_eq!(loaded.words(), bitmap.words());
         assert_eq!(loaded_state, state);
         assert_eq!(loaded.dirty_bytes(), 8192);
+    }
+
+    #[tokio::test]
+    async fn replayed_records_store_their_lsn_even_when_their_blocks_were_marked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.b.dirty");
+        let (file, mut bitmap, _) = DirtyFile::open(&path, SIZE, Missing::Clean)
+            .await
+            .expect("created");
+        bitmap.mark(0, 4096);
+        let old = MapState {
+            marked_through_lsn: 10,
+            resync_only: false,
+        };
+        file.persist(&bitmap.take_changes(), old)
+            .await
+            .expect("persisted");
+        drop(file);
+        let (file, mut bitmap, mut state) = DirtyFile::open(&path, SIZE, Missing::Clean)
+            .await
+            .expect("reopened");
+        // Recovery replayed LSNs up to 50, one of them on the block marked already.
+        file.mark_replayed(&mut bitmap, &mut state, &[(0, 4096)], 50)
+            .await
+            .expect("stored");
+        assert_eq!(state.marked_through_lsn, 50);
+        drop(file);
+        let (file, mut bitmap, mut state) = DirtyFile::open(&path, SIZE, Missing::Clean)
+            .await
+            .expect("reopened");
+        assert_eq!(state.marked_through_lsn, 50, "the state reached the file");
+        assert!(bitmap.is_marked(0));
+        // Nothing replayed: nothing changes, nothing is written.
+        file.mark_replayed(&mut bitmap, &mut state, &[], 60)
+            .await
+            .expect("nothing to store");
+        assert_eq!(state.marked_through_lsn, 50);
     }
 
     #[tokio::test]

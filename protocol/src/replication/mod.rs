@@ -40,7 +40,7 @@
 //! # Completion (primary)
 //!
 //! A client write (or FLUSH) of LSN l completes when, for every peer P, l is settled: acked
-//! into P's journal (durably, for FUA and FLUSH), or covered by persisted marks — unless
+//! into P's journal (durably, for FUA and FLUSH), or covered by marks — unless
 //! `on_disconnect = "suspend"` holds while P is unreachable — *and* in a generation P cannot
 //! hold. The last condition is the generation rule: a write completed without P must be in a
 //! generation P has never been told about, so that a copy promoted meanwhile meets it as a
@@ -49,6 +49,21 @@
 //! at the first record some peer has not settled, persists it, and only then lets marks settle
 //! records for P. Peers still receiving records learn it (`NewGeneration`); a copy that was
 //! resynced adopts the sender's whole lineage at the resync's end.
+//!
+//! Marks settle a record as soon as they are in memory (`covered`), not only once they are in
+//! M[P]'s file: the journal is the activity log. A record above `covered_persisted` is never
+//! released from the journal (the apply limit), so until its marks are durable the record
+//! itself is, as far as the write was promised: a completed write is in the journal (a FUA
+//! write or a FLUSHed one durably), and crash recovery marks every record it replays in every
+//! map, and stores those maps, before the ring is emptied. So a write the peer lacks is, after
+//! any crash, either still in the journal (marked again at recovery) or durably marked; and
+//! a write a power loss took from the journal was neither FUA nor FLUSHed, so it may be lost
+//! on this copy, and the peer, which was not confirming, cannot be the only one to hold it
+//! unnoticed (its own map of this copy marks what it received and this copy did not confirm
+//! durable). This keeps the map's fdatasyncs off the client's path when a peer is lost
+//! (DRBD's activity log buys the same with a coarse on-disk extent record; the journal
+//! already is that record here). The map is still stored as soon as it changes, off the
+//! client's path, which is what lets the journal release the records.
 //!
 //! # Who ships
 //!
@@ -1700,10 +1715,11 @@ impl Replicator {
         self.settled_published
     }
 
-    /// What one peer settles for completion: its acks, or persisted marks where the peer
-    /// cannot hold the generation and suspend does not hold writes.
+    /// What one peer settles for completion: its acks, or marks (in memory: the journal keeps
+    /// every record whose marks are not durable yet, see "Completion" in the module doc) where
+    /// the peer cannot hold the generation and suspend does not hold writes.
     fn completion(&self, peer: &Peer) -> (u64, u64) {
-        let mut by_marks = peer.covered_persisted_lsn;
+        let mut by_marks = peer.covered_lsn.max(peer.covered_persisted_lsn);
         if self.suspend_holds(peer) || (self.demoting && peer.demotion_hold) {
             by_marks = peer.acked_durable_lsn;
         }
