@@ -36,8 +36,9 @@ use crate::nbd_wire::NbdConn;
 
 /// One-way delay of the records from a to b while the demotion starts: long enough that every
 /// write in flight when a starts to refuse writes is still inside the relay when the link is
-/// cut a few milliseconds later, so that neither the record nor its acknowledgement arrives.
-const DRAIN_DELAY: Duration = Duration::from_millis(400);
+/// cut a few milliseconds later, so that neither the record nor its acknowledgement arrives
+/// (with room for a status poll on a loaded machine; still well within `peer_timeout`).
+const DRAIN_DELAY: Duration = Duration::from_millis(800);
 /// How long the test waits for the old primary to start refusing writes after `ferry demote`.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A held write that is still held after this much time past the heal of the partition has

@@ -235,23 +235,7 @@ impl Transport {
         }
         let runtime = quinn::default_runtime().ok_or(TransportError::NoRuntime)?;
 
-        let mut transport_config = quinn::TransportConfig::default();
-        // Three keep-alives per idle period: losing two in a row still does not time out.
-        transport_config.keep_alive_interval(Some(peer_timeout / 3));
-        transport_config.max_idle_timeout(Some(idle_timeout));
-        transport_config.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES));
-        transport_config.receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES));
-        transport_config.send_window(u64::from(CONNECTION_RECEIVE_WINDOW_BYTES));
-        transport_config.max_concurrent_bidi_streams(VarInt::from_u32(VOLUME_STREAMS_MAX));
-        // GSO stays on (quinn's default): turning it off cuts loopback throughput fourfold.
-        transport_config.enable_segmentation_offload(true);
-        // Storage networks between metro sites often run jumbo frames: let MTU discovery find
-        // them (quinn probes upwards from 1200 and settles on what the path carries, so a
-        // 1500-byte path costs nothing). Fewer, larger packets are most of the per-byte cost.
-        let mut mtu_discovery = quinn::MtuDiscoveryConfig::default();
-        mtu_discovery.upper_bound(MTU_DISCOVERY_UPPER_BOUND);
-        transport_config.mtu_discovery_config(Some(mtu_discovery));
-        let transport_config = Arc::new(transport_config);
+        let transport_config = Arc::new(transport_config(idle_timeout, peer_timeout));
 
         let mut server_config = tls::server_config(identity, peer_names.clone())?;
         server_config.transport_config(transport_config.clone());
@@ -457,7 +441,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn bind_udp(listen: SocketAddr) -> Result<UdpSocket, TransportError> {
+/// A UDP socket on `listen` with the buffers a long fat pipe needs (public for the congestion
+/// benchmark).
+pub fn bind_udp(listen: SocketAddr) -> Result<UdpSocket, TransportError> {
     let socket = UdpSocket::bind(listen).map_err(|source| TransportError::Bind {
         addr: listen,
         source,
@@ -824,6 +810,38 @@ async fn dial(shared: &Shared, peer: &PeerConfig) -> Result<Connection, Connecti
             Err(ConnectionError::TimedOut)
         }
     }
+}
+
+/// The QUIC transport settings of every peer connection: windows, keep-alives, MTU discovery
+/// and BBR congestion control. Loss-based controllers (quinn's default Cubic, NewReno) take a
+/// random loss for congestion: on the relay at 40 ms RTT and 100 Mbit/s, 0.1 % loss held
+/// them to 10 % of the link and a regional batch of 3 MiB took 2.3 s (p50) to arrive, against
+/// 91 % and 0.34 s for BBR, which gives up 5 % of the link without loss (benches/README.md,
+/// "Congestion control"; `cargo bench -p ferry --bench congestion`). Public for that
+/// benchmark, which measures exactly these settings.
+pub fn transport_config(
+    idle_timeout: quinn::IdleTimeout,
+    peer_timeout: Duration,
+) -> quinn::TransportConfig {
+    let mut transport_config = quinn::TransportConfig::default();
+    // Three keep-alives per idle period: losing two in a row still does not time out.
+    transport_config.keep_alive_interval(Some(peer_timeout / 3));
+    transport_config.max_idle_timeout(Some(idle_timeout));
+    transport_config.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES));
+    transport_config.receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES));
+    transport_config.send_window(u64::from(CONNECTION_RECEIVE_WINDOW_BYTES));
+    transport_config.max_concurrent_bidi_streams(VarInt::from_u32(VOLUME_STREAMS_MAX));
+    // GSO stays on (quinn's default): turning it off cuts loopback throughput fourfold.
+    transport_config.enable_segmentation_offload(true);
+    // Storage networks between metro sites often run jumbo frames: let MTU discovery find
+    // them (quinn probes upwards from 1200 and settles on what the path carries, so a
+    // 1500-byte path costs nothing). Fewer, larger packets are most of the per-byte cost.
+    let mut mtu_discovery = quinn::MtuDiscoveryConfig::default();
+    mtu_discovery.upper_bound(MTU_DISCOVERY_UPPER_BOUND);
+    transport_config.mtu_discovery_config(Some(mtu_discovery));
+    transport_config
+        .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    transport_config
 }
 
 #[cfg(test)]
