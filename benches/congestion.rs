@@ -135,28 +135,35 @@ async fn connect(pair: &Pair) -> Ends {
     (sender, (receive_send, receive_recv), [dialed, accepted])
 }
 
-/// Goodput of a bulk transfer as a share of the cap.
-async fn bulk(pair: &Pair) -> f64 {
+/// Goodput of a bulk transfer as a share of the cap, or why the connection was lost.
+async fn bulk(pair: &Pair) -> Result<f64, String> {
     let ((mut send, _), (_, mut recv), _connections) = connect(pair).await;
     let chunk = vec![0x5au8; CHUNK];
     let started = Instant::now();
     let writer = async {
         let mut sent = 0;
         while sent < BULK_BYTES {
-            send.write_all(&chunk).await.expect("write");
+            send.write_all(&chunk).await.map_err(|e| e.to_string())?;
             sent += chunk.len();
         }
+        Ok::<(), String>(())
     };
     let reader = async {
         let mut buf = vec![0u8; CHUNK];
         let mut got = 0;
         while got < BULK_BYTES {
-            got += recv.read(&mut buf).await.expect("read").expect("open");
+            got += recv
+                .read(&mut buf)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("stream finished early")?;
         }
+        Ok::<(), String>(())
     };
-    tokio::join!(writer, reader);
+    let (written, read) = tokio::join!(writer, reader);
+    read.and(written)?;
     let seconds = started.elapsed().as_secs_f64();
-    BULK_BYTES as f64 / seconds / RATE_BYTES_PER_SECOND as f64
+    Ok(BULK_BYTES as f64 / seconds / RATE_BYTES_PER_SECOND as f64)
 }
 
 /// Seconds from each batch's first byte sent to the receiver's answer, sorted.
@@ -232,12 +239,21 @@ fn main() {
                 let bulk_pair = pair(&a, &b, controller.clone(), loss);
                 let share = bulk(&bulk_pair).await;
                 drop(bulk_pair);
+                let share = match share {
+                    Ok(share) => format!("{:.0}%", share * 100.0),
+                    Err(error) => {
+                        println!(
+                            "{name:<9}{:>6.1}%  bulk: connection lost: {error}",
+                            loss * 100.0
+                        );
+                        "lost".to_string()
+                    }
+                };
                 let batch_pair = pair(&a, &b, controller, loss);
                 let times = batches(&batch_pair).await;
                 println!(
-                    "{name:<9}{:>6.1}%{:>15.0}%{:>16.3}{:>16.3}",
+                    "{name:<9}{:>6.1}%{share:>16}{:>16.3}{:>16.3}",
                     loss * 100.0,
-                    share * 100.0,
                     times[times.len() / 2],
                     times[times.len() - 1]
                 );

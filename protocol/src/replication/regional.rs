@@ -675,48 +675,14 @@ mod tests {
     /// Carries out every action of both sides until nothing moves; returns the batches the
     /// secondary applied.
     fn settle(a: &mut Replicator, b: &mut Replicator, now: Instant) -> Vec<(u64, Vec<u64>)> {
-        let mut applied = Vec::new();
-        for _ in 0..1000 {
-            let mut moved = false;
-            for side in 0..2 {
-                let (me, other) = if side == 0 {
-                    (&mut *a, &mut *b)
-                } else {
-                    (&mut *b, &mut *a)
-                };
-                me.advance(now);
-                while let Some(action) = me.poll_action() {
-                    moved = true;
-                    match action {
-                        Action::Transmit { message, .. } => other.message(0, message, now),
-                        Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
-                        Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
-                        Action::JournalFlush => {
-                            let head = me.head_lsn();
-                            me.journal_flushed(Ok(head));
-                        }
-                        Action::JournalReset { .. } => me.journal_reset(Ok(())),
-                        Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
-                            me.device_done(id, Ok(()))
-                        }
-                        Action::DeviceSync => me.device_synced(Ok(())),
-                        Action::Read { id, len_bytes, .. } => {
-                            me.read_done(id, Ok(bytes::Bytes::from(vec![0; len_bytes as usize])))
-                        }
-                        Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
-                        Action::ApplyBatch { peer, lsn, records } => {
-                            applied.push((lsn, records.iter().map(|r| r.lsn).collect()));
-                            me.batch_applied(peer, Ok(()));
-                        }
-                        other => panic!("unexpected action {other:?}"),
-                    }
-                }
-            }
-            if !moved {
-                return applied;
-            }
-        }
-        panic!("the two sides never settle");
+        let mut io = Vec::new();
+        settle_catchup(a, b, now, &|_| true, &mut io);
+        io.into_iter()
+            .filter_map(|event| match event {
+                Io::Applied(lsn, lsns) => Some((lsn, lsns)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// What the secondary's side of a staged catch-up did, in order.
@@ -727,10 +693,12 @@ mod tests {
         Commit(u64),
         Apply(u64),
         Drop,
+        /// A batch applied: its LSN and the LSNs of its records.
+        Applied(u64, Vec<u64>),
     }
 
-    /// Like [`settle`], with `deliver` choosing which of `a`'s messages reach `b`, and the
-    /// secondary's catch-up I/O recorded.
+    /// Carries out every action of both sides until nothing moves, with `deliver` choosing
+    /// which of `a`'s messages reach `b`, and the secondary's I/O recorded in `io`.
     fn settle_catchup(
         a: &mut Replicator,
         b: &mut Replicator,
@@ -769,7 +737,7 @@ mod tests {
                         }
                         Action::DeviceSync => me.device_synced(Ok(())),
                         Action::Read { id, len_bytes, .. } => {
-                            me.read_done(id, Ok(bytes::Bytes::from(vec![7; len_bytes as usize])))
+                            me.read_done(id, Ok(bytes::Bytes::from(vec![0; len_bytes as usize])))
                         }
                         Action::CatchUpWrite {
                             id, offset_bytes, ..
@@ -788,7 +756,10 @@ mod tests {
                         Action::CatchUpDrop => io.push(Io::Drop),
                         Action::Drain => me.writes_drained(),
                         Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
-                        Action::ApplyBatch { peer, .. } => me.batch_applied(peer, Ok(())),
+                        Action::ApplyBatch { peer, lsn, records } => {
+                            io.push(Io::Applied(lsn, records.iter().map(|r| r.lsn).collect()));
+                            me.batch_applied(peer, Ok(()))
+                        }
                         other => panic!("unexpected action {other:?}"),
                     }
                 }
