@@ -52,7 +52,7 @@ fn pair(
     let peer_timeout = Duration::from_secs(10);
     let idle = quinn::IdleTimeout::try_from(peer_timeout).expect("idle timeout");
     let mut transport = transport_config(idle, peer_timeout);
-    // Ferry's settings, with the controller under test in place of Ferry's (BBR).
+    // Ferry's settings, with the controller under test in place of Ferry's (Cubic).
     transport.congestion_controller_factory(controller);
     let transport = Arc::new(transport);
     let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
