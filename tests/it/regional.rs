@@ -192,6 +192,17 @@ fn wait_caught_up(cluster: &Cluster) -> serde_json::Value {
     }
 }
 
+/// Waits until b has caught up with a (see [`wait_caught_up`]) and checks that both copies hold
+/// the same writes; `context` says which test and seed.
+fn assert_converges(cluster: &Cluster, context: &str) {
+    wait_caught_up(cluster);
+    assert_eq!(
+        read_stamps(cluster, NodeId::A),
+        read_stamps(cluster, NodeId::B),
+        "the regional copy differs from the primary after catching up ({context})"
+    );
+}
+
 /// The write number each block of the region holds on node `id`.
 fn read_stamps(cluster: &Cluster, id: NodeId) -> Vec<u64> {
     let mut conn =
@@ -382,12 +393,7 @@ fn regional_link_cut_then_restored_catches_up_without_holding_writes() {
     cluster.relay().both().restore();
     std::thread::sleep(Duration::from_millis(1500));
     writer.stop();
-    wait_caught_up(&cluster);
-    assert_eq!(
-        read_stamps(&cluster, NodeId::A),
-        read_stamps(&cluster, NodeId::B),
-        "the regional copy differs from the primary after catching up (seed {seed})"
-    );
+    assert_converges(&cluster, &format!("seed {seed}"));
 }
 
 #[test]
@@ -491,12 +497,7 @@ fn regional_secondary_power_cut_mid_apply_comes_back_at_a_batch_boundary() {
     );
     // Back on the link, it catches up to the primary exactly.
     cluster.relay().both().restore();
-    wait_caught_up(&cluster);
-    assert_eq!(
-        read_stamps(&cluster, NodeId::A),
-        read_stamps(&cluster, NodeId::B),
-        "the regional copy differs from the primary after catching up (seed {seed}, it held {k})"
-    );
+    assert_converges(&cluster, &format!("seed {seed}, it held {k}"));
 }
 
 /// Cuts the link until the primary gives the regional peer up (`degraded`), with the writer
@@ -607,12 +608,7 @@ fn regional_secondary_power_cut_during_its_catch_up_comes_back_at_a_boundary() {
         "seed {seed}"
     );
     cluster.relay().both().set_rate(None).restore();
-    wait_caught_up(&cluster);
-    assert_eq!(
-        read_stamps(&cluster, NodeId::A),
-        read_stamps(&cluster, NodeId::B),
-        "the regional copy differs from the primary after catching up (seed {seed}, it held {k})"
-    );
+    assert_converges(&cluster, &format!("seed {seed}, it held {k}"));
 }
 
 #[test]
@@ -668,12 +664,7 @@ fn regional_secondary_killed_mid_catch_up_apply_applies_it_whole_at_start() {
         "the catch-up was committed: b holds every write (seed {seed})"
     );
     cluster.relay().both().set_rate(None).restore();
-    wait_caught_up(&cluster);
-    assert_eq!(
-        read_stamps(&cluster, NodeId::A),
-        read_stamps(&cluster, NodeId::B),
-        "seed {seed}"
-    );
+    assert_converges(&cluster, &format!("seed {seed}"));
 }
 
 #[test]
