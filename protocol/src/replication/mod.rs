@@ -1081,14 +1081,19 @@ impl Replicator {
         // A resync whose end arrived holds everything the sender sent: it finishes without
         // the link (only its acknowledgement is lost). Any other is abandoned: device writes
         // in flight finish on their own, and the copy stays as consistent as its meta says.
-        if !peer
+        let ending = peer
             .resync_in
             .as_ref()
-            .is_some_and(|r| matches!(r.phase, InPhase::Ending { .. }))
-            && peer.resync_in.take().is_some_and(|r| r.staged)
-        {
-            // Nothing of an abandoned catch-up reached the device.
-            self.actions.push_back(Action::CatchUpDrop);
+            .is_some_and(|r| matches!(r.phase, InPhase::Ending { .. }));
+        if let Some(abandoned) = peer.resync_in.take_if(|_| !ending) {
+            if abandoned.staged {
+                // Nothing of an abandoned catch-up reached the device.
+                self.actions.push_back(Action::CatchUpDrop);
+            }
+            // Batches that came after its end wait for it (they continue the history it
+            // was bringing this copy to): without it they would apply onto a copy that
+            // never got there.
+            self.peers[p].regional.batches.clear();
         }
         let peer = &mut self.peers[p];
         peer.is_my_primary = false;
@@ -1478,9 +1483,15 @@ impl Replicator {
                 self.send_progress();
             }
         }
-        // Every copy makes its journal durable at least every tick while records arrive (so
-        // the others can release theirs), and a secondary at once when its primary asks.
-        let wanted = if due {
+        // Every copy with a metro peer makes its journal durable at least every tick while
+        // records arrive (so the others can release theirs), and a secondary at once when its
+        // primary asks. Regional peers need no such tick: a regional secondary releases what
+        // it applied batch by batch, and a primary with regional peers only keeps the
+        // journal's durability as a standalone volume does (FUA, FLUSH), so its non-FUA
+        // writes never queue behind an fdatasync every tick (measured: 50 journal fdatasyncs
+        // a second under 4 KiB QD1 writes).
+        let periodic = due && self.peers.iter().any(|p| p.config.regional.is_none());
+        let wanted = if periodic {
             self.head_lsn
         } else {
             self.flush_wanted_lsn.min(self.head_lsn)

@@ -3228,4 +3228,8 @@ fn regression_seeds() {
         eprintln!("metro simulation regression seed {seed}");
         simulate(seed);
     }
+    for seed in [4_294_967_436] {
+        eprintln!("regional simulation regression seed {seed}");
+        simulate(seed);
+    }
 }
