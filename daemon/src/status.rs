@@ -556,6 +556,7 @@ mod tests {
             protecting: true,
             verify: None,
             catch_up: None,
+            congestion: Some("cubic".to_string()),
         }
     }
 
