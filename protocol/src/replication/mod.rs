@@ -1486,10 +1486,11 @@ impl Replicator {
         // Every copy with a metro peer makes its journal durable at least every tick while
         // records arrive (so the others can release theirs), and a secondary at once when its
         // primary asks. Regional peers need no such tick: a regional secondary releases what
-        // it applied batch by batch, and a primary with regional peers only keeps the
-        // journal's durability as a standalone volume does (FUA, FLUSH), so its non-FUA
-        // writes never queue behind an fdatasync every tick (measured: 50 journal fdatasyncs
-        // a second under 4 KiB QD1 writes).
+        // it applied batch by batch, and a primary with regional peers only makes its journal
+        // durable where a standalone volume does (FUA, FLUSH) and at each boundary it hands a
+        // regional copy (`durable_through`), so its non-FUA writes do not share the disk with
+        // an fdatasync every tick (measured: 50 journal fdatasyncs a second under 4 KiB QD1
+        // writes).
         let periodic = due && self.peers.iter().any(|p| p.config.regional.is_none());
         let wanted = if periodic {
             self.head_lsn

@@ -466,6 +466,9 @@ impl Replicator {
             return;
         }
         let lsn = self.head_lsn;
+        if self.is_regional(p) && !self.durable_through(lsn) {
+            return; // `journal_flushed` moves on
+        }
         let lineage = self.persisted_lineage();
         let generation = lineage.current_generation();
         let peer = &mut self.peers[p];

@@ -344,6 +344,10 @@ impl Replicator {
             let next_record = peer.queue.front().map(|r| (r.lsn, r.data.len() as u64));
             if let Some(&cut) = peer.regional.cuts.front() {
                 if next_record.is_none_or(|(lsn, _)| lsn > cut) {
+                    if !self.durable_through(cut) {
+                        return; // `journal_flushed` moves on
+                    }
+                    let peer = &mut self.peers[p];
                     peer.regional.cuts.pop_front();
                     if let Err(error) = peer.session.send_batch_end(cut, now) {
                         return self.close_for(p, error);
@@ -369,6 +373,25 @@ impl Replicator {
                 return self.close_for(p, error);
             }
         }
+    }
+
+    /// Whether this copy's journal is durable through `lsn`; if not, makes it so (once).
+    ///
+    /// A regional copy is only handed a boundary (a batch's end, a resync's end) its primary
+    /// cannot lose: the primary keeps no periodic durability for regional peers, so a power
+    /// loss could otherwise take records the regional copy holds, and the primary would then
+    /// write others under the same LSNs in the same generation, a history the copy never
+    /// learns it left. One fdatasync per batch, off the client's path.
+    pub(super) fn durable_through(&mut self, lsn: u64) -> bool {
+        if self.local_durable_lsn >= lsn {
+            return true;
+        }
+        self.flush_wanted_lsn = self.flush_wanted_lsn.max(lsn);
+        if !self.flush_in_flight {
+            self.flush_in_flight = true;
+            self.actions.push_back(Action::JournalFlush);
+        }
+        false
     }
 
     /// When the open batch of a regional peer must be cut, or `max_rate` lets the next queued
@@ -918,6 +941,10 @@ mod tests {
                     Action::Transmit { message, .. } => b.message(0, message, now),
                     Action::PersistMeta { .. } => a.meta_persisted(Ok(())),
                     Action::PersistMap { peer, .. } => a.map_persisted(peer, Ok(())),
+                    Action::JournalFlush => {
+                        let head = a.head_lsn();
+                        a.journal_flushed(Ok(head));
+                    }
                     Action::Read { id, len_bytes, .. } => {
                         a.read_done(id, Ok(bytes::Bytes::from(vec![7; len_bytes as usize])))
                     }
@@ -1010,6 +1037,50 @@ mod tests {
             status.generation, generation,
             "no generation for a regional peer"
         );
+    }
+
+    #[test]
+    fn a_batch_ends_only_where_the_primary_journal_is_durable() {
+        let start = Instant::now();
+        let mut a = node("a", "b", Role::Primary, start);
+        let mut b = node("b", "a", Role::Secondary, start);
+        a.connected(0, start);
+        b.connected(0, start);
+        settle(&mut a, &mut b, start);
+        for lsn in 1..=3u64 {
+            a.tap(write(lsn, lsn * 8192, 4096), start);
+        }
+        // No tick makes the journal durable for a regional peer, so at the cut the records
+        // go, and the batch's end waits for one fdatasync.
+        let now = start + Duration::from_secs(1);
+        a.advance(now);
+        let mut flushes = 0;
+        while let Some(action) = a.poll_action() {
+            match action {
+                Action::Transmit {
+                    message: Message::BatchEnd { .. },
+                    ..
+                } => panic!("a batch end before the journal is durable through it"),
+                Action::Transmit { message, .. } => b.message(0, message, now),
+                Action::JournalFlush => flushes += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(flushes, 1);
+        assert_eq!(b.peers[0].regional.receiving.len(), 3);
+        a.journal_flushed(Ok(3));
+        a.advance(now);
+        let mut ends = Vec::new();
+        while let Some(action) = a.poll_action() {
+            if let Action::Transmit {
+                message: Message::BatchEnd { lsn },
+                ..
+            } = action
+            {
+                ends.push(lsn);
+            }
+        }
+        assert_eq!(ends, vec![3]);
     }
 
     #[test]

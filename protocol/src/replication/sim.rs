@@ -3228,7 +3228,7 @@ fn regression_seeds() {
         eprintln!("metro simulation regression seed {seed}");
         simulate(seed);
     }
-    for seed in [4_294_967_436] {
+    for seed in [4_294_967_436, 4_294_967_522] {
         eprintln!("regional simulation regression seed {seed}");
         simulate(seed);
     }
