@@ -1560,17 +1560,20 @@ def report(ctx, servers, raw, floors, results):
 
         degraded_bench.report(degraded)
     print_goals(ctx, raw, floors, results)
+    print_warnings_and_problems(results.get("log_warnings"), ctx.problems)
 
-    warnings = results.get("log_warnings") or []
+
+def print_warnings_and_problems(warnings, problems):
+    """The grouped WARN/ERROR lines of the Ferry logs (collect_log_warnings) and ctx.problems."""
     if warnings:
         print("WARN/ERROR lines in the Ferry logs (grouped):")
         for entry in warnings:
             print(f"  {entry['where']}: {entry['count']}x {entry['level']} {entry['target']} {entry['message']}")
             print(f"      e.g. {entry['example']}")
         print()
-    if ctx.problems:
+    if problems:
         print("PROBLEMS:")
-        for problem in ctx.problems:
+        for problem in problems:
             print(f"  {problem['where']}: {problem['what']}")
             if problem["log"]:
                 print("    " + problem["log"].rstrip().replace("\n", "\n    "))

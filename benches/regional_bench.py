@@ -513,20 +513,7 @@ def report(results, args, link_bytes_s, ctx):
               f"{drops['dropped_send_error_datagrams']}, kernel {relay['kernel_receive_drops']}")
         print()
     print_goals(results, link_bytes_s)
-    warnings = results.get("log_warnings") or []
-    if warnings:
-        print("WARN/ERROR lines in the Ferry logs (grouped):")
-        for entry in warnings:
-            print(f"  {entry['where']}: {entry['count']}x {entry['level']} {entry['target']} {entry['message']}")
-            print(f"      e.g. {entry['example']}")
-        print()
-    if ctx.problems:
-        print("PROBLEMS:")
-        for problem in ctx.problems:
-            print(f"  {problem['where']}: {problem['what']}")
-            if problem["log"]:
-                print("    " + problem["log"].rstrip().replace("\n", "\n    "))
-        print()
+    nb.print_warnings_and_problems(results.get("log_warnings"), ctx.problems)
 
 
 def states_text(states):

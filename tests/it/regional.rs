@@ -451,14 +451,7 @@ fn pause_stops_shipping_and_resume_catches_up_with_only_what_changed() {
 #[test]
 fn regional_secondary_counts_the_bytes_and_time_of_the_batches_it_applies() {
     let seed = crate::harness::test_seed("regional_apply_metrics");
-    let cluster = Cluster::start(ClusterOptions {
-        size: "32MiB".into(),
-        journal_size: "32MiB".into(),
-        seed,
-        regional: Some((NodeId::B, "200ms".into())),
-        ..ClusterOptions::default()
-    });
-    cluster.wait_replica_state(NodeId::A, "in-sync", Duration::from_secs(60));
+    let cluster = regional_pair(seed, "200ms", Duration::ZERO, Vec::new());
     let mut conn = NbdConn::connect_unix(&cluster.nbd_socket(NodeId::A), crate::cluster::VOLUME)
         .expect("connect");
     let blocks = 300u64;
