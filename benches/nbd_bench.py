@@ -208,12 +208,19 @@ def percentile(sorted_values, fraction):
 
 
 class Relay:
-    """A `ferry-relay --control-stdin` process between real UDP addresses a and b."""
+    """A `ferry-relay --control-stdin` process between real UDP addresses a and b, with a
+    one-way delay, and optionally a rate cap (Mbit/s) and a random loss probability, in both
+    directions."""
 
-    def __init__(self, binary, a, b, one_way_us, log_path):
+    def __init__(self, binary, a, b, one_way_us, log_path, rate_mbit=None, loss=0.0):
         self.log_file = open(log_path, "ab")
+        command = [binary, "--a", a, "--b", b, "--delay-us", str(int(one_way_us)), "--control-stdin"]
+        if rate_mbit is not None:
+            command += ["--rate-mbit", f"{rate_mbit:g}"]
+        if loss:
+            command += ["--loss", f"{loss:g}"]
         self.proc = spawn(
-            [binary, "--a", a, "--b", b, "--delay-us", str(int(one_way_us)), "--control-stdin"],
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log_file,
@@ -498,11 +505,12 @@ class MetroPair(Server):
     def pids(self):
         return [node.pid for node in (self.a, self.b) if node.running()]
 
-    def start_relay(self, rtt_ms):
-        """Routes the pair through a relay adding rtt_ms (0 allowed); rewrites both configs, so
-        call it before the nodes start."""
+    def start_relay(self, rtt_ms, rate_mbit=None, loss=0.0):
+        """Routes the pair through a relay adding rtt_ms (0 allowed), capped at rate_mbit and
+        losing `loss` of the datagrams if given; rewrites both configs, so call it before the
+        nodes start."""
         self.relay = Relay(self.ctx.relay, f"127.0.0.1:{self.ports['a']}", f"127.0.0.1:{self.ports['b']}",
-                           rtt_ms * 500, os.path.join(self.dir, "relay.log"))
+                           rtt_ms * 500, os.path.join(self.dir, "relay.log"), rate_mbit, loss)
         self.a.write_config(self.relay.addr_for_a)
         self.b.write_config(self.relay.addr_for_b)
 
@@ -1345,14 +1353,14 @@ def collect_log_warnings(servers):
 # Report.
 
 
-def fmt(value, unit=""):
+def fmt(value, unit="", digits=1):
     if value is None:
         return "-"
     if isinstance(value, str):
         return value
     if abs(value) >= 1000:
         return f"{value:,.0f}{unit}"
-    return f"{value:.1f}{unit}"
+    return f"{value:.{digits}f}{unit}"
 
 
 def ratio_of(a, b):
@@ -1552,17 +1560,20 @@ def report(ctx, servers, raw, floors, results):
 
         degraded_bench.report(degraded)
     print_goals(ctx, raw, floors, results)
+    print_warnings_and_problems(results.get("log_warnings"), ctx.problems)
 
-    warnings = results.get("log_warnings") or []
+
+def print_warnings_and_problems(warnings, problems):
+    """The grouped WARN/ERROR lines of the Ferry logs (collect_log_warnings) and ctx.problems."""
     if warnings:
         print("WARN/ERROR lines in the Ferry logs (grouped):")
         for entry in warnings:
             print(f"  {entry['where']}: {entry['count']}x {entry['level']} {entry['target']} {entry['message']}")
             print(f"      e.g. {entry['example']}")
         print()
-    if ctx.problems:
+    if problems:
         print("PROBLEMS:")
-        for problem in ctx.problems:
+        for problem in problems:
             print(f"  {problem['where']}: {problem['what']}")
             if problem["log"]:
                 print("    " + problem["log"].rstrip().replace("\n", "\n    "))

@@ -88,6 +88,8 @@ pub struct Metrics {
     replica_lag_seconds: GaugeVec,
     replica_rtt: HistogramVec,
     replication_bytes: IntCounterVec,
+    regional_apply_bytes: IntCounterVec,
+    regional_apply_seconds: CounterVec,
     journal_used_bytes: IntGaugeVec,
     journal_capacity_bytes: IntGaugeVec,
     journal_head_lsn: IntGaugeVec,
@@ -172,6 +174,12 @@ pub struct ReplicaMetrics {
     pub logical_bytes_total: IntCounter,
     /// `ferry_replication_bytes_total{kind="wire"}`: bytes sent after compression, coalescing.
     pub wire_bytes_total: IntCounter,
+    /// `ferry_regional_apply_bytes_total`: payload bytes of the batches from this peer that
+    /// this regional secondary applied to its device.
+    pub regional_apply_bytes_total: IntCounter,
+    /// `ferry_regional_apply_seconds_total`: time spent applying them (after each batch was
+    /// stored): so the apply rate is the ratio of the two.
+    pub regional_apply_seconds_total: Counter,
     pub resync_remaining_bytes: IntGauge,
     /// `ferry_resync_total_bytes`: the running resync's size (sent plus remaining).
     pub resync_total_bytes: IntGauge,
@@ -310,6 +318,22 @@ impl Metrics {
                 "ferry_replication_bytes_total",
                 "Bytes written (kind=logical) vs bytes sent (kind=wire).",
                 &["volume", "peer", "kind"],
+            ),
+            regional_apply_bytes: int_counter(
+                "ferry_regional_apply_bytes_total",
+                "Payload bytes of the regional batches from the peer that this secondary applied to its device.",
+                &["volume", "peer"],
+            ),
+            regional_apply_seconds: register(
+                &registry,
+                CounterVec::new(
+                    Opts::new(
+                        "ferry_regional_apply_seconds_total",
+                        "Time this regional secondary spent applying the peer's stored batches to its device.",
+                    ),
+                    &["volume", "peer"],
+                )
+                .expect("valid counter"),
             ),
             journal_used_bytes: int_gauge(
                 "ferry_journal_used_bytes",
@@ -491,6 +515,8 @@ impl Metrics {
             wire_bytes_total: self
                 .replication_bytes
                 .with_label_values(&[volume, peer, "wire"]),
+            regional_apply_bytes_total: self.regional_apply_bytes.with_label_values(&pair),
+            regional_apply_seconds_total: self.regional_apply_seconds.with_label_values(&pair),
             resync_remaining_bytes: self.resync_remaining_bytes.with_label_values(&pair),
             resync_total_bytes: self.resync_total_bytes.with_label_values(&pair),
             resync_bytes_total: self.resync_bytes.with_label_values(&pair),
@@ -894,6 +920,8 @@ mod tests {
             r#"ferry_replica_lag_seconds{peer="site-b",volume="pg-data"} 0.25"#,
             r#"ferry_replica_rtt_seconds_count{peer="site-b",volume="pg-data"} 0"#,
             r#"ferry_replication_bytes_total{kind="wire",peer="site-b",volume="pg-data"} 0"#,
+            r#"ferry_regional_apply_bytes_total{peer="site-b",volume="pg-data"} 0"#,
+            r#"ferry_regional_apply_seconds_total{peer="site-b",volume="pg-data"} 0"#,
             r#"ferry_resync_remaining_bytes{peer="site-b",volume="pg-data"} 0"#,
             r#"ferry_resync_bytes_total{peer="site-b",volume="pg-data"} 0"#,
             r#"ferry_peer_auth_failures_total{peer="site-x"} 1"#,

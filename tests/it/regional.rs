@@ -463,6 +463,41 @@ fn pause_stops_shipping_and_resume_catches_up_with_only_what_changed() {
     );
 }
 
+/// The secondary counts what it applies: every byte of the batches (distinct blocks, so no
+/// write is coalesced away), and the time it took; the primary applies no batch.
+#[test]
+fn regional_secondary_counts_the_bytes_and_time_of_the_batches_it_applies() {
+    let seed = crate::harness::test_seed("regional_apply_metrics");
+    let cluster = regional_pair(seed, "200ms", Duration::ZERO, Vec::new());
+    let mut conn = NbdConn::connect_unix(&cluster.nbd_socket(NodeId::A), crate::cluster::VOLUME)
+        .expect("connect");
+    let blocks = 300u64;
+    for id in 1..=blocks {
+        conn.write(id * BLOCK, &stamp(id), false).expect("write");
+    }
+    wait_caught_up(&cluster);
+    // The counters move after the batch's journal restart that wait_caught_up sees.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let bytes = "ferry_regional_apply_bytes_total";
+    while cluster.metric(NodeId::B, bytes, &[]) < (blocks * BLOCK) as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "b applied {} bytes of batches, not {} (seed {seed})",
+            cluster.metric(NodeId::B, bytes, &[]),
+            blocks * BLOCK
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        cluster.metric(NodeId::B, bytes, &[]),
+        (blocks * BLOCK) as f64
+    );
+    let seconds = "ferry_regional_apply_seconds_total";
+    assert!(cluster.metric(NodeId::B, seconds, &[]) > 0.0);
+    assert_eq!(cluster.metric(NodeId::A, bytes, &[]), 0.0);
+    assert_eq!(cluster.metric(NodeId::A, seconds, &[]), 0.0);
+}
+
 /// Plays a power loss on every file of node `id` that kept an undo log (its device image, its
 /// journal, its stage file, its maps and meta).
 fn power_loss_revert(cluster: &Cluster, id: NodeId, seed: u64) -> u64 {

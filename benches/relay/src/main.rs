@@ -3,13 +3,15 @@
 //! a cut between two Ferry nodes (the kernel here has no netem).
 //!
 //! ```text
-//! ferry-relay --a ADDR --b ADDR [--delay-us N] [--seed N] [--control-stdin]
+//! ferry-relay --a ADDR --b ADDR [--delay-us N] [--rate-mbit M] [--loss P] [--seed N] [--control-stdin]
 //! ```
 //! Starts `Relay::start(a, b, seed)` with `both().set_delay(N µs)` (N is the ONE-WAY delay: the
-//! RTT it adds is 2N), prints one JSON line `{"addr_for_a": ..., "addr_for_b": ...}` on stdout
-//! (configure A with B's address = `addr_for_a`, B with A's = `addr_for_b`) and runs until
-//! killed. With `--control-stdin` it reads one command per line from stdin and answers one
-//! line on stdout: `cut` / `restore` (both directions), `delay US` (one way, both directions),
+//! RTT it adds is 2N), a rate cap of M Mbit/s (10^6 bits of UDP payload per second) and a
+//! random loss probability P (0 to 1) in each direction, prints one JSON line
+//! `{"addr_for_a": ..., "addr_for_b": ...}` on stdout (configure A with B's address =
+//! `addr_for_a`, B with A's = `addr_for_b`) and runs until killed. With `--control-stdin` it
+//! reads one command per line from stdin and answers one line on stdout: `cut` / `restore`,
+//! `delay US` (one way), `rate MBIT` / `rate off`, `loss P` (all of them both directions),
 //! `stats` (a JSON line of counters); it exits when stdin closes, so a relay whose controller
 //! died does not linger.
 //!
@@ -20,7 +22,6 @@
 //! in-process relay with the given one-way delay (or directly with `--direct`), and prints one
 //! JSON line: `count`, `lost`, `min_us`, `p50_us`, `p99_us`, `mean_us`, `max_us`.
 
-
 use std::io::{BufRead, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::process::ExitCode;
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use ferry_testkit::relay::{LinkStats, Relay};
 
 const USAGE: &str = "usage:
-  ferry-relay --a ADDR --b ADDR [--delay-us N] [--seed N] [--control-stdin]
+  ferry-relay --a ADDR --b ADDR [--delay-us N] [--rate-mbit M] [--loss P] [--seed N] [--control-stdin]
   ferry-relay --ping COUNT [--delay-us N] [--direct] [--payload BYTES]";
 
 /// Pings answered later than this are counted as lost.
@@ -41,6 +42,8 @@ struct Args {
     a: Option<SocketAddr>,
     b: Option<SocketAddr>,
     delay: Duration,
+    rate: Option<u64>,
+    loss: f64,
     seed: u64,
     control_stdin: bool,
     ping: Option<usize>,
@@ -53,6 +56,8 @@ fn parse_args() -> Result<Args, String> {
         a: None,
         b: None,
         delay: Duration::ZERO,
+        rate: None,
+        loss: 0.0,
         seed: 1,
         control_stdin: false,
         ping: None,
@@ -71,6 +76,8 @@ fn parse_args() -> Result<Args, String> {
             "--delay-us" => {
                 args.delay = Duration::from_micros(parse(&value("--delay-us")?, "--delay-us")?)
             }
+            "--rate-mbit" => args.rate = parse_rate(&value("--rate-mbit")?)?,
+            "--loss" => args.loss = parse_loss(&value("--loss")?)?,
             "--seed" => args.seed = parse(&value("--seed")?, "--seed")?,
             "--control-stdin" => args.control_stdin = true,
             "--ping" => args.ping = Some(parse(&value("--ping")?, "--ping")?),
@@ -86,6 +93,31 @@ fn parse_args() -> Result<Args, String> {
 fn parse<T: std::str::FromStr>(text: &str, name: &str) -> Result<T, String> {
     text.parse()
         .map_err(|_| format!("{name}: cannot parse {text:?}"))
+}
+
+/// A rate in Mbit/s (10^6 bits per second, a float) as bytes per second; `off` is no cap.
+fn parse_rate(text: &str) -> Result<Option<u64>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    let mbit: f64 = parse(text, "rate")?;
+    let bytes_per_second = (mbit * 1e6 / 8.0).round();
+    // The relay takes a zero rate as a cut; refuse it here rather than panic there.
+    if !(1.0..=u64::MAX as f64).contains(&bytes_per_second) {
+        return Err(format!(
+            "rate: {text:?} Mbit/s is not a positive rate (use cut for none)"
+        ));
+    }
+    Ok(Some(bytes_per_second as u64))
+}
+
+/// A loss probability in [0, 1].
+fn parse_loss(text: &str) -> Result<f64, String> {
+    let probability: f64 = parse(text, "loss")?;
+    if !(0.0..=1.0).contains(&probability) {
+        return Err(format!("loss: {text:?} is not a probability in [0, 1]"));
+    }
+    Ok(probability)
 }
 
 fn main() -> ExitCode {
@@ -117,14 +149,20 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let relay = Relay::start(a, b, args.seed);
-    relay.both().set_delay(args.delay);
+    relay
+        .both()
+        .set_delay(args.delay)
+        .set_rate(args.rate)
+        .set_loss(args.loss);
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(
         stdout,
-        "{{\"addr_for_a\": \"{}\", \"addr_for_b\": \"{}\", \"delay_us\": {}}}",
+        "{{\"addr_for_a\": \"{}\", \"addr_for_b\": \"{}\", \"delay_us\": {}, \"rate_bytes_per_second\": {}, \"loss\": {}}}",
         relay.addr_for_a(),
         relay.addr_for_b(),
-        args.delay.as_micros()
+        args.delay.as_micros(),
+        args.rate.map_or("null".to_string(), |rate| rate.to_string()),
+        args.loss
     );
     let _ = stdout.flush();
     if !args.control_stdin {
@@ -153,15 +191,32 @@ fn main() -> ExitCode {
                 }
                 Err(_) => format!("error: cannot parse {micros:?}"),
             },
+            ["rate", mbit] => match parse_rate(mbit) {
+                Ok(rate) => {
+                    relay.both().set_rate(rate);
+                    "ok".to_string()
+                }
+                Err(message) => format!("error: {message}"),
+            },
+            ["loss", probability] => match parse_loss(probability) {
+                Ok(probability) => {
+                    relay.both().set_loss(probability);
+                    "ok".to_string()
+                }
+                Err(message) => format!("error: {message}"),
+            },
             ["stats"] => format!(
                 "{{\"a_to_b\": {}, \"b_to_a\": {}, \"kernel_receive_drops\": {}}}",
                 stats_json(&relay.a_to_b().stats()),
                 stats_json(&relay.b_to_a().stats()),
                 relay.kernel_receive_drops()
             ),
-            _ => format!("error: unknown command {line:?} (cut, restore, delay US, stats)"),
+            _ => format!("error: unknown command {line:?} (cut, restore, delay US, rate MBIT|off, loss P, stats)"),
         };
-        if writeln!(stdout, "{reply}").and_then(|_| stdout.flush()).is_err() {
+        if writeln!(stdout, "{reply}")
+            .and_then(|_| stdout.flush())
+            .is_err()
+        {
             break;
         }
     }
@@ -173,11 +228,12 @@ fn main() -> ExitCode {
 fn stats_json(stats: &LinkStats) -> String {
     format!(
         "{{\"received_datagrams\": {}, \"forwarded_datagrams\": {}, \"forwarded_bytes\": {}, \
-         \"dropped_cut_datagrams\": {}, \"dropped_queue_datagrams\": {}, \
+         \"dropped_loss_datagrams\": {}, \"dropped_cut_datagrams\": {}, \"dropped_queue_datagrams\": {}, \
          \"dropped_send_error_datagrams\": {}, \"held_datagrams\": {}}}",
         stats.received_datagrams,
         stats.forwarded_datagrams,
         stats.forwarded_bytes,
+        stats.dropped_loss_datagrams,
         stats.dropped_cut_datagrams,
         stats.dropped_queue_datagrams,
         stats.dropped_send_error_datagrams,

@@ -766,6 +766,7 @@ impl VolumeReplication {
                 self.input(|r, _| r.batch_staged(peer, result));
             }
             Action::ApplyBatch { peer, lsn, records } => {
+                let started = Instant::now();
                 let mut result = self.volume.apply_batch(lsn, &records).await;
                 if let (Ok(()), Some(file)) = (&result, &self.stage_file) {
                     result = file
@@ -773,8 +774,18 @@ impl VolumeReplication {
                         .await
                         .map_err(|e| format!("clearing the stage file: {e}"));
                 }
-                if let Err(error) = &result {
-                    tracing::error!(volume = %self.name(), %error, "applying a batch failed");
+                match &result {
+                    Ok(()) => {
+                        let metrics = &self.peers[peer].metrics;
+                        let bytes: usize = records.iter().map(|record| record.data.len()).sum();
+                        metrics.regional_apply_bytes_total.inc_by(bytes as u64);
+                        metrics
+                            .regional_apply_seconds_total
+                            .inc_by(started.elapsed().as_secs_f64());
+                    }
+                    Err(error) => {
+                        tracing::error!(volume = %self.name(), %error, "applying a batch failed");
+                    }
                 }
                 self.input(|r, _| r.batch_applied(peer, result));
             }
