@@ -1835,7 +1835,7 @@ impl Replicator {
             }
             Some(Plan::Ship { .. }) if self.role == Role::Primary => match peer.config.regional {
                 Some(config)
-                    if peer.regional.lag.seconds(self.now) > config.interval.as_secs_f64() =>
+                    if regional::behind_schedule(peer.regional.lag.seconds(self.now), config) =>
                 {
                     ReplicaState::Lagging
                 }

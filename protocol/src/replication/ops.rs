@@ -434,6 +434,18 @@ impl Replicator {
                 stored,
             });
         }
+        // A switchover hands the regional copies everything too; a copy giving up its writes
+        // to resolve a split brain does not wait to ship them.
+        if !stored
+            && resolve_with.is_none()
+            && (0..self.peers.len()).any(|p| self.regional_drain_pending(p))
+        {
+            return Some(PendingOp::Demote {
+                drained,
+                resolve_with,
+                stored,
+            });
+        }
         if !stored {
             self.meta.role = Role::Secondary;
             if let Some(winner) = &resolve_with {

@@ -73,6 +73,16 @@ pub const BATCH_WINDOW_BYTES_MIN: u64 =
     BATCH_CUT_BYTES + crate::repl::DATA_BYTES_MAX as u64 + 2 * BATCH_RECORD_COST_BYTES;
 const _: () = assert!(BATCH_WINDOW_BYTES_MIN <= super::WINDOW_BYTES);
 
+/// Whether a regional peer whose oldest write not yet durable there is `lag_seconds` old is
+/// behind by more than `interval` (state `lagging`). A batch is cut when its oldest write is
+/// `interval` old and still has to cross the link and be stored, so a peer on schedule holds
+/// every write older than `interval` plus one batch's transfer: only a lag beyond a second
+/// `interval` says the shipping fell behind. Measured against `interval` alone, a healthy
+/// link flipped between `in-sync` and `lagging` on every batch.
+pub fn behind_schedule(lag_seconds: f64, config: RegionalConfig) -> bool {
+    lag_seconds > 2.0 * config.interval.as_secs_f64()
+}
+
 /// The settings of a regional peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegionalConfig {
@@ -302,9 +312,11 @@ impl Replicator {
         }
         let now = self.now;
         let head = self.head_lsn;
+        // A planned demotion ships what is open at once (see `regional_drain_pending`).
+        let demoting = self.demoting;
         let peer = &mut self.peers[p];
         let open = &peer.regional.open;
-        let due = open.due(config.interval).is_some_and(|at| now >= at);
+        let due = demoting || open.due(config.interval).is_some_and(|at| now >= at);
         if !open.is_empty() && (due || open.cost_bytes() >= BATCH_CUT_BYTES) {
             let records = peer.regional.open.take();
             for record in records {
@@ -373,6 +385,17 @@ impl Replicator {
                 return self.close_for(p, error);
             }
         }
+    }
+
+    /// Whether a planned demotion still waits for regional peer `p`: a switchover loses
+    /// nothing on any copy that is receiving, so a regional peer shipping on a live link gets
+    /// the open batch at once and the demotion waits until it holds every write durably. A
+    /// peer that is away, paused or catching up is not waited for (what it lacks is in its
+    /// map, and `ferry status` says so), nor one whose link drops meanwhile.
+    pub(super) fn regional_drain_pending(&self, p: usize) -> bool {
+        self.is_regional(p)
+            && self.shipping_records(p)
+            && self.peers[p].acked_durable_lsn < self.head_lsn
     }
 
     /// Whether this copy's journal is durable through `lsn`; if not, makes it so (once).
@@ -1081,6 +1104,50 @@ mod tests {
             }
         }
         assert_eq!(ends, vec![3]);
+    }
+
+    #[test]
+    fn lagging_means_a_whole_interval_behind_the_batch_schedule() {
+        let config = RegionalConfig {
+            interval: Duration::from_secs(1),
+        };
+        assert!(!behind_schedule(0.0, config));
+        assert!(!behind_schedule(1.4, config), "a batch crossing the link");
+        assert!(behind_schedule(2.1, config));
+    }
+
+    #[test]
+    fn a_planned_demotion_ships_the_open_batch_and_waits_until_the_peer_holds_it() {
+        let start = Instant::now();
+        let now = start + Duration::from_millis(10);
+        let pair = || {
+            let mut a = node("a", "b", Role::Primary, start);
+            let mut b = node("b", "a", Role::Secondary, start);
+            a.connected(0, start);
+            b.connected(0, start);
+            settle(&mut a, &mut b, start);
+            for lsn in 1..=3u64 {
+                a.tap(write(lsn, lsn * 8192, 4096), now);
+            }
+            a.begin_demote().expect("demote");
+            (a, b)
+        };
+        // The batch goes before its interval, and the role changes (closing the link) only
+        // once the peer holds it.
+        let (mut a, mut b) = pair();
+        let applied = settle(&mut a, &mut b, now);
+        assert_eq!(applied, vec![(3, vec![1, 2, 3])]);
+        assert_eq!(b.head_lsn(), 3, "the regional copy holds every write");
+        assert_eq!(a.take_op_result(), Some(Ok(OpOutcome::Demoted)));
+        // While nothing reaches the peer, the role does not change; a link that drops is not
+        // waited for (what the peer lacks is in its map).
+        let (mut a, mut b) = pair();
+        settle_catchup(&mut a, &mut b, now, &|_| false, &mut Vec::new());
+        assert_eq!(a.take_op_result(), None, "waits for the regional peer");
+        assert_eq!(a.status().role, Role::Primary);
+        a.disconnected(0, "lost", now);
+        settle_catchup(&mut a, &mut b, now, &|_| false, &mut Vec::new());
+        assert_eq!(a.take_op_result(), Some(Ok(OpOutcome::Demoted)));
     }
 
     #[test]
