@@ -463,6 +463,46 @@ fn pause_stops_shipping_and_resume_catches_up_with_only_what_changed() {
     );
 }
 
+/// A planned switchover to the regional copy loses nothing: `ferry demote` ships the open
+/// batch at once (the interval is far longer than the test) and returns only once the regional
+/// copy holds every completed write; `ferry promote` there (not forced) then finds them all.
+#[test]
+fn planned_switchover_to_the_regional_copy_keeps_every_completed_write() {
+    let seed = crate::harness::test_seed("regional_switchover");
+    let cluster = regional_pair(seed, "30s", Duration::from_millis(5), Vec::new());
+    let mut conn = NbdConn::connect_unix(&cluster.nbd_socket(NodeId::A), crate::cluster::VOLUME)
+        .expect("connect");
+    for id in 1..=BLOCKS {
+        conn.write((id - 1) * BLOCK, &stamp(id), false)
+            .expect("write");
+    }
+    drop(conn);
+    let expected = read_stamps(&cluster, NodeId::A);
+    let demoted = cluster
+        .node(NodeId::A)
+        .ctl(&["demote", crate::cluster::VOLUME]);
+    assert_eq!(demoted.status.code(), Some(0), "{demoted}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let promoted = cluster
+            .node(NodeId::B)
+            .ctl(&["promote", crate::cluster::VOLUME]);
+        if promoted.status.code() == Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the regional copy refused promotion: {promoted}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        read_stamps(&cluster, NodeId::B),
+        expected,
+        "the regional copy lacks writes the demoted primary completed (seed {seed})"
+    );
+}
+
 /// The secondary counts what it applies: every byte of the batches (distinct blocks, so no
 /// write is coalesced away), and the time it took; the primary applies no batch.
 #[test]
