@@ -2366,15 +2366,23 @@ impl Sim {
                     .as_ref()
                     .is_none_or(|p| p.rep.role() != Role::Primary)
             }) {
-                // Not a copy the operator told to give up its writes to another: that one
-                // is promoted instead (a winner that is a secondary is what is left to do).
-                let candidates: Vec<usize> = (0..self.nodes.len())
-                    .filter(|i| {
-                        self.nodes[*i].process.as_ref().is_some_and(|p| {
-                            p.rep.meta().consistent && p.rep.status().resolving_with.is_none()
-                        })
+                // Preferably not a copy the operator told to give up its writes to another:
+                // that one is promoted instead (a winner that is a secondary is what is left
+                // to do).
+                let consistent = |i: &usize, resolving_ok: bool| {
+                    self.nodes[*i].process.as_ref().is_some_and(|p| {
+                        p.rep.meta().consistent
+                            && (resolving_ok || p.rep.status().resolving_with.is_none())
                     })
+                };
+                let mut candidates: Vec<usize> = (0..self.nodes.len())
+                    .filter(|i| consistent(i, false))
                     .collect();
+                if candidates.is_empty() {
+                    candidates = (0..self.nodes.len())
+                        .filter(|i| consistent(i, true))
+                        .collect();
+                }
                 if candidates.is_empty() {
                     break;
                 }
