@@ -129,8 +129,10 @@ pub const RESYNC_READS_MAX: usize = 8;
 pub const ZERO_RUN_BYTES_MAX: u64 = 1 << 30;
 /// A resync holds new writes for its hand-over once at most this much is left to send.
 pub const HANDOVER_HOLD_BYTES: u64 = 2 << 20;
-/// Every copy makes its journal durable at least this often while records arrive, so the
-/// other copies' journals keep moving; the primary reports its progress as often.
+/// Every copy with a metro peer makes its journal durable at least this often while records
+/// arrive, so the other copies' journals keep moving; the primary reports its progress as
+/// often. (A regional primary makes it durable through each batch's and catch-up's end
+/// instead, `durable_through`.)
 pub const DURABLE_INTERVAL: Duration = Duration::from_millis(20);
 /// Records a secondary has asked the journal to append and not seen complete, at most.
 pub const APPENDS_IN_FLIGHT_MAX: usize = 4096;
@@ -524,6 +526,9 @@ struct ResyncOut {
     first_pass_bytes: u64,
     /// The end was sent at this LSN.
     ended_at: Option<u64>,
+    /// Regional: the end is fixed at this LSN and waits for this copy's journal to be
+    /// durable through it; records tapped meanwhile go into batches, sent after the end.
+    end_pending: Option<u64>,
 }
 
 /// Where a resync into this copy stands.
@@ -777,6 +782,8 @@ pub struct Replicator {
     device_sync_in_flight: bool,
     fenced: bool,
     demoting: bool,
+    /// The demotion in progress is an operator's `ferry demote` (it drains regional peers).
+    demote_planned: bool,
     holding: bool,
     op: Option<PendingOp>,
     op_result: Option<Result<OpOutcome, OpError>>,
@@ -898,6 +905,7 @@ impl Replicator {
             device_sync_in_flight: false,
             fenced,
             demoting: false,
+            demote_planned: false,
             holding: false,
             op: None,
             op_result: None,
@@ -1085,15 +1093,8 @@ impl Replicator {
             .resync_in
             .as_ref()
             .is_some_and(|r| matches!(r.phase, InPhase::Ending { .. }));
-        if let Some(abandoned) = peer.resync_in.take_if(|_| !ending) {
-            if abandoned.staged {
-                // Nothing of an abandoned catch-up reached the device.
-                self.actions.push_back(Action::CatchUpDrop);
-            }
-            // Batches that came after its end wait for it (they continue the history it
-            // was bringing this copy to): without it they would apply onto a copy that
-            // never got there.
-            self.peers[p].regional.batches.clear();
+        if !ending {
+            self.abandon_resync_in(p);
         }
         let peer = &mut self.peers[p];
         peer.is_my_primary = false;
@@ -1130,6 +1131,24 @@ impl Replicator {
                 peer.third_durable_lsn = None;
             }
         }
+    }
+
+    /// Gives up the resync into this copy from peer `p`, if any: the copy stays as
+    /// consistent as its meta says, and nothing of a staged catch-up reached the device.
+    /// Batches that came after its end wait for it (they continue the history it was bringing
+    /// this copy to): they go too, or they would apply onto a copy that never got there.
+    fn abandon_resync_in(&mut self, p: usize) {
+        let Some(abandoned) = self.peers[p].resync_in.take() else {
+            return;
+        };
+        if abandoned.staged {
+            self.actions.push_back(Action::CatchUpDrop);
+        }
+        // No batch moves while a resync is in: every one waiting came after its end.
+        self.peers[p]
+            .regional
+            .batches
+            .retain(|batch| batch.step != regional::BatchStep::Waiting);
     }
 
     /// Closes a peer's stream on purpose; the daemon reconnects later.

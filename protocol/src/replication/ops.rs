@@ -86,11 +86,13 @@ impl Replicator {
             return Ok(());
         }
         self.start_demote(None);
+        self.demote_planned = true;
         Ok(())
     }
 
     fn start_demote(&mut self, resolve_with: Option<String>) {
         self.demoting = true;
+        self.demote_planned = false;
         for p in 0..self.peers.len() {
             let hold = self.confirming(p);
             self.peers[p].demotion_hold = hold;
@@ -434,10 +436,11 @@ impl Replicator {
                 stored,
             });
         }
-        // A switchover hands the regional copies everything too; a copy giving up its writes
-        // to resolve a split brain does not wait to ship them.
+        // An operator's switchover hands the regional copies everything too; a copy giving
+        // up its writes (a resolve, or a handshake that found a newer copy) does not wait to
+        // ship them.
         if !stored
-            && resolve_with.is_none()
+            && self.demote_planned
             && (0..self.peers.len()).any(|p| self.regional_drain_pending(p))
         {
             return Some(PendingOp::Demote {

@@ -82,7 +82,7 @@ impl Replicator {
             && peer
                 .resync_out
                 .as_ref()
-                .is_none_or(|r| r.ended_at.is_some())
+                .is_none_or(|r| r.ended_at.is_some() || r.end_pending.is_some())
     }
 
     /// A client FLUSH made the local journal durable up to `lsn`: asks every peer receiving
@@ -331,6 +331,7 @@ impl Replicator {
             started_at: self.now,
             first_pass_bytes: 0,
             ended_at: None,
+            end_pending: None,
         }
     }
 
@@ -465,9 +466,18 @@ impl Replicator {
         if !self.flush_zero_run(p) {
             return;
         }
-        let lsn = self.head_lsn;
+        let pending = self.peers[p]
+            .resync_out
+            .as_ref()
+            .and_then(|r| r.end_pending);
+        let lsn = pending.unwrap_or(self.head_lsn);
         if self.is_regional(p) && !self.durable_through(lsn) {
-            return; // `journal_flushed` moves on
+            // The end is fixed here, so that writes that keep coming cannot push it away:
+            // they go into batches, which wait behind it. `journal_flushed` moves on.
+            if let Some(resync) = self.peers[p].resync_out.as_mut() {
+                resync.end_pending = Some(lsn);
+            }
+            return;
         }
         let lineage = self.persisted_lineage();
         let generation = lineage.current_generation();
@@ -479,8 +489,12 @@ impl Replicator {
         peer.knows_generation = peer.knows_generation.max(generation);
         if let Some(resync) = peer.resync_out.as_mut() {
             resync.ended_at = Some(lsn);
+            resync.end_pending = None;
         }
         self.holding = false;
+        if self.is_regional(p) {
+            self.pump_queue(p); // the batches that waited behind the end
+        }
     }
 
     /// A [`Action::Read`] completed.

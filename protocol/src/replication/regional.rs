@@ -12,7 +12,11 @@
 //! `interval` old or it holds [`BATCH_CUT_BYTES`]; a cut moves its records to the send queue
 //! followed by a `BatchEnd` at the head LSN of the cut. What waits (open batch and queue)
 //! is bounded by [`BATCH_BUFFER_BYTES`]: past it the link is given up (`degraded`), and the
-//! peer catches up from the map with a delta resync when it returns. Completion, fencing,
+//! peer catches up from the map with a delta resync when it returns. A `BatchEnd` (and a
+//! catch-up's `ResyncEnd`) goes only once the primary's journal is durable through it, so a
+//! regional copy never holds a record its primary could still lose in a power loss. An
+//! operator's `ferry demote` cuts the open batch at once and waits until every regional peer
+//! still shipping holds every write. Completion, fencing,
 //! `on_disconnect` and the generation rule never consider a regional peer: the copy it
 //! holds is a prefix of the primary's writes, and a promotion of it starts a generation that
 //! makes the primary's later writes a tail to give up, never a split brain.
@@ -313,7 +317,7 @@ impl Replicator {
         let now = self.now;
         let head = self.head_lsn;
         // A planned demotion ships what is open at once (see `regional_drain_pending`).
-        let demoting = self.demoting;
+        let demoting = self.demoting && self.demote_planned;
         let peer = &mut self.peers[p];
         let open = &peer.regional.open;
         let due = demoting || open.due(config.interval).is_some_and(|at| now >= at);
@@ -342,6 +346,13 @@ impl Replicator {
 
     /// Sends queued records and batch ends while the window (and `max_rate`) has room.
     pub(super) fn pump_batches(&mut self, p: usize) {
+        if self.peers[p]
+            .resync_out
+            .as_ref()
+            .is_some_and(|r| r.end_pending.is_some())
+        {
+            return; // records after a catch-up's end wait for the end to go first
+        }
         let now = self.now;
         let rate = self.peers[p].config.resync_max_rate_bytes_per_s;
         if let Some(rate) = rate {
@@ -1148,6 +1159,172 @@ mod tests {
         a.disconnected(0, "lost", now);
         settle_catchup(&mut a, &mut b, now, &|_| false, &mut Vec::new());
         assert_eq!(a.take_op_result(), Some(Ok(OpOutcome::Demoted)));
+    }
+
+    /// Drives both sides until nothing moves, like `settle_catchup`, but holds the
+    /// secondary's `CatchUpCommit` (recorded in `io`, never completed).
+    fn settle_holding_commit(
+        a: &mut Replicator,
+        b: &mut Replicator,
+        now: Instant,
+        io: &mut Vec<Io>,
+    ) {
+        for _ in 0..1000 {
+            let mut moved = false;
+            for side in 0..2 {
+                let (me, other) = if side == 0 {
+                    (&mut *a, &mut *b)
+                } else {
+                    (&mut *b, &mut *a)
+                };
+                me.advance(now);
+                while let Some(action) = me.poll_action() {
+                    moved = true;
+                    match action {
+                        Action::Transmit { message, .. } => other.message(0, message, now),
+                        Action::CloseStream { .. } => {}
+                        Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
+                        Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
+                        Action::JournalFlush => {
+                            let head = me.head_lsn();
+                            me.journal_flushed(Ok(head));
+                        }
+                        Action::JournalReset { .. } => me.journal_reset(Ok(())),
+                        Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
+                            io.push(Io::DeviceWrite);
+                            me.device_done(id, Ok(()))
+                        }
+                        Action::DeviceSync => me.device_synced(Ok(())),
+                        Action::Read { id, len_bytes, .. } => {
+                            me.read_done(id, Ok(bytes::Bytes::from(vec![0; len_bytes as usize])))
+                        }
+                        Action::CatchUpWrite {
+                            id, offset_bytes, ..
+                        } => {
+                            io.push(Io::Staged(offset_bytes));
+                            me.device_done(id, Ok(()))
+                        }
+                        Action::CatchUpCommit { lsn, .. } => io.push(Io::Commit(lsn)), // held
+                        Action::CatchUpApply { lsn } => {
+                            io.push(Io::Apply(lsn));
+                            me.catchup_applied(Ok(()))
+                        }
+                        Action::CatchUpDrop => io.push(Io::Drop),
+                        Action::Drain => me.writes_drained(),
+                        Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
+                        Action::Fail { .. } => {}
+                        Action::ApplyBatch { peer, lsn, records } => {
+                            io.push(Io::Applied(lsn, records.iter().map(|r| r.lsn).collect()));
+                            me.batch_applied(peer, Ok(()))
+                        }
+                        other => panic!("unexpected action {other:?}"),
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("never settles");
+    }
+
+    #[test]
+    fn a_catch_up_refused_after_its_end_drops_the_batches_that_followed_it() {
+        let start = Instant::now();
+        let (mut a, mut b, now) = apart_after_one_batch(start);
+        a.connected(0, now);
+        b.connected(0, now);
+        let mut io = Vec::new();
+        settle_holding_commit(&mut a, &mut b, now, &mut io);
+        assert!(io.contains(&Io::Commit(5)), "{io:?}");
+        // The primary ships on after the catch-up's end: one batch, record 6.
+        a.tap(write(6, 7 * 65536, 4096), now);
+        let later = now + Duration::from_secs(2);
+        settle_holding_commit(&mut a, &mut b, later, &mut io);
+        // The catch-up file cannot take the commit (no space).
+        b.catchup_committed(Err("No space left on device".into()));
+        let mut idle = node("x", "y", Role::Secondary, later);
+        let mut rest = Vec::new();
+        settle_catchup(&mut idle, &mut b, later, &|_| false, &mut rest);
+        assert!(
+            !io.iter().chain(&rest).any(|e| *e == Io::Apply(5)),
+            "the catch-up never applied"
+        );
+        assert!(
+            !rest.iter().any(|e| matches!(e, Io::Applied(6, _))),
+            "batch 6 applied onto the copy at LSN 1 that lacks 2..=5: head {} consistent {}",
+            b.head_lsn(),
+            b.meta().consistent
+        );
+    }
+
+    #[test]
+    fn a_catch_up_ends_while_writes_keep_arriving_during_each_flush() {
+        let start = Instant::now();
+        let (mut a, mut b, now) = apart_after_one_batch(start);
+        a.connected(0, now);
+        b.connected(0, now);
+        let mut next = 6u64;
+        let mut flushes = 0;
+        let mut ended = false;
+        'outer: for _ in 0..5000 {
+            let mut moved = false;
+            for side in 0..2 {
+                let (me, other) = if side == 0 {
+                    (&mut a, &mut b)
+                } else {
+                    (&mut b, &mut a)
+                };
+                me.advance(now);
+                while let Some(action) = me.poll_action() {
+                    moved = true;
+                    match action {
+                        Action::Transmit { message, .. } => {
+                            if matches!(message, Message::ResyncEnd { .. }) {
+                                ended = true;
+                            }
+                            other.message(0, message, now)
+                        }
+                        Action::JournalFlush => {
+                            flushes += 1;
+                            let head = me.head_lsn();
+                            if side == 0 && flushes < 200 {
+                                // A client write lands while the fdatasync runs.
+                                me.tap(write(next, (next % 64) * 65536, 4096), now);
+                                next += 1;
+                            }
+                            me.journal_flushed(Ok(head));
+                        }
+                        Action::CloseStream { .. } => {}
+                        Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
+                        Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
+                        Action::JournalReset { .. } => me.journal_reset(Ok(())),
+                        Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
+                            me.device_done(id, Ok(()))
+                        }
+                        Action::DeviceSync => me.device_synced(Ok(())),
+                        Action::Read { id, len_bytes, .. } => {
+                            me.read_done(id, Ok(bytes::Bytes::from(vec![0; len_bytes as usize])))
+                        }
+                        Action::CatchUpWrite { id, .. } => me.device_done(id, Ok(())),
+                        Action::CatchUpCommit { .. } => me.catchup_committed(Ok(())),
+                        Action::CatchUpApply { .. } => me.catchup_applied(Ok(())),
+                        Action::CatchUpDrop => {}
+                        Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
+                        Action::ApplyBatch { peer, .. } => me.batch_applied(peer, Ok(())),
+                        other => panic!("unexpected action {other:?}"),
+                    }
+                }
+            }
+            if !moved {
+                break 'outer;
+            }
+        }
+        assert!(ended, "the catch-up's end went while writes kept coming");
+        assert!(
+            flushes < 5,
+            "one flush per catch-up end, not one per write that arrives during it: {flushes}"
+        );
     }
 
     #[test]

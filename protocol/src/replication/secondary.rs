@@ -690,14 +690,13 @@ impl Replicator {
         if resync.id != id || !resync.staged {
             return;
         }
-        self.peers[p].resync_in = None;
+        self.abandon_resync_in(p);
         self.notices.push_back(format!(
             "volume {}: the catch-up file could not take the catch-up from {} ({error}); it is abandoned, this copy stays at its last batch boundary, and the next catch-up writes the device in place",
             self.config.volume,
             self.peers[p].name()
         ));
         self.peers[p].regional.stage_refused = Some(error);
-        self.actions.push_back(Action::CatchUpDrop);
         self.close_link(p, "the catch-up file could not take the catch-up");
     }
 }
