@@ -341,7 +341,8 @@ async fn open_catchup(
     };
     let mut file = CatchUpFile::open(&path).map_err(stage_error)?;
     if let Some(lsn) = meta.catchup_lsn {
-        file.apply(volume, lsn, false)
+        let report = file
+            .apply(volume, lsn, false)
             .await
             .map_err(|e| stage_error(io::Error::other(e)))?;
         // As at run time: this copy holds exactly the sender's volume as of `lsn`, every
@@ -359,7 +360,7 @@ async fn open_catchup(
         }
         meta.catchup_lsn = None;
         meta_file.store(meta).await.map_err(stage_error)?;
-        tracing::info!(volume = %config.name, lsn, "applied the stored catch-up again (the node stopped while applying it)");
+        tracing::info!(volume = %config.name, lsn, records = report.records, device_bytes = report.device_bytes, seconds = report.check_seconds + report.write_seconds, "applied the stored catch-up again (the node stopped while applying it)");
     }
     file.remove();
     Ok(regional.then_some(file))

@@ -287,6 +287,11 @@ impl Volume {
             .await
     }
 
+    /// Writes a buffer the caller filled (aligned, as O_DIRECT wants it) without copying it.
+    pub async fn write_device_buf(&self, offset: u64, data: SharedBuf) -> io::Result<()> {
+        self.device.write_at(offset, vec![data], false).await
+    }
+
     /// Secondary resync: a range that reads as zeros.
     pub async fn zero_device(&self, offset: u64, len: u64) -> std::io::Result<()> {
         storage::zero(&*self.device, offset, len, true).await

@@ -26,9 +26,11 @@
 //! ```
 //!
 //! Records are whole contents of their ranges in the order the primary sent them, so
-//! applying them in order, once or again after a crash, gives the same device. The header is
-//! written and synced only after the body is durable: a file without a valid header holds no
-//! catch-up. Every record is checked before the first one is applied.
+//! applying them in order, once or again after a crash, gives the same device; so does
+//! writing each block once with the content of the last record covering it, which is what
+//! the daemon does. The header is written and synced only after the body is durable: a file
+//! without a valid header holds no catch-up. Every record is checked before the first one is
+//! applied.
 
 use bytes::Bytes;
 
@@ -127,12 +129,20 @@ pub fn record_bytes(record: &CatchUpRecord) -> u64 {
     RECORD_HEADER_BYTES as u64 + record.data.as_ref().map_or(0, |d| d.len() as u64)
 }
 
-/// Decodes the record at the start of `buf`: `Ok(None)` when `buf` does not hold all of it
-/// yet, else the record and the bytes it took. `index` names it in errors.
-pub fn decode_record(
-    buf: &[u8],
-    index: u64,
-) -> Result<Option<(CatchUpRecord, usize)>, CatchUpError> {
+/// A record's range, as [`check_record`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRange {
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+    /// A data record: its payload follows the descriptor. Otherwise the range reads as zeros.
+    pub data: bool,
+}
+
+/// Checks the record at the start of `buf` (its descriptor's and its payload's checksums)
+/// without copying its payload: `Ok(None)` when `buf` does not hold all of it yet, else its
+/// range and the bytes it took (the payload of a data record is the `len_bytes` bytes after
+/// the first [`RECORD_HEADER_BYTES`]). `index` names it in errors.
+pub fn check_record(buf: &[u8], index: u64) -> Result<Option<(RecordRange, usize)>, CatchUpError> {
     let Some(desc) = buf.get(..RECORD_HEADER_BYTES) else {
         return Ok(None);
     };
@@ -145,15 +155,13 @@ pub fn decode_record(
     if len_bytes == 0 || offset_bytes.checked_add(len_bytes).is_none() {
         return Err(bad("range"));
     }
+    let range = |data| RecordRange {
+        offset_bytes,
+        len_bytes,
+        data,
+    };
     match desc[16] {
-        KIND_ZERO => Ok(Some((
-            CatchUpRecord {
-                offset_bytes,
-                len_bytes,
-                data: None,
-            },
-            RECORD_HEADER_BYTES,
-        ))),
+        KIND_ZERO => Ok(Some((range(false), RECORD_HEADER_BYTES))),
         KIND_DATA => {
             let len = usize::try_from(len_bytes).map_err(|_| bad("length"))?;
             if len > crate::repl::DATA_BYTES_MAX {
@@ -165,17 +173,28 @@ pub fn decode_record(
             if crc32fast::hash(payload) != le_u32(&desc[20..24]) {
                 return Err(bad("payload checksum"));
             }
-            Ok(Some((
-                CatchUpRecord {
-                    offset_bytes,
-                    len_bytes,
-                    data: Some(Bytes::copy_from_slice(payload)),
-                },
-                RECORD_HEADER_BYTES + len,
-            )))
+            Ok(Some((range(true), RECORD_HEADER_BYTES + len)))
         }
         _ => Err(bad("kind")),
     }
+}
+
+/// Decodes the record at the start of `buf`: `Ok(None)` when `buf` does not hold all of it
+/// yet, else the record and the bytes it took. `index` names it in errors.
+pub fn decode_record(
+    buf: &[u8],
+    index: u64,
+) -> Result<Option<(CatchUpRecord, usize)>, CatchUpError> {
+    Ok(check_record(buf, index)?.map(|(range, used)| {
+        let record = CatchUpRecord {
+            offset_bytes: range.offset_bytes,
+            len_bytes: range.len_bytes,
+            data: range
+                .data
+                .then(|| Bytes::copy_from_slice(&buf[RECORD_HEADER_BYTES..used])),
+        };
+        (record, used)
+    }))
 }
 
 fn le_u32(bytes: &[u8]) -> u32 {
@@ -220,6 +239,17 @@ mod tests {
         }
         assert_eq!(back, records());
         assert_eq!(at, body.len());
+        assert_eq!(
+            check_record(&body, 0),
+            Ok(Some((
+                RecordRange {
+                    offset_bytes: 4096,
+                    len_bytes: 512,
+                    data: true
+                },
+                RECORD_HEADER_BYTES + 512
+            )))
+        );
         assert_eq!(
             body.len() as u64,
             records().iter().map(record_bytes).sum::<u64>()

@@ -882,14 +882,24 @@ impl VolumeReplication {
                         None => Err(NO_FILE.into()),
                     };
                     match &result {
-                        Ok(()) => {
-                            tracing::info!(volume = %self.name(), lsn, "the catch-up reached the device whole")
+                        Ok(report) => {
+                            tracing::info!(
+                                volume = %self.name(),
+                                lsn,
+                                records = report.records,
+                                file_bytes = report.file_bytes,
+                                device_bytes = report.device_bytes,
+                                writes = report.writes,
+                                check_seconds = report.check_seconds,
+                                write_seconds = report.write_seconds,
+                                "the catch-up reached the device whole"
+                            )
                         }
                         Err(error) => {
                             tracing::error!(volume = %self.name(), %error, "applying the catch-up failed")
                         }
                     }
-                    self.input(|r, _| r.catchup_applied(result));
+                    self.input(|r, _| r.catchup_applied(result.map(|_| ())));
                 }
                 Action::CatchUpDrop => {
                     if let Some(file) = file.as_mut() {
