@@ -763,6 +763,28 @@ mod tests {
         deliver: &dyn Fn(&Message) -> bool,
         io: &mut Vec<Io>,
     ) {
+        drive(a, b, now, deliver, false, io)
+    }
+
+    /// Like `settle_catchup`, but holds the secondary's `CatchUpCommit` (recorded in `io`,
+    /// never completed).
+    fn settle_holding_commit(
+        a: &mut Replicator,
+        b: &mut Replicator,
+        now: Instant,
+        io: &mut Vec<Io>,
+    ) {
+        drive(a, b, now, &|_| true, true, io)
+    }
+
+    fn drive(
+        a: &mut Replicator,
+        b: &mut Replicator,
+        now: Instant,
+        deliver: &dyn Fn(&Message) -> bool,
+        hold_commit: bool,
+        io: &mut Vec<Io>,
+    ) {
         for _ in 0..1000 {
             let mut moved = false;
             for side in 0..2 {
@@ -804,7 +826,9 @@ mod tests {
                         }
                         Action::CatchUpCommit { lsn, .. } => {
                             io.push(Io::Commit(lsn));
-                            me.catchup_committed(Ok(()))
+                            if !hold_commit {
+                                me.catchup_committed(Ok(()))
+                            }
                         }
                         Action::CatchUpApply { lsn } => {
                             io.push(Io::Apply(lsn));
@@ -1159,73 +1183,6 @@ mod tests {
         a.disconnected(0, "lost", now);
         settle_catchup(&mut a, &mut b, now, &|_| false, &mut Vec::new());
         assert_eq!(a.take_op_result(), Some(Ok(OpOutcome::Demoted)));
-    }
-
-    /// Drives both sides until nothing moves, like `settle_catchup`, but holds the
-    /// secondary's `CatchUpCommit` (recorded in `io`, never completed).
-    fn settle_holding_commit(
-        a: &mut Replicator,
-        b: &mut Replicator,
-        now: Instant,
-        io: &mut Vec<Io>,
-    ) {
-        for _ in 0..1000 {
-            let mut moved = false;
-            for side in 0..2 {
-                let (me, other) = if side == 0 {
-                    (&mut *a, &mut *b)
-                } else {
-                    (&mut *b, &mut *a)
-                };
-                me.advance(now);
-                while let Some(action) = me.poll_action() {
-                    moved = true;
-                    match action {
-                        Action::Transmit { message, .. } => other.message(0, message, now),
-                        Action::CloseStream { .. } => {}
-                        Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
-                        Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
-                        Action::JournalFlush => {
-                            let head = me.head_lsn();
-                            me.journal_flushed(Ok(head));
-                        }
-                        Action::JournalReset { .. } => me.journal_reset(Ok(())),
-                        Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
-                            io.push(Io::DeviceWrite);
-                            me.device_done(id, Ok(()))
-                        }
-                        Action::DeviceSync => me.device_synced(Ok(())),
-                        Action::Read { id, len_bytes, .. } => {
-                            me.read_done(id, Ok(bytes::Bytes::from(vec![0; len_bytes as usize])))
-                        }
-                        Action::CatchUpWrite {
-                            id, offset_bytes, ..
-                        } => {
-                            io.push(Io::Staged(offset_bytes));
-                            me.device_done(id, Ok(()))
-                        }
-                        Action::CatchUpCommit { lsn, .. } => io.push(Io::Commit(lsn)), // held
-                        Action::CatchUpApply { lsn } => {
-                            io.push(Io::Apply(lsn));
-                            me.catchup_applied(Ok(()))
-                        }
-                        Action::CatchUpDrop => io.push(Io::Drop),
-                        Action::Drain => me.writes_drained(),
-                        Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
-                        Action::Fail { .. } => {}
-                        Action::ApplyBatch { peer, lsn, records } => {
-                            io.push(Io::Applied(lsn, records.iter().map(|r| r.lsn).collect()));
-                            me.batch_applied(peer, Ok(()))
-                        }
-                        other => panic!("unexpected action {other:?}"),
-                    }
-                }
-            }
-            if !moved {
-                return;
-            }
-        }
-        panic!("never settles");
     }
 
     #[test]
