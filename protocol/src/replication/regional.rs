@@ -729,6 +729,16 @@ mod tests {
         )
     }
 
+    /// A primary `a` and its regional secondary `b`, linked and settled at `start`.
+    fn linked_pair(start: Instant) -> (Replicator, Replicator) {
+        let mut a = node("a", "b", Role::Primary, start);
+        let mut b = node("b", "a", Role::Secondary, start);
+        a.connected(0, start);
+        b.connected(0, start);
+        settle(&mut a, &mut b, start);
+        (a, b)
+    }
+
     /// Carries out every action of both sides until nothing moves; returns the batches the
     /// secondary applied.
     fn settle(a: &mut Replicator, b: &mut Replicator, now: Instant) -> Vec<(u64, Vec<u64>)> {
@@ -855,11 +865,7 @@ mod tests {
     /// A primary and its regional secondary that holds batch 1; then the link drops and the
     /// primary writes blocks 2..=5 the secondary lacks.
     fn apart_after_one_batch(start: Instant) -> (Replicator, Replicator, Instant) {
-        let mut a = node("a", "b", Role::Primary, start);
-        let mut b = node("b", "a", Role::Secondary, start);
-        a.connected(0, start);
-        b.connected(0, start);
-        settle(&mut a, &mut b, start);
+        let (mut a, mut b) = linked_pair(start);
         a.tap(write(1, 0, 4096), start);
         let mut now = start + Duration::from_secs(1);
         settle(&mut a, &mut b, now);
@@ -1053,11 +1059,7 @@ mod tests {
     #[test]
     fn writes_never_wait_and_the_secondary_applies_whole_coalesced_batches() {
         let start = Instant::now();
-        let mut a = node("a", "b", Role::Primary, start);
-        let mut b = node("b", "a", Role::Secondary, start);
-        a.connected(0, start);
-        b.connected(0, start);
-        settle(&mut a, &mut b, start);
+        let (mut a, mut b) = linked_pair(start);
         assert_eq!(
             a.status().peers[0].state,
             ReplicaState::InSync,
@@ -1100,11 +1102,7 @@ mod tests {
     #[test]
     fn a_batch_ends_only_where_the_primary_journal_is_durable() {
         let start = Instant::now();
-        let mut a = node("a", "b", Role::Primary, start);
-        let mut b = node("b", "a", Role::Secondary, start);
-        a.connected(0, start);
-        b.connected(0, start);
-        settle(&mut a, &mut b, start);
+        let (mut a, mut b) = linked_pair(start);
         for lsn in 1..=3u64 {
             a.tap(write(lsn, lsn * 8192, 4096), start);
         }
@@ -1156,11 +1154,7 @@ mod tests {
         let start = Instant::now();
         let now = start + Duration::from_millis(10);
         let pair = || {
-            let mut a = node("a", "b", Role::Primary, start);
-            let mut b = node("b", "a", Role::Secondary, start);
-            a.connected(0, start);
-            b.connected(0, start);
-            settle(&mut a, &mut b, start);
+            let (mut a, mut b) = linked_pair(start);
             for lsn in 1..=3u64 {
                 a.tap(write(lsn, lsn * 8192, 4096), now);
             }
