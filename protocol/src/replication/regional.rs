@@ -1154,7 +1154,7 @@ mod tests {
         let start = Instant::now();
         let now = start + Duration::from_millis(10);
         let pair = || {
-            let (mut a, mut b) = linked_pair(start);
+            let (mut a, b) = linked_pair(start);
             for lsn in 1..=3u64 {
                 a.tap(write(lsn, lsn * 8192, 4096), now);
             }
