@@ -3,8 +3,10 @@
 //! bandwidth cap and loss, with Ferry's own transport settings, certificates and sockets.
 //!
 //! Two workloads per controller and loss rate, one connection each:
-//! - **bulk**: 48 MiB on one stream as fast as the link takes it (a catch-up); the figure is
-//!   the goodput as a share of the cap.
+//! - **bulk**: 48 MiB on one stream as fast as the link takes it (a catch-up); the figures are
+//!   the goodput as a share of the cap, and the share of the sender's datagrams the link's
+//!   queue dropped (tail drops behind the cap, not the random loss): what the controller's
+//!   overshoot costs everything else on that link.
 //! - **batches**: a 3 MiB batch every second for 12 s on one stream (a regional primary at
 //!   a quarter of the link), each answered by the receiver once it has all of it; the figures
 //!   are the p50 and max time from the batch's first byte sent to its answer (what a batch
@@ -137,7 +139,18 @@ async fn connect(pair: &Pair) -> Ends {
 }
 
 /// Goodput of a bulk transfer as a share of the cap, or why the connection was lost.
-async fn bulk(pair: &Pair) -> Result<f64, String> {
+/// The bulk transfer's goodput as a share of the cap, and the share of the datagrams a sent
+/// that the rate queue dropped.
+async fn bulk(pair: &Pair) -> (Result<f64, String>, f64) {
+    let before = pair.relay.a_to_b().stats();
+    let share = bulk_transfer(pair).await;
+    let after = pair.relay.a_to_b().stats();
+    let received = after.received_datagrams - before.received_datagrams;
+    let dropped = after.dropped_queue_datagrams - before.dropped_queue_datagrams;
+    (share, dropped as f64 / received.max(1) as f64)
+}
+
+async fn bulk_transfer(pair: &Pair) -> Result<f64, String> {
     let ((mut send, _), (_, mut recv), _connections) = connect(pair).await;
     let chunk = vec![0x5au8; CHUNK];
     let started = Instant::now();
@@ -231,14 +244,14 @@ fn main() {
         BATCH_BYTES >> 20
     );
     println!(
-        "{:<9}{:>7}{:>16}{:>16}{:>16}",
-        "control", "loss", "bulk (of cap)", "batch p50 (s)", "batch max (s)"
+        "{:<9}{:>7}{:>16}{:>14}{:>16}{:>16}",
+        "control", "loss", "bulk (of cap)", "queue drops", "batch p50 (s)", "batch max (s)"
     );
     runtime.block_on(async {
         for &loss in losses {
             for (name, controller) in controllers() {
                 let bulk_pair = pair(&a, &b, controller.clone(), loss);
-                let share = bulk(&bulk_pair).await;
+                let (share, drops) = bulk(&bulk_pair).await;
                 drop(bulk_pair);
                 let share = match share {
                     Ok(share) => format!("{:.0}%", share * 100.0),
@@ -253,8 +266,9 @@ fn main() {
                 let batch_pair = pair(&a, &b, controller, loss);
                 let times = batches(&batch_pair).await;
                 println!(
-                    "{name:<9}{:>6.1}%{share:>16}{:>16.3}{:>16.3}",
+                    "{name:<9}{:>6.1}%{share:>16}{:>13.1}%{:>16.3}{:>16.3}",
                     loss * 100.0,
+                    drops * 100.0,
                     times[times.len() / 2],
                     times[times.len() - 1]
                 );
