@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry::replication::tls::{self, TlsIdentity};
-use ferry::replication::transport::{bind_udp, transport_config, Congestion};
+use ferry::replication::transport::{bind_udp, transport_config};
 use ferry_testkit::relay::Relay;
 use quinn::congestion::{BbrConfig, ControllerFactory, CubicConfig, NewRenoConfig};
 
@@ -54,8 +54,8 @@ fn pair(
     let peer_timeout = Duration::from_secs(10);
     let idle = quinn::IdleTimeout::try_from(peer_timeout).expect("idle timeout");
     // Ferry's settings, with the controller under test in place of the one Ferry picks for a
-    // link (`Congestion::for_link`: BBR for a regional peer, Cubic otherwise).
-    let mut transport = transport_config(idle, peer_timeout, Congestion::Cubic);
+    // link (Cubic).
+    let mut transport = transport_config(idle, peer_timeout);
     transport.congestion_controller_factory(controller);
     let transport = Arc::new(transport);
     let any: SocketAddr = "127.0.0.1:0".parse().expect("address");

@@ -92,44 +92,6 @@ pub struct TlsConfig {
 pub struct PeerConfig {
     pub name: String,
     pub address: SocketAddr,
-    /// What the connection to this peer carries, from the volumes' replicas that name it
-    /// ([`LinkKind::of`]); it decides the connection's congestion controller.
-    pub link: LinkKind,
-}
-
-/// What the one connection to a peer node carries, which decides its congestion controller
-/// (`replication::transport::Congestion::for_link`): BBR for a regional link, quinn's default
-/// Cubic for a metro one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinkKind {
-    /// At least one metro replica names the peer (regional ones may share the connection:
-    /// metro wins, its latency and its behaviour when the path changes matter more), or no
-    /// replica names it at all.
-    Metro,
-    /// Every replica that names the peer is regional.
-    Regional,
-}
-
-impl LinkKind {
-    /// The kind of the link to `peer`: [`LinkKind::Regional`] when at least one replica of
-    /// `volumes` names it and all of those are regional, [`LinkKind::Metro`] otherwise.
-    /// Configs are symmetric (SPEC §4), so both nodes of a pair come to the same kind.
-    pub fn of(peer: &str, volumes: &[VolumeConfig]) -> LinkKind {
-        let mut modes = volumes
-            .iter()
-            .flat_map(|volume| &volume.replicas)
-            .filter(|replica| replica.peer == peer)
-            .map(|replica| &replica.mode)
-            .peekable();
-        if modes.peek().is_none() {
-            return LinkKind::Metro;
-        }
-        if modes.all(|mode| matches!(mode, ReplicaMode::Regional { .. })) {
-            LinkKind::Regional
-        } else {
-            LinkKind::Metro
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,13 +369,6 @@ impl Checker<'_> {
             }
         }
         let volumes = self.volumes(&raw.volumes, &raw.peers);
-        let peers = peers
-            .into_iter()
-            .map(|peer| PeerConfig {
-                link: LinkKind::of(&peer.name, &volumes),
-                ..peer
-            })
-            .collect();
         Config {
             node,
             nbd,
@@ -623,8 +578,6 @@ impl Checker<'_> {
             peers.push(PeerConfig {
                 name: name.clone(),
                 address: address.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
-                // Set from the volumes once they are parsed (`config`).
-                link: LinkKind::Metro,
             });
         }
         peers
@@ -1361,12 +1314,10 @@ mode = "regional"
                 PeerConfig {
                     name: "site-b".into(),
                     address: "10.0.0.2:7788".parse().unwrap(),
-                    link: LinkKind::Metro,
                 },
                 PeerConfig {
                     name: "site-c".into(),
                     address: "10.0.1.2:7788".parse().unwrap(),
-                    link: LinkKind::Regional,
                 },
             ],
             volumes: vec![
@@ -1413,42 +1364,6 @@ mode = "regional"
             ],
         };
         assert_eq!(parse_ok(text), expected);
-    }
-
-    #[test]
-    fn a_peer_link_is_regional_only_when_every_replica_naming_it_is() {
-        // b: regional in both volumes; c: metro in one, regional in the other; d: metro only;
-        // e: named by no replica.
-        let text = format!(
-            "{MINIMAL}\n[tls]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
-             [[peers]]\nname = \"b\"\naddress = \"10.0.0.2:7788\"\n\
-             [[peers]]\nname = \"c\"\naddress = \"10.0.0.3:7788\"\n\
-             [[peers]]\nname = \"d\"\naddress = \"10.0.0.4:7788\"\n\
-             [[peers]]\nname = \"e\"\naddress = \"10.0.0.5:7788\"\n\
-             [[volumes]]\nname = \"v\"\ndevice = \"/d\"\n\
-             [[volumes.replicas]]\npeer = \"b\"\nmode = \"regional\"\n\
-             [[volumes.replicas]]\npeer = \"c\"\nmode = \"metro\"\n\
-             [[volumes.replicas]]\npeer = \"d\"\nmode = \"metro\"\n\
-             [[volumes]]\nname = \"w\"\ndevice = \"/e\"\n\
-             [[volumes.replicas]]\npeer = \"b\"\nmode = \"regional\"\n\
-             [[volumes.replicas]]\npeer = \"c\"\nmode = \"regional\"\n"
-        );
-        let config = parse_ok(&text);
-        let links: Vec<(&str, LinkKind)> = config
-            .peers
-            .iter()
-            .map(|peer| (peer.name.as_str(), peer.link))
-            .collect();
-        assert_eq!(
-            links,
-            [
-                ("b", LinkKind::Regional),
-                ("c", LinkKind::Metro),
-                ("d", LinkKind::Metro),
-                ("e", LinkKind::Metro),
-            ]
-        );
-        assert_eq!(LinkKind::of("b", &[]), LinkKind::Metro);
     }
 
     #[test]

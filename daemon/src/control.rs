@@ -300,11 +300,6 @@ pub struct ReplicaStatus {
     /// is inconsistent until it ends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catch_up: Option<String>,
-    /// The congestion controller this node runs for what it sends to the peer, while
-    /// connected: "bbr" (a peer with only regional replicas) or "cubic"; None while not
-    /// connected.
-    #[serde(default)]
-    pub congestion: Option<String>,
 }
 
 /// What a `ferry verify` found (the `verify` reply, and `verify` in a replica's status).

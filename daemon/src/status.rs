@@ -556,7 +556,6 @@ mod tests {
             protecting: true,
             verify: None,
             catch_up: None,
-            congestion: Some("cubic".to_string()),
         }
     }
 

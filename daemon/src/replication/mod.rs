@@ -42,7 +42,6 @@ use ferry_protocol::replication::{
 };
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
-use transport::Congestion;
 
 use crate::config::{Compression, ReplicaMode, VolumeConfig};
 use crate::control::{ReplicaStatus, VerifyReport};
@@ -1389,12 +1388,6 @@ impl VolumeReplication {
                         .as_ref()
                         .map(|v| verify_report(self.name(), &peer.peer, v)),
                     catch_up: peer.catch_up.map(str::to_owned),
-                    congestion: link
-                        .connection
-                        .as_ref()
-                        .filter(|connection| connection.close_reason().is_none())
-                        .and_then(Congestion::of_connection)
-                        .map(|congestion| congestion.as_str().to_owned()),
                 }
             })
             .collect();

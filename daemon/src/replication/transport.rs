@@ -15,17 +15,6 @@
 //!
 //! Events (connected, disconnected, refused) go to one bounded channel; state changes and their
 //! events are serialised so the daemon sees them in the order they happened.
-//!
-//! Congestion control. Each side of a connection runs its own controller for what it sends,
-//! and either side may be the one sending (roles change), so both must pick the same one:
-//! [`Congestion::for_link`] of the peer's [`LinkKind`] (BBR for a peer that carries only
-//! regional replicas, Cubic otherwise). The dialer knows the peer it dials, and each peer has
-//! its own client config. The acceptor must choose its server config before the handshake,
-//! when all it knows is the source address: `peer_for_source` takes the peer whose configured
-//! address it is (peers dial from their listen socket), else the only peer with that IP, else
-//! none (Cubic). An address that points at the wrong peer only picks a
-//! controller, never an identity: the certificate still decides who the peer is, and a
-//! mismatch between the two is logged.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -35,13 +24,12 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use quinn::congestion::{Bbr, BbrConfig, ControllerFactory, Cubic, CubicConfig};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use rand::RngExt;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::config::{LinkKind, PeerConfig};
+use crate::config::PeerConfig;
 use crate::replication::tls::{self, AuthRefusal, RefusedBy, TlsError, TlsIdentity};
 
 /// UDP socket buffers asked of the kernel. The default (rmem_default ≈ 208 KiB) drops packets
@@ -140,65 +128,6 @@ pub enum TransportError {
     PreambleTimeout(Duration),
 }
 
-/// The congestion controller of a peer connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Congestion {
-    /// quinn's default, loss-based: for metro links (and any peer not known to be regional).
-    Cubic,
-    /// quinn's BBR, which paces to the bandwidth it measures and keeps most of a lossy WAN
-    /// link where Cubic keeps a tenth (benches/README.md, "Congestion control").
-    Bbr,
-}
-
-impl Congestion {
-    /// The controller for a link to a peer of kind `link`: BBR only for a peer that carries
-    /// only regional replicas. A metro link stays on Cubic: BBR sizes its window from the
-    /// smallest RTT of the last 10 s, so a metro link whose delay jumps (the metro test that
-    /// adds 800 ms to a live link) is held to a few packets per RTT until that estimate
-    /// expires, long enough to lose the peer under load; and a peer with both metro and
-    /// regional volumes is a metro link (its writes wait for the peer).
-    pub fn for_link(link: LinkKind) -> Congestion {
-        match link {
-            LinkKind::Regional => Congestion::Bbr,
-            LinkKind::Metro => Congestion::Cubic,
-        }
-    }
-
-    /// `"cubic"` or `"bbr"`, as logs and `ferry status --json` show it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Congestion::Cubic => "cubic",
-            Congestion::Bbr => "bbr",
-        }
-    }
-
-    /// The controller `connection` actually runs on this side, read from quinn's state;
-    /// `None` for one Ferry never configures.
-    pub fn of_connection(connection: &Connection) -> Option<Congestion> {
-        let controller = connection.congestion_state().into_any();
-        if controller.is::<Bbr>() {
-            Some(Congestion::Bbr)
-        } else if controller.is::<Cubic>() {
-            Some(Congestion::Cubic)
-        } else {
-            None
-        }
-    }
-
-    fn factory(self) -> Arc<dyn ControllerFactory + Send + Sync> {
-        match self {
-            Congestion::Cubic => Arc::new(CubicConfig::default()),
-            Congestion::Bbr => Arc::new(BbrConfig::default()),
-        }
-    }
-}
-
-impl fmt::Display for Congestion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Who a refusal concerns: a configured peer we dialed, or the address of an incoming attempt
 /// (whose certificate we could not accept, so its name is not trusted).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,12 +183,7 @@ struct Shared {
     peers: Vec<PeerConfig>,
     peer_names: Vec<String>,
     peer_timeout: Duration,
-    /// One per peer, with the transport settings of its [`Congestion`].
     client_configs: HashMap<String, quinn::ClientConfig>,
-    /// The server configs of the Cubic and the BBR connections; the endpoint's default is
-    /// the Cubic one.
-    server_config_cubic: Arc<quinn::ServerConfig>,
-    server_config_bbr: Arc<quinn::ServerConfig>,
     slots: Mutex<HashMap<String, PeerSlot>>,
     /// Held across "change the peer table, then send its event" so events keep that order.
     event_order: tokio::sync::Mutex<()>,
@@ -311,37 +235,21 @@ impl Transport {
         }
         let runtime = quinn::default_runtime().ok_or(TransportError::NoRuntime)?;
 
-        let transport_configs = |congestion: Congestion| {
-            Arc::new(transport_config(idle_timeout, peer_timeout, congestion))
-        };
-        let (cubic, bbr) = (
-            transport_configs(Congestion::Cubic),
-            transport_configs(Congestion::Bbr),
-        );
-        let transport_for = |congestion: Congestion| match congestion {
-            Congestion::Cubic => cubic.clone(),
-            Congestion::Bbr => bbr.clone(),
-        };
+        let transport_config = Arc::new(transport_config(idle_timeout, peer_timeout));
 
-        let server_config = tls::server_config(identity, peer_names.clone())?;
-        let server_config_for = |congestion: Congestion| {
-            let mut config = server_config.clone();
-            config.transport_config(transport_for(congestion));
-            Arc::new(config)
-        };
-        let server_config_cubic = server_config_for(Congestion::Cubic);
-        let server_config_bbr = server_config_for(Congestion::Bbr);
+        let mut server_config = tls::server_config(identity, peer_names.clone())?;
+        server_config.transport_config(transport_config.clone());
         let mut client_configs = HashMap::new();
         for peer in &peers {
             let mut client_config = tls::client_config(identity, &peer.name)?;
-            client_config.transport_config(transport_for(Congestion::for_link(peer.link)));
+            client_config.transport_config(transport_config.clone());
             client_configs.insert(peer.name.clone(), client_config);
         }
 
         let socket = bind_udp(listen)?;
         let endpoint = Endpoint::new(
             quinn::EndpointConfig::default(),
-            Some(server_config_cubic.as_ref().clone()),
+            Some(server_config),
             socket,
             runtime,
         )
@@ -367,8 +275,6 @@ impl Transport {
             peer_names,
             peer_timeout,
             client_configs,
-            server_config_cubic,
-            server_config_bbr,
             slots: Mutex::new(slots),
             event_order: tokio::sync::Mutex::new(()),
             events: events_sender,
@@ -669,8 +575,7 @@ impl Shared {
             connection.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate connection");
             return false;
         }
-        let congestion = Congestion::of_connection(connection).map_or("other", Congestion::as_str);
-        tracing::info!(peer, remote = %connection.remote_address(), congestion, "peer connected");
+        tracing::info!(peer, remote = %connection.remote_address(), "peer connected");
         let _ = self
             .events
             .send(TransportEvent::PeerConnected {
@@ -764,49 +669,6 @@ impl Shared {
             .find(|peer| canonical(peer.address) == canonical(addr))
             .map(|peer| peer.name.as_str())
     }
-
-    /// The controller for a connection to (or from) the configured peer `name`; Cubic for a
-    /// name not configured.
-    fn congestion_for_peer(&self, name: &str) -> Congestion {
-        self.peers
-            .iter()
-            .find(|peer| peer.name == name)
-            .map_or(Congestion::Cubic, |peer| Congestion::for_link(peer.link))
-    }
-
-    /// The controller for an incoming connection from `addr`, chosen before the handshake.
-    fn congestion_for_source(&self, addr: SocketAddr) -> Congestion {
-        peer_for_source(&self.peers, addr)
-            .map_or(Congestion::Cubic, |peer| Congestion::for_link(peer.link))
-    }
-
-    fn server_config(&self, congestion: Congestion) -> Arc<quinn::ServerConfig> {
-        match congestion {
-            Congestion::Cubic => self.server_config_cubic.clone(),
-            Congestion::Bbr => self.server_config_bbr.clone(),
-        }
-    }
-}
-
-/// The configured peer an incoming connection from `addr` most likely is, to choose its
-/// congestion controller before the handshake: the one whose address is exactly `addr`, else
-/// the only one whose address has `addr`'s IP (a NAT that rewrote the port), else none. Not an
-/// identity: the certificate decides who the peer is.
-fn peer_for_source(peers: &[PeerConfig], addr: SocketAddr) -> Option<&PeerConfig> {
-    let canonical = |addr: SocketAddr| (addr.ip().to_canonical(), addr.port());
-    if let Some(peer) = peers
-        .iter()
-        .find(|peer| canonical(peer.address) == canonical(addr))
-    {
-        return Some(peer);
-    }
-    let mut same_ip = peers
-        .iter()
-        .filter(|peer| peer.address.ip().to_canonical() == addr.ip().to_canonical());
-    match (same_ip.next(), same_ip.next()) {
-        (Some(only), None) => Some(only),
-        _ => None,
-    }
 }
 
 async fn accept_loop(shared: Arc<Shared>) {
@@ -818,8 +680,7 @@ async fn accept_loop(shared: Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let congestion = shared.congestion_for_source(remote);
-            let connection = match incoming.accept_with(shared.server_config(congestion)) {
+            let connection = match incoming.accept() {
                 Ok(connecting) => connecting.await,
                 Err(error) => Err(error),
             };
@@ -840,18 +701,6 @@ async fn accept_loop(shared: Arc<Shared>) {
                 connection.close(VarInt::from_u32(CLOSE_DUPLICATE), b"unknown peer");
                 return;
             };
-            let wanted = shared.congestion_for_peer(&peer);
-            if congestion != wanted {
-                // Kept: the link works, only its throughput over a lossy WAN (BBR wanted) or
-                // its behaviour when the path's delay jumps (Cubic wanted) suffers.
-                tracing::warn!(
-                    "a connection from {remote} that authenticated as `{peer}` runs \
-                     {congestion} congestion control on this side instead of {wanted}: the \
-                     controller is chosen by source address before the certificate is seen, \
-                     and {remote} is not the address configured for `{peer}` (a NAT or a \
-                     proxy in between?)"
-                );
-            }
             if !shared.install(&peer, &connection, false).await {
                 return;
             }
@@ -963,22 +812,22 @@ async fn dial(shared: &Shared, peer: &PeerConfig) -> Result<Connection, Connecti
     }
 }
 
-/// The QUIC transport settings of a peer connection: windows, keep-alives, MTU discovery, and
-/// the congestion controller `congestion` ([`Congestion::for_link`]: BBR for a peer that
-/// carries only regional replicas, quinn's default Cubic otherwise). BBR keeps 86–91 % of a
-/// 40 ms, 100 Mbit/s link under 0.1–0.5 % random loss where Cubic keeps 5–10 %
-/// (benches/README.md, "Congestion control"; `cargo bench -p ferry --bench congestion`), so a
-/// regional catch-up or batch crosses a lossy WAN about ten times faster. Metro links stay on
-/// Cubic: with BBR on every link, a metro test whose link delay jumps by 800 ms lost its peer
-/// under load. Public for that benchmark, which measures exactly these settings (with its own
-/// controller in place of `congestion`).
+/// The QUIC transport settings of every peer connection: windows, keep-alives, MTU discovery,
+/// and quinn's default congestion control, Cubic, on metro and regional links alike. quinn's
+/// BBR (marked experimental) keeps 86–91 % of a 40 ms, 100 Mbit/s link under 0.1–0.5 % random
+/// loss where Cubic keeps 5–10 %, but it does not back off from a full bottleneck queue: behind
+/// a 100 Mbit/s cap with a 100 ms queue it had 16–47 % of its datagrams dropped where Cubic had
+/// under 5 %, in the regional overload benchmark half of them for 30 s, and its receivers
+/// closed the connection (quinn's "too many gaps in stream buffer"), which sent the replica
+/// into `degraded` nine times in one run (benches/README.md, "Congestion control";
+/// `cargo bench -p ferry --bench congestion`). A replication link that floods the WAN it
+/// shares and drops its own connection is worse than a slow one. Public for that benchmark,
+/// which measures exactly these settings.
 pub fn transport_config(
     idle_timeout: quinn::IdleTimeout,
     peer_timeout: Duration,
-    congestion: Congestion,
 ) -> quinn::TransportConfig {
     let mut transport_config = quinn::TransportConfig::default();
-    transport_config.congestion_controller_factory(congestion.factory());
     // Three keep-alives per idle period: losing two in a row still does not time out.
     transport_config.keep_alive_interval(Some(peer_timeout / 3));
     transport_config.max_idle_timeout(Some(idle_timeout));
@@ -1035,26 +884,11 @@ mod tests {
         peers: &[(&str, SocketAddr)],
         peer_timeout: Duration,
     ) -> Node {
-        let peers: Vec<_> = peers
-            .iter()
-            .map(|&(name, address)| (name, address, LinkKind::Metro))
-            .collect();
-        start_linked(dir, name, listen, &peers, peer_timeout)
-    }
-
-    fn start_linked(
-        dir: &Path,
-        name: &str,
-        listen: SocketAddr,
-        peers: &[(&str, SocketAddr, LinkKind)],
-        peer_timeout: Duration,
-    ) -> Node {
         let peers = peers
             .iter()
-            .map(|&(name, address, link)| PeerConfig {
+            .map(|(name, address)| PeerConfig {
                 name: name.to_string(),
-                address,
-                link,
+                address: *address,
             })
             .collect();
         let mut transport =
@@ -1394,163 +1228,6 @@ mod tests {
             elapsed >= peer_timeout.mul_f32(0.6) && elapsed <= peer_timeout * 3,
             "disconnect after {elapsed:?}"
         );
-    }
-
-    #[test]
-    fn only_a_regional_link_runs_bbr() {
-        assert_eq!(Congestion::for_link(LinkKind::Regional), Congestion::Bbr);
-        // Metro, metro and regional on one peer, or no replica at all (LinkKind::of).
-        assert_eq!(Congestion::for_link(LinkKind::Metro), Congestion::Cubic);
-        assert_eq!(Congestion::Bbr.as_str(), "bbr");
-        assert_eq!(Congestion::Cubic.as_str(), "cubic");
-    }
-
-    #[test]
-    fn an_incoming_connection_is_matched_to_a_peer_by_address_then_by_unique_ip() {
-        let peer = |name: &str, address: &str| PeerConfig {
-            name: name.to_string(),
-            address: address.parse().unwrap(),
-            link: LinkKind::Regional,
-        };
-        let peers = [
-            peer("b", "10.0.0.2:7788"),
-            peer("c", "10.0.0.3:7788"),
-            peer("d", "10.0.0.3:7789"),
-        ];
-        let name = |addr: &str| {
-            peer_for_source(&peers, addr.parse().unwrap()).map(|peer| peer.name.as_str())
-        };
-        assert_eq!(name("10.0.0.2:7788"), Some("b"));
-        assert_eq!(name("[::ffff:10.0.0.2]:7788"), Some("b"));
-        // Another port of the only peer at that IP: a NAT rewrote the port.
-        assert_eq!(name("10.0.0.2:40000"), Some("b"));
-        // Two peers share the IP: only the exact address decides.
-        assert_eq!(name("10.0.0.3:7789"), Some("d"));
-        assert_eq!(name("10.0.0.3:40000"), None);
-        assert_eq!(name("10.0.0.9:7788"), None);
-    }
-
-    /// Both ends of one connection run `congestion`, whichever dialed it (the acceptor
-    /// chooses before the handshake, the dialer per peer).
-    async fn assert_both_run(ab: &Connection, ba: &Connection, congestion: Congestion) {
-        assert_eq!(Congestion::of_connection(ab), Some(congestion));
-        assert_eq!(Congestion::of_connection(ba), Some(congestion));
-        // And it carries a volume's traffic both ways.
-        exchange(ab, ba, "pg-data").await;
-        exchange(ba, ab, "pg-data").await;
-    }
-
-    /// A hub node with a metro peer and a regional peer, all on one IP (so the acceptors tell
-    /// the peers apart by port): each link runs its kind's controller on both sides, one end
-    /// with its client config and the other with its server config. Which end dialed the kept
-    /// connection depends on the order of the names ([`keep_new_connection`]) and on timing;
-    /// [`the_acceptor_chooses_the_controller_by_source_address`] pins the acceptor's side.
-    async fn links_run_the_controller_of_their_kind(hub: &str, metro: &str, regional: &str) {
-        let dir = cluster(&[hub, metro, regional]);
-        let (addr_hub, addr_metro, addr_regional) = (free_addr(), free_addr(), free_addr());
-        let timeout = Duration::from_secs(5);
-        let hub_node = start_linked(
-            dir.path(),
-            hub,
-            addr_hub,
-            &[
-                (metro, addr_metro, LinkKind::Metro),
-                (regional, addr_regional, LinkKind::Regional),
-            ],
-            timeout,
-        );
-        let metro_node = start_linked(
-            dir.path(),
-            metro,
-            addr_metro,
-            &[(hub, addr_hub, LinkKind::Metro)],
-            timeout,
-        );
-        let regional_node = start_linked(
-            dir.path(),
-            regional,
-            addr_regional,
-            &[(hub, addr_hub, LinkKind::Regional)],
-            timeout,
-        );
-        let (to_metro, from_hub) = settled(&hub_node, &metro_node, hub, metro).await;
-        assert_both_run(&to_metro, &from_hub, Congestion::Cubic).await;
-        let (to_regional, from_hub) = settled(&hub_node, &regional_node, hub, regional).await;
-        assert_both_run(&to_regional, &from_hub, Congestion::Bbr).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn links_run_the_controller_of_their_kind_on_both_sides() {
-        // The hub's name first, then last, so its dials and then its peers' dials tend to be
-        // the kept ones.
-        links_run_the_controller_of_their_kind("site-a", "site-b", "site-c").await;
-        links_run_the_controller_of_their_kind("site-c", "site-a", "site-b").await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_acceptor_chooses_the_controller_by_source_address() {
-        let dir = cluster(&["site-a", "site-b", "site-c"]);
-        let timeout = Duration::from_secs(5);
-        let idle = quinn::IdleTimeout::try_from(timeout).unwrap();
-        // (who dials, from its configured address?, what the hub must run). Both peers are on
-        // 127.0.0.1, so a source port that is not a configured one matches no peer.
-        for (dialer, from_configured, expected) in [
-            ("site-a", true, Congestion::Cubic),
-            ("site-b", true, Congestion::Bbr),
-            ("site-b", false, Congestion::Cubic),
-        ] {
-            let (addr_hub, addr_a, addr_b) = (free_addr(), free_addr(), free_addr());
-            // The hub, site-c, accepts; its peers are plain quinn endpoints that only dial (so
-            // the hub's own dials to them get nowhere and the kept connection is theirs).
-            let hub = start_linked(
-                dir.path(),
-                "site-c",
-                addr_hub,
-                &[
-                    ("site-a", addr_a, LinkKind::Metro),
-                    ("site-b", addr_b, LinkKind::Regional),
-                ],
-                timeout,
-            );
-            let from = match (dialer, from_configured) {
-                (_, false) => free_addr(),
-                ("site-a", true) => addr_a,
-                _ => addr_b,
-            };
-            let mut client_config =
-                tls::client_config(&identity(dir.path(), dialer), "site-c").unwrap();
-            // The dialer's own controller does not matter to the hub's choice.
-            client_config.transport_config(Arc::new(transport_config(
-                idle,
-                timeout,
-                Congestion::Bbr,
-            )));
-            let mut endpoint = Endpoint::new(
-                quinn::EndpointConfig::default(),
-                None,
-                bind_udp(from).unwrap(),
-                quinn::default_runtime().unwrap(),
-            )
-            .unwrap();
-            endpoint.set_default_client_config(client_config);
-            let dialed = endpoint.connect(addr_hub, "site-c").unwrap().await.unwrap();
-            let deadline = Instant::now() + WAIT;
-            let accepted = loop {
-                if let Some(connection) = hub.transport.connection(dialer) {
-                    break connection;
-                }
-                assert!(Instant::now() < deadline, "{dialer}'s dial was never kept");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            };
-            assert_eq!(accepted.remote_address(), from);
-            assert_eq!(accepted.side(), quinn::Side::Server);
-            assert_eq!(
-                Congestion::of_connection(&accepted),
-                Some(expected),
-                "{dialer} from {from} (configured: {from_configured})"
-            );
-            dialed.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"done");
-        }
     }
 
     #[test]
