@@ -26,7 +26,9 @@ Measurements (--only picks some; default all):
             write latency against standalone; the primary's peak RSS (VmHWM) and journal use;
             the replica's state every 100 ms (moves into degraded) and the primary's logged
             state changes; the time from the load's end until lag_seconds <= 2 s in-sync
-            again, against the bytes the peer lacked then divided by the link's rate
+            again, against the bytes the peer lacked then (what the resync had left to send)
+            divided by the link's rate; and the bytes the link carried meanwhile (the relay's
+            count, which adds what was sent but still on its way)
 
 Usage: cargo build --release -p ferry && /usr/bin/python3 benches/regional_bench.py [--quick]
 Every process it starts is stopped at the end, also on an error or Ctrl-C.
@@ -270,6 +272,7 @@ def overload(bench, pair, link_bytes_s, rate_bytes, seconds):
         load = paced_load(bench, pair, "overload", rate_bytes, seconds)
         dropped_at, dropped_wall = time.monotonic(), time.time()
         lacking = pair.a.replica()
+        carried_before = pair.relay.stats()["a_to_b"]["forwarded_bytes"]
 
         def first_after_drop(condition):
             return next((s["t"] - dropped_at for s in list(sampler.samples)
@@ -281,6 +284,10 @@ def overload(bench, pair, link_bytes_s, rate_bytes, seconds):
         deadline = dropped_at + recovery_timeout(seconds)
         while first_after_drop(caught_up) is None and time.monotonic() < deadline:
             time.sleep(SAMPLE_INTERVAL_S)
+        # What crossed the link after the load stopped: what the resync had still to read,
+        # and what it had already handed to QUIC (up to the session's window) and the link
+        # had not yet carried.
+        carried = pair.relay.stats()["a_to_b"]["forwarded_bytes"] - carried_before
         # A little longer, to see a state change that would follow the recovery.
         time.sleep(3)
     peak_rss_kib = nb.proc_status_kib(pair.a.pid, "VmHWM")
@@ -298,7 +305,7 @@ def overload(bench, pair, link_bytes_s, rate_bytes, seconds):
         "recovery_s": first_after_drop(caught_up),
         "resync_sent_s": first_after_drop(lambda replica: replica["resync_remaining_bytes"] == 0),
         "catchup_applied_s": applied, "resynced_bytes": resynced, "write_by_state": sampler.write_latency_by_state(),
-        "recovery_bound_s": lacked / link_bytes_s,
+        "carried_bytes": carried, "recovery_bound_s": lacked / link_bytes_s,
         "peak_rss_kib": peak_rss_kib, "journal_capacity": capacity,
         "journal_peak": max((s["journal_used"] for s in sampler.samples), default=None),
         "states": states, "degraded_entries": states.count("degraded"),
@@ -501,8 +508,9 @@ def report(results, args, link_bytes_s, ctx):
         print(f"  then resync_remaining_bytes 0 after {nb.fmt(over['resync_sent_s'])} s (the resync sent "
               f"{over['resynced_bytes'] / MIB:.1f} MiB in all), the secondary's catch-up applied after {applied} s, "
               f"in-sync with lag_seconds <= {RECOVERED_LAG_S:g} after "
-              f"{nb.fmt(over['recovery_s'])} s; the link carries the {over['lacked_bytes'] / MIB:.1f} MiB lacking "
-              f"in {over['recovery_bound_s']:.1f} s")
+              f"{nb.fmt(over['recovery_s'])} s; the link carries the {over['lacked_bytes'] / MIB:.1f} MiB the resync "
+              f"had left to send in {over['recovery_bound_s']:.1f} s (it carried {over['carried_bytes'] / MIB:.1f} MiB "
+              f"meanwhile: that, and what was sent but still on its way)")
         print()
     relay = results.get("relay")
     if relay:

@@ -121,6 +121,20 @@ pub use session::{Incoming, Mode, Session, SessionConfig, SessionError, LSN_MAX}
 
 /// Bytes of records, and separately of resync data, in flight to one peer.
 pub const WINDOW_BYTES: u64 = 64 << 20;
+/// Resync bytes in flight to a peer (sent, not yet written there) before its write rate is
+/// measured.
+pub const RESYNC_WINDOW_START_BYTES: u64 = 16 << 20;
+/// Resync bytes in flight at least, whatever the measured rate.
+pub const RESYNC_WINDOW_MIN_BYTES: u64 = 4 << 20;
+/// Once the peer's write rate is measured, the resync keeps this much time of it in flight
+/// (up to [`WINDOW_BYTES`]): enough to cover a long round trip and the peer's writes, and
+/// no more, as DRBD's resync controller keeps a fill target rather than a fixed buffer.
+/// Bytes sent beyond it only wait in queues: at 100 Mbit/s a full window is 5 s of them,
+/// during which a block written again must be sent again, and the resync looks done that
+/// long before the peer has it.
+pub const RESYNC_QUEUE_TARGET: Duration = Duration::from_millis(500);
+/// How long one sample of the peer's write rate lasts.
+pub const RESYNC_RATE_SAMPLE: Duration = Duration::from_millis(250);
 /// Largest resync chunk read and sent at once.
 pub const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
 /// Resync reads in flight at once per peer.
@@ -529,6 +543,11 @@ struct ResyncOut {
     /// Regional: the end is fixed at this LSN and waits for this copy's journal to be
     /// durable through it; records tapped meanwhile go into batches, sent after the end.
     end_pending: Option<u64>,
+    /// The rate at which the peer writes what the resync sends (bytes per second, from its
+    /// acknowledgements), once measured; it sizes the bytes in flight (`resync_window`).
+    written_rate: Option<f64>,
+    /// The current sample of that rate: since when, and the bytes written by then.
+    rate_sample: Option<(Instant, u64)>,
 }
 
 /// Where a resync into this copy stands.

@@ -7,7 +7,8 @@ use bytes::Bytes;
 
 use super::{
     Action, Peer, Plan, RangeSet, Replicator, ResyncOut, TailRecord, HANDOVER_HOLD_BYTES,
-    RESYNC_CHUNK_BYTES, RESYNC_READS_MAX, ZERO_RUN_BYTES_MAX,
+    RESYNC_CHUNK_BYTES, RESYNC_QUEUE_TARGET, RESYNC_RATE_SAMPLE, RESYNC_READS_MAX,
+    RESYNC_WINDOW_MIN_BYTES, RESYNC_WINDOW_START_BYTES, ZERO_RUN_BYTES_MAX,
 };
 use crate::generation::Role;
 use crate::repl::{DirtyRange, Message, PeerProgress, ResyncKind, WriteRecord};
@@ -332,6 +333,48 @@ impl Replicator {
             first_pass_bytes: 0,
             ended_at: None,
             end_pending: None,
+            written_rate: None,
+            rate_sample: None,
+        }
+    }
+
+    /// Measures the rate at which peer `p` writes what the resync sends, in samples of
+    /// [`RESYNC_RATE_SAMPLE`] taken while something is in flight (an idle spell would read
+    /// as a slow peer).
+    fn sample_resync_rate(&mut self, p: usize) {
+        let now = self.now;
+        let peer = &mut self.peers[p];
+        let written = peer.session.resync_written_bytes();
+        let busy = peer.session.resync_inflight_bytes() > 0;
+        let Some(resync) = peer.resync_out.as_mut() else {
+            return;
+        };
+        match resync.rate_sample {
+            Some((_, base)) if written < base => {
+                // A new session counts from zero again.
+                resync.rate_sample = busy.then_some((now, written));
+            }
+            Some((since, base)) if now >= since + RESYNC_RATE_SAMPLE => {
+                let rate = (written - base) as f64 / (now - since).as_secs_f64();
+                resync.written_rate = Some(match resync.written_rate {
+                    Some(before) => (before + rate) / 2.0,
+                    None => rate,
+                });
+                resync.rate_sample = busy.then_some((now, written));
+            }
+            Some(_) => {}
+            None => resync.rate_sample = busy.then_some((now, written)),
+        }
+    }
+
+    /// Resync bytes peer `p` may have in flight now: [`RESYNC_QUEUE_TARGET`] of its measured
+    /// write rate, within [`RESYNC_WINDOW_MIN_BYTES`] and the session's window.
+    fn resync_window(&self, resync: &ResyncOut) -> u64 {
+        let most = self.config.window_bytes;
+        match resync.written_rate {
+            None => RESYNC_WINDOW_START_BYTES.min(most),
+            Some(rate) => ((rate * RESYNC_QUEUE_TARGET.as_secs_f64()) as u64)
+                .clamp(RESYNC_WINDOW_MIN_BYTES.min(most), most),
         }
     }
 
@@ -380,15 +423,19 @@ impl Replicator {
             self.begin_resync(p);
             return;
         }
-        let due = self.resync_due(
-            &self.peers[p],
-            self.peers[p].resync_out.as_ref().expect("checked"),
-        );
+        self.sample_resync_rate(p);
+        let resync = self.peers[p].resync_out.as_ref().expect("checked");
+        let due = self.resync_due(&self.peers[p], resync);
+        let window = self.resync_window(resync);
         let peer = &mut self.peers[p];
         let resync = peer.resync_out.as_mut().expect("checked");
         if due.is_none() {
+            // Reads in flight are sent once done: they count against the window too.
+            let mut reading: u64 = resync.reads.values().map(|&(_, len)| len).sum();
             while resync.reads.len() < RESYNC_READS_MAX
-                && peer.session.can_send_resync(RESYNC_CHUNK_BYTES)
+                && peer
+                    .session
+                    .can_send_resync(reading + RESYNC_CHUNK_BYTES, window)
             {
                 let Some((offset_bytes, len_bytes)) = resync.todo.pop(RESYNC_CHUNK_BYTES) else {
                     break;
@@ -396,6 +443,7 @@ impl Replicator {
                 let id = self.next_id;
                 self.next_id += 1;
                 resync.reads.insert(id, (offset_bytes, len_bytes));
+                reading += len_bytes;
                 self.actions.push_back(Action::Read {
                     id,
                     offset_bytes,

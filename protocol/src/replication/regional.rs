@@ -693,10 +693,15 @@ mod tests {
     use crate::bitmap::BlockBitmap;
     use crate::generation::GenerationInfo;
     use crate::repl::Message;
+    use std::collections::VecDeque;
 
     const SIZE: u64 = 16 << 20;
 
     fn node(name: &str, peer: &str, role: Role, now: Instant) -> Replicator {
+        node_sized(name, peer, role, now, SIZE)
+    }
+
+    fn node_sized(name: &str, peer: &str, role: Role, now: Instant, size: u64) -> Replicator {
         let mut meta = Meta::empty(role);
         if role == Role::Primary {
             meta.lineage = GenerationInfo::create(7, name).expect("lineage");
@@ -705,7 +710,7 @@ mod tests {
             ReplicatorConfig {
                 node: name.into(),
                 volume: "vol".into(),
-                size_bytes: SIZE,
+                size_bytes: size,
                 peers: vec![PeerConfig {
                     name: peer.into(),
                     on_disconnect: OnDisconnect::Degrade,
@@ -721,7 +726,7 @@ mod tests {
                 meta,
                 head_lsn: 0,
                 peers: vec![StartPeer {
-                    bitmap: BlockBitmap::new(SIZE),
+                    bitmap: BlockBitmap::new(size),
                     state: Default::default(),
                 }],
             },
@@ -1275,6 +1280,90 @@ mod tests {
         assert!(
             flushes < 5,
             "one flush per catch-up end, not one per write that arrives during it: {flushes}"
+        );
+    }
+
+    #[test]
+    fn a_resync_keeps_about_half_a_second_of_the_peers_rate_in_flight() {
+        // The initial sync of a 256 MiB volume over a link that carries 12.5 MB/s (100 Mbit/s)
+        // of resync data: what is sent beyond what the link carries waits in a queue. Time
+        // moves in 10 ms steps; the primary's messages wait in a FIFO that lets that step's
+        // share of bytes through.
+        const RATE: f64 = 12.5e6;
+        let step = Duration::from_millis(10);
+        let start = Instant::now();
+        let mut a = node_sized("a", "b", Role::Primary, start, 256 << 20);
+        let mut b = node_sized("b", "a", Role::Secondary, start, 256 << 20);
+        a.connected(0, start);
+        b.connected(0, start);
+        let mut link: VecDeque<Message> = VecDeque::new();
+        let (mut now, mut carried, mut credit) = (start, 0u64, 0.0f64);
+        let mut most_in_flight = 0u64;
+        for n in 0..500u32 {
+            credit += RATE * step.as_secs_f64();
+            while let Some(message) = link.front() {
+                let len = match message {
+                    Message::ResyncData { data, .. } => data.len() as f64,
+                    _ => 0.0,
+                };
+                if len > credit {
+                    break;
+                }
+                credit -= len;
+                carried += len as u64;
+                let message = link.pop_front().expect("front");
+                b.message(0, message, now);
+            }
+            if link.is_empty() {
+                credit = credit.min(RATE * step.as_secs_f64());
+            }
+            for side in 0..2 {
+                let me = if side == 0 { &mut a } else { &mut b };
+                let mut to_a = Vec::new();
+                me.advance(now);
+                while let Some(action) = me.poll_action() {
+                    match action {
+                        Action::Transmit { message, .. } if side == 0 => link.push_back(message),
+                        Action::Transmit { message, .. } => to_a.push(message),
+                        Action::CloseStream { .. } | Action::CatchUpDrop => {}
+                        Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
+                        Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
+                        Action::JournalFlush => {
+                            let head = me.head_lsn();
+                            me.journal_flushed(Ok(head));
+                        }
+                        Action::JournalReset { .. } => me.journal_reset(Ok(())),
+                        Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
+                            me.device_done(id, Ok(()))
+                        }
+                        Action::DeviceSync => me.device_synced(Ok(())),
+                        Action::Read { id, len_bytes, .. } => {
+                            me.read_done(id, Ok(Bytes::from(vec![1; len_bytes as usize])))
+                        }
+                        other => panic!("unexpected action {other:?}"),
+                    }
+                }
+                for message in to_a {
+                    a.message(0, message, now);
+                }
+            }
+            // After the first window (16 MiB, before a rate is measured) has drained.
+            if n >= 300 {
+                most_in_flight = most_in_flight.max(a.peers[0].session.resync_inflight_bytes());
+            }
+            now += step;
+        }
+        let seconds = (now - start).as_secs_f64();
+        assert!(
+            carried as f64 >= 0.9 * RATE * seconds,
+            "the link stays busy: {carried} bytes in {seconds} s"
+        );
+        let target = RATE * super::super::RESYNC_QUEUE_TARGET.as_secs_f64();
+        assert!(
+            (most_in_flight as f64) < 1.5 * target,
+            "in flight at most {most_in_flight} bytes, about {target} wanted, not the whole \
+             window of {}",
+            super::super::WINDOW_BYTES
         );
     }
 

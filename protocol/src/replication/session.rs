@@ -365,10 +365,17 @@ impl Session {
                 <= self.config.window_bytes
     }
 
-    /// Whether `len_bytes` more resync bytes fit the window now.
-    pub fn can_send_resync(&self, len_bytes: u64) -> bool {
+    /// Resync bytes written at the peer (acknowledged) in this session.
+    pub fn resync_written_bytes(&self) -> u64 {
+        self.resync_written_bytes
+    }
+
+    /// Whether `len_bytes` more resync bytes fit in `window_bytes` (at most the session's
+    /// window) now.
+    pub fn can_send_resync(&self, len_bytes: u64, window_bytes: u64) -> bool {
         let inflight = self.resync_inflight_bytes();
-        inflight == 0 || inflight.saturating_add(len_bytes) <= self.config.window_bytes
+        inflight == 0
+            || inflight.saturating_add(len_bytes) <= window_bytes.min(self.config.window_bytes)
     }
 
     fn heartbeat_interval(&self) -> Duration {
