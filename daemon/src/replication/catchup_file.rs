@@ -18,13 +18,10 @@
 //! order, in writes of up to [`APPLY_WRITE_BYTES`], [`APPLY_WRITES_IN_FLIGHT`] at a time.
 
 use std::collections::{btree_map, BTreeMap};
-use std::future::Future;
 use std::io;
 use std::iter::Peekable;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Instant;
 
 use ferry_protocol::catchup::{
@@ -34,7 +31,7 @@ use ferry_protocol::catchup::{
 
 use crate::datadir;
 use crate::nbd::Export;
-use crate::storage::{self, AlignedBuf, OpenOptions, Storage};
+use crate::storage::{self, first_done, AlignedBuf, OpenOptions, Storage};
 use crate::volume::Volume;
 
 /// Bytes of one write to the file (a segment holds a whole number of them).
@@ -739,21 +736,6 @@ impl Iterator for Plan<'_> {
             pieces,
         })
     }
-}
-
-/// Waits for the first of `in_flight` to complete, takes it out and returns its output.
-/// `in_flight` must not be empty.
-async fn first_done<F: Future + Unpin>(in_flight: &mut Vec<F>) -> F::Output {
-    std::future::poll_fn(|cx| {
-        for i in 0..in_flight.len() {
-            if let Poll::Ready(output) = Pin::new(&mut in_flight[i]).poll(cx) {
-                in_flight.swap_remove(i);
-                return Poll::Ready(output);
-            }
-        }
-        Poll::Pending
-    })
-    .await
 }
 
 /// Before which of its device operations (`writes` counts them) a run-time apply kills the

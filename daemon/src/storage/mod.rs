@@ -309,3 +309,18 @@ fn is_unsupported(error: &io::Error) -> bool {
         Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::ENOSYS)
     )
 }
+
+/// Waits for the first of `in_flight` (I/Os issued together) to complete, takes it out and
+/// returns its output. `in_flight` must not be empty.
+pub async fn first_done<F: Future + Unpin>(in_flight: &mut Vec<F>) -> F::Output {
+    std::future::poll_fn(|cx| {
+        for i in 0..in_flight.len() {
+            if let std::task::Poll::Ready(output) = std::pin::Pin::new(&mut in_flight[i]).poll(cx) {
+                in_flight.swap_remove(i);
+                return std::task::Poll::Ready(output);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
