@@ -9,7 +9,8 @@ work directory on the real disk:
   regional-wan      the same as regional, the relay also capped at --rate-mbit (default 100)
 
 Measurements (--only picks some; default all):
-  latency   fio 4k randwrite QD1 and 4k FUA writes QD1 (libnbd), p50/p99: regional vs standalone
+  latency   fio 4k randwrite QD1 and 4k FUA writes QD1 (libnbd), p50/p99: regional vs standalone,
+            --rounds times each (default 3), alternating; the ratio is the rounds' median
   wire      ferry_replication_bytes_total{kind="wire"} / {kind="logical"} on regional and
             regional-nozstd for
             - "hot": overwrite-heavy and half-compressible: 4 KiB random writes over a 4 MiB
@@ -39,6 +40,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,6 +161,23 @@ class Sampler:
             if not seen or seen[-1] != state:
                 seen.append(state)
         return seen
+
+
+def latency_rounds(bench, standalone, pair, rounds):
+    """`latency` of standalone and of the pair, alternately, `rounds` times (the first of the
+    two alternating, ABBA...), so that a change of the shared machine's load between runs lands
+    on both. Returns per-key medians for each and the per-round ratios (regional / standalone)."""
+    runs = {"standalone": [], "regional": []}
+    for n in range(rounds):
+        order = [("standalone", standalone), ("regional", pair)]
+        for name, server in order if n % 2 == 0 else reversed(order):
+            nb.log(f"latency: {server.name}, round {n + 1} of {rounds} ...")
+            runs[name].append(latency(bench, server))
+            server.quiesce()
+    keys = runs["standalone"][0].keys()
+    ratios = {key: [r[key] / s[key] for s, r in zip(runs["standalone"], runs["regional"])] for key in keys}
+    median = {name: {key: statistics.median(run[key] for run in runs[name]) for key in keys} for name in runs}
+    return median["standalone"], median["regional"], ratios
 
 
 def latency(bench, server):
@@ -320,6 +339,8 @@ def main():
                         help="5 s latency and hot runs, 20 s rpo, 30 s overload (well under 6 minutes)")
     parser.add_argument("--only", default=",".join(MEASUREMENTS),
                         help=f"comma-separated measurements: {', '.join(MEASUREMENTS)} (default all)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="latency: standalone and regional measured alternately this many times each (default 3)")
     parser.add_argument("--rtt", type=float, default=40.0, help="relay round trip in ms (default 40)")
     parser.add_argument("--interval", default="1s")
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="link cap of regional-wan (default 100)")
@@ -363,26 +384,22 @@ def main():
         subprocess.run([args.ferry, "cert", "init", "--dir", ctx.certs, "--node", "a", "--node", "b"],
                        check=True, capture_output=True, timeout=60)
         overload_rate = link_bytes_s * args.overload_factor
+        standalone = None
         if {"latency", "overload"} & set(wanted):
             standalone = start(nb.Ferry(ctx, SIZE_BYTES, JOURNAL_BYTES))
-            if "latency" in wanted:
-                nb.log("latency: standalone ...")
-                results["latency_standalone"] = latency(bench, standalone)
-                standalone.quiesce()
             if "overload" in wanted:
                 nb.log(f"overload: standalone, {overload_rate / 1e6:.1f} MB/s for {args.overload_seconds} s ...")
                 with Sampler(standalone.node):  # the same probing as on the primary of the pair
                     results["overload_standalone"] = paced_load(bench, standalone, "overload", overload_rate,
                                                                 args.overload_seconds)
-            standalone.stop()
+                standalone.quiesce()
         for name, compression in (("regional", "zstd"), ("regional-nozstd", "none")):
             if not ("wire" in wanted or ("latency" in wanted and compression == "zstd")):
                 continue
             pair = start(RegionalPair(ctx, name, args.rtt, args.interval, compression))
             if "latency" in wanted and compression == "zstd":
-                nb.log(f"latency: {name} ...")
-                results["latency_regional"] = latency(bench, pair)
-                pair.quiesce()
+                (results["latency_standalone"], results["latency_regional"],
+                 results["latency_ratios"]) = latency_rounds(bench, standalone, pair, args.rounds)
             if "wire" in wanted:
                 nb.log(f"wire: {name} ...")
                 with Sampler(pair.a) as sampler:
@@ -404,6 +421,8 @@ def main():
                                 f"{recovery_timeout(args.overload_seconds)} s of the load's end", pair.a.log_tail(20))
             results["relay"] = pair.relay.stats()
             pair.stop()
+        if standalone:
+            standalone.stop()
         for server in servers:
             for node in server.nodes():
                 if any(code != 0 for code in node.exit_codes):
@@ -440,11 +459,14 @@ def report(results, args, link_bytes_s, ctx):
           f"journals {JOURNAL_BYTES // MIB} MiB\n")
     base, reg = results.get("latency_standalone"), results.get("latency_regional")
     if base and reg:
-        print(f"Latency ({args.runtime} s per run):")
-        lines = [["measure", "standalone", "regional", "ratio"]]
+        ratios = results["latency_ratios"]
+        print(f"Latency ({args.runtime} s per run, {len(ratios['rw_p50'])} rounds alternating standalone and "
+              "regional; medians, and the ratio's median of the rounds' ratios):")
+        lines = [["measure", "standalone", "regional", "ratio", "ratio per round"]]
         for key, label in (("rw_p50", "4k randwrite QD1 p50 (us)"), ("rw_p99", "4k randwrite QD1 p99 (us)"),
                            ("fua_p50", "4k FUA write QD1 p50 (us)"), ("fua_p99", "4k FUA write QD1 p99 (us)")):
-            lines.append([label, nb.fmt(base[key]), nb.fmt(reg[key]), f"{reg[key] / base[key]:.2f}x"])
+            lines.append([label, nb.fmt(base[key]), nb.fmt(reg[key]), f"{statistics.median(ratios[key]):.2f}x",
+                          ", ".join(f"{r:.2f}" for r in ratios[key])])
         nb.print_table(lines)
     for name in ("regional", "regional-nozstd"):
         entry = results.get(name)
@@ -536,6 +558,7 @@ def states_text(states):
 def print_goals(results, link_bytes_s):
     """One row per goal: (label, value, target, better, unit, figures); `-` when not measured."""
     base, reg = results.get("latency_standalone") or {}, results.get("latency_regional") or {}
+    ratios = results.get("latency_ratios") or {}
     lag = (results.get("rpo") or {}).get("lag") or {}
     over = results.get("overload") or {}
     over_base, over_load = results.get("overload_standalone") or {}, over.get("load") or {}
@@ -544,7 +567,8 @@ def print_goals(results, link_bytes_s):
     rows = []
     for key, label in (("rw_p50", "4k randwrite QD1 p50"), ("rw_p99", "4k randwrite QD1 p99"),
                        ("fua_p50", "4k FUA QD1 p50"), ("fua_p99", "4k FUA QD1 p99")):
-        rows.append((f"{label} vs standalone", nb.ratio_of(reg.get(key), base.get(key)), LATENCY_TARGET, "lower",
+        ratio = statistics.median(ratios[key]) if ratios.get(key) else None
+        rows.append((f"{label} vs standalone", ratio, LATENCY_TARGET, "lower",
                      "x", f"{nb.fmt(reg.get(key))} / {nb.fmt(base.get(key))} us"))
     rows += [
         ("RPO: lag_seconds p99 at half the link", lag.get("p99"), RPO_P99_TARGET_S, "lower", " s",
