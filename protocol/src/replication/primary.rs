@@ -373,8 +373,13 @@ impl Replicator {
         let most = self.config.window_bytes;
         match resync.written_rate {
             None => RESYNC_WINDOW_START_BYTES.min(most),
-            Some(rate) => ((rate * RESYNC_QUEUE_TARGET.as_secs_f64()) as u64)
-                .clamp(RESYNC_WINDOW_MIN_BYTES.min(most), most),
+            Some(rate) => {
+                let want = (rate * RESYNC_QUEUE_TARGET.as_secs_f64()).clamp(0.0, most as f64);
+                // In [0, most]: the conversion neither truncates beyond u64 nor loses a sign.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let want = want as u64;
+                want.clamp(RESYNC_WINDOW_MIN_BYTES.min(most), most)
+            }
         }
     }
 

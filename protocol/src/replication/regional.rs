@@ -1303,14 +1303,14 @@ mod tests {
             credit += RATE * step.as_secs_f64();
             while let Some(message) = link.front() {
                 let len = match message {
-                    Message::ResyncData { data, .. } => data.len() as f64,
-                    _ => 0.0,
+                    Message::ResyncData { data, .. } => data.len() as u64,
+                    _ => 0,
                 };
-                if len > credit {
+                if len as f64 > credit {
                     break;
                 }
-                credit -= len;
-                carried += len as u64;
+                credit -= len as f64;
+                carried += len;
                 let message = link.pop_front().expect("front");
                 b.message(0, message, now);
             }
