@@ -605,6 +605,10 @@ struct ResyncIn {
     /// one unit at its end, so the copy stays at its last batch boundary (consistent,
     /// promotable) until then. See [`regional`].
     staged: bool,
+    /// Regional: complete batches that arrived before this resync began (a repair on a
+    /// live link), still to be applied. They go first, as they came first; batches that
+    /// follow the resync's end wait for it.
+    batches_first: usize,
 }
 
 /// An online verify this copy runs against one peer.

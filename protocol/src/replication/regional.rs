@@ -500,7 +500,11 @@ impl Replicator {
 
     /// Moves the oldest complete batch of each regional link along.
     pub(super) fn advance_batches(&mut self, p: usize) {
-        if self.peers[p].resync_in.is_some() {
+        if self.peers[p]
+            .resync_in
+            .as_ref()
+            .is_some_and(|resync| resync.batches_first == 0)
+        {
             return; // batches that follow a resync's end wait for it to finish
         }
         let Some(batch) = self.peers[p].regional.batches.front() else {
@@ -591,6 +595,9 @@ impl Replicator {
         }
         let lsn = batch.lsn;
         self.peers[p].regional.batches.pop_front();
+        if let Some(resync) = self.peers[p].resync_in.as_mut() {
+            resync.batches_first = resync.batches_first.saturating_sub(1);
+        }
         assert!(lsn >= self.head_lsn, "batches apply in LSN order");
         self.head_lsn = lsn;
         self.appended_up_to = lsn;
@@ -688,7 +695,7 @@ mod tests {
 
     use super::super::{
         Meta, OnDisconnect, OpOutcome, PeerConfig, ReplicaState, ReplicatorConfig, StartPeer,
-        Startup,
+        Startup, VERIFY_COARSE_BLOCK_BYTES,
     };
     use crate::bitmap::BlockBitmap;
     use crate::generation::GenerationInfo;
@@ -1364,6 +1371,161 @@ mod tests {
             "in flight at most {most_in_flight} bytes, about {target} wanted, not the whole \
              window of {}",
             super::super::WINDOW_BYTES
+        );
+    }
+
+    /// Carries out both sides' actions until nothing moves, except those of the secondary
+    /// `hold` picks, which go to `held`. Digests read as all 0 on the primary and all 1 on
+    /// the secondary.
+    fn step_holding(
+        a: &mut Replicator,
+        b: &mut Replicator,
+        now: Instant,
+        hold: &mut dyn FnMut(&Action) -> bool,
+        held: &mut Vec<Action>,
+    ) {
+        for _ in 0..5000 {
+            let mut moved = false;
+            for side in 0..2 {
+                let (me, other) = if side == 0 {
+                    (&mut *a, &mut *b)
+                } else {
+                    (&mut *b, &mut *a)
+                };
+                me.advance(now);
+                while let Some(action) = me.poll_action() {
+                    moved = true;
+                    if side == 1 && hold(&action) {
+                        held.push(action);
+                        continue;
+                    }
+                    match action {
+                        Action::Transmit { message, .. } => other.message(0, message, now),
+                        Action::Digest {
+                            id,
+                            len_bytes,
+                            block_bytes,
+                            ..
+                        } => me.digest_done(id, Ok(digests(side, len_bytes, block_bytes))),
+                        Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
+                        Action::ApplyBatch { peer, .. } => me.batch_applied(peer, Ok(())),
+                        Action::CloseStream { .. } | Action::CatchUpDrop => {}
+                        Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
+                        Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
+                        Action::JournalFlush => {
+                            let head = me.head_lsn();
+                            me.journal_flushed(Ok(head));
+                        }
+                        Action::JournalReset { .. } => me.journal_reset(Ok(())),
+                        Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
+                            me.device_done(id, Ok(()))
+                        }
+                        Action::DeviceSync => me.device_synced(Ok(())),
+                        Action::Read { id, len_bytes, .. } => {
+                            me.read_done(id, Ok(Bytes::from(vec![1; len_bytes as usize])))
+                        }
+                        Action::CatchUpWrite { id, .. } => me.device_done(id, Ok(())),
+                        Action::CatchUpCommit { .. } => me.catchup_committed(Ok(())),
+                        Action::CatchUpApply { .. } => me.catchup_applied(Ok(())),
+                        Action::Drain => me.writes_drained(),
+                        other => panic!("unexpected action {other:?}"),
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the two sides never settle");
+    }
+
+    fn digests(side: usize, len_bytes: u64, block_bytes: u64) -> Vec<[u8; 16]> {
+        let blocks = usize::try_from(len_bytes.div_ceil(block_bytes)).expect("a small volume");
+        vec![[u8::try_from(side).expect("0 or 1"); 16]; blocks]
+    }
+
+    #[test]
+    fn a_verify_repair_that_begins_behind_a_batch_being_stored_ends() {
+        // A verify with repair where every block differs: while the secondary computes its
+        // last digests, the primary cuts a batch (a write to blocks already compared) and it
+        // reaches the secondary; the repair's resync then begins on the link behind it, while
+        // the secondary still stores the batch. The batch came first: it must be applied, and
+        // the resync must then run and end.
+        let start = Instant::now();
+        let (mut a, mut b) = linked_pair(start);
+        a.tap(write(1, 0, 4096), start);
+        let mut now = start + Duration::from_secs(1);
+        let mut held = Vec::new();
+        step_holding(&mut a, &mut b, now, &mut |_| false, &mut held);
+        assert_eq!(b.head_lsn(), 1);
+        a.begin_verify("b", true, now).expect("verify");
+        // The secondary's digests: one coarse request, then one per differing MiB; the last
+        // is held.
+        let last = 1 + SIZE / VERIFY_COARSE_BLOCK_BYTES;
+        let mut served = 0;
+        for _ in 0..1000 {
+            now += Duration::from_millis(10);
+            let mut hold = |action: &Action| {
+                if matches!(action, Action::Digest { .. }) {
+                    served += 1;
+                    return served == last;
+                }
+                false
+            };
+            step_holding(&mut a, &mut b, now, &mut hold, &mut held);
+            if !held.is_empty() {
+                break;
+            }
+        }
+        let [Action::Digest {
+            id,
+            len_bytes,
+            block_bytes,
+            ..
+        }] = std::mem::take(&mut held)[..]
+        else {
+            panic!("the secondary's last digest is held");
+        };
+        a.tap(write(2, 0, 4096), now);
+        now += Duration::from_secs(1);
+        let mut hold_stage = |action: &Action| matches!(action, Action::StageBatch { .. });
+        step_holding(&mut a, &mut b, now, &mut hold_stage, &mut held);
+        assert!(
+            matches!(held[..], [Action::StageBatch { lsn: 2, .. }]),
+            "{held:?}"
+        );
+        b.digest_done(id, Ok(digests(1, len_bytes, block_bytes)));
+        step_holding(&mut a, &mut b, now, &mut hold_stage, &mut held);
+        let Some(Action::StageBatch { peer, .. }) = held.pop() else {
+            panic!("the batch is held");
+        };
+        b.batch_staged(peer, Ok(()));
+        let mut hold_apply = |action: &Action| matches!(action, Action::ApplyBatch { .. });
+        for _ in 0..100 {
+            now += Duration::from_millis(10);
+            step_holding(&mut a, &mut b, now, &mut hold_apply, &mut held);
+        }
+        assert!(
+            b.peers[0].resync_in.is_some(),
+            "the repair's resync began behind the batch"
+        );
+        let Some(Action::ApplyBatch { peer, lsn: 2, .. }) = held.pop() else {
+            panic!("the batch that came first is applied first, resync or not: {held:?}");
+        };
+        b.batch_applied(peer, Ok(()));
+        for _ in 0..1000 {
+            now += Duration::from_millis(10);
+            step_holding(&mut a, &mut b, now, &mut |_| false, &mut held);
+        }
+        assert_eq!(b.head_lsn(), a.head_lsn());
+        assert!(
+            b.peers[0].resync_in.is_none() && !b.batches_pending(),
+            "the batch was applied and the repair's resync ended"
+        );
+        let verify = a.verify("b").expect("a verify ran");
+        assert!(
+            !verify.running && verify.repaired && verify.differing_bytes > 0,
+            "{verify:?}"
         );
     }
 

@@ -201,6 +201,7 @@ impl Replicator {
         }
         ResyncIn {
             staged,
+            batches_first: self.peers[p].regional.batches.len(),
             id,
             full,
             phase: InPhase::Reporting,
