@@ -758,10 +758,13 @@ fn operations_replacing_a_node() {
     fs::remove_file(spec.device_path()).expect("remove b's device");
     let full_syncs = state_changes_to(&cluster, A, "syncing");
     run_procedure(&mut cluster, "Replacing a node");
-    assert_eq!(
-        state_changes_to(&cluster, A, "syncing"),
-        full_syncs + 1,
-        "one full sync to the new node"
+    // The new node's device started empty: holding block 12 shows that it was synced. The
+    // state log shows at most one move into `syncing` for it: the node logs states it sees
+    // at its reports (every 100 ms), and a full sync of this mostly empty volume may begin
+    // and end between two of them on a fast disk.
+    assert!(
+        state_changes_to(&cluster, A, "syncing") <= full_syncs + 1,
+        "one full sync to the new node, not more"
     );
     assert_eq!(cluster.role(B), "secondary");
     assert_eq!(read_block(&cluster, B, 12), 0x12);
