@@ -1167,11 +1167,14 @@ impl Replicator {
         if abandoned.staged {
             self.actions.push_back(Action::CatchUpDrop);
         }
-        // No batch moves while a resync is in: every one waiting came after its end.
-        self.peers[p]
-            .regional
-            .batches
-            .retain(|batch| batch.step != regional::BatchStep::Waiting);
+        // Batches that arrived before the resync began still apply (they came first); of
+        // the others, those that only wait came after its end and go.
+        let mut before = abandoned.batches_first;
+        self.peers[p].regional.batches.retain(|batch| {
+            let first = before > 0;
+            before = before.saturating_sub(1);
+            first || batch.step != regional::BatchStep::Waiting
+        });
     }
 
     /// Closes a peer's stream on purpose; the daemon reconnects later.

@@ -339,8 +339,9 @@ impl Replicator {
     }
 
     /// Measures the rate at which peer `p` writes what the resync sends, in samples of
-    /// [`RESYNC_RATE_SAMPLE`] taken while something is in flight (an idle spell would read
-    /// as a slow peer).
+    /// [`RESYNC_RATE_SAMPLE`], each started only while something is in flight (so a resync
+    /// waiting for its reads does not read as a slow peer; a pause inside a sample still
+    /// lowers it, and the average of two samples recovers within the next).
     fn sample_resync_rate(&mut self, p: usize) {
         let now = self.now;
         let peer = &mut self.peers[p];
@@ -425,6 +426,9 @@ impl Replicator {
             return;
         }
         if !resync.started {
+            if self.is_regional(p) && !self.batches_out_before_resync(p) {
+                return; // `advance` comes back once they are
+            }
             self.begin_resync(p);
             return;
         }

@@ -398,6 +398,28 @@ impl Replicator {
         }
     }
 
+    /// Whether everything regional peer `p`'s link carried before a resync on it (a verify
+    /// repair on a live link) has gone out in whole batches: the open batch is cut at its
+    /// newest record, then the queue and the ends are sent as the window allows. The resync's
+    /// begin waits for it: a record or batch end after it would fall below the resync's end
+    /// (the session refuses that), and a batch cut in two would be half at the peer. Records
+    /// tapped since the resync was planned are not in the batch: they are marked, and the
+    /// resync sends their blocks.
+    pub(super) fn batches_out_before_resync(&mut self, p: usize) -> bool {
+        let peer = &mut self.peers[p];
+        let records = peer.regional.open.take();
+        if let Some(newest) = records.iter().map(|record| record.lsn).max() {
+            for record in records {
+                peer.regional.queued_bytes += record.data.len() as u64 + BATCH_RECORD_COST_BYTES;
+                peer.queue.push_back(record);
+            }
+            peer.regional.cuts.push_back(newest);
+        }
+        self.pump_batches(p);
+        let peer = &self.peers[p];
+        peer.queue.is_empty() && peer.regional.cuts.is_empty()
+    }
+
     /// Whether a planned demotion still waits for regional peer `p`: a switchover loses
     /// nothing on any copy that is receiving, so a regional peer shipping on a live link gets
     /// the open batch at once and the demotion waits until it holds every write durably. A
@@ -1450,7 +1472,8 @@ mod tests {
         // last digests, the primary cuts a batch (a write to blocks already compared) and it
         // reaches the secondary; the repair's resync then begins on the link behind it, while
         // the secondary still stores the batch. The batch came first: it must be applied, and
-        // the resync must then run and end.
+        // the resync must then run and end. Around it: a write still in the open batch when
+        // the repair starts (it goes out in a batch before the resync begins), and one after.
         let start = Instant::now();
         let (mut a, mut b) = linked_pair(start);
         a.tap(write(1, 0, 4096), start);
@@ -1494,8 +1517,19 @@ mod tests {
             matches!(held[..], [Action::StageBatch { lsn: 2, .. }]),
             "{held:?}"
         );
+        // A write the open batch still holds when the repair starts: it goes out whole
+        // before the resync begins, not after its end (below it).
+        a.tap(write(3, 131_072, 4096), now);
         b.digest_done(id, Ok(digests(1, len_bytes, block_bytes)));
         step_holding(&mut a, &mut b, now, &mut hold_stage, &mut held);
+        // A write after the repair began: its block goes with the resync.
+        a.tap(write(4, 196_608, 4096), now);
+        now += Duration::from_secs(1);
+        step_holding(&mut a, &mut b, now, &mut hold_stage, &mut held);
+        assert!(a.peers[0]
+            .resync_out
+            .as_ref()
+            .is_some_and(|resync| resync.ended_at == Some(4)));
         let Some(Action::StageBatch { peer, .. }) = held.pop() else {
             panic!("the batch is held");
         };

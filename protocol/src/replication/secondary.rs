@@ -293,11 +293,13 @@ impl Replicator {
             .peers
             .iter()
             .all(|peer| peer.covered_persisted_lsn >= head);
-        if !all_covered
-            || !self.appends.is_empty()
-            || self.reset_in_flight
-            || self.batches_pending()
-        {
+        // Batches that arrived before the resync began are applied first; those that follow
+        // its end (they may arrive while this copy prepares) wait for it.
+        let batches_first = self.peers[p]
+            .resync_in
+            .as_ref()
+            .is_some_and(|resync| resync.batches_first > 0);
+        if !all_covered || !self.appends.is_empty() || self.reset_in_flight || batches_first {
             return;
         }
         self.reset_in_flight = true;
