@@ -1351,25 +1351,10 @@ mod tests {
                 let mut to_a = Vec::new();
                 me.advance(now);
                 while let Some(action) = me.poll_action() {
-                    match action {
-                        Action::Transmit { message, .. } if side == 0 => link.push_back(message),
-                        Action::Transmit { message, .. } => to_a.push(message),
-                        Action::CloseStream { .. } | Action::CatchUpDrop => {}
-                        Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
-                        Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
-                        Action::JournalFlush => {
-                            let head = me.head_lsn();
-                            me.journal_flushed(Ok(head));
-                        }
-                        Action::JournalReset { .. } => me.journal_reset(Ok(())),
-                        Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
-                            me.device_done(id, Ok(()))
-                        }
-                        Action::DeviceSync => me.device_synced(Ok(())),
-                        Action::Read { id, len_bytes, .. } => {
-                            me.read_done(id, Ok(Bytes::from(vec![1; len_bytes as usize])))
-                        }
-                        other => panic!("unexpected action {other:?}"),
+                    match carry_out(me, side, action) {
+                        Some(message) if side == 0 => link.push_back(message),
+                        Some(message) => to_a.push(message),
+                        None => {}
                     }
                 }
                 for message in to_a {
@@ -1421,36 +1406,8 @@ mod tests {
                         held.push(action);
                         continue;
                     }
-                    match action {
-                        Action::Transmit { message, .. } => other.message(0, message, now),
-                        Action::Digest {
-                            id,
-                            len_bytes,
-                            block_bytes,
-                            ..
-                        } => me.digest_done(id, Ok(digests(side, len_bytes, block_bytes))),
-                        Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
-                        Action::ApplyBatch { peer, .. } => me.batch_applied(peer, Ok(())),
-                        Action::CloseStream { .. } | Action::CatchUpDrop => {}
-                        Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
-                        Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
-                        Action::JournalFlush => {
-                            let head = me.head_lsn();
-                            me.journal_flushed(Ok(head));
-                        }
-                        Action::JournalReset { .. } => me.journal_reset(Ok(())),
-                        Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
-                            me.device_done(id, Ok(()))
-                        }
-                        Action::DeviceSync => me.device_synced(Ok(())),
-                        Action::Read { id, len_bytes, .. } => {
-                            me.read_done(id, Ok(Bytes::from(vec![1; len_bytes as usize])))
-                        }
-                        Action::CatchUpWrite { id, .. } => me.device_done(id, Ok(())),
-                        Action::CatchUpCommit { .. } => me.catchup_committed(Ok(())),
-                        Action::CatchUpApply { .. } => me.catchup_applied(Ok(())),
-                        Action::Drain => me.writes_drained(),
-                        other => panic!("unexpected action {other:?}"),
+                    if let Some(message) = carry_out(me, side, action) {
+                        other.message(0, message, now);
                     }
                 }
             }
@@ -1459,6 +1416,44 @@ mod tests {
             }
         }
         panic!("the two sides never settle");
+    }
+
+    /// Completes `action` of side `side` (0 the primary, 1 the secondary) at once, as
+    /// storage that never fails would; returns the message of a `Transmit` for the caller to
+    /// carry. Reads return ones (never a zero range); digests are `digests(side, ..)`.
+    fn carry_out(me: &mut Replicator, side: usize, action: Action) -> Option<Message> {
+        match action {
+            Action::Transmit { message, .. } => return Some(message),
+            Action::Digest {
+                id,
+                len_bytes,
+                block_bytes,
+                ..
+            } => me.digest_done(id, Ok(digests(side, len_bytes, block_bytes))),
+            Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
+            Action::ApplyBatch { peer, .. } => me.batch_applied(peer, Ok(())),
+            Action::CloseStream { .. } | Action::CatchUpDrop => {}
+            Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
+            Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
+            Action::JournalFlush => {
+                let head = me.head_lsn();
+                me.journal_flushed(Ok(head));
+            }
+            Action::JournalReset { .. } => me.journal_reset(Ok(())),
+            Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
+                me.device_done(id, Ok(()))
+            }
+            Action::DeviceSync => me.device_synced(Ok(())),
+            Action::Read { id, len_bytes, .. } => {
+                me.read_done(id, Ok(Bytes::from(vec![1; len_bytes as usize])))
+            }
+            Action::CatchUpWrite { id, .. } => me.device_done(id, Ok(())),
+            Action::CatchUpCommit { .. } => me.catchup_committed(Ok(())),
+            Action::CatchUpApply { .. } => me.catchup_applied(Ok(())),
+            Action::Drain => me.writes_drained(),
+            other => panic!("unexpected action {other:?}"),
+        }
+        None
     }
 
     fn digests(side: usize, len_bytes: u64, block_bytes: u64) -> Vec<[u8; 16]> {
