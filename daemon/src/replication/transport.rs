@@ -814,12 +814,13 @@ async fn dial(shared: &Shared, peer: &PeerConfig) -> Result<Connection, Connecti
 
 /// The QUIC transport settings of every peer connection: windows, keep-alives, MTU discovery,
 /// and quinn's default congestion control, Cubic, on metro and regional links alike. quinn's
-/// BBR (marked experimental) keeps 86–91 % of a 40 ms, 100 Mbit/s link under 0.1–0.5 % random
-/// loss where Cubic keeps 5–10 %, but it does not back off from a full bottleneck queue: behind
-/// a 100 Mbit/s cap with a 100 ms queue it had 16–47 % of its datagrams dropped where Cubic had
-/// under 5 %, in the regional overload benchmark half of them for 30 s, and its receivers
-/// closed the connection (quinn's "too many gaps in stream buffer"), which sent the replica
-/// into `degraded` nine times in one run (benches/README.md, "Congestion control";
+/// BBR (marked experimental) kept 86–91 % of a 40 ms, 100 Mbit/s link under 0.1–0.5 % random
+/// loss in one run where Cubic keeps 5–10 %, but it does not back off from a full bottleneck
+/// queue: behind a 100 Mbit/s cap with a 100 ms queue it had 16–47 % of its datagrams dropped
+/// where Cubic had under 5 %, in the regional overload benchmark half of them for 30 s, and
+/// its receivers closed the connection (quinn's "too many gaps in stream buffer"; at 0.1 % and
+/// 0.5 % loss in another run), which sent the replica into `degraded` nine times in one
+/// overload run (benches/README.md, "Congestion control";
 /// `cargo bench -p ferry --bench congestion`). A replication link that floods the WAN it
 /// shares and drops its own connection is worse than a slow one. Public for that benchmark,
 /// which measures exactly these settings.
