@@ -373,9 +373,9 @@ struct Node {
     /// Writes made on this node as primary (ids), for the split-brain check.
     own_writes: BTreeSet<u64>,
     restart_at: Option<Instant>,
-    /// Histories of the batch and catch-up ends this node received over a regional link,
-    /// newest last, as (LSN, sender's history up to it): what a stored batch or catch-up
-    /// leads to.
+    /// Histories of the resync ends this node received, and of the batch ends over a
+    /// regional link, newest last, as (LSN, sender's history up to it): what a resync, a
+    /// stored batch or a catch-up leads to.
     end_histories: VecDeque<(u64, Vec<Content>)>,
 }
 
@@ -1860,9 +1860,13 @@ impl Sim {
                 node_name(old)
             );
         }
+        // What a resync's end (on any link) or a batch's end leads the receiver to: the
+        // sender's history as it is now, which a power loss of the sender may cut before the
+        // receiver adopts it.
+        let regional = self.regional_link(from, to);
         let history = match &message {
-            Message::BatchEnd { lsn } | Message::ResyncEnd { lsn, .. }
-                if self.regional_link(from, to) =>
+            Message::ResyncEnd { lsn, .. } | Message::BatchEnd { lsn }
+                if regional || matches!(message, Message::ResyncEnd { .. }) =>
             {
                 let history = self.nodes[from].history.get(..*lsn as usize);
                 Some(
@@ -2655,19 +2659,15 @@ impl Sim {
         let adoptions = process.rep.take_adoptions();
         for (peer, lsn, resolution) in adoptions {
             let from = Self::node_of_peer(i, peer);
-            // Over a regional link the copy took the sender's history as it was when the
-            // resync's end left (recorded then): the sender may have changed its own copy
-            // since (a resolve, a rollback) while this copy finished applying.
-            let sent = if self.regional_link(from, i) {
-                self.nodes[i]
-                    .end_histories
-                    .iter()
-                    .rev()
-                    .find(|(end, _)| *end == lsn)
-                    .map(|(_, history)| history.clone())
-            } else {
-                None
-            };
+            // The copy took the sender's history as it was when the resync's end left
+            // (recorded then): the sender may have changed its own copy since (a power loss
+            // that cut its journal's tail, a resolve, a rollback) while this copy finished.
+            let sent = self.nodes[i]
+                .end_histories
+                .iter()
+                .rev()
+                .find(|(end, _)| *end == lsn)
+                .map(|(_, history)| history.clone());
             let mut adopted: Vec<Content> =
                 sent.unwrap_or_else(|| self.nodes[from].history.clone());
             adopted.truncate(lsn as usize);
@@ -3247,7 +3247,7 @@ fn regional_simulation_keeps_every_promise() {
 ///   resynced blocks that a third copy lacked.
 #[test]
 fn regression_seeds() {
-    for seed in [0, 5, 24, 62, 67, 161, 321, 332, 632, 1173, 1794, 2155] {
+    for seed in [0, 5, 24, 62, 67, 161, 321, 332, 632, 1004, 1173, 1794, 2155] {
         eprintln!("metro simulation regression seed {seed}");
         simulate(seed);
     }
