@@ -93,16 +93,18 @@ impl Prometheus {
             addr,
             _dir: dir,
         };
-        // Up once its HTTP listener accepts (TSDB opened, rules loaded).
+        // Up once `/-/ready` answers 200: its listener accepts before the TSDB is open and
+        // the rules are loaded, and until then every query gets 503 (seen on a loaded
+        // machine).
         let deadline = Instant::now() + SCRAPE_TIMEOUT;
-        while std::net::TcpStream::connect(&prometheus.addr).is_err() {
+        while !ready(&prometheus.addr) {
             if let Ok(Some(status)) = prometheus.child.try_wait() {
                 let log = fs::read_to_string(prometheus._dir.path().join("prometheus.log"));
                 panic!("prometheus exited with {status}: {log:?}");
             }
             assert!(
                 Instant::now() < deadline,
-                "prometheus does not listen on {}",
+                "prometheus is not ready on {}",
                 prometheus.addr
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -370,4 +372,26 @@ fn dashboard_and_alerts_work_on_a_real_prometheus() {
     stop.store(true, Ordering::Relaxed);
     let writes = load.join().expect("the load thread");
     assert!(writes > 0, "the load wrote nothing");
+}
+
+/// Whether Prometheus at `addr` answers `/-/ready` with 200 (not while it starts: 503).
+fn ready(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(
+        stream,
+        "GET /-/ready HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut response = Vec::new();
+    if stream.read_to_end(&mut response).is_err() {
+        return false;
+    }
+    response.starts_with(b"HTTP/1.") && response.get(9..12) == Some(b"200")
 }
