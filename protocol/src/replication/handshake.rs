@@ -39,8 +39,12 @@ impl Replicator {
             Plan::Receive { from_lsn, .. } => self.head_lsn > from_lsn,
             _ => false,
         };
+        // A generation being stored counts too: once stored, the records after its start
+        // may complete by marks, and a demotion decided without it would discard them.
         let changed = self.role != sent.role
             || self.persisted_lineage().history != sent.generation.history
+            || self.meta.lineage.current_generation()
+                != self.meta_persisted.lineage.current_generation()
             || (self.role == Role::Primary && self.head_lsn != sent.generation.head_lsn);
         if (discards_local && changed) || (self.role != sent.role) {
             return self.close_link(p, "this copy changed during the handshake; deciding again");
@@ -64,6 +68,10 @@ impl Replicator {
         }
         self.peers[p].plan = Some(plan);
         self.peers[p].peer_consistent = peer_hello.consistent;
+        self.peers[p].holds_newer = matches!(
+            super::plan::resolve(decision, &local, &remote),
+            Decision::RemoteAhead { .. } | Decision::LocalEmpty
+        );
         if !matches!(plan, Plan::SplitBrain { .. }) {
             self.peers[p].split_brain = false;
         }
@@ -80,10 +88,15 @@ impl Replicator {
             } => self.start_receiving(p, resync, full, from_lsn),
             Plan::Idle => {
                 self.peers[p].session.set_mode(super::Mode::Idle, 0, 0);
-                self.peers[p].last_error = if self.role == Role::Primary {
-                    Some("the peer is primary too and must demote first".into())
-                } else {
-                    None
+                self.peers[p].last_error = match self.role {
+                    Role::Primary if remote.role == Role::Primary => {
+                        Some("the peer is primary in an older generation and steps down".into())
+                    }
+                    Role::Primary => Some(format!(
+                        "the peer's copy is newer but inconsistent (a resync into it did not finish): it takes nothing until `ferry resolve {} --discard-local` runs on it",
+                        self.volume()
+                    )),
+                    Role::Secondary => None,
                 };
             }
             Plan::Demote => {

@@ -102,6 +102,8 @@ mod secondary;
 pub mod session;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod testing;
 mod verify;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -427,6 +429,8 @@ pub enum OpError {
     NeverSynced { volume: String },
     #[error("peer {peer} is primary for {volume} and reachable; demote it first (ferry demote {volume} on {peer}), or use --force if it is gone")]
     PeerIsPrimary { peer: String, volume: String },
+    #[error("peer {peer} holds writes of {volume} this copy lacks (it was promoted after this copy's last write): promote {peer} instead, or wait until this copy is resynced from it; --force promotes this copy anyway, and {peer}'s writes then meet it as a split brain")]
+    PeerIsNewer { peer: String, volume: String },
     #[error("another role change of {volume} is in progress; wait for it")]
     Busy { volume: String },
     #[error("volume {volume} is not in split brain with any peer; there is nothing to resolve")]
@@ -466,6 +470,7 @@ impl OpError {
             OpError::NoSplitBrain { .. } => "no-split-brain",
             OpError::WhichPeer { .. } => "ambiguous-peer",
             OpError::WouldLoseData { .. } => "would-lose-data",
+            OpError::PeerIsNewer { .. } => "would-lose-data",
             OpError::FollowsPrimary { .. } => "would-lose-data",
             OpError::WinnerInconsistent { .. } => "would-lose-data",
             OpError::UnknownPeer { .. } => "unknown-peer",
@@ -759,6 +764,9 @@ struct Peer {
     split_brain: bool,
     /// The peer's copy was consistent at the last handshake.
     peer_consistent: bool,
+    /// The last handshake found the peer holding writes this copy lacks (a newer lineage):
+    /// while the link stays up, promoting this copy without `--force` is refused.
+    holds_newer: bool,
     /// The map state the file holds.
     map_state_persisted: MapState,
     /// Heartbeat round trips not yet collected by the daemon.
@@ -1003,6 +1011,7 @@ impl Peer {
             deferred: VecDeque::new(),
             split_brain: false,
             peer_consistent: true,
+            holds_newer: false,
             map_state_persisted: start.state,
             rtts: Vec::new(),
             demotion_hold: false,
@@ -1887,6 +1896,15 @@ impl Replicator {
                 _ => ReplicaState::InSync,
             },
             Some(Plan::Ship { .. }) | Some(Plan::Receive { .. }) => ReplicaState::InSync,
+            // A primary's peer that takes nothing from it (it must step down first, or a
+            // resync left it inconsistent): its writes are tracked, as for a lost peer.
+            Some(Plan::Idle) if self.role == Role::Primary => {
+                if peer.config.regional.is_some() || self.meta.protecting(peer.name()) {
+                    ReplicaState::Degraded
+                } else {
+                    ReplicaState::Connecting
+                }
+            }
             Some(Plan::Idle) => ReplicaState::Standby,
             _ => ReplicaState::Connecting,
         }

@@ -60,6 +60,9 @@ impl Replicator {
                 volume: self.volume().to_owned(),
             });
         }
+        if let (Some(error), false) = (self.newer_peer(), force) {
+            return Err(error);
+        }
         let wait = self
             .peers
             .iter()
@@ -73,6 +76,18 @@ impl Replicator {
             generation_started: false,
         });
         Ok(())
+    }
+
+    /// A reachable peer that holds writes this copy lacks: promoting this copy without
+    /// `--force` would set them aside (DRBD refuses to promote an outdated disk alike).
+    fn newer_peer(&self) -> Option<OpError> {
+        self.peers
+            .iter()
+            .find(|p| p.holds_newer && p.session.is_up() && p.plan.is_some())
+            .map(|p| OpError::PeerIsNewer {
+                peer: p.name().to_owned(),
+                volume: self.volume().to_owned(),
+            })
     }
 
     /// `ferry demote` (SPEC §3). Admission closes at once; the daemon drains the writes in
@@ -320,6 +335,11 @@ impl Replicator {
                     .peer()
                     .is_some_and(|(hello, _)| hello.role == Role::Primary)
             });
+            if let (Some(error), false) = (self.newer_peer(), force) {
+                // A handshake while the promotion waited found the peer ahead.
+                self.op_result = Some(Err(error));
+                return None;
+            }
             if let (Some(peer), false) = (primary, force) {
                 if now < deadline {
                     return Some(PendingOp::Promote {
@@ -478,5 +498,218 @@ impl Replicator {
             None => OpOutcome::Demoted,
         }));
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::super::testing::{carry_out, replicator, restarted, write};
+    use super::super::{OpError, OpOutcome, ReplicaState, Replicator};
+    use crate::generation::Role;
+
+    const SIZE: u64 = 16 << 20;
+
+    /// Carries out both sides' actions and messages until nothing moves. A side that closes
+    /// the link is not heard again until `reconnect`.
+    fn settle(a: &mut Replicator, b: &mut Replicator, now: Instant) {
+        settle_watching(a, b, now, &mut |_, _| {});
+    }
+
+    /// `settle`, with `watch` called after every action of either side.
+    fn settle_watching(
+        a: &mut Replicator,
+        b: &mut Replicator,
+        now: Instant,
+        watch: &mut dyn FnMut(&Replicator, &Replicator),
+    ) {
+        for _ in 0..5000 {
+            let mut moved = false;
+            for side in 0..2 {
+                let (me, other) = if side == 0 {
+                    (&mut *a, &mut *b)
+                } else {
+                    (&mut *b, &mut *a)
+                };
+                me.advance(now);
+                while let Some(action) = me.poll_action() {
+                    moved = true;
+                    if let Some(message) = carry_out(me, side, action) {
+                        other.message(0, message, now);
+                    }
+                    if side == 0 {
+                        watch(me, other);
+                    } else {
+                        watch(other, me);
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the two sides never settle");
+    }
+
+    /// Carries out one side's actions with the link down.
+    fn alone(me: &mut Replicator, side: usize, now: Instant) {
+        for _ in 0..5000 {
+            me.advance(now);
+            let mut moved = false;
+            while let Some(action) = me.poll_action() {
+                moved = true;
+                let _ = carry_out(me, side, action);
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("{side} never settles");
+    }
+
+    fn cut(a: &mut Replicator, b: &mut Replicator, now: Instant) {
+        a.disconnected(0, "cut", now);
+        b.disconnected(0, "cut", now);
+    }
+
+    fn reconnect(a: &mut Replicator, b: &mut Replicator, now: Instant) {
+        cut(a, b, now);
+        a.connected(0, now);
+        b.connected(0, now);
+    }
+
+    fn state(me: &Replicator) -> ReplicaState {
+        me.status().peers[0].state
+    }
+
+    /// A metro pair that held write 1 together; then `a` was killed, `b` was promoted with
+    /// `--force` and took write 2, and `a` restarts (a fenced primary) and is back.
+    fn failed_over(start: Instant) -> (Replicator, Replicator, Instant) {
+        failed_over_watching(start, &mut |_, _| {})
+    }
+
+    fn failed_over_watching(
+        start: Instant,
+        watch: &mut dyn FnMut(&Replicator, &Replicator),
+    ) -> (Replicator, Replicator, Instant) {
+        let mut a = replicator("a", "b", Role::Primary, start, SIZE, None);
+        let mut b = replicator("b", "a", Role::Secondary, start, SIZE, None);
+        a.connected(0, start);
+        b.connected(0, start);
+        settle(&mut a, &mut b, start);
+        assert_eq!(state(&a), ReplicaState::InSync);
+        a.tap(write(1, 0, 4096), start);
+        settle(&mut a, &mut b, start);
+        assert_eq!(b.head_lsn(), 1);
+        let now = start + Duration::from_secs(1);
+        cut(&mut a, &mut b, now);
+        b.begin_promote(true, now).expect("promote --force");
+        alone(&mut b, 1, now);
+        assert!(matches!(
+            b.take_op_result(),
+            Some(Ok(OpOutcome::Promoted { .. }))
+        ));
+        b.tap(write(2, 65536, 4096), now);
+        alone(&mut b, 1, now);
+        let mut a = restarted(&a, "a", "b", now);
+        alone(&mut a, 0, now);
+        assert!(a.writes_held().is_some_and(|why| why.starts_with("fenced")));
+        a.connected(0, now);
+        b.connected(0, now);
+        settle_watching(&mut a, &mut b, now, watch);
+        (a, b, now)
+    }
+
+    #[test]
+    fn a_primary_whose_old_primary_is_stepping_down_does_not_call_it_standby() {
+        // `ferry status --check` passes on in-sync and standby: a failback that demoted b
+        // while a was still stepping down left a without b's write 2 and no primary.
+        let start = Instant::now();
+        let idle_seen = std::cell::Cell::new(false);
+        let mut check = |a: &Replicator, b: &Replicator| {
+            if b.role() == Role::Primary && a.head_lsn() < 2 {
+                let status = b.status();
+                let peer = &status.peers[0];
+                assert!(
+                    !matches!(peer.state, ReplicaState::Standby | ReplicaState::InSync),
+                    "b reports {:?} for a, which lacks write 2",
+                    peer.state
+                );
+                if peer
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("steps down"))
+                {
+                    idle_seen.set(true);
+                    assert_eq!(peer.state, ReplicaState::Degraded);
+                }
+            }
+        };
+        let (mut a, mut b, now) = failed_over_watching(start, &mut check);
+        assert!(idle_seen.get(), "b saw a while a stepped down");
+        assert_eq!(
+            a.role(),
+            Role::Secondary,
+            "a meets a newer copy and demotes"
+        );
+        reconnect(&mut a, &mut b, now);
+        settle_watching(&mut a, &mut b, now, &mut check);
+        assert_eq!(state(&b), ReplicaState::InSync);
+        assert_eq!(a.head_lsn(), 2);
+    }
+
+    #[test]
+    fn promoting_a_copy_behind_a_reachable_peer_needs_force() {
+        let start = Instant::now();
+        let (mut a, mut b, now) = failed_over(start);
+        assert_eq!(a.role(), Role::Secondary);
+        // The operator demotes b before a has b's write 2: two secondaries, a behind.
+        b.begin_demote().expect("demote");
+        alone(&mut b, 1, now);
+        assert!(matches!(b.take_op_result(), Some(Ok(OpOutcome::Demoted))));
+        reconnect(&mut a, &mut b, now);
+        settle(&mut a, &mut b, now);
+        assert_eq!(state(&a), ReplicaState::Standby);
+        let refused = a.begin_promote(false, now);
+        assert!(
+            matches!(&refused, Err(OpError::PeerIsNewer { peer, .. }) if peer == "b"),
+            "{refused:?}"
+        );
+        assert_eq!(a.role(), Role::Secondary);
+        // b, the copy with every write, is promoted and resyncs a; then a may be promoted.
+        b.begin_promote(false, now).expect("promote b");
+        settle(&mut a, &mut b, now);
+        assert!(matches!(
+            b.take_op_result(),
+            Some(Ok(OpOutcome::Promoted { .. }))
+        ));
+        reconnect(&mut a, &mut b, now);
+        settle(&mut a, &mut b, now);
+        assert_eq!(state(&b), ReplicaState::InSync);
+        assert_eq!(a.head_lsn(), 2);
+        b.begin_demote().expect("demote b");
+        settle(&mut a, &mut b, now);
+        reconnect(&mut a, &mut b, now);
+        settle(&mut a, &mut b, now);
+        a.begin_promote(false, now)
+            .expect("a holds every write now");
+        settle(&mut a, &mut b, now);
+        assert!(matches!(
+            a.take_op_result(),
+            Some(Ok(OpOutcome::Promoted { .. }))
+        ));
+        // --force still overrides a newer peer, as the operator's word.
+        let (mut c, mut d, now) = failed_over(start);
+        d.begin_demote().expect("demote");
+        alone(&mut d, 1, now);
+        reconnect(&mut c, &mut d, now);
+        settle(&mut c, &mut d, now);
+        c.begin_promote(true, now).expect("promote --force");
+        settle(&mut c, &mut d, now);
+        assert!(matches!(
+            c.take_op_result(),
+            Some(Ok(OpOutcome::Promoted { .. }))
+        ));
     }
 }

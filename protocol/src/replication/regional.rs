@@ -660,16 +660,7 @@ mod tests {
     use crate::journal::RecordKind;
     use bytes::Bytes;
 
-    fn write(lsn: u64, offset_bytes: u64, len: u32) -> WriteRecord {
-        WriteRecord {
-            lsn,
-            kind: RecordKind::Write,
-            fua: false,
-            offset_bytes,
-            len_bytes: len,
-            data: Bytes::from(vec![lsn as u8; len as usize]),
-        }
-    }
+    use super::super::testing::write;
 
     #[test]
     fn a_batch_keeps_only_what_later_writes_do_not_cover() {
@@ -715,12 +706,8 @@ mod tests {
 
     // ---- two replicators over an in-memory link ----------------------------------------
 
-    use super::super::{
-        Meta, OnDisconnect, OpOutcome, PeerConfig, ReplicaState, ReplicatorConfig, StartPeer,
-        Startup, VERIFY_COARSE_BLOCK_BYTES,
-    };
-    use crate::bitmap::BlockBitmap;
-    use crate::generation::GenerationInfo;
+    use super::super::testing::{carry_out, digests, replicator};
+    use super::super::{OpOutcome, ReplicaState, VERIFY_COARSE_BLOCK_BYTES};
     use crate::repl::Message;
     use std::collections::VecDeque;
 
@@ -731,36 +718,10 @@ mod tests {
     }
 
     fn node_sized(name: &str, peer: &str, role: Role, now: Instant, size: u64) -> Replicator {
-        let mut meta = Meta::empty(role);
-        if role == Role::Primary {
-            meta.lineage = GenerationInfo::create(7, name).expect("lineage");
-        }
-        Replicator::new(
-            ReplicatorConfig {
-                node: name.into(),
-                volume: "vol".into(),
-                size_bytes: size,
-                peers: vec![PeerConfig {
-                    name: peer.into(),
-                    on_disconnect: OnDisconnect::Degrade,
-                    peer_timeout: Duration::from_secs(10),
-                    resync_max_rate_bytes_per_s: None,
-                    regional: Some(RegionalConfig {
-                        interval: Duration::from_secs(1),
-                    }),
-                }],
-                window_bytes: super::super::WINDOW_BYTES,
-            },
-            Startup {
-                meta,
-                head_lsn: 0,
-                peers: vec![StartPeer {
-                    bitmap: BlockBitmap::new(size),
-                    state: Default::default(),
-                }],
-            },
-            now,
-        )
+        let regional = RegionalConfig {
+            interval: Duration::from_secs(1),
+        };
+        replicator(name, peer, role, now, size, Some(regional))
     }
 
     /// A primary `a` and its regional secondary `b`, linked and settled at `start`.
@@ -1400,49 +1361,6 @@ mod tests {
             }
         }
         panic!("the two sides never settle");
-    }
-
-    /// Completes `action` of side `side` (0 the primary, 1 the secondary) at once, as
-    /// storage that never fails would; returns the message of a `Transmit` for the caller to
-    /// carry. Reads return ones (never a zero range); digests are `digests(side, ..)`.
-    fn carry_out(me: &mut Replicator, side: usize, action: Action) -> Option<Message> {
-        match action {
-            Action::Transmit { message, .. } => return Some(message),
-            Action::Digest {
-                id,
-                len_bytes,
-                block_bytes,
-                ..
-            } => me.digest_done(id, Ok(digests(side, len_bytes, block_bytes))),
-            Action::StageBatch { peer, .. } => me.batch_staged(peer, Ok(())),
-            Action::ApplyBatch { peer, .. } => me.batch_applied(peer, Ok(())),
-            Action::CloseStream { .. } | Action::CatchUpDrop => {}
-            Action::PersistMeta { .. } => me.meta_persisted(Ok(())),
-            Action::PersistMap { peer, .. } => me.map_persisted(peer, Ok(())),
-            Action::JournalFlush => {
-                let head = me.head_lsn();
-                me.journal_flushed(Ok(head));
-            }
-            Action::JournalReset { .. } => me.journal_reset(Ok(())),
-            Action::DeviceWrite { id, .. } | Action::DeviceZero { id, .. } => {
-                me.device_done(id, Ok(()))
-            }
-            Action::DeviceSync => me.device_synced(Ok(())),
-            Action::Read { id, len_bytes, .. } => {
-                me.read_done(id, Ok(Bytes::from(vec![1; len_bytes as usize])))
-            }
-            Action::CatchUpWrite { id, .. } => me.device_done(id, Ok(())),
-            Action::CatchUpCommit { .. } => me.catchup_committed(Ok(())),
-            Action::CatchUpApply { .. } => me.catchup_applied(Ok(())),
-            Action::Drain => me.writes_drained(),
-            other => panic!("unexpected action {other:?}"),
-        }
-        None
-    }
-
-    fn digests(side: usize, len_bytes: u64, block_bytes: u64) -> Vec<[u8; 16]> {
-        let blocks = usize::try_from(len_bytes.div_ceil(block_bytes)).expect("a small volume");
-        vec![[u8::try_from(side).expect("0 or 1"); 16]; blocks]
     }
 
     #[test]
