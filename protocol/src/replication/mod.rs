@@ -123,6 +123,14 @@ pub use session::{Incoming, Mode, Session, SessionConfig, SessionError, LSN_MAX}
 
 /// Bytes of records, and separately of resync data, in flight to one peer.
 pub const WINDOW_BYTES: u64 = 64 << 20;
+/// A primary stores the map of a peer that is not confirming its records as they come (a
+/// regional peer, or a metro peer that is not connected) at most this often. Nothing but
+/// the journal's release waits for those marks: a record stays in the journal until its
+/// marks are stored, and recovery marks every record it replays, so after a crash a write
+/// the peer lacks is in the journal or durably marked. A store per pass costs a state slot,
+/// a page and two fdatasyncs per client write at QD1, on the same disk as the journal
+/// (measured: regional QD1 write p50 2.0x standalone; degraded metro 1.3-1.9x).
+pub const MAP_PERSIST_INTERVAL: Duration = Duration::from_millis(200);
 /// Resync bytes in flight to a peer (sent, not yet written there) before its write rate is
 /// measured.
 pub const RESYNC_WINDOW_START_BYTES: u64 = 16 << 20;
@@ -762,6 +770,8 @@ struct Peer {
     deferred: VecDeque<WriteRecord>,
     /// The last handshake found a split brain; cleared when a resync with the peer ends.
     split_brain: bool,
+    /// Primary: when the map was last stored (see [`MAP_PERSIST_INTERVAL`]).
+    map_persisted_at: Option<Instant>,
     /// The peer's copy was consistent at the last handshake.
     peer_consistent: bool,
     /// The last handshake found the peer holding writes this copy lacks (a newer lineage):
@@ -1010,6 +1020,7 @@ impl Peer {
             is_my_primary: false,
             deferred: VecDeque::new(),
             split_brain: false,
+            map_persisted_at: None,
             peer_consistent: true,
             holds_newer: false,
             map_state_persisted: start.state,
@@ -1623,6 +1634,21 @@ impl Replicator {
         peer.map_state = MapState::default();
     }
 
+    /// When a primary may store peer `p`'s map next, if it must wait (see
+    /// [`MAP_PERSIST_INTERVAL`]): a regional peer's, or a metro peer's while it is not
+    /// connected. Only marks of records wait: a write-ahead mark, which a device write waits
+    /// for, goes at once, and so does every mark once the peer is back.
+    fn map_persist_due(&self, p: usize) -> Option<Instant> {
+        let peer = &self.peers[p];
+        let paced = peer.config.regional.is_some() || !peer.session.is_up();
+        if !paced || self.role != Role::Primary || peer.persisted_mark_seq < self.mark_seq {
+            return None;
+        }
+        peer.map_persisted_at
+            .map(|at| at + MAP_PERSIST_INTERVAL)
+            .filter(|due| *due > self.now)
+    }
+
     fn maybe_persist_map(&mut self, p: usize) {
         let due = self.map_persist_due(p);
         let now = self.now;
@@ -1641,11 +1667,9 @@ impl Replicator {
             return;
         }
         if due.is_some() {
-            return; // a regional peer's marks go at most every MAP_PERSIST_INTERVAL
+            return; // see MAP_PERSIST_INTERVAL
         }
-        if peer.config.regional.is_some() {
-            peer.regional.map_persisted_at = Some(now);
-        }
+        peer.map_persisted_at = Some(now);
         let changes = peer.map.take_changes();
         let state = peer.map_state;
         peer.map_state_persisted = state;

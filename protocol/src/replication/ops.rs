@@ -505,79 +505,13 @@ impl Replicator {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::super::testing::{carry_out, replicator, restarted, write};
+    use super::super::testing::{
+        alone, cut, reconnect, replicator, restarted, settle, settle_watching, write,
+    };
     use super::super::{OpError, OpOutcome, ReplicaState, Replicator};
     use crate::generation::Role;
 
     const SIZE: u64 = 16 << 20;
-
-    /// Carries out both sides' actions and messages until nothing moves. A side that closes
-    /// the link is not heard again until `reconnect`.
-    fn settle(a: &mut Replicator, b: &mut Replicator, now: Instant) {
-        settle_watching(a, b, now, &mut |_, _| {});
-    }
-
-    /// `settle`, with `watch` called after every action of either side.
-    fn settle_watching(
-        a: &mut Replicator,
-        b: &mut Replicator,
-        now: Instant,
-        watch: &mut dyn FnMut(&Replicator, &Replicator),
-    ) {
-        for _ in 0..5000 {
-            let mut moved = false;
-            for side in 0..2 {
-                let (me, other) = if side == 0 {
-                    (&mut *a, &mut *b)
-                } else {
-                    (&mut *b, &mut *a)
-                };
-                me.advance(now);
-                while let Some(action) = me.poll_action() {
-                    moved = true;
-                    if let Some(message) = carry_out(me, side, action) {
-                        other.message(0, message, now);
-                    }
-                    if side == 0 {
-                        watch(me, other);
-                    } else {
-                        watch(other, me);
-                    }
-                }
-            }
-            if !moved {
-                return;
-            }
-        }
-        panic!("the two sides never settle");
-    }
-
-    /// Carries out one side's actions with the link down.
-    fn alone(me: &mut Replicator, side: usize, now: Instant) {
-        for _ in 0..5000 {
-            me.advance(now);
-            let mut moved = false;
-            while let Some(action) = me.poll_action() {
-                moved = true;
-                let _ = carry_out(me, side, action);
-            }
-            if !moved {
-                return;
-            }
-        }
-        panic!("{side} never settles");
-    }
-
-    fn cut(a: &mut Replicator, b: &mut Replicator, now: Instant) {
-        a.disconnected(0, "cut", now);
-        b.disconnected(0, "cut", now);
-    }
-
-    fn reconnect(a: &mut Replicator, b: &mut Replicator, now: Instant) {
-        cut(a, b, now);
-        a.connected(0, now);
-        b.connected(0, now);
-    }
 
     fn state(me: &Replicator) -> ReplicaState {
         me.status().peers[0].state

@@ -610,3 +610,83 @@ impl Replicator {
         self.flush_transmits(p);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::super::testing::{carry_out, cut, reconnect, replicator, settle, write};
+    use super::super::{Action, ReplicaState, Replicator, MAP_PERSIST_INTERVAL};
+    use crate::generation::Role;
+
+    /// Carries out `me`'s actions with the link down; returns how many map stores it made.
+    fn run_counting_stores(me: &mut Replicator, now: Instant) -> usize {
+        let mut stores = 0;
+        for _ in 0..1000 {
+            me.advance(now);
+            let mut moved = false;
+            while let Some(action) = me.poll_action() {
+                moved = true;
+                if matches!(action, Action::PersistMap { .. }) {
+                    stores += 1;
+                }
+                let _ = carry_out(me, 0, action);
+            }
+            if !moved {
+                return stores;
+            }
+        }
+        panic!("never settles");
+    }
+
+    #[test]
+    fn a_lost_metro_peers_marks_are_stored_at_most_every_interval_and_at_once_when_it_returns() {
+        // A store per client write (a state slot, a page, two fdatasyncs) kept degraded
+        // writes 1.3-1.9x standalone; the journal holds each record until its marks are in.
+        let start = Instant::now();
+        let mut a = replicator("a", "b", Role::Primary, start, 16 << 20, None);
+        let mut b = replicator("b", "a", Role::Secondary, start, 16 << 20, None);
+        a.connected(0, start);
+        b.connected(0, start);
+        settle(&mut a, &mut b, start);
+        cut(&mut a, &mut b, start);
+        let mut now = start;
+        let mut stores = 0;
+        let writes = 50u64;
+        let step = Duration::from_millis(10);
+        for lsn in 1..=writes {
+            now += step;
+            a.tap(write(lsn, lsn * 65536, 4096), now);
+            stores += run_counting_stores(&mut a, now);
+            assert!(
+                a.apply_limit() <= a.peers[0].covered_persisted_lsn,
+                "the journal keeps every record whose marks are not stored"
+            );
+        }
+        assert_eq!(a.status().peers[0].state, ReplicaState::Degraded);
+        // Completion never waited for a store: the writes settled on marks in memory (after
+        // the generation that lets them, which the first ones waited for).
+        assert_eq!(a.settled().1, writes, "{}", a.explain(0));
+        assert!(a.peers[0].covered_persisted_lsn < writes);
+        let elapsed = step * u32::try_from(writes).expect("small");
+        let most = elapsed.as_millis() / MAP_PERSIST_INTERVAL.as_millis() + 1;
+        assert!(
+            (1..=most as usize).contains(&stores),
+            "{stores} stores in {elapsed:?} for {writes} writes"
+        );
+        // The rest goes once the interval is over, and the journal may release everything.
+        now += MAP_PERSIST_INTERVAL;
+        run_counting_stores(&mut a, now);
+        assert_eq!(a.peers[0].covered_persisted_lsn, writes);
+        // With marks waiting, the peer's return stores them at once.
+        now += Duration::from_millis(1);
+        a.tap(write(writes + 1, 0, 4096), now);
+        run_counting_stores(&mut a, now);
+        assert!(a.peers[0].covered_persisted_lsn < writes + 1);
+        reconnect(&mut a, &mut b, now);
+        settle(&mut a, &mut b, now);
+        assert_eq!(a.peers[0].covered_persisted_lsn, writes + 1);
+        assert_eq!(a.status().peers[0].state, ReplicaState::InSync);
+        assert_eq!(b.head_lsn(), writes + 1);
+    }
+}

@@ -55,11 +55,6 @@ pub const BATCH_RECEIVE_BYTES_MAX: u64 = 128 << 20;
 pub const BATCH_RECORD_COST_BYTES: u64 = super::session::RECORD_OVERHEAD_BYTES;
 /// Complete batches a secondary holds waiting to be stored and applied.
 pub const BATCHES_WAITING_MAX: usize = 2;
-/// A regional primary stores its peer's map at most this often: nothing but the journal's
-/// release waits for those marks (the applier gathers rounds for 250 ms anyway), and an
-/// fdatasync per client write would double the latency of the journal's own (measured:
-/// 4 KiB QD1 write p50 2.0x standalone with a store per pass).
-pub const MAP_PERSIST_INTERVAL: Duration = Duration::from_millis(200);
 /// Bytes a regional link may send at once above its `max_rate` after being idle.
 pub const RATE_BURST_BYTES: f64 = (1 << 20) as f64;
 /// Lag is tracked in steps of this length (bounded memory whatever the write rate).
@@ -236,8 +231,6 @@ pub(super) struct RegionalPeer {
     pub(super) tokens_at: Option<Instant>,
     /// `ferry pause`: no link to the peer until `ferry resume` (its writes are in its map).
     pub(super) paused: bool,
-    /// Primary: when the map was last stored (see [`MAP_PERSIST_INTERVAL`]).
-    pub(super) map_persisted_at: Option<Instant>,
     /// Secondary: records of the batch being received.
     pub(super) receiving: Vec<WriteRecord>,
     pub(super) receiving_bytes: u64,
@@ -630,22 +623,6 @@ impl Replicator {
             peer.covered_lsn = peer.covered_lsn.max(lsn);
             peer.covered_persisted_lsn = peer.covered_persisted_lsn.max(lsn);
         }
-    }
-
-    /// When a regional primary may store peer `p`'s map next, if it must wait: only marks of
-    /// records wait (a write-ahead mark, which a device write waits for, goes at once).
-    pub(super) fn map_persist_due(&self, p: usize) -> Option<Instant> {
-        let peer = &self.peers[p];
-        if peer.config.regional.is_none()
-            || self.role != Role::Primary
-            || peer.persisted_mark_seq < self.mark_seq
-        {
-            return None;
-        }
-        peer.regional
-            .map_persisted_at
-            .map(|at| at + MAP_PERSIST_INTERVAL)
-            .filter(|due| *due > self.now)
     }
 
     /// Whether a batch is being stored or applied, or waits to be.
