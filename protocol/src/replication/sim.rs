@@ -14,8 +14,9 @@
 //! named by the meta, then applied the same way. A start does what the daemon's
 //! `open_catchup` and `open_stage` do: a committed catch-up the meta names is applied again
 //! and recorded, a stored batch above the journal's head is applied again. Crashes are aimed
-//! at those I/Os, links to the regional copy are cut long enough for catch-ups, and the
-//! primary's site is lost with `promote --force` of the regional copy, even mid catch-up.
+//! at those I/Os, links to the regional copy are cut long enough for catch-ups, the operator
+//! pauses and resumes shipping to it (`ferry pause` / `ferry resume`), and the primary's site
+//! is lost with `promote --force` of the regional copy, even mid catch-up.
 //!
 //! The sim plays the daemon's part exactly as `ferry run` does: records get their LSN and
 //! are tapped before their journal write completes; a client write completes when its record
@@ -530,6 +531,9 @@ struct Sim {
     /// primary, promotion done). No split brain may follow while no other operator command
     /// intervenes (it is dropped then).
     regional_failover: Option<(usize, usize, bool)>,
+    /// The node on which the operator paused shipping to the regional copy (`ferry pause`),
+    /// until `ferry resume` there or a restart of it (a pause is not stored).
+    paused_on: Option<usize>,
     /// The regional copy's expected blocks, for the history they were computed from.
     regional_expected: Option<(Vec<Content>, Option<Vec<Content>>)>,
     /// The node that issued the last client write.
@@ -581,6 +585,7 @@ impl Sim {
             sender: None,
             regional_boundary: None,
             regional_failover: None,
+            paused_on: None,
             regional_expected: None,
             last_writer: None,
             stats: RegionalStats::default(),
@@ -895,6 +900,9 @@ impl Sim {
     fn crash(&mut self, i: usize, power: bool) {
         if self.nodes[i].process.is_none() {
             return;
+        }
+        if self.paused_on == Some(i) {
+            self.paused_on = None;
         }
         self.trace(|| {
             format!(
@@ -2369,6 +2377,11 @@ impl Sim {
                 self.start(i);
             }
         }
+        if self.paused_on.is_some() {
+            if let Some(r) = self.faults.regional {
+                self.toggle_pause(r);
+            }
+        }
         let until = self.now + settle;
         self.run_until(until);
         // The operator's part, until the cluster settles: resolve split brains (one side
@@ -2825,7 +2838,10 @@ impl Sim {
     /// A fault aimed at the regional copy `r`: its links cut for long enough that a catch-up
     /// follows, a crash, or the loss of the primary's site and a failover to it.
     fn regional_event(&mut self, r: usize) {
-        let choice = self.rng.below(20);
+        let choice = self.rng.below(22);
+        if choice >= 20 {
+            return self.toggle_pause(r);
+        }
         if choice < 10 {
             let links: Vec<usize> = (0..self.links.len())
                 .filter(|l| self.links[*l].a == r || self.links[*l].b == r)
@@ -2852,6 +2868,36 @@ impl Sim {
         } else {
             self.regional_failover(r);
         }
+    }
+
+    /// `ferry pause VOLUME --peer r` on the primary, or `ferry resume` where it was paused.
+    /// Writes go on and are tracked; the regional copy stays at a batch boundary meanwhile
+    /// and catches up from the map on resume.
+    fn toggle_pause(&mut self, r: usize) {
+        let (i, paused) = match self.paused_on {
+            Some(i) => (i, false),
+            None => match self.primary() {
+                Some(i) if i != r => (i, true),
+                _ => return,
+            },
+        };
+        let name = node_name(r);
+        self.trace(|| {
+            format!(
+                "operator: {} {name} on {}",
+                if paused { "pause" } else { "resume" },
+                node_name(i)
+            )
+        });
+        let result = self.rep(i).set_paused(Some(&name), paused);
+        assert!(
+            result.is_ok(),
+            "seed {}: {}: {result:?}",
+            self.seed,
+            if paused { "pause" } else { "resume" }
+        );
+        self.paused_on = paused.then_some(i);
+        self.run_node(i);
     }
 
     /// The primary's site is lost (its process killed or its power cut) and the operator
