@@ -250,6 +250,16 @@ fn replica_finding(
                  serve unprotected instead, set on_disconnect = \"degrade\" and restart `ferry run`"
             ),
         ),
+        // Connected but taking nothing (the handshake's reason says why, and what to do).
+        "degraded" if replica.last_error.as_deref().is_some_and(|e| e.starts_with("the peer")) => (
+            Health::Warning,
+            format!("{peer} takes nothing from this copy: writes are tracked for a delta resync{because}"),
+            if replica.last_error.as_deref().is_some_and(|e| e.contains("ferry resolve")) {
+                format!("`ferry resolve {name} --discard-local` on {peer}")
+            } else {
+                format!("no Ferry command: {peer} steps down, then the resync starts by itself")
+            },
+        ),
         "degraded" => (
             Health::Warning,
             format!("{peer} unreachable: writes are tracked for a delta resync{because}"),

@@ -89,7 +89,7 @@ impl Replicator {
             Plan::Idle => {
                 self.peers[p].session.set_mode(super::Mode::Idle, 0, 0);
                 self.peers[p].last_error = match self.role {
-                    Role::Primary if remote.role == Role::Primary => {
+                    Role::Primary if remote.consistent && remote.role == Role::Primary => {
                         Some("the peer is primary in an older generation and steps down".into())
                     }
                     Role::Primary => Some(format!(

@@ -772,6 +772,10 @@ struct Peer {
     split_brain: bool,
     /// Primary: when the map was last stored (see [`MAP_PERSIST_INTERVAL`]).
     map_persisted_at: Option<Instant>,
+    /// The peer confirmed something since `acked_durable_lsn` was last reset: only then
+    /// does `acked_durable_lsn` say the peer holds this copy's records up to it (0 included:
+    /// marks a resync ending at LSN 0 made stand until a peer confirms that).
+    confirmed: bool,
     /// The peer's copy was consistent at the last handshake.
     peer_consistent: bool,
     /// The last handshake found the peer holding writes this copy lacks (a newer lineage):
@@ -1021,6 +1025,7 @@ impl Peer {
             deferred: VecDeque::new(),
             split_brain: false,
             map_persisted_at: None,
+            confirmed: false,
             peer_consistent: true,
             holds_newer: false,
             map_state_persisted: start.state,
@@ -1040,6 +1045,7 @@ impl Peer {
 
     /// Confirmations only ever rise; a confirmation covers the records up to it.
     fn confirm(&mut self, durable_lsn: u64) {
+        self.confirmed = true;
         self.acked_durable_lsn = self.acked_durable_lsn.max(durable_lsn);
         self.covered_lsn = self.covered_lsn.max(durable_lsn);
         self.covered_persisted_lsn = self.covered_persisted_lsn.max(durable_lsn);
@@ -1160,6 +1166,7 @@ impl Replicator {
         // it may change its copy (take another lineage) without this copy hearing of it.
         peer.acked_journal_lsn = 0;
         peer.acked_durable_lsn = 0;
+        peer.confirmed = false;
         if let Some(verify) = peer.verify.as_mut() {
             if !verify.done {
                 verify.done = true;
@@ -1627,6 +1634,7 @@ impl Replicator {
             || peer.resyncing()
             || peer.map_persist.is_some()
             || peer.map_state.marked_through_lsn > peer.acked_durable_lsn
+            || !peer.confirmed
         {
             return;
         }

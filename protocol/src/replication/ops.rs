@@ -37,6 +37,9 @@ impl Replicator {
             return Err(error);
         }
         if self.role == Role::Primary {
+            if let (Some(error), true, false) = (self.newer_peer(), self.fenced, force) {
+                return Err(error);
+            }
             if self.fenced {
                 // The operator asserts that no peer was promoted meanwhile: like any
                 // promotion, the writes from here on are in a generation of their own.
@@ -78,12 +81,19 @@ impl Replicator {
         Ok(())
     }
 
-    /// A reachable peer that holds writes this copy lacks: promoting this copy without
-    /// `--force` would set them aside (DRBD refuses to promote an outdated disk alike).
+    /// A peer whose last handshake found it holding writes this copy lacks (kept while the
+    /// link is down: its last word stands until a new handshake or a resync from it):
+    /// promoting this copy without `--force` would set them aside (DRBD refuses to promote
+    /// an outdated disk alike). A peer that is a live primary is left to the primary check.
     fn newer_peer(&self) -> Option<OpError> {
         self.peers
             .iter()
-            .find(|p| p.holds_newer && p.session.is_up() && p.plan.is_some())
+            .filter(|p| {
+                !p.session
+                    .peer()
+                    .is_some_and(|(hello, _)| hello.role == Role::Primary)
+            })
+            .find(|p| p.holds_newer)
             .map(|p| OpError::PeerIsNewer {
                 peer: p.name().to_owned(),
                 volume: self.volume().to_owned(),
@@ -591,6 +601,15 @@ mod tests {
         settle_watching(&mut a, &mut b, now, &mut check);
         assert_eq!(state(&b), ReplicaState::InSync);
         assert_eq!(a.head_lsn(), 2);
+        // Resynced, a lacks nothing: a promotion waits for b, the live primary, and says so.
+        a.begin_promote(false, now).expect("a waits for b");
+        let later = now + Duration::from_secs(60);
+        settle(&mut a, &mut b, later);
+        let result = a.take_op_result();
+        assert!(
+            matches!(result, Some(Err(OpError::PeerIsPrimary { .. }))),
+            "{result:?}"
+        );
     }
 
     #[test]
@@ -598,6 +617,13 @@ mod tests {
         let start = Instant::now();
         let (mut a, mut b, now) = failed_over(start);
         assert_eq!(a.role(), Role::Secondary);
+        // Right after stepping down, with the link closed, a still knows b is ahead.
+        cut(&mut a, &mut b, now);
+        let refused = a.begin_promote(false, now);
+        assert!(
+            matches!(&refused, Err(OpError::PeerIsNewer { .. })),
+            "{refused:?}"
+        );
         // The operator demotes b before a has b's write 2: two secondaries, a behind.
         b.begin_demote().expect("demote");
         alone(&mut b, 1, now);

@@ -313,6 +313,7 @@ impl Replicator {
         for peer in &mut self.peers {
             peer.acked_journal_lsn = 0;
             peer.acked_durable_lsn = 0;
+            peer.confirmed = false;
         }
     }
 
@@ -591,6 +592,8 @@ impl Replicator {
     /// The copy now holds the sender's volume as of `lsn`, durably, with its lineage stored.
     fn finish_resync_in(&mut self, p: usize, lsn: u64) {
         let resync = self.peers[p].resync_in.take();
+        // This copy holds the sender's writes now.
+        self.peers[p].holds_newer = false;
         if resync.is_some_and(|r| r.staged) {
             self.actions.push_back(Action::CatchUpDrop);
         }
@@ -608,6 +611,7 @@ impl Replicator {
             peer.covered_persisted_lsn = lsn;
             peer.acked_journal_lsn = 0;
             peer.acked_durable_lsn = 0;
+            peer.confirmed = false;
             // Writes this copy tapped as a primary before are no longer its history (a rolled
             // back tail may even sit above `lsn`, where no acknowledgement would ever confirm
             // it): what a regional peer lacks is counted again from here.

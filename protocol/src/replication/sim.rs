@@ -29,9 +29,9 @@
 //! - **RPO 0.** A write completed with a peer's acknowledgement is held by that peer (in its
 //!   record history at the write's LSN) for as long as the peer does not legitimately drop it:
 //!   a power loss may take what it acknowledged only as journaled. An acknowledgement counts
-//!   only if the peer still holds the record when the write completes: a peer that restarted
-//!   and followed a copy promoted past it (a split brain in the making, which its old primary
-//!   cannot see until its link times out) gave the record up before the write completed.
+//!   unless the peer gave the record up by adopting another copy's data before the write
+//!   completed: a peer that restarted and followed a copy promoted past it (a split brain in
+//!   the making, which its old primary cannot see until its link times out).
 //! - **Nothing discarded silently.** When a copy adopts another's data (a resync's end), every
 //!   completed write it held must be held by the copy it adopts from, unless the operator
 //!   chose to discard this copy's writes (`resolve --discard-local`).
@@ -534,6 +534,9 @@ struct Sim {
     /// The node on which the operator paused shipping to the regional copy (`ferry pause`),
     /// until `ferry resume` there or a restart of it (a pause is not stored).
     paused_on: Option<usize>,
+    /// (node, write): records a node gave up by adopting another copy's data (a resync's
+    /// end), completed or not at the time: an acknowledgement of one of them no longer stands.
+    given_up: BTreeSet<(usize, u64)>,
     /// The regional copy's expected blocks, for the history they were computed from.
     regional_expected: Option<(Vec<Content>, Option<Vec<Content>>)>,
     /// The node that issued the last client write.
@@ -586,6 +589,7 @@ impl Sim {
             regional_boundary: None,
             regional_failover: None,
             paused_on: None,
+            given_up: BTreeSet::new(),
             regional_expected: None,
             last_writer: None,
             stats: RegionalStats::default(),
@@ -1772,7 +1776,7 @@ impl Sim {
             .max(journal.applied_lsn);
         let durable_lsn = journal.durable_lsn;
         let mut completed = Vec::new();
-        let nodes = &self.nodes;
+        let given_up = &self.given_up;
         for (k, write) in self.writes.iter_mut().enumerate() {
             if write.completed || write.node != i || write.boot != boot {
                 continue;
@@ -1787,11 +1791,11 @@ impl Sim {
                 write.completed = true;
                 for (p, (journal, durable)) in acks.iter().enumerate() {
                     let node = Self::node_of_peer(i, p);
-                    // An acknowledgement stands while the peer holds the record: a peer that
-                    // gave it up since (it adopted a copy promoted past it while this primary,
-                    // still serving, could not hear of it) settles nothing. The convergence and
-                    // adoption checks still catch a write lost that way.
-                    if nodes[node].history.get(write.lsn as usize - 1) != Some(&write.id) {
+                    // An acknowledgement a peer took back by adopting another copy's data
+                    // since (a copy promoted past it, while this primary, still serving, could
+                    // not hear of it) settles nothing. Any other loss of an acknowledged
+                    // record is still held against the peer.
+                    if given_up.contains(&(node, write.id)) {
                         continue;
                     }
                     if *journal >= write.lsn {
@@ -1820,10 +1824,7 @@ impl Sim {
                         write.fua = true;
                         for (p, (_, durable)) in acks.iter().enumerate() {
                             let node = Self::node_of_peer(i, p);
-                            if *durable >= write.lsn
-                                && nodes[node].history.get(write.lsn as usize - 1)
-                                    == Some(&write.id)
-                            {
+                            if *durable >= write.lsn && !given_up.contains(&(node, write.id)) {
                                 write.acked_durable.insert(node);
                             }
                         }
@@ -2763,6 +2764,9 @@ impl Sim {
             // its acknowledgement no longer says it holds it.
             for w in &mut self.writes {
                 if adopted.get(w.lsn as usize - 1) != Some(&w.id) {
+                    if before.get(w.lsn as usize - 1) == Some(&w.id) {
+                        self.given_up.insert((i, w.id));
+                    }
                     w.acked_durable.remove(&i);
                     w.acked_journal.remove(&i);
                 }
@@ -3309,6 +3313,9 @@ fn regional_simulation_keeps_every_promise() {
 /// - 4301: a primary started a generation while a handshake was under way and was told to
 ///   demote by a decision made without it (now decided again); the oracle counted the
 ///   acknowledgement of a peer that had since followed another promoted copy (model fix).
+/// - 4294969656 (regional): a copy resynced to LSN 0 of another lineage (an empty copy promoted) let
+///   its marks for a third copy go as if that copy had confirmed LSN 0: nothing had, and the
+///   third copy's later resync into it missed a block.
 #[test]
 fn regression_seeds() {
     for seed in [
@@ -3317,7 +3324,13 @@ fn regression_seeds() {
         eprintln!("metro simulation regression seed {seed}");
         simulate(seed);
     }
-    for seed in [4_294_967_436, 4_294_967_522, 4_294_968_942, 4_294_972_243] {
+    for seed in [
+        4_294_967_436,
+        4_294_967_522,
+        4_294_968_942,
+        4_294_969_656,
+        4_294_972_243,
+    ] {
         eprintln!("regional simulation regression seed {seed}");
         simulate(seed);
     }
