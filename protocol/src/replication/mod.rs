@@ -1634,7 +1634,10 @@ impl Replicator {
             || peer.resyncing()
             || peer.map_persist.is_some()
             || peer.map_state.marked_through_lsn > peer.acked_durable_lsn
-            || !peer.confirmed
+            // A peer confirms it holds this copy up to `acked_durable_lsn` only by saying so
+            // (LSN 0 is no exception: marks a resync ending there made for a third copy stand
+            // until that copy confirms). This copy's primary holds what it sent.
+            || (!peer.confirmed && !peer.is_my_primary)
         {
             return;
         }

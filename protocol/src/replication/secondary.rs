@@ -294,11 +294,18 @@ impl Replicator {
             .iter()
             .all(|peer| peer.covered_persisted_lsn >= head);
         // Batches that arrived before the resync began are applied first; those that follow
-        // its end (they may arrive while this copy prepares) wait for it.
+        // its end (they may arrive while this copy prepares) wait for it. Another peer's
+        // batches (a primary this copy followed before) are applied first too: the journal
+        // must not restart under them.
         let batches_first = self.peers[p]
             .resync_in
             .as_ref()
-            .is_some_and(|resync| resync.batches_first > 0);
+            .is_some_and(|resync| resync.batches_first > 0)
+            || self
+                .peers
+                .iter()
+                .enumerate()
+                .any(|(q, peer)| q != p && !peer.regional.batches.is_empty());
         if !all_covered || !self.appends.is_empty() || self.reset_in_flight || batches_first {
             return;
         }

@@ -3316,6 +3316,8 @@ fn regional_simulation_keeps_every_promise() {
 /// - 4294969656 (regional): a copy resynced to LSN 0 of another lineage (an empty copy promoted) let
 ///   its marks for a third copy go as if that copy had confirmed LSN 0: nothing had, and the
 ///   third copy's later resync into it missed a block.
+/// - 4294970066 (regional): a resync from one peer restarted the journal while a batch from
+///   another (the primary this copy followed before) was still being applied.
 #[test]
 fn regression_seeds() {
     for seed in [
@@ -3329,6 +3331,7 @@ fn regression_seeds() {
         4_294_967_522,
         4_294_968_942,
         4_294_969_656,
+        4_294_970_066,
         4_294_972_243,
     ] {
         eprintln!("regional simulation regression seed {seed}");
