@@ -2027,6 +2027,12 @@ impl Replicator {
         )
     }
 
+    /// Whether a plain `ferry promote` would be refused now because a peer is known to hold
+    /// newer writes (the settling operator's choice of copy).
+    pub(crate) fn would_refuse_promote(&self) -> bool {
+        self.role == Role::Secondary && self.newer_peer().is_some()
+    }
+
     /// What peer `p` acknowledged: (journal, durable).
     pub(crate) fn acked_by(&self, p: usize) -> (u64, u64) {
         (

@@ -85,7 +85,7 @@ impl Replicator {
     /// link is down: its last word stands until a new handshake or a resync from it):
     /// promoting this copy without `--force` would set them aside (DRBD refuses to promote
     /// an outdated disk alike). A peer that is a live primary is left to the primary check.
-    fn newer_peer(&self) -> Option<OpError> {
+    pub(super) fn newer_peer(&self) -> Option<OpError> {
         self.peers
             .iter()
             .filter(|p| {

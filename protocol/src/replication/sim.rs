@@ -857,10 +857,22 @@ impl Sim {
         let dropped: Vec<u64> = node.history.iter().skip(head as usize).copied().collect();
         node.history.truncate(head as usize);
         let resolving = disks.meta.resolving_with.is_some();
+        let resyncing = !disks.meta.consistent;
+        let nodes = self.faults.nodes;
         for id in dropped {
+            let unprotected = self.writes.iter().find(|w| w.id == id).is_some_and(|w| {
+                (0..nodes)
+                    .filter(|j| *j != w.node)
+                    .all(|j| self.faults.regional.is_some_and(|r| r == w.node || r == j))
+            });
             if resolving {
                 // A resync the operator chose (resolve) restarted the journal before the
                 // crash: what it dropped was this copy's writes since the split.
+                self.discarded.insert(id);
+            } else if resyncing && unprotected {
+                // A resync from a copy promoted meanwhile was rewriting this one: it gives
+                // up a tail written where every peer was regional (the regional RPO, as at
+                // the resync's end in `collect_adoptions`).
                 self.discarded.insert(id);
             } else {
                 // A power loss took it from this copy's journal (a kill -9 never does): allowed
@@ -2419,8 +2431,20 @@ impl Sim {
                 if candidates.is_empty() {
                     break;
                 }
-                let i = candidates[self.rng.below(candidates.len() as u64) as usize];
-                self.operator_promote(i, true);
+                // As an operator reading `ferry status`: a plain promote first, which refuses
+                // on a copy a peer is known to be ahead of; --force when every one refuses.
+                let first = self.rng.below(candidates.len() as u64) as usize;
+                candidates.rotate_left(first);
+                let plain = candidates.iter().copied().find(|i| {
+                    !self.nodes[*i]
+                        .process
+                        .as_ref()
+                        .is_some_and(|p| p.rep.would_refuse_promote())
+                });
+                match plain {
+                    Some(i) => self.operator_promote(i, false),
+                    None => self.operator_promote(candidates[0], true),
+                }
             } else if self.settled_cluster() {
                 break;
             }
@@ -3304,6 +3328,9 @@ fn regional_simulation_keeps_every_promise() {
 ///   under the new primary.
 /// - 332: a copy that crashed in the middle of a resync had not recorded which blocks it had
 ///   received (write-ahead marking).
+/// - 566 (model fix): the settling operator promoted, at random and with --force, a copy
+///   another was ahead of, round after round; it now tries a plain promote first, which
+///   refuses on such a copy.
 /// - 632: a second resync into a copy started while the end of the first was still being
 ///   made durable.
 /// - 1173: a primary told to demote while another command ran never demoted.
@@ -3316,12 +3343,15 @@ fn regional_simulation_keeps_every_promise() {
 /// - 4294969656 (regional): a copy resynced to LSN 0 of another lineage (an empty copy promoted) let
 ///   its marks for a third copy go as if that copy had confirmed LSN 0: nothing had, and the
 ///   third copy's later resync into it missed a block.
+/// - 4294969007 (regional, model fix): a regional copy that had been primary, killed while a
+///   copy promoted meanwhile resynced it, gave up its tail at the restart; the model called
+///   that a loss instead of the regional RPO it is at the resync's end.
 /// - 4294970066 (regional): a resync from one peer restarted the journal while a batch from
 ///   another (the primary this copy followed before) was still being applied.
 #[test]
 fn regression_seeds() {
     for seed in [
-        0, 5, 24, 62, 67, 161, 321, 332, 632, 1004, 1173, 1794, 2155, 4301,
+        0, 5, 24, 62, 67, 161, 321, 332, 566, 632, 1004, 1173, 1794, 2155, 4301,
     ] {
         eprintln!("metro simulation regression seed {seed}");
         simulate(seed);
@@ -3330,6 +3360,7 @@ fn regression_seeds() {
         4_294_967_436,
         4_294_967_522,
         4_294_968_942,
+        4_294_969_007,
         4_294_969_656,
         4_294_970_066,
         4_294_972_243,
