@@ -1222,7 +1222,15 @@ impl Replicator {
     fn fail(&mut self, reason: String) {
         if self.failed.is_none() {
             self.failed = Some(reason.clone());
-            self.actions.push_back(Action::Fail { reason });
+            self.actions.push_back(Action::Fail {
+                reason: reason.clone(),
+            });
+            // Fail-stop: a copy whose stores failed tells its peers nothing more. What it would
+            // send (a resync's end, progress) rests on state it could not store, and a peer
+            // that took it would hold a generation this copy forgets at its restart.
+            for p in 0..self.peers.len() {
+                self.close_link(p, &format!("this copy failed: {reason}"));
+            }
         }
     }
 
@@ -1289,6 +1297,13 @@ impl Replicator {
     /// A stream to peer `p` is open: the handshake starts.
     pub fn connected(&mut self, p: usize, now: Instant) {
         self.now = now;
+        if let Some(reason) = &self.failed {
+            self.actions.push_back(Action::CloseStream {
+                peer: p,
+                reason: format!("this copy failed: {reason}"),
+            });
+            return;
+        }
         if !self.peers[p].regional.batches.is_empty() {
             self.actions.push_back(Action::CloseStream {
                 peer: p,

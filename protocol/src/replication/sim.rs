@@ -3340,6 +3340,9 @@ fn regional_simulation_keeps_every_promise() {
 /// - 4301: a primary started a generation while a handshake was under way and was told to
 ///   demote by a decision made without it (now decided again); the oracle counted the
 ///   acknowledgement of a peer that had since followed another promoted copy (model fix).
+/// - 6764: a copy that failed (a dirty map store) went on sending a resync's end; the peer
+///   took a generation the failed copy forgot at its restart, and a write it completed
+///   after the restart was dropped as a rollback instead of meeting a split brain.
 /// - 4294969656 (regional): a copy resynced to LSN 0 of another lineage (an empty copy promoted) let
 ///   its marks for a third copy go as if that copy had confirmed LSN 0: nothing had, and the
 ///   third copy's later resync into it missed a block.
@@ -3351,7 +3354,7 @@ fn regional_simulation_keeps_every_promise() {
 #[test]
 fn regression_seeds() {
     for seed in [
-        0, 5, 24, 62, 67, 161, 321, 332, 566, 632, 1004, 1173, 1794, 2155, 4301,
+        0, 5, 24, 62, 67, 161, 321, 332, 566, 632, 1004, 1173, 1794, 2155, 4301, 6764,
     ] {
         eprintln!("metro simulation regression seed {seed}");
         simulate(seed);
