@@ -683,7 +683,7 @@ mod tests {
 
     // ---- two replicators over an in-memory link ----------------------------------------
 
-    use super::super::testing::{carry_out, digests, replicator};
+    use super::super::testing::{carry_out, digests, pump, replicator};
     use super::super::{OpOutcome, ReplicaState, VERIFY_COARSE_BLOCK_BYTES};
     use crate::repl::Message;
     use std::collections::VecDeque;
@@ -767,55 +767,32 @@ mod tests {
         hold_commit: bool,
         io: &mut Vec<Io>,
     ) {
-        for _ in 0..1000 {
-            let mut moved = false;
-            for side in 0..2 {
-                let (me, other) = if side == 0 {
-                    (&mut *a, &mut *b)
-                } else {
-                    (&mut *b, &mut *a)
-                };
-                me.advance(now);
-                while let Some(action) = me.poll_action() {
-                    moved = true;
-                    // What the secondary's side did, in order; reads return zeros here.
-                    match &action {
-                        Action::DeviceWrite { .. } | Action::DeviceZero { .. } => {
-                            io.push(Io::DeviceWrite)
-                        }
-                        Action::CatchUpWrite { offset_bytes, .. } => {
-                            io.push(Io::Staged(*offset_bytes))
-                        }
-                        Action::CatchUpCommit { lsn, .. } => {
-                            io.push(Io::Commit(*lsn));
-                            if hold_commit {
-                                continue;
-                            }
-                        }
-                        Action::CatchUpApply { lsn } => io.push(Io::Apply(*lsn)),
-                        Action::CatchUpDrop => io.push(Io::Drop),
-                        Action::ApplyBatch { lsn, records, .. } => {
-                            io.push(Io::Applied(*lsn, records.iter().map(|r| r.lsn).collect()))
-                        }
-                        Action::Read { id, len_bytes, .. } => {
-                            let zeros = Bytes::from(vec![0; *len_bytes as usize]);
-                            me.read_done(*id, Ok(zeros));
-                            continue;
-                        }
-                        _ => {}
-                    }
-                    if let Some(message) = carry_out(me, side, action) {
-                        if side == 1 || deliver(&message) {
-                            other.message(0, message, now)
-                        }
+        let mut handle = |me: &mut Replicator, side: usize, action: Action| {
+            // What the secondary's side did, in order; reads return zeros here.
+            match &action {
+                Action::DeviceWrite { .. } | Action::DeviceZero { .. } => io.push(Io::DeviceWrite),
+                Action::CatchUpWrite { offset_bytes, .. } => io.push(Io::Staged(*offset_bytes)),
+                Action::CatchUpCommit { lsn, .. } => {
+                    io.push(Io::Commit(*lsn));
+                    if hold_commit {
+                        return None;
                     }
                 }
+                Action::CatchUpApply { lsn } => io.push(Io::Apply(*lsn)),
+                Action::CatchUpDrop => io.push(Io::Drop),
+                Action::ApplyBatch { lsn, records, .. } => {
+                    io.push(Io::Applied(*lsn, records.iter().map(|r| r.lsn).collect()))
+                }
+                Action::Read { id, len_bytes, .. } => {
+                    let zeros = Bytes::from(vec![0; *len_bytes as usize]);
+                    me.read_done(*id, Ok(zeros));
+                    return None;
+                }
+                _ => {}
             }
-            if !moved {
-                return;
-            }
-        }
-        panic!("the two sides never settle");
+            carry_out(me, side, action).filter(|message| side == 1 || deliver(message))
+        };
+        pump(a, b, now, &mut handle, &mut |_, _| {});
     }
 
     /// A primary and its regional secondary that holds batch 1; then the link drops and the
@@ -1313,31 +1290,14 @@ mod tests {
         hold: &mut dyn FnMut(&Action) -> bool,
         held: &mut Vec<Action>,
     ) {
-        for _ in 0..5000 {
-            let mut moved = false;
-            for side in 0..2 {
-                let (me, other) = if side == 0 {
-                    (&mut *a, &mut *b)
-                } else {
-                    (&mut *b, &mut *a)
-                };
-                me.advance(now);
-                while let Some(action) = me.poll_action() {
-                    moved = true;
-                    if side == 1 && hold(&action) {
-                        held.push(action);
-                        continue;
-                    }
-                    if let Some(message) = carry_out(me, side, action) {
-                        other.message(0, message, now);
-                    }
-                }
+        let mut handle = |me: &mut Replicator, side: usize, action: Action| {
+            if side == 1 && hold(&action) {
+                held.push(action);
+                return None;
             }
-            if !moved {
-                return;
-            }
-        }
-        panic!("the two sides never settle");
+            carry_out(me, side, action)
+        };
+        pump(a, b, now, &mut handle, &mut |_, _| {});
     }
 
     #[test]

@@ -151,6 +151,25 @@ pub(super) fn settle_watching(
     now: Instant,
     watch: &mut dyn FnMut(&Replicator, &Replicator),
 ) {
+    pump(
+        a,
+        b,
+        now,
+        &mut |me, side, action| carry_out(me, side, action),
+        watch,
+    );
+}
+
+/// Runs both sides until nothing moves: `handle` carries out each action of side `side` (0
+/// is `a`) and returns the message to deliver to the other side, if any; `watch` sees both
+/// sides after every action.
+pub(super) fn pump(
+    a: &mut Replicator,
+    b: &mut Replicator,
+    now: Instant,
+    handle: &mut dyn FnMut(&mut Replicator, usize, Action) -> Option<Message>,
+    watch: &mut dyn FnMut(&Replicator, &Replicator),
+) {
     for _ in 0..5000 {
         let mut moved = false;
         for side in 0..2 {
@@ -162,7 +181,7 @@ pub(super) fn settle_watching(
             me.advance(now);
             while let Some(action) = me.poll_action() {
                 moved = true;
-                if let Some(message) = carry_out(me, side, action) {
+                if let Some(message) = handle(me, side, action) {
                     other.message(0, message, now);
                 }
                 if side == 0 {
