@@ -212,9 +212,11 @@ class Relay:
     one-way delay, and optionally a rate cap (Mbit/s) and a random loss probability, in both
     directions."""
 
-    def __init__(self, binary, a, b, one_way_us, log_path, rate_mbit=None, loss=0.0):
+    def __init__(self, binary, a, b, one_way_us, log_path, rate_mbit=None, loss=0.0, nice=0):
         self.log_file = open(log_path, "ab")
         command = [binary, "--a", a, "--b", b, "--delay-us", str(int(one_way_us)), "--control-stdin"]
+        if nice:
+            command = ["nice", "-n", str(nice)] + command
         if rate_mbit is not None:
             command += ["--rate-mbit", f"{rate_mbit:g}"]
         if loss:
@@ -282,6 +284,7 @@ class FerryNode:
         self.ferry = ferry
         self.node = node
         self.dir = directory
+        self.nice = 0  # the niceness `ferry run` starts with (every thread inherits it)
         os.makedirs(os.path.join(self.dir, "data"), exist_ok=True)
         self.control = os.path.join(self.dir, "ctl.sock")
         self.sock = os.path.join(self.dir, "nbd.sock")
@@ -346,7 +349,7 @@ peer_timeout = "{PEER_TIMEOUT}"
     def start(self):
         self.log_file = open(self.log_path, "ab")
         self.proc = spawn(
-            [self.ferry, "run", "--config", self.config],
+            (["nice", "-n", str(self.nice)] if self.nice else []) + [self.ferry, "run", "--config", self.config],
             stdin=subprocess.DEVNULL,
             stdout=self.log_file,
             stderr=self.log_file,
@@ -482,17 +485,19 @@ class MetroPair(Server):
 
     kind = "metro"
 
-    def __init__(self, ctx, name, size_bytes, journal_bytes, rtt_ms):
+    def __init__(self, ctx, name, size_bytes, journal_bytes, rtt_ms, b_dir=None):
         self.ctx = ctx
         self.name = name
         self.rtt_ms = rtt_ms
         self.dir = os.path.join(ctx.workdir, name)
         self.ports = {"a": free_port(socket.SOCK_DGRAM), "b": free_port(socket.SOCK_DGRAM)}
         self.relay = None
+        self.relay_nice = 0
         self.a = FerryNode(ctx.ferry, os.path.join(self.dir, "a"), "a", size_bytes, journal_bytes,
                            listen_port=self.ports["a"], certs=ctx.certs, peer="b",
                            peer_address=f"127.0.0.1:{self.ports['b']}", role="primary")
-        self.b = FerryNode(ctx.ferry, os.path.join(self.dir, "b"), "b", size_bytes, journal_bytes,
+        # b_dir: where node b's files live, when not beside a's (another disk or tmpfs).
+        self.b = FerryNode(ctx.ferry, os.path.join(b_dir or self.dir, "b"), "b", size_bytes, journal_bytes,
                            listen_port=self.ports["b"], certs=ctx.certs, peer="a",
                            peer_address=f"127.0.0.1:{self.ports['a']}", role="secondary")
         self.uri = self.a.uri
@@ -510,7 +515,7 @@ class MetroPair(Server):
         losing `loss` of the datagrams if given; rewrites both configs, so call it before the
         nodes start."""
         self.relay = Relay(self.ctx.relay, f"127.0.0.1:{self.ports['a']}", f"127.0.0.1:{self.ports['b']}",
-                           rtt_ms * 500, os.path.join(self.dir, "relay.log"), rate_mbit, loss)
+                           rtt_ms * 500, os.path.join(self.dir, "relay.log"), rate_mbit, loss, self.relay_nice)
         self.a.write_config(self.relay.addr_for_a)
         self.b.write_config(self.relay.addr_for_b)
 
@@ -1009,7 +1014,7 @@ def degraded_round(ctx, results, size_bytes):
 # ---------------------------------------------------------------------------------------------
 # Resync: initial full sync and delta resync after an outage.
 
-RESYNC_LOG = re.compile(r"^(\S+Z)\s+\w+\s+ferry::replica: resync (started|complete) .*kind=(\w+) bytes=(\d+)")
+RESYNC_LOG = re.compile(r"^(\S+Z)\s+\w+\s+ferry::[\w:]+: resync (started|complete) .*kind=(\w+) bytes=(\d+)")
 
 
 def log_time(stamp):
@@ -1076,11 +1081,11 @@ def resync_bench(ctx, results):
         timeout = 120 + size / (10 * MIB)
         seconds, seen, replica = poll_states(pair.a, lambda r: r["state"] == "in-sync", timeout)
         out["full"] = {"seconds_from_start": seconds, "states": seen, "resynced_bytes": replica["resynced_bytes"]}
-        spans = resync_log_spans(pair.a, offset, "Full")
+        spans = resync_log_spans(pair.a, offset, "full")
         if spans:
             out["full"]["log_seconds"], out["full"]["log_bytes"] = spans[-1]
         else:
-            ctx.problem("resync", "no 'resync started/complete kind=Full' pair in the primary's log",
+            ctx.problem("resync", "no 'resync started/complete kind=full' pair in the primary's log",
                         "\n".join(replica_events(pair.a, offset)))
         span = out["full"].get("log_seconds") or seconds
         out["full"]["mb_s"] = replica["resynced_bytes"] / span / 1e6 if span else None
@@ -1125,7 +1130,7 @@ def resync_bench(ctx, results):
         states = seen_cut + [state for i, state in enumerate(seen) if i > 0 or not seen_cut or state != seen_cut[-1]]
         out["delta"] = {"seconds_from_restore": seconds, "states": states,
                         "resynced_bytes": replica["resynced_bytes"]}
-        spans = resync_log_spans(pair.a, offset_a, "Delta")
+        spans = resync_log_spans(pair.a, offset_a, "delta")
         if spans:
             out["delta"]["log_seconds"], out["delta"]["log_bytes"] = spans[-1]
             out["delta"]["log_resyncs"] = len(spans)

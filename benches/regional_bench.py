@@ -70,8 +70,10 @@ class RegionalPair(nb.MetroPair):
 
     kind = "regional"
 
-    def __init__(self, ctx, name, rtt_ms, interval, compression, rate_mbit=None):
-        super().__init__(ctx, name, SIZE_BYTES, JOURNAL_BYTES, rtt_ms)
+    def __init__(self, ctx, name, rtt_ms, interval, compression, rate_mbit=None, remote_dir=None, remote_nice=0):
+        b_dir = os.path.join(remote_dir, name) if remote_dir else None
+        super().__init__(ctx, name, SIZE_BYTES, JOURNAL_BYTES, rtt_ms, b_dir)
+        self.b.nice = self.relay_nice = remote_nice
         self.interval = interval
         self.compression = compression
         self.rate_mbit = rate_mbit
@@ -350,6 +352,14 @@ def main():
                         help="the overload's write rate over the link's (default 2.5)")
     parser.add_argument("--ferry", default=nb.FERRY)
     parser.add_argument("--relay", default=None, help="a built ferry-relay binary (default: build benches/relay)")
+    parser.add_argument("--remote-dir", default=None,
+                        help="a directory for the regional peer's files, off the primary's disk (for example "
+                             "/dev/shm: the remote site's disk I/O then does not share this machine's one disk "
+                             "with the primary); default beside the primary's")
+    parser.add_argument("--remote-nice", type=int, default=0,
+                        help="run the regional peer and the relay at this niceness (19: they take the CPUs only "
+                             "when the primary and its client leave them idle, as another site and a WAN would); "
+                             "default 0")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if args.quick:
@@ -370,6 +380,9 @@ def main():
         signal.signal(signum, on_signal)
     # On the real disk (the target dir), not tmpfs: fdatasync must mean something.
     workdir = tempfile.mkdtemp(prefix="regional-bench-", dir=os.path.join(nb.ROOT, "target"))
+    remote_dir = None
+    if args.remote_dir:
+        remote_dir = tempfile.mkdtemp(prefix="regional-bench-remote-", dir=args.remote_dir)
     ctx = nb.Context(args, workdir)
     bench = nb.Bench(args, workdir)
     results, servers = {}, []
@@ -396,7 +409,8 @@ def main():
         for name, compression in (("regional", "zstd"), ("regional-nozstd", "none")):
             if not ("wire" in wanted or ("latency" in wanted and compression == "zstd")):
                 continue
-            pair = start(RegionalPair(ctx, name, args.rtt, args.interval, compression))
+            pair = start(RegionalPair(ctx, name, args.rtt, args.interval, compression, remote_dir=remote_dir,
+                                      remote_nice=args.remote_nice))
             if "latency" in wanted and compression == "zstd":
                 (results["latency_standalone"], results["latency_regional"],
                  results["latency_ratios"]) = latency_rounds(bench, standalone, pair, args.rounds)
@@ -408,7 +422,8 @@ def main():
                 results[name] = {"hot": hot, "hot_lag": sampler.lag_stats(), "unique": unique}
             pair.stop()
         if {"rpo", "overload"} & set(wanted):
-            pair = start(RegionalPair(ctx, "regional-wan", args.rtt, args.interval, "zstd", args.rate_mbit))
+            pair = start(RegionalPair(ctx, "regional-wan", args.rtt, args.interval, "zstd", args.rate_mbit,
+                                      remote_dir=remote_dir, remote_nice=args.remote_nice))
             if "rpo" in wanted:
                 nb.log(f"rpo: {link_bytes_s / 2e6:.2f} MB/s for {args.rpo_seconds} s ...")
                 results["rpo"] = rpo(bench, pair, link_bytes_s, args.rpo_seconds)
@@ -449,12 +464,18 @@ def main():
             nb.log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+            if remote_dir:
+                shutil.rmtree(remote_dir, ignore_errors=True)
     if ctx.problems:
         sys.exit(1)
 
 
 def report(results, args, link_bytes_s, ctx):
     link = f"relay RTT {args.rtt:g} ms"
+    if args.remote_dir:
+        link += f", regional peer's files under {args.remote_dir}"
+    if args.remote_nice:
+        link += f", regional peer and relay at nice {args.remote_nice}"
     print(f"\nRegional replication, one run, {link}, interval {args.interval}, volumes {SIZE_BYTES // MIB} MiB, "
           f"journals {JOURNAL_BYTES // MIB} MiB\n")
     base, reg = results.get("latency_standalone"), results.get("latency_regional")

@@ -37,8 +37,9 @@ use ferry_protocol::generation::{GenerationInfo, Role};
 use ferry_protocol::journal::RecordKind;
 use ferry_protocol::repl::{Message, WriteRecord, VERIFY_DIGEST_BYTES};
 use ferry_protocol::replication::{
-    Action, Meta, OnDisconnect, OpError, OpOutcome, PeerConfig, RegionalConfig, ReplicaState,
-    Replicator, ReplicatorConfig, ReplicatorStatus, StartPeer, Startup, VerifyStatus, WINDOW_BYTES,
+    Action, Meta, OnDisconnect, OpError, OpOutcome, PeerConfig, PeerStatus, RegionalConfig,
+    ReplicaState, Replicator, ReplicatorConfig, ReplicatorStatus, StartPeer, Startup, VerifyStatus,
+    WINDOW_BYTES,
 };
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -116,6 +117,36 @@ struct Link {
     lagging_since: Option<Instant>,
     /// The progress of the resync sent to this peer, for its rate and time left.
     resync_rate: ResyncRate,
+    /// The resync shown for this peer, since when and of which kind, for its log lines.
+    resync_shown: Option<(Instant, &'static str)>,
+}
+
+/// Logs a resync this copy sends: its start and its end (complete, with its bytes and time,
+/// or stopped), as the replica's state enters and leaves `syncing` / `resyncing`. A copy
+/// receiving one shows it in its replica state lines alone.
+fn log_resync(volume: &str, link: &mut Link, peer: &PeerStatus, receiving: bool, now: Instant) {
+    let kind = match peer.state {
+        ReplicaState::Syncing if !receiving => Some("full"),
+        ReplicaState::Resyncing if !receiving => Some("delta"),
+        _ => None,
+    };
+    if let Some((since, was)) = link.resync_shown {
+        if kind == Some(was) {
+            return;
+        }
+        link.resync_shown = None;
+        let seconds = now.saturating_duration_since(since).as_secs_f64();
+        if matches!(peer.state, ReplicaState::InSync | ReplicaState::Lagging) {
+            tracing::info!(volume = %volume, peer = %peer.peer, kind = %was, bytes = peer.resynced_bytes, seconds, "resync complete");
+        } else {
+            tracing::info!(volume = %volume, peer = %peer.peer, kind = %was, seconds, to = peer.state.as_str(), "resync stopped");
+        }
+    }
+    if let Some(kind) = kind {
+        link.resync_shown = Some((now, kind));
+        let bytes = peer.resync_total_bytes.max(peer.resync_remaining_bytes);
+        tracing::info!(volume = %volume, peer = %peer.peer, kind = %kind, bytes, dirty_bytes = peer.dirty_bytes, "resync started");
+    }
 }
 
 /// How far back the rate of a resync looks.
@@ -995,6 +1026,8 @@ impl VolumeReplication {
                         tracing::info!(volume = %self.name(), peer = %peer.peer, from, to = peer.state.as_str(), %why, "replica state");
                     }
                 }
+                let receiving = status.following.as_deref() == Some(peer.peer.as_str());
+                log_resync(self.name(), link, peer, receiving, now);
                 link.reported = Some(peer.state);
                 metrics.set_state(peer.state.as_str());
             }

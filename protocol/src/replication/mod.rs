@@ -124,7 +124,7 @@ pub use session::{Incoming, Mode, Session, SessionConfig, SessionError, LSN_MAX}
 /// Bytes of records, and separately of resync data, in flight to one peer.
 pub const WINDOW_BYTES: u64 = 64 << 20;
 /// A primary stores the map of a peer that is not confirming its records as they come (a
-/// regional peer, or a metro peer that is not connected) at most this often. Nothing but
+/// regional peer, or a metro peer that is away, resyncing or idle) at most this often. Nothing but
 /// the journal's release waits for those marks: a record stays in the journal until its
 /// marks are stored, and recovery marks every record it replays, so after a crash a write
 /// the peer lacks is in the journal or durably marked. A store per pass costs a state slot,
@@ -1661,12 +1661,13 @@ impl Replicator {
     }
 
     /// When a primary may store peer `p`'s map next, if it must wait (see
-    /// [`MAP_PERSIST_INTERVAL`]): a regional peer's, or a metro peer's while it is not
-    /// connected. Only marks of records wait: a write-ahead mark, which a device write waits
-    /// for, goes at once, and so does every mark once the peer is back.
+    /// [`MAP_PERSIST_INTERVAL`]): a regional peer's, or a metro peer's while it does not
+    /// confirm records as they come (away, resyncing, idle, split brain). Only marks of
+    /// records wait: a write-ahead mark, which a device write waits for, goes at once, and so
+    /// does every mark once the peer confirms again.
     fn map_persist_due(&self, p: usize) -> Option<Instant> {
         let peer = &self.peers[p];
-        let paced = peer.config.regional.is_some() || !peer.session.is_up();
+        let paced = peer.config.regional.is_some() || !self.confirming(p);
         if !paced || self.role != Role::Primary || peer.persisted_mark_seq < self.mark_seq {
             return None;
         }

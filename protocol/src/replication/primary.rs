@@ -615,7 +615,7 @@ impl Replicator {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::super::testing::{carry_out, cut, reconnect, replicator, settle, write};
+    use super::super::testing::{carry_out, cut, pump, reconnect, replicator, settle, write};
     use super::super::{Action, ReplicaState, Replicator, MAP_PERSIST_INTERVAL};
     use crate::generation::Role;
 
@@ -688,5 +688,71 @@ mod tests {
         assert_eq!(a.peers[0].covered_persisted_lsn, writes + 1);
         assert_eq!(a.status().peers[0].state, ReplicaState::InSync);
         assert_eq!(b.head_lsn(), writes + 1);
+    }
+
+    #[test]
+    fn a_resyncing_metro_peers_marks_are_stored_at_most_every_interval() {
+        // A peer that is connected but resyncing confirms nothing as it comes: its writes are
+        // marked, and a store per pass would cost as much as it did for a peer away.
+        let start = Instant::now();
+        let mut a = replicator("a", "b", Role::Primary, start, 64 << 20, None);
+        let mut b = replicator("b", "a", Role::Secondary, start, 64 << 20, None);
+        a.connected(0, start);
+        b.connected(0, start);
+        settle(&mut a, &mut b, start);
+        cut(&mut a, &mut b, start);
+        let mut now = start;
+        for lsn in 1..=64u64 {
+            a.tap(write(lsn, lsn * (1 << 20), 1 << 20), now);
+        }
+        super::super::testing::alone(&mut a, 0, now);
+        now += MAP_PERSIST_INTERVAL;
+        super::super::testing::alone(&mut a, 0, now);
+        reconnect(&mut a, &mut b, now);
+        // The peer's device writes of the resync never complete: it stays resyncing.
+        let stores = std::cell::Cell::new(0usize);
+        let mut hold = |me: &mut Replicator, side: usize, action: Action| {
+            if side == 1
+                && matches!(
+                    action,
+                    Action::DeviceWrite { .. } | Action::DeviceZero { .. }
+                )
+            {
+                return None;
+            }
+            if side == 0 && matches!(action, Action::PersistMap { .. }) {
+                stores.set(stores.get() + 1);
+            }
+            carry_out(me, side, action)
+        };
+        pump(&mut a, &mut b, now, &mut hold, &mut |_, _| {});
+        assert_eq!(
+            a.status().peers[0].state,
+            ReplicaState::Resyncing,
+            "{}",
+            a.explain(0)
+        );
+        let before = stores.get();
+        let writes = 50u64;
+        let step = Duration::from_millis(10);
+        for i in 1..=writes {
+            now += step;
+            a.tap(write(64 + i, i * 65536, 4096), now);
+            pump(&mut a, &mut b, now, &mut hold, &mut |_, _| {});
+        }
+        assert_eq!(
+            a.status().peers[0].state,
+            ReplicaState::Resyncing,
+            "{}",
+            a.explain(0)
+        );
+        assert_eq!(a.settled().1, 64 + writes, "{}", a.explain(0));
+        let elapsed = step * u32::try_from(writes).expect("small");
+        let most = elapsed.as_millis() / MAP_PERSIST_INTERVAL.as_millis() + 1;
+        assert!(
+            stores.get() - before <= most as usize,
+            "{} stores in {elapsed:?} for {writes} writes",
+            stores.get() - before
+        );
     }
 }
