@@ -1,8 +1,8 @@
 #!/usr/bin/python3
 """Where the microseconds of one QD1 4 KiB write go, stage by stage, on this machine.
 
-Runs Ferry standalone, a metro pair over loopback, and (optionally) that pair with its peer
-killed (degraded), and for each drives QD1 4 KiB writes for --seconds: plain writes with fio's
+Runs Ferry standalone, a metro pair over loopback, (optionally) that pair with its peer
+killed (degraded), and (optionally) a regional pair through the relay (--rtt, interval 1 s), and for each drives QD1 4 KiB writes for --seconds: plain writes with fio's
 nbd engine (randwrite, QD1), then FUA writes with a libnbd loop. Three instruments, all optional
 but the first:
 
@@ -20,7 +20,7 @@ but the first:
                    during the plain-write run: CPU time and context switches per write.
 
 Usage: /usr/bin/python3 benches/profile_write.py --probe /tmp/ferry-probe [--perf] [--stat]
-           [--configs standalone,metro,degraded] [--seconds 10] [--keep]
+           [--configs standalone,metro,degraded,regional] [--seconds 10] [--keep]
 """
 
 import argparse
@@ -92,10 +92,17 @@ def read_rows(path):
 
 
 def stage_table(rows, spec):
+    """(label, p50, p90, count, p50 over the slowest 1 % of writes) per stage: the last
+    column says which stages make the tail (the writes whose server total is at its p99 or
+    above)."""
+    totals = [interval(r, "nbd_header", "reply_written") for r in rows]
+    p99 = quantile([t for t in totals if t is not None], 0.99)
+    slow = [r for r, t in zip(rows, totals) if t is not None and p99 is not None and t >= p99]
     out = []
     for label, start, end in spec:
         values = [v for v in (interval(r, start, end) for r in rows) if v is not None]
-        out.append((label, quantile(values, 0.5), quantile(values, 0.9), len(values)))
+        tail = [v for v in (interval(r, start, end) for r in slow) if v is not None]
+        out.append((label, quantile(values, 0.5), quantile(values, 0.9), len(values), quantile(tail, 0.5)))
     return out
 
 
@@ -188,6 +195,12 @@ def run_config(args, ctx, name, out_dir):
     if name == "standalone":
         server = nb.Ferry(ctx, size, size)
         nodes = [server.node]
+    elif name == "regional":
+        # regional_bench's pair: interval 1 s, zstd, through the relay at --rtt.
+        import regional_bench
+
+        server = regional_bench.RegionalPair(ctx, name, args.rtt, "1s", "zstd")
+        nodes = [server.a, server.b]
     else:
         server = nb.MetroPair(ctx, name, size, size, None)
         nodes = [server.a, server.b]
@@ -265,11 +278,11 @@ def report(results):
             print(f"\n## {name}, {'4 KiB write' if kind == 'write' else '4 KiB FUA write'} QD1: client p50 "
                   f"{fmt(client['p50_us'])} us (p99 {fmt(client['p99_us'])}), server p50 {fmt(total[1])} us "
                   f"({r[f'{kind}_rows']} probed writes)\n")
-            print(f"| stage | p50 us | p90 us |\n|---|---|---|")
+            print("| stage | p50 us | p90 us | p50 us in the slowest 1 % |\n|---|---|---|---|")
             for section in ("primary", "replication", "secondary"):
-                for label, p50, p90, count in r.get(f"{kind}_{section}", []):
+                for label, p50, p90, count, tail in r.get(f"{kind}_{section}", []):
                     if count:
-                        print(f"| {label} | {fmt(p50)} | {fmt(p90)} |")
+                        print(f"| {label} | {fmt(p50)} | {fmt(p90)} | {fmt(tail)} |")
             print(f"| client + socket (client p50 - server p50) | {fmt(client['p50_us'] - total[1]) if total[1] else '-'} | |")
         if r.get("perf"):
             print(f"\n{name} perf: {json.dumps(r['perf'])}")
@@ -285,10 +298,13 @@ def main():
     parser.add_argument("--stat", action="store_true")
     parser.add_argument("--out", default=None, help="directory for perf reports and flame graphs")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--rtt", type=float, default=40.0, help="regional: the relay's round trip in ms (default 40)")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     args.ferry = args.probe
     args.relay = None
+    if "regional" in args.configs.split(","):
+        args.relay = nb.build_relay(args)
     workdir = tempfile.mkdtemp(prefix="profile-", dir=os.path.join(nb.ROOT, "target"))
     out_dir = args.out or workdir
     os.makedirs(out_dir, exist_ok=True)

@@ -46,7 +46,7 @@ cargo clippy --workspace --all-targets --features ferry/fault-injection -- -D wa
 echo "== cargo deny (licenses, sources, one version per crate, advisories)"
 if ! cargo deny --version >/dev/null 2>&1; then
     echo "installing cargo-deny (once; a few minutes)"
-    cargo install --locked cargo-deny@0.20 >/dev/null
+    cargo install --locked cargo-deny --version "^0.20" >/dev/null
 fi
 cargo deny --log-level error check bans licenses sources
 # The RustSec database lives on github.com; where that is out of reach the check says so
