@@ -1024,8 +1024,19 @@ def log_time(stamp):
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
-def resync_log_spans(node, offset, kind):
-    """[(seconds, bytes at start)] of the resyncs of `kind` the node's log shows since offset."""
+def resync_log_spans(node, offset, kind, wait_s=2.0):
+    """[(seconds, bytes at start)] of the resyncs of `kind` the node's log shows since offset.
+    The daemon logs at most every 100 ms, so the status can say in-sync before the log says
+    complete: waits up to wait_s for a span."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        spans = resync_log_spans_now(node, offset, kind)
+        if spans or time.monotonic() >= deadline:
+            return spans
+        time.sleep(0.05)
+
+
+def resync_log_spans_now(node, offset, kind):
     spans, started = [], None
     for line in node.log_since(offset).splitlines():
         match = RESYNC_LOG.match(line)

@@ -960,6 +960,24 @@ fn metro_link_cut_degrades_then_delta_resync() {
         resync_metric >= written_while_degraded as f64,
         "ferry_resync_bytes_total grew by {resync_metric}, less than {written_while_degraded}"
     );
+    // The operator's record of it: the primary logs the delta resync it sent, with its size.
+    let log = cluster.node(A).log_tail();
+    let logged = |what: &str| {
+        log.lines().any(|line| {
+            line.contains(what) && line.contains("peer=b") && line.contains("kind=delta")
+        })
+    };
+    let complete = format!("bytes={resynced}");
+    if !logged("resync started")
+        || !log
+            .lines()
+            .any(|line| line.contains("resync complete") && line.contains(&complete))
+    {
+        deferred_failures.push(format!(
+            "the primary's log lacks `resync started` / `resync complete {complete}` (kind              delta, peer b):\n{}",
+            cluster.replication_log(A, 40)
+        ));
+    }
 
     switchover_checked(
         &cluster,

@@ -117,14 +117,36 @@ struct Link {
     lagging_since: Option<Instant>,
     /// The progress of the resync sent to this peer, for its rate and time left.
     resync_rate: ResyncRate,
-    /// The resync shown for this peer, since when and of which kind, for its log lines.
+    /// The resync shown for this peer, since when and of which kind, and the completed
+    /// resyncs logged, for the log lines of [`log_resync`].
     resync_shown: Option<(Instant, &'static str)>,
+    resyncs_logged: u64,
 }
 
-/// Logs a resync this copy sends: its start and its end (complete, with its bytes and time,
-/// or stopped), as the replica's state enters and leaves `syncing` / `resyncing`. A copy
-/// receiving one shows it in its replica state lines alone.
+/// Logs a resync this copy sends: `resync started` as the replica's state enters `syncing` /
+/// `resyncing`; `resync complete` (its bytes, and its time when its start was seen) each time
+/// the replicator counts one more completed, even one that began and ended between two
+/// polls; `resync stopped` when the state leaves without one. A copy receiving a resync shows
+/// it in its replica state lines alone.
 fn log_resync(volume: &str, link: &mut Link, peer: &PeerStatus, receiving: bool, now: Instant) {
+    if peer.resyncs_completed > link.resyncs_logged {
+        link.resyncs_logged = peer.resyncs_completed;
+        let kind = if peer.last_resync_full {
+            "full"
+        } else {
+            "delta"
+        };
+        let bytes = peer.resynced_bytes;
+        match link.resync_shown.take() {
+            Some((since, _)) => {
+                let seconds = now.saturating_duration_since(since).as_secs_f64();
+                tracing::info!(volume = %volume, peer = %peer.peer, kind = %kind, bytes, seconds, "resync complete");
+            }
+            None => {
+                tracing::info!(volume = %volume, peer = %peer.peer, kind = %kind, bytes, "resync complete");
+            }
+        }
+    }
     let kind = match peer.state {
         ReplicaState::Syncing if !receiving => Some("full"),
         ReplicaState::Resyncing if !receiving => Some("delta"),
@@ -136,11 +158,7 @@ fn log_resync(volume: &str, link: &mut Link, peer: &PeerStatus, receiving: bool,
         }
         link.resync_shown = None;
         let seconds = now.saturating_duration_since(since).as_secs_f64();
-        if matches!(peer.state, ReplicaState::InSync | ReplicaState::Lagging) {
-            tracing::info!(volume = %volume, peer = %peer.peer, kind = %was, bytes = peer.resynced_bytes, seconds, "resync complete");
-        } else {
-            tracing::info!(volume = %volume, peer = %peer.peer, kind = %was, seconds, to = peer.state.as_str(), "resync stopped");
-        }
+        tracing::info!(volume = %volume, peer = %peer.peer, kind = %was, seconds, to = peer.state.as_str(), "resync stopped");
     }
     if let Some(kind) = kind {
         link.resync_shown = Some((now, kind));
@@ -1007,6 +1025,8 @@ impl VolumeReplication {
         for (p, peer) in status.peers.iter().enumerate() {
             let link = &mut state.links[p];
             let metrics = &self.peers[p].metrics;
+            let receiving = status.following.as_deref() == Some(peer.peer.as_str());
+            log_resync(self.name(), link, peer, receiving, now);
             if link.reported != Some(peer.state) {
                 let why = link
                     .auth_error
@@ -1026,8 +1046,6 @@ impl VolumeReplication {
                         tracing::info!(volume = %self.name(), peer = %peer.peer, from, to = peer.state.as_str(), %why, "replica state");
                     }
                 }
-                let receiving = status.following.as_deref() == Some(peer.peer.as_str());
-                log_resync(self.name(), link, peer, receiving, now);
                 link.reported = Some(peer.state);
                 metrics.set_state(peer.state.as_str());
             }

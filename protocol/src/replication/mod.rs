@@ -689,6 +689,10 @@ pub struct PeerStatus {
     /// bytes it gives the progress and, with the rate of bytes sent, the time left.
     pub resync_total_bytes: u64,
     pub resynced_bytes: u64,
+    /// Resyncs sent to the peer that completed since this copy started, and whether the
+    /// last one was full: a resync shorter than a status poll still shows.
+    pub resyncs_completed: u64,
+    pub last_resync_full: bool,
     pub last_error: Option<String>,
     /// The map's marked bytes.
     pub dirty_bytes: u64,
@@ -764,6 +768,9 @@ struct Peer {
     progress_sent: Option<(u64, Vec<PeerProgress>)>,
     verify: Option<Verify>,
     resynced_bytes: u64,
+    /// Resyncs sent to this peer that completed, and whether the last was full.
+    resyncs_completed: u64,
+    last_resync_full: bool,
     /// Secondary: the peer is this copy's primary on the current link.
     is_my_primary: bool,
     /// Secondary: records that followed a resync's end, journaled once it is finished.
@@ -1021,6 +1028,8 @@ impl Peer {
             progress_sent: None,
             verify: None,
             resynced_bytes: 0,
+            resyncs_completed: 0,
+            last_resync_full: false,
             is_my_primary: false,
             deferred: VecDeque::new(),
             split_brain: false,
@@ -1279,7 +1288,8 @@ impl Replicator {
         }
         for p in 0..self.peers.len() {
             earliest(self.batch_due(p));
-            if self.peers[p].map.has_changes() {
+            let peer = &self.peers[p];
+            if peer.map.has_changes() || peer.map_state != peer.map_state_persisted {
                 earliest(self.map_persist_due(p));
             }
         }
@@ -1662,9 +1672,13 @@ impl Replicator {
 
     /// When a primary may store peer `p`'s map next, if it must wait (see
     /// [`MAP_PERSIST_INTERVAL`]): a regional peer's, or a metro peer's while it does not
-    /// confirm records as they come (away, resyncing, idle, split brain). Only marks of
-    /// records wait: a write-ahead mark, which a device write waits for, goes at once, and so
-    /// does every mark once the peer confirms again.
+    /// confirm records as they come (away, resyncing, idle, split brain). A write-ahead mark,
+    /// which a device write waits for, goes at once, and so does every store once the peer
+    /// confirms again. What waits: marks of records (the journal keeps them until stored), a
+    /// peer's own dirty ranges (it keeps its map until the resync ends), a full resync's marks
+    /// (an interrupted full resync is planned full again) and a verify's repair ranges (a
+    /// crash before their store leaves the difference to the next verify, which the log's
+    /// notice of it asks for).
     fn map_persist_due(&self, p: usize) -> Option<Instant> {
         let peer = &self.peers[p];
         let paced = peer.config.regional.is_some() || !self.confirming(p);
@@ -2002,6 +2016,8 @@ impl Replicator {
             resync_remaining_bytes,
             resync_total_bytes,
             resynced_bytes: peer.resynced_bytes,
+            resyncs_completed: peer.resyncs_completed,
+            last_resync_full: peer.last_resync_full,
             last_error: if state == ReplicaState::InSync {
                 None
             } else {

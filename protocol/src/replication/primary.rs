@@ -164,6 +164,8 @@ impl Replicator {
                 peer.map_state = super::MapState::default();
             }
             peer.resynced_bytes = resync.sent_bytes;
+            peer.resyncs_completed += 1;
+            peer.last_resync_full = resync.full;
             peer.split_brain = false;
             peer.last_error = None;
             // Progress sent while the peer was finishing the resync was not taken, and is not
@@ -703,7 +705,7 @@ mod tests {
         cut(&mut a, &mut b, start);
         let mut now = start;
         for lsn in 1..=64u64 {
-            a.tap(write(lsn, lsn * (1 << 20), 1 << 20), now);
+            a.tap(write(lsn, (lsn - 1) * (1 << 20), 1 << 20), now);
         }
         super::super::testing::alone(&mut a, 0, now);
         now += MAP_PERSIST_INTERVAL;
@@ -754,5 +756,15 @@ mod tests {
             "{} stores in {elapsed:?} for {writes} writes",
             stores.get() - before
         );
+        // The store left waiting is not forgotten: the replicator asks to be woken for it,
+        // and makes it then; the journal may then release every record.
+        let head = a.head_lsn();
+        assert!(a.peers[0].covered_persisted_lsn < head);
+        let wake = a.poll_timeout().expect("a wake-up for the waiting store");
+        assert!(wake <= now + MAP_PERSIST_INTERVAL, "{wake:?}");
+        now += MAP_PERSIST_INTERVAL;
+        pump(&mut a, &mut b, now, &mut hold, &mut |_, _| {});
+        assert_eq!(a.peers[0].covered_persisted_lsn, head, "{}", a.explain(0));
+        assert_eq!(a.apply_limit(), head);
     }
 }
