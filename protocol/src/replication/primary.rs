@@ -617,9 +617,22 @@ impl Replicator {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::super::testing::{carry_out, cut, pump, reconnect, replicator, settle, write};
+    use super::super::testing::{
+        alone, carry_out, cut, pump, reconnect, replicator, settle, write,
+    };
     use super::super::{Action, ReplicaState, Replicator, MAP_PERSIST_INTERVAL};
     use crate::generation::Role;
+
+    /// A metro primary `a` and its secondary `b` (a `size`-byte volume), in sync, then cut.
+    fn synced_then_cut(start: Instant, size: u64) -> (Replicator, Replicator) {
+        let mut a = replicator("a", "b", Role::Primary, start, size, None);
+        let mut b = replicator("b", "a", Role::Secondary, start, size, None);
+        a.connected(0, start);
+        b.connected(0, start);
+        settle(&mut a, &mut b, start);
+        cut(&mut a, &mut b, start);
+        (a, b)
+    }
 
     /// Carries out `me`'s actions with the link down; returns how many map stores it made.
     fn run_counting_stores(me: &mut Replicator, now: Instant) -> usize {
@@ -646,12 +659,7 @@ mod tests {
         // A store per client write (a state slot, a page, two fdatasyncs) kept degraded
         // writes 1.3-1.9x standalone; the journal holds each record until its marks are in.
         let start = Instant::now();
-        let mut a = replicator("a", "b", Role::Primary, start, 16 << 20, None);
-        let mut b = replicator("b", "a", Role::Secondary, start, 16 << 20, None);
-        a.connected(0, start);
-        b.connected(0, start);
-        settle(&mut a, &mut b, start);
-        cut(&mut a, &mut b, start);
+        let (mut a, mut b) = synced_then_cut(start, 16 << 20);
         let mut now = start;
         let mut stores = 0;
         let writes = 50u64;
@@ -697,19 +705,14 @@ mod tests {
         // A peer that is connected but resyncing confirms nothing as it comes: its writes are
         // marked, and a store per pass would cost as much as it did for a peer away.
         let start = Instant::now();
-        let mut a = replicator("a", "b", Role::Primary, start, 64 << 20, None);
-        let mut b = replicator("b", "a", Role::Secondary, start, 64 << 20, None);
-        a.connected(0, start);
-        b.connected(0, start);
-        settle(&mut a, &mut b, start);
-        cut(&mut a, &mut b, start);
+        let (mut a, mut b) = synced_then_cut(start, 64 << 20);
         let mut now = start;
         for lsn in 1..=64u64 {
             a.tap(write(lsn, (lsn - 1) * (1 << 20), 1 << 20), now);
         }
-        super::super::testing::alone(&mut a, 0, now);
+        alone(&mut a, 0, now);
         now += MAP_PERSIST_INTERVAL;
-        super::super::testing::alone(&mut a, 0, now);
+        alone(&mut a, 0, now);
         reconnect(&mut a, &mut b, now);
         // The peer's device writes of the resync never complete: it stays resyncing.
         let stores = std::cell::Cell::new(0usize);
