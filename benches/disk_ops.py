@@ -100,12 +100,7 @@ def main():
                              (p1["syscw"] - p0["syscw"]) / n))
                 server.stop()
     finally:
-        for server in servers:
-            try:
-                server.stop()
-            except Exception as error:  # keep cleaning up the others
-                nb.log(f"stopping {server.name}: {error}")
-        nb.reap_all_children()
+        nb.stop_all(servers)
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(remote, ignore_errors=True)
     print(f"\nDisk {disk}, fio 4k randwrite QD1, {args.seconds} s per run; per client write unless said\n")

@@ -98,6 +98,17 @@ def stop_process(proc, sig=signal.SIGTERM, timeout=STOP_TIMEOUT_S, what=None):
         return proc.returncode
 
 
+def stop_all(servers):
+    """Stops every server (one failing to stop does not keep the others running), then reaps
+    every child process the script started."""
+    for server in servers:
+        try:
+            server.stop()
+        except Exception as error:  # keep cleaning up the others
+            log(f"stopping {server.name}: {error}")
+    reap_all_children()
+
+
 def reap_all_children():
     for proc in CHILDREN:
         if proc.poll() is None:
@@ -1327,12 +1338,7 @@ def main():
                     log(f"--- {server.name}/{node.node} stderr (tail) ---\n{node.log_tail(40)}")
         raise
     finally:
-        for server in servers:
-            try:
-                server.stop()
-            except Exception as error:  # keep cleaning up the others
-                log(f"stopping {server.name}: {error}")
-        reap_all_children()
+        stop_all(servers)
         if args.keep:
             log(f"kept {workdir}")
         else:

@@ -454,12 +454,7 @@ def main():
                 nb.log(f"--- {server.name}/{node.node} log (tail) ---\n{node.log_tail(30)}")
         raise
     finally:
-        for server in servers:
-            try:
-                server.stop()
-            except Exception as error:  # keep cleaning up the others
-                nb.log(f"stopping {server.name}: {error}")
-        nb.reap_all_children()
+        nb.stop_all(servers)
         if args.keep:
             nb.log(f"kept {workdir}")
         else:
