@@ -20,6 +20,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nbd_bench as nb  # noqa: E402
+import profile_write as pw  # noqa: E402  (its fio QD1 run)
 import regional_bench as rb  # noqa: E402
 
 
@@ -85,16 +86,10 @@ def main():
                 bench.prefill(server)
                 server.quiesce()
                 d0, p0 = diskstats(disk), process_io(node.pid)
-                out = os.path.join(workdir, f"{name}{round_}.json")
-                subprocess.run(["fio", f"--name={name}", "--ioengine=nbd", f"--uri={server.uri}",
-                                f"--size={server.size_bytes}", "--rw=randwrite", "--bs=4k", "--iodepth=1",
-                                "--time_based", f"--runtime={args.seconds}", "--percentile_list=50:99",
-                                "--output-format=json", f"--output={out}"],
-                               check=True, capture_output=True, timeout=args.seconds * 4 + 120)
+                client = pw.fio_qd1(server, workdir, args.seconds, f"{name}{round_}")
                 d1, p1 = diskstats(disk), process_io(node.pid)
-                job = nb.read_fio_job(out, name)["write"]
-                n = job["total_ios"]
-                rows.append((name, n, nb.pct(job, "50"), nb.pct(job, "99"),
+                n = client["count"]
+                rows.append((name, n, client["p50_us"], client["p99_us"],
                              (d1["writes"] - d0["writes"]) / n, (d1["sectors"] - d0["sectors"]) * 512 / n,
                              (d1["flushes"] - d0["flushes"]) / n, (d1["flushes"] - d0["flushes"]) / args.seconds,
                              (p1["syscw"] - p0["syscw"]) / n))

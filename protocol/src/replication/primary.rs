@@ -757,8 +757,9 @@ mod tests {
             "{} stores in {elapsed:?} for {writes} writes",
             stores.get() - before
         );
-        // The store left waiting is not forgotten: the replicator asks to be woken for it,
-        // and makes it then; the journal may then release every record.
+        // The store left waiting is not forgotten: a wake-up comes by the interval's end (its
+        // own, or an earlier timer's), the store is made then, and the journal may release
+        // every record.
         let head = a.head_lsn();
         assert!(a.peers[0].covered_persisted_lsn < head);
         let wake = a.poll_timeout().expect("a wake-up for the waiting store");
