@@ -55,7 +55,9 @@ use rand::{Rng, RngExt, SeedableRng};
 
 use crate::cluster::{self, Cluster, ClusterOptions, Node, NodeId, NodeSpec, VOLUME};
 use crate::harness;
-use crate::metro::{compare_volume, first_difference, MIB, RESYNC_TIMEOUT, SYNC_TIMEOUT};
+#[cfg(feature = "fault-injection")]
+use crate::metro::first_difference;
+use crate::metro::{compare_volume, MIB, RESYNC_TIMEOUT, SYNC_TIMEOUT};
 use crate::model::BLOCK_BYTES;
 use crate::nbd_wire::{self, NbdConn};
 

@@ -521,6 +521,8 @@ fn regional_secondary_counts_the_bytes_and_time_of_the_batches_it_applies() {
     assert_eq!(cluster.metric(NodeId::A, seconds, &[]), 0.0);
 }
 
+// Power loss needs a daemon built with fault injection.
+#[cfg(feature = "fault-injection")]
 /// Plays a power loss on every file of node `id` that kept an undo log (its device image, its
 /// journal, its stage file, its maps and meta).
 fn power_loss_revert(cluster: &Cluster, id: NodeId, seed: u64) -> u64 {
@@ -539,6 +541,7 @@ fn power_loss_revert(cluster: &Cluster, id: NodeId, seed: u64) -> u64 {
     sectors
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
 fn regional_secondary_power_cut_mid_apply_comes_back_at_a_batch_boundary() {
     let seed = crate::harness::test_seed("regional_secondary_power_loss");
@@ -635,6 +638,7 @@ fn regional_copy_promoted_during_its_catch_up_holds_a_prefix_of_the_completed_wr
     assert!(k > 0, "b held nothing of the first writes (seed {seed})");
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
 fn regional_secondary_power_cut_during_its_catch_up_comes_back_at_a_boundary() {
     let seed = crate::harness::test_seed("regional_power_loss_mid_catch_up");
@@ -686,6 +690,7 @@ fn regional_secondary_power_cut_during_its_catch_up_comes_back_at_a_boundary() {
     assert_converges(&cluster, &format!("seed {seed}, it held {k}"));
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
 fn regional_secondary_killed_mid_catch_up_apply_applies_it_whole_at_start() {
     let seed = crate::harness::test_seed("regional_kill_mid_catch_up_apply");
@@ -742,6 +747,7 @@ fn regional_secondary_killed_mid_catch_up_apply_applies_it_whole_at_start() {
     assert_converges(&cluster, &format!("seed {seed}"));
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
 fn regional_primary_power_loss_then_both_copies_hold_the_same_prefix() {
     let seed = crate::harness::test_seed("regional_primary_power_loss");
