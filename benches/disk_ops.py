@@ -1,11 +1,12 @@
 #!/usr/bin/python3
-"""Device operations per client write: Ferry standalone against a primary with a regional peer.
+"""Device operations per client write: qemu-nbd, Ferry standalone, a primary with a regional peer.
 
-For each configuration, fio 4 KiB randwrite QD1 for --seconds on a fresh, prefilled 256 MiB
-volume, and around it the counters of the disk under the work directory (/proc/diskstats:
-writes, sectors written, flushes) and the primary's /proc/PID/io. Prints each counter per
-client write, with the run's write latency p50/p99. The regional peer's files go under
---remote-dir (default /dev/shm) so that only the primary's operations reach the disk.
+For each configuration (--configs), fio 4 KiB randwrite QD1 (or, with --client fua, the libnbd
+FUA QD1 loop) for --seconds on a fresh, prefilled 256 MiB volume, and around it the counters of
+the disk under the work directory (/proc/diskstats: writes, sectors written, flushes) and the
+server's (the primary's) /proc/PID/io. Prints each counter per client write, with the run's
+write latency p50/p99. The regional peer's files go under --remote-dir (default /dev/shm) so
+that only the primary's operations reach the disk.
 
 Usage: cargo build --release -p ferry && /usr/bin/python3 benches/disk_ops.py [--seconds 6]
 Every process it starts is stopped at the end, also on an error or Ctrl-C.
@@ -57,6 +58,10 @@ def main():
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=1, help="standalone and regional alternately, this many times")
     parser.add_argument("--remote-dir", default="/dev/shm")
+    parser.add_argument("--configs", default="standalone,regional",
+                        help="comma-separated: qemu-nbd, standalone, regional (default standalone,regional)")
+    parser.add_argument("--client", choices=("write", "fua"), default="write",
+                        help="fio 4 KiB randwrite QD1 (default) or the libnbd FUA QD1 loop")
     parser.add_argument("--ferry", default=nb.FERRY)
     parser.add_argument("--relay", default=None)
     args = parser.parse_args()
@@ -74,20 +79,26 @@ def main():
         subprocess.run([args.ferry, "cert", "init", "--dir", ctx.certs, "--node", "a", "--node", "b"],
                        check=True, capture_output=True, timeout=60)
         for round_ in range(args.rounds):
-            for name in ("standalone", "regional"):
-                if name == "standalone":
+            for name in args.configs.split(","):
+                if name == "qemu-nbd":
+                    server = nb.QemuNbd(ctx, rb.SIZE_BYTES)
+                elif name == "standalone":
                     server = nb.Ferry(ctx, rb.SIZE_BYTES, rb.JOURNAL_BYTES)
-                    node = server.node
-                else:
+                elif name == "regional":
                     server = rb.RegionalPair(ctx, f"regional{round_}", 40.0, "1s", "zstd", remote_dir=remote)
-                    node = server.a
+                else:
+                    raise SystemExit(f"unknown configuration {name!r}")
                 servers.append(server)
                 server.start()
                 bench.prefill(server)
                 server.quiesce()
-                d0, p0 = diskstats(disk), process_io(node.pid)
-                client = pw.fio_qd1(server, workdir, args.seconds, f"{name}{round_}")
-                d1, p1 = diskstats(disk), process_io(node.pid)
+                pid = server.pids[0]
+                d0, p0 = diskstats(disk), process_io(pid)
+                if args.client == "fua":
+                    client = pw.fua_qd1(server, args.seconds)
+                else:
+                    client = pw.fio_qd1(server, workdir, args.seconds, f"{name}{round_}")
+                d1, p1 = diskstats(disk), process_io(pid)
                 n = client["count"]
                 rows.append((name, n, client["p50_us"], client["p99_us"],
                              (d1["writes"] - d0["writes"]) / n, (d1["sectors"] - d0["sectors"]) * 512 / n,
@@ -98,8 +109,9 @@ def main():
         nb.stop_all(servers)
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(remote, ignore_errors=True)
-    print(f"\nDisk {disk}, fio 4k randwrite QD1, {args.seconds} s per run; per client write unless said\n")
-    print("| configuration | writes | p50 us | p99 us | device writes | bytes written | flushes | flushes/s | primary write syscalls |")
+    client = "libnbd 4k FUA write QD1" if args.client == "fua" else "fio 4k randwrite QD1"
+    print(f"\nDisk {disk}, {client}, {args.seconds} s per run; per client write unless said\n")
+    print("| configuration | writes | p50 us | p99 us | device writes | bytes written | flushes | flushes/s | server write syscalls |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, n, p50, p99, writes, written, flushes, per_s, syscw in rows:
         print(f"| {name} | {n:,} | {p50:.0f} | {p99:.0f} | {writes:.3f} | {written:,.0f} | {flushes:.4f} | "

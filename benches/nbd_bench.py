@@ -913,7 +913,7 @@ def fail_server(ctx, server, what):
 def run_metrics(ctx, servers, raw, floors):
     bench = Bench(ctx.args, ctx.workdir)
     for key, label, function, fargs, value_key, better, target, scope in METRICS:
-        if function is None:
+        if function is None or (ctx.args.metrics and key not in ctx.args.metrics.split(",")):
             continue
         metro_round = key == "fua_p50" and any(s.kind == "metro" and not s.failed for s in servers)
         if metro_round:
@@ -1215,6 +1215,9 @@ def main():
     parser.add_argument("--only", default="all",
                         help="comma-separated configurations: qemu-nbd, ferry, metro-lo, metro-<R>ms, metro "
                              "(all metro), resync; 'both' = qemu-nbd,ferry; default all")
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated measurement keys to run (default all): "
+                             + ", ".join(key for key, _, function, *_ in METRICS if function is not None))
     parser.add_argument("--rtts", default="1,4", help="relay RTTs in ms for the metro-<R>ms configurations (default 1,4)")
     parser.add_argument("--resync-gib", type=float, default=None,
                         help="volume size of the resync test in GiB (default 4, --quick 0.5)")
@@ -1232,6 +1235,10 @@ def main():
         args.runtime = min(args.runtime, 2)
     size_mib = int(args.size) if args.size else (128 if args.quick else 1024)
     size_bytes = size_mib * MIB
+    known_metrics = [key for key, _, function, *_ in METRICS if function is not None]
+    for key in (args.metrics or "").split(","):
+        if key and key not in known_metrics:
+            sys.exit(f"--metrics: unknown measurement {key!r} (known: {', '.join(known_metrics)})")
     if args.resync_gib is None:
         args.resync_gib = 0.5 if args.quick else 4.0
     if args.outage_seconds is None:

@@ -296,7 +296,9 @@ enum Request {
 /// after `record` returned sees the record's data. Replication hangs here, so that the send to
 /// the peers starts together with the local journal write.
 pub trait JournalTap: Send + Sync {
-    fn record(&self, lsn: u64, op: &Op, fua: bool);
+    /// Returns whether something went to a peer's stream now: the writer then lets it reach
+    /// the wire before it submits the batch's write (see `write_batch` in `writer.rs`).
+    fn record(&self, lsn: u64, op: &Op, fua: bool) -> bool;
 }
 
 /// Handle to a volume's journal; cheap to share.
@@ -671,10 +673,11 @@ mod tap_tests {
     struct PanickingTap(AtomicU64);
 
     impl JournalTap for PanickingTap {
-        fn record(&self, _lsn: u64, _op: &Op, _fua: bool) {
+        fn record(&self, _lsn: u64, _op: &Op, _fua: bool) -> bool {
             if self.0.fetch_add(1, Ordering::SeqCst) == 1 {
                 panic!("replication lock: PoisonError");
             }
+            false
         }
     }
 

@@ -32,13 +32,21 @@ const PENDING_RECORDS_MAX: usize = 1024;
 /// "Journal full" is logged at most this often; the metrics count every episode.
 const FULL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Hands one record to the tap; the text of its panic if it panicked. A panic in the tap
-/// (replication) must not unwind through the index lock, held here: that would poison it and
-/// take every read of the volume down with it. The caller stops the journal instead.
-fn tap_record(tap: &dyn JournalTap, lsn: u64, op: &Op, fua: bool) -> Option<String> {
+/// How a batch is written: with RWF_DSYNC, and after the runtime's turn that lets the records
+/// the tap sent reach the wire (see `Writer::write_batch`).
+#[derive(Debug, Clone, Copy)]
+struct WriteHow {
+    dsync: bool,
+    after_sends: bool,
+}
+
+/// Hands one record to the tap: whether it sent something to a peer, or the text of its panic
+/// if it panicked. A panic in the tap (replication) must not unwind through the index lock,
+/// held here: that would poison it and take every read of the volume down with it. The caller
+/// stops the journal instead.
+fn tap_record(tap: &dyn JournalTap, lsn: u64, op: &Op, fua: bool) -> Result<bool, String> {
     std::panic::catch_unwind(AssertUnwindSafe(|| tap.record(lsn, op, fua)))
-        .err()
-        .map(|payload| panic_message(payload.as_ref()))
+        .map_err(|payload| panic_message(payload.as_ref()))
 }
 
 /// The text of a caught panic.
@@ -665,6 +673,7 @@ impl Writer {
         iovecs.push(SharedBuf::from(AlignedBuf::zeroed(0))); // placeholder for the header
         let mut fua = false;
         let mut tap_panic = None;
+        let mut transmitted = false;
         // The index relies on this: the newest write to a range has the highest LSN.
         assert_eq!(
             first_lsn,
@@ -687,7 +696,10 @@ impl Writer {
                 let (offset, len) = op.range();
                 index.insert(offset, len, lsn, op.content());
                 if let Some(tap) = tap.as_ref().filter(|_| tap_panic.is_none()) {
-                    tap_panic = tap_record(&**tap, lsn, &op, record_fua);
+                    match tap_record(&**tap, lsn, &op, record_fua) {
+                        Ok(sent) => transmitted |= sent,
+                        Err(message) => tap_panic = Some(message),
+                    }
                 }
                 descriptors.push(descriptor);
                 records.push(ApplyRecord { lsn, op });
@@ -758,12 +770,28 @@ impl Writer {
             written: false,
         });
 
-        self.write_batch(id, first_lsn, start, wrap_at, iovecs, dsync);
+        let how = WriteHow {
+            dsync,
+            after_sends: transmitted,
+        };
+        self.write_batch(id, first_lsn, start, wrap_at, iovecs, how);
     }
 
     /// Writes batch `id` (header and payloads, `iovecs`) at ring offset `start`, after the wrap
     /// marker at `wrap_at` when the batch skips the end of the ring, and reports
     /// [`Event::BatchWritten`].
+    ///
+    /// When the tap sent the batch's records to a peer's stream (`how.after_sends`), the write
+    /// first lets the runtime take one turn: the tap woke the peers' stream writers, and
+    /// through them quinn's connection driver, and those send the records before this task
+    /// submits the write. Without that, the submission (an `io_uring_enter` that on a virtio disk includes
+    /// the doorbell's VM exit) ran first and the records left for the peer after it, although
+    /// the peer's leg is the longer one for a metro write. `nbd_bench.py --only metro-lo`, two
+    /// A/B pairs: 4 KiB write QD1 p50 289-293 -> 226-232 µs, FUA p50 506-536 -> 479-495 µs,
+    /// QD32 28-30k -> 31-34k IOPS (benches/README.md, "Records leave before the journal
+    /// write"). A standalone volume, a secondary (its tap sends nothing) and a
+    /// primary whose peers are all regional or away (batches and resyncs go out from the
+    /// replication task) take no extra turn.
     fn write_batch(
         &self,
         id: u64,
@@ -771,12 +799,17 @@ impl Writer {
         start: u64,
         wrap_at: Option<u64>,
         iovecs: Vec<SharedBuf>,
-        dsync: bool,
+        how: WriteHow,
     ) {
+        let WriteHow { dsync, after_sends } = how;
         let storage = self.storage.clone();
         let events = self.events_tx.clone();
         let journal_id = self.journal_id;
         tokio::spawn(async move {
+            if after_sends {
+                // See above: the records go to the network first.
+                tokio::task::yield_now().await;
+            }
             let wrap = async {
                 match wrap_at {
                     // The rest of the ring is skipped; the marker tells recovery to continue at 0.

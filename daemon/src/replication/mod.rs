@@ -561,17 +561,17 @@ impl VolumeReplication {
 
     /// Drains the replicator's actions (see the module doc) and publishes its outputs. Called
     /// with the lock held; never blocks.
-    fn process(&self, state: &mut State) {
+    fn process(&self, state: &mut State) -> bool {
         if state.broken.is_some() {
-            return;
+            return false;
         }
+        let mut transmitted = false;
         while let Some(action) = state.replicator.poll_action() {
             match action {
                 Action::Transmit { peer, message } => {
-                    let sent = state.links[peer]
-                        .stream
-                        .as_ref()
-                        .is_none_or(|stream| stream.send(message));
+                    let stream = state.links[peer].stream.as_ref();
+                    transmitted |= stream.is_some();
+                    let sent = stream.is_none_or(|stream| stream.send(message));
                     if !sent {
                         let link = &mut state.links[peer];
                         if let Some(stream) = link.stream.take() {
@@ -618,6 +618,7 @@ impl VolumeReplication {
             tracing::warn!(volume = %self.name(), "{notice}");
         }
         self.publish(state);
+        transmitted
     }
 
     /// Publishes what the write path reads (see the module doc).
@@ -1557,15 +1558,15 @@ impl AsRef<[u8]> for SharedBytes {
 }
 
 impl JournalTap for VolumeReplication {
-    fn record(&self, lsn: u64, op: &Op, fua: bool) {
+    fn record(&self, lsn: u64, op: &Op, fua: bool) -> bool {
         let mut state = self.lock();
         if state.broken.is_some() {
-            return;
+            return false;
         }
         // A secondary's journal holds its primary's records, which the replicator learns of
         // as their appends complete.
         if state.replicator.role() != Role::Primary {
-            return;
+            return false;
         }
         let now = Instant::now();
         let record = op_record(lsn, op, fua);
@@ -1585,11 +1586,12 @@ impl JournalTap for VolumeReplication {
             state.lag_samples.push_back((lsn, now));
         }
         // Messages go out now, in order; marks and persists wait for the task's pass.
-        self.process(&mut state);
+        let transmitted = self.process(&mut state);
         drop(state);
         if !self.peers.is_empty() {
             self.wake.notify_one();
         }
+        transmitted
     }
 }
 
