@@ -1227,6 +1227,9 @@ def main():
                         help="4k random write rate on the primary during the outage test (default 1000)")
     parser.add_argument("--resync-rtt-ms", type=float, default=0.0,
                         help="RTT of the relay the outage test cuts (default 0: loopback through the relay)")
+    parser.add_argument("--remote-dir", default=None,
+                        help="put the metro secondaries' files in a directory under DIR (another disk, or /dev/shm) "
+                             "instead of beside the primary's, so that the two nodes do not share one disk")
     parser.add_argument("--ferry", default=FERRY, help=f"the ferry binary (default {FERRY})")
     parser.add_argument("--relay", default=None, help="a built ferry-relay binary (default: build benches/relay)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -1276,6 +1279,15 @@ def main():
     base = os.path.join(ROOT, "target")
     os.makedirs(base, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="bench-", dir=base)
+    remote_dir = tempfile.mkdtemp(prefix="bench-remote-", dir=args.remote_dir) if args.remote_dir else None
+
+    def remote_of(name):
+        """Where a metro pair's secondary lives with --remote-dir: a directory of its own."""
+        if remote_dir is None:
+            return None
+        path = os.path.join(remote_dir, name)
+        os.makedirs(path, exist_ok=True)
+        return path
     ctx = Context(args, workdir)
     servers = []
 
@@ -1296,10 +1308,11 @@ def main():
         if "qemu-nbd" in wanted:
             servers.append(QemuNbd(ctx, size_bytes))
         if "metro-lo" in wanted:
-            servers.append(MetroPair(ctx, "metro-lo", size_bytes, size_bytes, None))
+            servers.append(MetroPair(ctx, "metro-lo", size_bytes, size_bytes, None, b_dir=remote_of("metro-lo")))
         for rtt in rtts:
             if rtt_label(rtt) in wanted:
-                servers.append(MetroPair(ctx, rtt_label(rtt), size_bytes, size_bytes, rtt))
+                servers.append(MetroPair(ctx, rtt_label(rtt), size_bytes, size_bytes, rtt,
+                                         b_dir=remote_of(rtt_label(rtt))))
         raw = {server.name: {} for server in servers}
         for server in servers:
             try:
@@ -1347,9 +1360,11 @@ def main():
     finally:
         stop_all(servers)
         if args.keep:
-            log(f"kept {workdir}")
+            log(f"kept {workdir}" + (f" and {remote_dir}" if remote_dir else ""))
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+            if remote_dir:
+                shutil.rmtree(remote_dir, ignore_errors=True)
     if ctx.problems:
         sys.exit(1)
 

@@ -18,9 +18,13 @@
 //! ```text
 //! ferry-relay --ping COUNT [--delay-us N] [--direct] [--payload BYTES]
 //! ```
-//! Measures UDP round trips between two loopback sockets of this process, through an
-//! in-process relay with the given one-way delay (or directly with `--direct`), and prints one
-//! JSON line: `count`, `lost`, `min_us`, `p50_us`, `p99_us`, `mean_us`, `max_us`.
+//! Measures UDP round trips between a loopback socket of this process and an echo in a child
+//! process (`ferry-relay --echo`), through an in-process relay with the given one-way delay (or
+//! directly with `--direct`), and prints one JSON line: `count`, `lost`, `min_us`, `p50_us`,
+//! `p99_us`, `mean_us`, `max_us`. Both ends wait in `epoll_wait`, and the echo is a process of
+//! its own, as two Ferry nodes are. On this VM the p50 is still bimodal from run to run: 4-5 µs
+//! when the scheduler keeps both ends on one CPU (each wakes the other where it just went to
+//! sleep), 50-70 µs when they sit on two (an idle vCPU is halted and must be woken).
 
 use std::io::{BufRead, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -31,7 +35,8 @@ use ferry_testkit::relay::{LinkStats, Relay};
 
 const USAGE: &str = "usage:
   ferry-relay --a ADDR --b ADDR [--delay-us N] [--rate-mbit M] [--loss P] [--seed N] [--control-stdin]
-  ferry-relay --ping COUNT [--delay-us N] [--direct] [--payload BYTES]";
+  ferry-relay --ping COUNT [--delay-us N] [--direct] [--payload BYTES]
+  ferry-relay --echo      (the ping's other end: prints its address, answers until stdin closes)";
 
 /// Pings answered later than this are counted as lost.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
@@ -47,6 +52,7 @@ struct Args {
     seed: u64,
     control_stdin: bool,
     ping: Option<usize>,
+    echo: bool,
     direct: bool,
     payload: usize,
 }
@@ -61,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
         seed: 1,
         control_stdin: false,
         ping: None,
+        echo: false,
         direct: false,
         payload: 64,
     };
@@ -81,6 +88,7 @@ fn parse_args() -> Result<Args, String> {
             "--seed" => args.seed = parse(&value("--seed")?, "--seed")?,
             "--control-stdin" => args.control_stdin = true,
             "--ping" => args.ping = Some(parse(&value("--ping")?, "--ping")?),
+            "--echo" => args.echo = true,
             "--direct" => args.direct = true,
             "--payload" => args.payload = parse(&value("--payload")?, "--payload")?,
             "-h" | "--help" => return Err(USAGE.to_string()),
@@ -128,6 +136,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.echo {
+        return match echo() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("ferry-relay --echo: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(count) = args.ping {
         return match ping(count, args.delay, args.direct, args.payload, args.seed) {
             Ok(line) => {
@@ -241,7 +258,89 @@ fn stats_json(stats: &LinkStats) -> String {
     )
 }
 
-/// UDP ping-pong between two sockets of this process: A sends, an echo thread on B answers.
+/// Waits for a socket to be readable the way an event loop (tokio, so Ferry) does: in
+/// `epoll_wait`, not in a blocking `recv`.
+struct Readable {
+    epoll: std::os::fd::OwnedFd,
+}
+
+impl Readable {
+    fn new(socket: &UdpSocket) -> Result<Self, String> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(format!(
+                "epoll_create1: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: `raw` is a fresh, valid fd owned by nothing else.
+        let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 0,
+        };
+        // SAFETY: both fds are open; `event` is a valid epoll_event for the call's duration.
+        let added = unsafe {
+            libc::epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                socket.as_raw_fd(),
+                &mut event,
+            )
+        };
+        if added < 0 {
+            return Err(format!("epoll_ctl: {}", std::io::Error::last_os_error()));
+        }
+        Ok(Readable { epoll })
+    }
+
+    /// Whether the socket became readable within `timeout` (`None`: no limit).
+    fn wait(&self, timeout: Option<Duration>) -> bool {
+        use std::os::fd::AsRawFd;
+        let millis = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        loop {
+            // SAFETY: room for exactly one event, as maxevents says.
+            let ready = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut event, 1, millis) };
+            if ready >= 0 {
+                return ready > 0;
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return false;
+            }
+        }
+    }
+}
+
+/// The ping's other end, in a process of its own: binds a loopback socket, prints its address
+/// on stdout, answers every datagram to where it came from, and exits when stdin closes (the
+/// pinging process is done, or gone).
+fn echo() -> Result<(), String> {
+    let socket = UdpSocket::bind("127.0.0.1:0").map_err(|error| format!("bind: {error}"))?;
+    let addr = socket.local_addr().map_err(|error| error.to_string())?;
+    println!("{addr}");
+    std::io::stdout()
+        .flush()
+        .map_err(|error| error.to_string())?;
+    std::thread::spawn(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        std::process::exit(0);
+    });
+    let readable = Readable::new(&socket)?;
+    let mut buffer = vec![0u8; 65_535];
+    loop {
+        readable.wait(None);
+        let (length, from) = socket
+            .recv_from(&mut buffer)
+            .map_err(|error| format!("recv: {error}"))?;
+        let _ = socket.send_to(&buffer[..length], from);
+    }
+}
+
+/// UDP ping-pong: A (this process) sends, the echo in a child process answers.
 fn ping(
     count: usize,
     delay: Duration,
@@ -249,34 +348,42 @@ fn ping(
     payload: usize,
     seed: u64,
 ) -> Result<String, String> {
-    let bind = || UdpSocket::bind("127.0.0.1:0").map_err(|error| format!("bind: {error}"));
-    let a = bind()?;
-    let b = bind()?;
+    let a = UdpSocket::bind("127.0.0.1:0").map_err(|error| format!("bind: {error}"))?;
     let a_addr = a.local_addr().map_err(|error| error.to_string())?;
-    let b_addr = b.local_addr().map_err(|error| error.to_string())?;
+    let exe = std::env::current_exe().map_err(|error| error.to_string())?;
+    let mut child = std::process::Command::new(exe)
+        .arg("--echo")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("starting the echo process: {error}"))?;
+    // Dropped (stdin closed, the echo exits, then reaped) on every path out of here.
+    struct Echo(std::process::Child);
+    impl Drop for Echo {
+        fn drop(&mut self) {
+            drop(self.0.stdin.take());
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    let stdout = child.stdout.take().ok_or("the echo's stdout")?;
+    let echo = Echo(child);
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|error| format!("reading the echo's address: {error}"))?;
+    let b_addr: SocketAddr = parse(line.trim(), "the echo's address")?;
     let relay = (!direct).then(|| {
         let relay = Relay::start(a_addr, b_addr, seed);
         relay.both().set_delay(delay);
         relay
     });
-    // Where A sends to reach B, and where B sends to reach A.
-    let (a_target, b_target) = match &relay {
-        Some(relay) => (relay.addr_for_a(), relay.addr_for_b()),
-        None => (b_addr, a_addr),
+    // Where A sends to reach B (the echo answers to where each datagram came from).
+    let a_target = match &relay {
+        Some(relay) => relay.addr_for_a(),
+        None => b_addr,
     };
     let payload = payload.max(8);
-    b.set_read_timeout(Some(Duration::from_millis(200)))
-        .map_err(|error| error.to_string())?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let echo_stop = std::sync::Arc::clone(&stop);
-    let echo = std::thread::spawn(move || {
-        let mut buffer = vec![0u8; 65_535];
-        while !echo_stop.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Ok((length, _)) = b.recv_from(&mut buffer) {
-                let _ = b.send_to(&buffer[..length], b_target);
-            }
-        }
-    });
+    let readable = Readable::new(&a)?;
     a.set_read_timeout(Some(PING_TIMEOUT))
         .map_err(|error| error.to_string())?;
     let mut buffer = vec![0u8; 65_535];
@@ -290,6 +397,9 @@ fn ping(
             .map_err(|error| format!("send: {error}"))?;
         // Skip stale answers (of pings that timed out) until ours arrives or time runs out.
         let answered = loop {
+            if !readable.wait(Some(PING_TIMEOUT.saturating_sub(sent_at.elapsed()))) {
+                break false;
+            }
             match a.recv_from(&mut buffer) {
                 Ok((length, _)) if length >= 8 => {
                     let got = u64::from_le_bytes(buffer[..8].try_into().expect("8 bytes"));
@@ -313,8 +423,7 @@ fn ping(
             }
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = echo.join();
+    drop(echo);
     drop(relay);
     if rtts.is_empty() {
         return Err(format!("all {count} pings lost"));
