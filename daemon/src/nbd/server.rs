@@ -787,11 +787,12 @@ where
                 };
                 let payload = if request.kind == Command::Write {
                     // Read straight into the aligned buffer the journal will write from.
-                    let mut buf = AlignedBuf::zeroed(request.length_bytes as usize);
-                    if let Err(error) = reader.read_exact(&mut buf).await {
-                        break Err(error.into());
+                    match AlignedBuf::read_exact_from(&mut reader, request.length_bytes as usize)
+                        .await
+                    {
+                        Ok(buf) => Some(buf.freeze()),
+                        Err(error) => break Err(error.into()),
                     }
-                    Some(buf.freeze())
                 } else {
                     None
                 };
