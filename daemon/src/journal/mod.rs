@@ -688,6 +688,97 @@ mod tap_tests {
         }
     }
 
+    /// A tap standing for replication: each record wakes the "stream writer", and the tap
+    /// reports that it sent something when `sends` says so.
+    struct SendingTap {
+        stream: Arc<tokio::sync::Notify>,
+        sends: bool,
+    }
+
+    impl JournalTap for SendingTap {
+        fn record(&self, _lsn: u64, _op: &Op, _fua: bool) -> bool {
+            self.stream.notify_one();
+            self.sends
+        }
+    }
+
+    /// In the daemon the tap wakes a volume's stream writer, and through it quinn's driver,
+    /// which puts the record's packets on a UDP socket. When the tap sent something, the
+    /// batch's journal write is submitted only after that has happened and the runtime has
+    /// polled its I/O once, so the packets are on the wire first. Here the "stream writer"
+    /// sends one datagram over loopback and a "peer" task notes how many journal writes had
+    /// been submitted when the datagram reached it. (Without the turn the write goes first:
+    /// the peer task is woken only by the runtime's next I/O poll.)
+    #[test]
+    fn records_a_tap_sent_reach_the_wire_before_the_journal_write_is_submitted() {
+        for sends in [true, false] {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let device = MemStorage::new(VOLUME_BYTES);
+                let disk = crate::storage::FaultDisk::new(MIN_JOURNAL_BYTES);
+                Journal::format(&*disk.storage(), VOLUME_BYTES)
+                    .await
+                    .expect("format");
+                let metrics = Metrics::new();
+                let (journal, _, _) =
+                    Journal::open(disk.storage(), device, metrics.volume("tap"), "tap", None)
+                        .await
+                        .expect("open");
+                let peer = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let wire = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                wire.connect(peer.local_addr().expect("addr"))
+                    .await
+                    .expect("connect");
+                // One datagram first, so that both sockets' readiness is known to the runtime,
+                // as a live connection's is.
+                wire.send(b"hello").await.expect("send");
+                peer.recv(&mut [0u8; 16]).await.expect("recv");
+                let stream = Arc::new(tokio::sync::Notify::new());
+                let stream_task = tokio::spawn({
+                    let stream = Arc::clone(&stream);
+                    async move {
+                        loop {
+                            stream.notified().await;
+                            wire.send(b"record").await.expect("send");
+                        }
+                    }
+                });
+                let peer_task = tokio::spawn({
+                    let disk = disk.clone();
+                    async move {
+                        let mut datagram = [0u8; 16];
+                        peer.recv(&mut datagram).await.expect("recv");
+                        disk.write_count()
+                    }
+                });
+                journal.set_tap(Some(Arc::new(SendingTap {
+                    stream: Arc::clone(&stream),
+                    sends,
+                })));
+                let before = disk.write_count();
+                journal.append(write(0, 1), false).await.expect("write");
+                let seen = peer_task.await.expect("peer task");
+                if sends {
+                    assert_eq!(
+                        seen, before,
+                        "the record reached the peer before its journal write was submitted"
+                    );
+                } else {
+                    assert!(seen >= before, "the peer still got the datagram");
+                }
+                stream_task.abort();
+                journal.close().await;
+            });
+        }
+    }
+
     /// A panic in the tap stops the journal with a clear error and nothing else: the index
     /// lock is not poisoned, so reads (index lookups) and status keep working, and later
     /// writes are refused with the reason rather than panicking.
