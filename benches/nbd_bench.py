@@ -994,7 +994,8 @@ def measure_durable(ctx, bench, floors, when):
 def measure_floors(ctx, bench, servers, floors):
     """Per metro configuration the network RTT (UDP ping, see ping_rtt) and the local durable
     write L, right before the FUA round; floor = max(L, RTT + L) (the secondary's disk is this
-    same disk, so its durable write costs L too)."""
+    same disk, so its durable write costs L too; with --remote-dir it is elsewhere and this floor
+    is too high)."""
     for server in servers:
         if server.kind != "metro" or server.failed:
             continue

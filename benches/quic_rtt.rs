@@ -47,6 +47,12 @@ fn udp(rounds: usize) -> Vec<Duration> {
     client
         .connect(server.local_addr().expect("addr"))
         .expect("connect");
+    // Loopback does not lose datagrams, but a bench must not hang if it ever does.
+    for socket in [&server, &client] {
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+    }
     let total = WARMUP + rounds;
     let echo = std::thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
@@ -84,7 +90,11 @@ fn udp_tokio(rounds: usize) -> Vec<Duration> {
             let server = tokio::net::UdpSocket::from_std(server).expect("tokio socket");
             let mut buf = vec![0u8; 65536];
             for _ in 0..total {
-                let (_, from) = server.recv_from(&mut buf).await.expect("recv");
+                let (_, from) =
+                    tokio::time::timeout(Duration::from_secs(5), server.recv_from(&mut buf))
+                        .await
+                        .expect("a datagram within 5 s")
+                        .expect("recv");
                 server.send_to(&buf[..ACK_BYTES], from).await.expect("send");
             }
         })
@@ -97,7 +107,10 @@ fn udp_tokio(rounds: usize) -> Vec<Duration> {
         for i in 0..total {
             let started = Instant::now();
             client.send(&record).await.expect("send");
-            client.recv(&mut ack).await.expect("recv");
+            tokio::time::timeout(Duration::from_secs(5), client.recv(&mut ack))
+                .await
+                .expect("an answer within 5 s")
+                .expect("recv");
             if i >= WARMUP {
                 times.push(started.elapsed());
             }

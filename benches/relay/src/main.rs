@@ -299,7 +299,10 @@ impl Readable {
     /// Whether the socket became readable within `timeout` (`None`: no limit).
     fn wait(&self, timeout: Option<Duration>) -> bool {
         use std::os::fd::AsRawFd;
-        let millis = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        // Rounded up: a wait of less than a millisecond must not become no wait.
+        let millis = timeout.map_or(-1, |t| {
+            i32::try_from(t.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+        });
         let mut event = libc::epoll_event { events: 0, u64: 0 };
         loop {
             // SAFETY: room for exactly one event, as maxevents says.
@@ -365,9 +368,10 @@ fn ping(
             let _ = self.0.wait();
         }
     }
+    let stdout = child.stdout.take();
+    let mut echo = Echo(child);
+    let stdout = stdout.ok_or("the echo's stdout")?;
     let mut line = String::new();
-    let stdout = child.stdout.take().ok_or("the echo's stdout")?;
-    let echo = Echo(child);
     std::io::BufReader::new(stdout)
         .read_line(&mut line)
         .map_err(|error| format!("reading the echo's address: {error}"))?;
@@ -415,6 +419,12 @@ fn ping(
             }
         };
         let rtt = sent_at.elapsed();
+        if !answered {
+            // An echo that died would make every later ping wait out its timeout.
+            if let Ok(Some(status)) = echo.0.try_wait() {
+                return Err(format!("the echo process exited ({status})"));
+            }
+        }
         if sequence as usize >= PING_WARMUP {
             if answered {
                 rtts.push(rtt);

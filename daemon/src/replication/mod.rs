@@ -570,8 +570,8 @@ impl VolumeReplication {
             match action {
                 Action::Transmit { peer, message } => {
                     let stream = state.links[peer].stream.as_ref();
-                    transmitted |= stream.is_some();
                     let sent = stream.is_none_or(|stream| stream.send(message));
+                    transmitted |= stream.is_some() && sent;
                     if !sent {
                         let link = &mut state.links[peer];
                         if let Some(stream) = link.stream.take() {

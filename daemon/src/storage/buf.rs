@@ -56,9 +56,10 @@ impl AlignedBuf {
     }
 
     /// An allocation for `len` bytes whose first `len` bytes the caller must initialise
-    /// before the buffer is used; the tail past `len` is zeroed here. The returned buffer's
-    /// `len` is 0 until then, so nothing can read the uninitialised part through it, and
-    /// dropping it early only frees the memory.
+    /// before it sets `len`; the tail past `len` is zeroed here. Until then the buffer breaks
+    /// the type's invariant (every byte initialised, zero past `len`) in [0, len), which is why
+    /// this is private: its `len` is 0, so nothing can read that part through it, and dropping
+    /// it early only frees the memory.
     ///
     /// This is what `zeroed` would be without its memset: with a 512-byte alignment the
     /// allocator cannot hand out pre-zeroed memory, so `alloc_zeroed` writes every byte, and a
@@ -95,7 +96,10 @@ impl AlignedBuf {
 
     /// Reads exactly `len` bytes from `reader` into a new buffer, without zeroing them first.
     /// End of stream before `len` bytes is `UnexpectedEof`, as `read_exact` reports it.
-    pub async fn read_exact_from<R>(reader: &mut R, len: usize) -> std::io::Result<AlignedBuf>
+    pub(crate) async fn read_exact_from<R>(
+        reader: &mut R,
+        len: usize,
+    ) -> std::io::Result<AlignedBuf>
     where
         R: tokio::io::AsyncRead + Unpin,
     {
@@ -115,6 +119,13 @@ impl AlignedBuf {
                 std::pin::Pin::new(&mut *reader).poll_read(cx, &mut read_buf)
             })
             .await?;
+            // A reader may swap in a ReadBuf of its own (safe code can); what it filled then
+            // is not this allocation. Tokio's `read_buf` makes the same check.
+            assert_eq!(
+                read_buf.filled().as_ptr(),
+                buf.ptr.as_ptr().cast_const(),
+                "the reader replaced the ReadBuf"
+            );
             if read_buf.filled().len() == before {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
@@ -265,7 +276,8 @@ impl Deref for SharedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: every constructor keeps start + len within the allocation's `capacity`
-        // initialised (zeroed at allocation) bytes, and the allocation is immutable once frozen.
+        // bytes, all initialised before the buffer was frozen (zeroed at allocation, or
+        // written up to `len` with the tail zeroed), and the allocation is immutable once frozen.
         unsafe { std::slice::from_raw_parts(self.buf.as_ptr().add(self.start), self.len) }
     }
 }
