@@ -296,8 +296,9 @@ enum Request {
 /// after `record` returned sees the record's data. Replication hangs here, so that the send to
 /// the peers starts before the local journal write is submitted.
 pub trait JournalTap: Send + Sync {
-    /// Returns whether something went to a peer's stream now: the writer then lets it reach
-    /// the wire before it submits the batch's write (see `write_batch` in `writer.rs`).
+    /// Returns whether something went to the stream of a peer whose acknowledgement the
+    /// write waits for (a metro peer) now: the writer then lets it reach the wire before it
+    /// submits the batch's write (see `write_batch` in `writer.rs`).
     fn record(&self, lsn: u64, op: &Op, fua: bool) -> bool;
 }
 

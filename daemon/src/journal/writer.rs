@@ -781,21 +781,22 @@ impl Writer {
     /// marker at `wrap_at` when the batch skips the end of the ring, and reports
     /// [`Event::BatchWritten`].
     ///
-    /// When the tap sent the batch's records to a peer's stream (`how.after_sends`), the write
-    /// waits for the runtime's next turn before it submits: every task the tap woke (the
+    /// When the tap sent the batch's records to a metro peer's stream (`how.after_sends`), the
+    /// write waits for the runtime's next turn before it submits: every task the tap woke (the
     /// peers' stream writers, quinn's connection drivers) normally runs, and the runtime polls
     /// its I/O once, first (`tap_tests` in `journal/mod.rs` checks this order). It is an
     /// ordering of work on one thread, not a promise: quinn's pacing or congestion window may
-    /// still hold packets back, and nothing waits for them. Without that turn the
-    /// submission (an `io_uring_enter` that on a virtio disk includes the doorbell's VM exit)
-    /// came first and the records reached the peer later, although the peer's leg is the
-    /// longer one for a metro write. The stage probe, a metro pair over loopback, 4 KiB writes
+    /// still hold packets back, and nothing waits for them. Without that turn the submission
+    /// (an `io_uring_enter` that on a virtio disk includes the doorbell's VM exit) came first
+    /// and the records reached the peer later, although the peer's leg is the longer one for
+    /// a metro write. The stage probe, a metro pair over loopback, 4 KiB writes
     /// at QD1, without / with the turn: frame written to QUIC -> ack delivered 289 / 231 µs (of
     /// which the secondary's journal 128 / 107), server time 315 / 255 µs; `nbd_bench.py`,
     /// A/B pairs: write QD1 p50 281-301 -> 226-245 µs, FUA p50 449-536 -> 479-485 µs
     /// (benches/README.md, "Records leave before the journal write"). A standalone volume, a
     /// secondary (its tap sends nothing) and a primary whose peers are all regional or away
-    /// (batches and resyncs go out from the replication task) take no extra turn.
+    /// take no extra turn: a regional write waits for no peer, and the batch chunks a tap
+    /// pumps to a regional peer would only delay its journal write.
     fn write_batch(
         &self,
         id: u64,

@@ -571,7 +571,9 @@ impl VolumeReplication {
                 Action::Transmit { peer, message } => {
                     let stream = state.links[peer].stream.as_ref();
                     let sent = stream.is_none_or(|stream| stream.send(message));
-                    transmitted |= stream.is_some() && sent;
+                    // What a client write waits for: a metro peer's acknowledgement. A regional
+                    // peer's batch chunks, pumped on the way, wait for no client.
+                    transmitted |= stream.is_some() && sent && !self.peers[peer].regional;
                     if !sent {
                         let link = &mut state.links[peer];
                         if let Some(stream) = link.stream.take() {
