@@ -221,15 +221,8 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     tls::cert_init(dir.path(), &["a".to_string(), "b".to_string()]).expect("certificates");
-    let identity = |name: &str| {
-        TlsIdentity::load_files(
-            &dir.path().join("ca.pem"),
-            &dir.path().join(format!("{name}.pem")),
-            &dir.path().join(format!("{name}.key")),
-            name,
-        )
-        .expect("identity")
-    };
+    let identity =
+        |name: &str| TlsIdentity::load_from_cert_dir(dir.path(), name).expect("identity");
     let (a, b) = (identity("a"), identity("b"));
     let losses: &[f64] = if quick {
         &[0.005]

@@ -207,15 +207,8 @@ fn main() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     tls::cert_init(dir.path(), &["a".to_string(), "b".to_string()]).expect("certificates");
-    let identity = |name: &str| {
-        TlsIdentity::load_files(
-            &dir.path().join("ca.pem"),
-            &dir.path().join(format!("{name}.pem")),
-            &dir.path().join(format!("{name}.key")),
-            name,
-        )
-        .expect("identity")
-    };
+    let identity =
+        |name: &str| TlsIdentity::load_from_cert_dir(dir.path(), name).expect("identity");
     println!(
         "4 KiB record out, 16-byte answer back, QD1 over loopback, {rounds} round trips each (two threads, a current-thread runtime each)"
     );

@@ -689,6 +689,26 @@ mod tap_tests {
         }
     }
 
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// A freshly formatted journal on `storage` over an in-memory device.
+    async fn fresh_journal(storage: Arc<dyn Storage>) -> Journal {
+        let device = MemStorage::new(VOLUME_BYTES);
+        Journal::format(&*storage, VOLUME_BYTES)
+            .await
+            .expect("format");
+        let metrics = Metrics::new();
+        let (journal, _, _) = Journal::open(storage, device, metrics.volume("tap"), "tap", None)
+            .await
+            .expect("open");
+        journal
+    }
+
     /// A tap standing for replication: each record wakes the "stream writer", and the tap
     /// reports that it sent something when `sends` says so.
     struct SendingTap {
@@ -714,21 +734,9 @@ mod tap_tests {
     #[test]
     fn records_a_tap_sent_reach_the_wire_before_the_journal_write_is_submitted() {
         for sends in [true, false] {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let device = MemStorage::new(VOLUME_BYTES);
+            current_thread().block_on(async {
                 let disk = crate::storage::FaultDisk::new(MIN_JOURNAL_BYTES);
-                Journal::format(&*disk.storage(), VOLUME_BYTES)
-                    .await
-                    .expect("format");
-                let metrics = Metrics::new();
-                let (journal, _, _) =
-                    Journal::open(disk.storage(), device, metrics.volume("tap"), "tap", None)
-                        .await
-                        .expect("open");
+                let journal = fresh_journal(disk.storage()).await;
                 let peer = tokio::net::UdpSocket::bind("127.0.0.1:0")
                     .await
                     .expect("bind");
@@ -787,21 +795,8 @@ mod tap_tests {
     /// writes are refused with the reason rather than panicking.
     #[test]
     fn a_panicking_tap_fails_writes_and_leaves_reads_working() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let device = MemStorage::new(VOLUME_BYTES);
-            let journal_storage = MemStorage::new(MIN_JOURNAL_BYTES);
-            Journal::format(&*journal_storage, VOLUME_BYTES)
-                .await
-                .expect("format");
-            let metrics = Metrics::new();
-            let (journal, _, _) =
-                Journal::open(journal_storage, device, metrics.volume("tap"), "tap", None)
-                    .await
-                    .expect("open");
+        current_thread().block_on(async {
+            let journal = fresh_journal(MemStorage::new(MIN_JOURNAL_BYTES)).await;
             journal.set_tap(Some(Arc::new(PanickingTap(AtomicU64::new(0)))));
             journal
                 .append(write(0, 1), false)

@@ -498,6 +498,17 @@ impl TlsIdentity {
         Self::load_files(&config.ca, &config.cert, &config.key, node_name)
     }
 
+    /// The identity of `node_name` that [`cert_init`] wrote into `dir`: `ca.pem`,
+    /// `NODE.pem`, `NODE.key` (tests and benchmarks; a daemon names its files in its config).
+    pub fn load_from_cert_dir(dir: &Path, node_name: &str) -> Result<TlsIdentity, TlsError> {
+        Self::load_files(
+            &dir.join("ca.pem"),
+            &dir.join(format!("{node_name}.pem")),
+            &dir.join(format!("{node_name}.key")),
+            node_name,
+        )
+    }
+
     /// [`TlsIdentity::load`] with the three paths given separately.
     pub fn load_files(
         ca: &Path,
@@ -893,12 +904,7 @@ mod tests {
     }
 
     fn identity(dir: &Path, name: &str) -> Result<TlsIdentity, TlsError> {
-        TlsIdentity::load_files(
-            &dir.join("ca.pem"),
-            &dir.join(format!("{name}.pem")),
-            &dir.join(format!("{name}.key")),
-            name,
-        )
+        TlsIdentity::load_from_cert_dir(dir, name)
     }
 
     #[test]

@@ -864,13 +864,7 @@ mod tests {
     }
 
     fn identity(dir: &Path, name: &str) -> TlsIdentity {
-        TlsIdentity::load_files(
-            &dir.join("ca.pem"),
-            &dir.join(format!("{name}.pem")),
-            &dir.join(format!("{name}.key")),
-            name,
-        )
-        .unwrap()
+        TlsIdentity::load_from_cert_dir(dir, name).unwrap()
     }
 
     struct Node {
