@@ -560,7 +560,8 @@ impl VolumeReplication {
     }
 
     /// Drains the replicator's actions (see the module doc) and publishes its outputs. Called
-    /// with the lock held; never blocks.
+    /// with the lock held; never blocks. Returns whether a message went to a metro peer's
+    /// open stream (what the journal's tap reports, see `JournalTap::record`).
     fn process(&self, state: &mut State) -> bool {
         if state.broken.is_some() {
             return false;
