@@ -41,12 +41,18 @@ fn percentiles(mut times: Vec<Duration>) -> (f64, f64, f64) {
     (at(500), at(990), at(999))
 }
 
-fn udp(rounds: usize) -> Vec<Duration> {
+/// Two loopback sockets, the client connected to the server.
+fn socket_pair() -> (UdpSocket, UdpSocket) {
     let server = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
     client
         .connect(server.local_addr().expect("addr"))
         .expect("connect");
+    (server, client)
+}
+
+fn udp(rounds: usize) -> Vec<Duration> {
+    let (server, client) = socket_pair();
     // Loopback does not lose datagrams, but a bench must not hang if it ever does.
     for socket in [&server, &client] {
         socket
@@ -77,11 +83,7 @@ fn udp(rounds: usize) -> Vec<Duration> {
 }
 
 fn udp_tokio(rounds: usize) -> Vec<Duration> {
-    let server = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let client = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    client
-        .connect(server.local_addr().expect("addr"))
-        .expect("connect");
+    let (server, client) = socket_pair();
     server.set_nonblocking(true).expect("nonblocking");
     client.set_nonblocking(true).expect("nonblocking");
     let total = WARMUP + rounds;
