@@ -218,16 +218,21 @@ def percentile(sorted_values, fraction):
 # The relay (benches/relay: testkit/src/relay.rs as a process).
 
 
+def launcher(nice, cpus):
+    """The command prefix that starts a process at niceness `nice` (0: unchanged) on the CPUs
+    `cpus` (a `taskset -c` list; None: any)."""
+    return (["nice", "-n", str(nice)] if nice else []) + (["taskset", "-c", cpus] if cpus else [])
+
+
 class Relay:
     """A `ferry-relay --control-stdin` process between real UDP addresses a and b, with a
     one-way delay, and optionally a rate cap (Mbit/s) and a random loss probability, in both
     directions."""
 
-    def __init__(self, binary, a, b, one_way_us, log_path, rate_mbit=None, loss=0.0, nice=0):
+    def __init__(self, binary, a, b, one_way_us, log_path, rate_mbit=None, loss=0.0, nice=0, cpus=None):
         self.log_file = open(log_path, "ab")
-        command = [binary, "--a", a, "--b", b, "--delay-us", str(int(one_way_us)), "--control-stdin"]
-        if nice:
-            command = ["nice", "-n", str(nice)] + command
+        command = launcher(nice, cpus) + [binary, "--a", a, "--b", b, "--delay-us", str(int(one_way_us)),
+                                          "--control-stdin"]
         if rate_mbit is not None:
             command += ["--rate-mbit", f"{rate_mbit:g}"]
         if loss:
@@ -296,6 +301,7 @@ class FerryNode:
         self.node = node
         self.dir = directory
         self.nice = 0  # the niceness `ferry run` starts with (every thread inherits it)
+        self.cpus = None  # the CPUs it may run on (`taskset -c` list), or None for any
         os.makedirs(os.path.join(self.dir, "data"), exist_ok=True)
         self.control = os.path.join(self.dir, "ctl.sock")
         self.sock = os.path.join(self.dir, "nbd.sock")
@@ -360,7 +366,7 @@ peer_timeout = "{PEER_TIMEOUT}"
     def start(self):
         self.log_file = open(self.log_path, "ab")
         self.proc = spawn(
-            (["nice", "-n", str(self.nice)] if self.nice else []) + [self.ferry, "run", "--config", self.config],
+            launcher(self.nice, self.cpus) + [self.ferry, "run", "--config", self.config],
             stdin=subprocess.DEVNULL,
             stdout=self.log_file,
             stderr=self.log_file,
@@ -504,6 +510,7 @@ class MetroPair(Server):
         self.ports = {"a": free_port(socket.SOCK_DGRAM), "b": free_port(socket.SOCK_DGRAM)}
         self.relay = None
         self.relay_nice = 0
+        self.relay_cpus = None
         self.a = FerryNode(ctx.ferry, os.path.join(self.dir, "a"), "a", size_bytes, journal_bytes,
                            listen_port=self.ports["a"], certs=ctx.certs, peer="b",
                            peer_address=f"127.0.0.1:{self.ports['b']}", role="primary")
@@ -526,7 +533,8 @@ class MetroPair(Server):
         losing `loss` of the datagrams if given; rewrites both configs, so call it before the
         nodes start."""
         self.relay = Relay(self.ctx.relay, f"127.0.0.1:{self.ports['a']}", f"127.0.0.1:{self.ports['b']}",
-                           rtt_ms * 500, os.path.join(self.dir, "relay.log"), rate_mbit, loss, self.relay_nice)
+                           rtt_ms * 500, os.path.join(self.dir, "relay.log"), rate_mbit, loss, self.relay_nice,
+                           self.relay_cpus)
         self.a.write_config(self.relay.addr_for_a)
         self.b.write_config(self.relay.addr_for_b)
 

@@ -2,13 +2,16 @@
 """Where a Ferry process's CPU goes under a throughput load: `perf record -g` of every server
 process while fio runs against it.
 
-Starts one configuration (`standalone`, or `metro-lo`: a primary and its metro secondary over
-loopback) on fresh, prefilled volumes, runs fio with the chosen workload for --seconds plus a
+Starts one configuration (`standalone`; `metro-lo`: a primary and its metro secondary over
+loopback; `regional-wan`: a primary and its regional secondary through the delay relay, 40 ms
+RTT capped at 100 Mbit/s, as regional_bench.py's) on fresh, prefilled volumes, runs fio with the chosen workload for --seconds plus a
 2 s ramp, records each server process for --record seconds from the ramp's end, and writes
 `perf report --no-children --sort dso,symbol` per process (one line per symbol above
 --percent) to --out (kept; default a new directory under target/), printing the top lines.
 
-Workloads: `seq` (1 MiB sequential writes, QD8), `qd32` (4 KiB random writes, QD32).
+Workloads: `seq` (1 MiB sequential writes, QD8), `qd32` (4 KiB random writes, QD32), and
+regional_bench.py's paced load (16 KiB random writes of random data, QD4) at half the 100 Mbit/s
+link (`half-link`) or at 2.5x it (`overload`).
 
 Usage: cargo build --release -p ferry && /usr/bin/python3 benches/perf_load.py --config metro-lo --workload seq
 Every process it starts (Ferry nodes, fio, perf) is stopped at the end, also on an error or Ctrl-C.
@@ -25,18 +28,24 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nbd_bench as nb  # noqa: E402
+import regional_bench as rb  # noqa: E402
 
 MIB = 1 << 20
 WORKLOADS = {
     "seq": ["--rw=write", "--bs=1m", "--iodepth=8"],
     "qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
 }
+WAN_MBIT = 100
+PACED = ["--rw=randwrite", "--bs=16k", "--iodepth=4", "--buffer_compress_percentage=0", "--refill_buffers",
+         "--randrepeat=0"]
+for _name, _share in (("half-link", 0.5), ("overload", 2.5)):
+    WORKLOADS[_name] = PACED + [f"--rate={int(WAN_MBIT * 1e6 / 8 * _share)}"]
 RAMP_S = 2
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=("standalone", "metro-lo"), default="metro-lo")
+    parser.add_argument("--config", choices=("standalone", "metro-lo", "regional-wan"), default="metro-lo")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="seq")
     parser.add_argument("--seconds", type=int, default=8, help="fio's run after its ramp (default 8)")
     parser.add_argument("--record", type=int, default=5, help="seconds of perf record (default 5)")
@@ -49,6 +58,7 @@ def main():
     if args.record >= args.seconds:
         sys.exit("--record must be shorter than --seconds")
     args.relay = None
+    args.relay = nb.build_relay(args) if args.config == "regional-wan" else None
     args.keep = False
     args.runtime = args.seconds
     workdir = tempfile.mkdtemp(prefix="perf-load-", dir=os.path.join(nb.ROOT, "target"))
@@ -65,7 +75,10 @@ def main():
         else:
             subprocess.run([args.ferry, "cert", "init", "--dir", ctx.certs, "--node", "a", "--node", "b"],
                            check=True, capture_output=True, timeout=60)
-            server = nb.MetroPair(ctx, "metro-lo", size, size, None)
+            if args.config == "regional-wan":
+                server = rb.RegionalPair(ctx, "regional-wan", 40, "1s", "zstd", WAN_MBIT)
+            else:
+                server = nb.MetroPair(ctx, "metro-lo", size, size, None)
             names = ["primary", "secondary"]
         servers.append(server)
         server.start()

@@ -70,10 +70,12 @@ class RegionalPair(nb.MetroPair):
 
     kind = "regional"
 
-    def __init__(self, ctx, name, rtt_ms, interval, compression, rate_mbit=None, remote_dir=None, remote_nice=0):
+    def __init__(self, ctx, name, rtt_ms, interval, compression, rate_mbit=None, remote_dir=None, remote_nice=0,
+                 remote_cpus=None):
         b_dir = os.path.join(remote_dir, name) if remote_dir else None
         super().__init__(ctx, name, SIZE_BYTES, JOURNAL_BYTES, rtt_ms, b_dir)
         self.b.nice = self.relay_nice = remote_nice
+        self.b.cpus = self.relay_cpus = remote_cpus
         self.interval = interval
         self.compression = compression
         self.rate_mbit = rate_mbit
@@ -360,6 +362,12 @@ def main():
                         help="run the regional peer and the relay at this niceness (19: they take the CPUs only "
                              "when the primary and its client leave them idle, as another site and a WAN would); "
                              "default 0")
+    parser.add_argument("--isolate-remote", action="store_true",
+                        help="run the regional peer and the relay on the last CPU and everything else (the "
+                             "primary, standalone, fio, this script) on the others, with the peer's files on "
+                             "/dev/shm unless --remote-dir says otherwise: the remote site then takes none of the "
+                             "primary's CPU time or disk, as another site would not; the baselines run on the "
+                             "same CPUs as the primary")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     if args.quick:
@@ -372,6 +380,14 @@ def main():
         sys.exit(f"{args.ferry} not found: build it first with `cargo build --release -p ferry` in {nb.ROOT}")
     args.relay = nb.build_relay(args)
     link_bytes_s = args.rate_mbit * 1e6 / 8
+    remote_cpus = None
+    if args.isolate_remote:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            sys.exit("--isolate-remote needs at least two CPUs")
+        remote_cpus = str(cpus[-1])
+        os.sched_setaffinity(0, cpus[:-1])  # every process started from here on inherits it
+        args.remote_dir = args.remote_dir or "/dev/shm"
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -410,7 +426,7 @@ def main():
             if not ("wire" in wanted or ("latency" in wanted and compression == "zstd")):
                 continue
             pair = start(RegionalPair(ctx, name, args.rtt, args.interval, compression, remote_dir=remote_dir,
-                                      remote_nice=args.remote_nice))
+                                      remote_nice=args.remote_nice, remote_cpus=remote_cpus))
             if "latency" in wanted and compression == "zstd":
                 (results["latency_standalone"], results["latency_regional"],
                  results["latency_ratios"]) = latency_rounds(bench, standalone, pair, args.rounds)
@@ -423,7 +439,8 @@ def main():
             pair.stop()
         if {"rpo", "overload"} & set(wanted):
             pair = start(RegionalPair(ctx, "regional-wan", args.rtt, args.interval, "zstd", args.rate_mbit,
-                                      remote_dir=remote_dir, remote_nice=args.remote_nice))
+                                      remote_dir=remote_dir, remote_nice=args.remote_nice,
+                                      remote_cpus=remote_cpus))
             if "rpo" in wanted:
                 nb.log(f"rpo: {link_bytes_s / 2e6:.2f} MB/s for {args.rpo_seconds} s ...")
                 results["rpo"] = rpo(bench, pair, link_bytes_s, args.rpo_seconds)
@@ -471,6 +488,8 @@ def report(results, args, link_bytes_s, ctx):
         link += f", regional peer's files under {args.remote_dir}"
     if args.remote_nice:
         link += f", regional peer and relay at nice {args.remote_nice}"
+    if args.isolate_remote:
+        link += ", regional peer and relay on a CPU of their own"
     print(f"\nRegional replication, one run, {link}, interval {args.interval}, volumes {SIZE_BYTES // MIB} MiB, "
           f"journals {JOURNAL_BYTES // MIB} MiB\n")
     base, reg = results.get("latency_standalone"), results.get("latency_regional")
