@@ -4,8 +4,8 @@ process while fio runs against it.
 
 Starts one configuration (`standalone`; `metro-lo`: a primary and its metro secondary over
 loopback; `regional-wan`: a primary and its regional secondary through the delay relay, 40 ms
-RTT capped at 100 Mbit/s, as regional_bench.py's) on fresh, prefilled volumes, runs fio with the chosen workload for --seconds plus a
-2 s ramp, records each server process for --record seconds from the ramp's end, and writes
+RTT capped at 100 Mbit/s, as regional_bench.py's) on fresh, prefilled volumes, runs fio with
+the chosen workload for --seconds plus a 2 s ramp, records each server process for --record seconds from the ramp's end, and writes
 `perf report --no-children --sort dso,symbol` per process (one line per symbol above
 --percent) to --out (kept; default a new directory under target/), printing the top lines.
 
@@ -36,10 +36,8 @@ WORKLOADS = {
     "qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
 }
 WAN_MBIT = 100
-PACED = ["--rw=randwrite", "--bs=16k", "--iodepth=4", "--buffer_compress_percentage=0", "--refill_buffers",
-         "--randrepeat=0"]
 for _name, _share in (("half-link", 0.5), ("overload", 2.5)):
-    WORKLOADS[_name] = PACED + [f"--rate={int(WAN_MBIT * 1e6 / 8 * _share)}"]
+    WORKLOADS[_name] = rb.PACED_FIO + [f"--rate={int(WAN_MBIT * 1e6 / 8 * _share)}"]
 RAMP_S = 2
 
 
@@ -57,8 +55,9 @@ def main():
     args = parser.parse_args()
     if args.record >= args.seconds:
         sys.exit("--record must be shorter than --seconds")
-    args.relay = None
-    args.relay = nb.build_relay(args) if args.config == "regional-wan" else None
+    args.relay = None  # build_relay builds one unless given
+    if args.config == "regional-wan":
+        args.relay = nb.build_relay(args)
     args.keep = False
     args.runtime = args.seconds
     workdir = tempfile.mkdtemp(prefix="perf-load-", dir=os.path.join(nb.ROOT, "target"))

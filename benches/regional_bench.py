@@ -238,6 +238,11 @@ def unique_workload(pair, size):
              "--buffer_compress_percentage=0", "--randrepeat=0"], f"unique on {pair.name}", 900)
 
 
+# fio's paced load without its rate: 16 KiB random writes of random data, QD4.
+PACED_FIO = ["--rw=randwrite", "--bs=16k", "--iodepth=4", "--buffer_compress_percentage=0", "--refill_buffers",
+             "--randrepeat=0"]
+
+
 def paced_load(bench, server, name, rate_bytes, seconds):
     """fio 16 KiB random writes of random data (incompressible, no block twice in a pass over
     the volume), QD4, paced at rate_bytes per second. Returns the write latency (us), the CPU
@@ -248,9 +253,8 @@ def paced_load(bench, server, name, rate_bytes, seconds):
     metrics_before = primary.metrics()
     cpu_before = [nb.cpu_seconds(pid) for pid in pids]
     started = time.monotonic()
-    job = bench.fio(server, name, ["--rw=randwrite", "--bs=16k", "--iodepth=4", f"--rate={int(rate_bytes)}",
-                                   "--time_based", f"--runtime={seconds}", "--buffer_compress_percentage=0",
-                                   "--refill_buffers", "--randrepeat=0"], server.size_bytes)
+    job = bench.fio(server, name, PACED_FIO + [f"--rate={int(rate_bytes)}", "--time_based", f"--runtime={seconds}"],
+                    server.size_bytes)
     wall = time.monotonic() - started
     cores = [(nb.cpu_seconds(pid) - before) / wall for pid, before in zip(pids, cpu_before)]
     write = job["write"]

@@ -6,9 +6,9 @@ random data, QD4) at half the link and at 2.5x it, 10 s each.
 
 For each run it prints fio's p50/p99, the primary's CPU cores and CPU µs per write, its
 voluntary and involuntary context switches per write (every thread, /proc/PID/task/*/status)
-and the disk's reads, writes and flushes per write (/proc/diskstats of --disk).
+and the device writes and flushes per write (/proc/diskstats of the disk under target/).
 
-Usage: cargo build --release -p ferry && /usr/bin/python3 benches/wakeups.py [--disk vda]
+Usage: cargo build --release -p ferry && /usr/bin/python3 benches/wakeups.py
 Every process it starts is stopped at the end, also on an error.
 """
 
@@ -22,6 +22,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import disk_ops  # noqa: E402
 import nbd_bench as nb  # noqa: E402
 import regional_bench as rb  # noqa: E402
 
@@ -40,25 +41,16 @@ def switches(pid):
     return voluntary, involuntary
 
 
-def disk(name):
-    for line in open("/proc/diskstats"):
-        fields = line.split()
-        if fields[2] == name:
-            return [int(fields[3]), int(fields[7]), int(fields[18]) if len(fields) > 18 else 0]
-    sys.exit(f"--disk {name}: not in /proc/diskstats")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--disk", default="vda", help="the block device under target/ (default vda)")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--ferry", default=nb.FERRY)
     args = parser.parse_args()
     args.relay, args.keep, args.runtime = None, False, args.seconds
     args.relay = nb.build_relay(args)
-    disk(args.disk)
     workdir = tempfile.mkdtemp(prefix="wakeups-", dir=os.path.join(nb.ROOT, "target"))
     remote = tempfile.mkdtemp(prefix="wakeups-remote-", dir="/dev/shm")
+    disk = disk_ops.disk_of(workdir)
     ctx = nb.Context(args, workdir)
     bench = nb.Bench(args, workdir)
     servers = []
@@ -75,16 +67,16 @@ def main():
         for share in (0.5, 2.5):
             for server in (standalone, pair):
                 pid = server.pids[0]
-                d0, s0, c0, t0 = disk(args.disk), switches(pid), nb.cpu_seconds(pid), time.monotonic()
+                d0, s0, c0, t0 = disk_ops.diskstats(disk), switches(pid), nb.cpu_seconds(pid), time.monotonic()
                 run = rb.paced_load(bench, server, "wakeups", link * share, args.seconds)
-                d1, s1, c1, wall = disk(args.disk), switches(pid), nb.cpu_seconds(pid), time.monotonic() - t0
+                d1, s1, c1, wall = disk_ops.diskstats(disk), switches(pid), nb.cpu_seconds(pid), time.monotonic() - t0
                 writes = run["mb_s"] * 1e6 / 16384 * wall
                 print(f"{server.name:13} {link * share / 1e6:5.2f} MB/s: p50 {run['p50_us']:.0f} us, "
                       f"p99 {run['p99_us']:.0f} us; cores {(c1 - c0) / wall:.3f}, "
                       f"CPU {(c1 - c0) / writes * 1e6:.0f} us/write; context switches per write "
                       f"{(s1[0] - s0[0]) / writes:.2f} voluntary, {(s1[1] - s0[1]) / writes:.2f} involuntary; "
-                      "disk reads/writes/flushes per write "
-                      + "/".join(f"{(b - a) / writes:.2f}" for a, b in zip(d0, d1)), flush=True)
+                      f"device writes {(d1['writes'] - d0['writes']) / writes:.2f} and flushes "
+                      f"{(d1['flushes'] - d0['flushes']) / writes:.3f} per write", flush=True)
                 if server is pair:
                     time.sleep(25)  # let the peer catch up before the next run
     finally:

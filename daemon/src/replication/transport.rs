@@ -827,9 +827,9 @@ async fn dial(shared: &Shared, peer: &PeerConfig) -> Result<Connection, Connecti
 }
 
 /// The QUIC transport settings of every peer connection: windows, keep-alives, MTU discovery,
-/// ACK frequency ([`ACK_ELICITING_THRESHOLD`]), and quinn's default congestion control, Cubic, on metro and regional links alike. quinn's
-/// BBR (marked experimental) kept 86–91 % of a 40 ms, 100 Mbit/s link under 0.1–0.5 % random
-/// loss in one run where Cubic keeps 5–10 %, but it does not back off from a full bottleneck
+/// ACK frequency ([`ACK_ELICITING_THRESHOLD`]), and quinn's default congestion control, Cubic,
+/// on metro and regional links alike. quinn's BBR (marked experimental) kept 86–91 % of a
+/// 40 ms, 100 Mbit/s link under 0.1–0.5 % random loss in one run where Cubic keeps 5–10 %, but it does not back off from a full bottleneck
 /// queue: behind a 100 Mbit/s cap with a 100 ms queue it had 16–47 % of its datagrams dropped
 /// where Cubic had under 5 %, in the regional overload benchmark half of them for 30 s, and
 /// its receivers closed the connection (quinn's "too many gaps in stream buffer"; at 0.1 % and
